@@ -1,0 +1,42 @@
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use proxy_common::{COUNTERS_MAP, Counter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CountersError {
+    #[error("opening the pinned counters map {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("reading counter {name}: {source}")]
+    Read {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// Sums the per-CPU counters pinned under `pin_path`, in [`Counter::ALL`] order.
+pub fn read_counters(pin_path: &Path) -> Result<Vec<(&'static str, u64)>, CountersError> {
+    let path = pin_path.join(COUNTERS_MAP);
+    let data = MapData::from_pin(&path).map_err(|source| CountersError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let array: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| CountersError::Open { path, source })?;
+    Counter::ALL
+        .iter()
+        .map(|&counter| {
+            let per_cpu =
+                array
+                    .get(&(counter as u32), 0)
+                    .map_err(|source| CountersError::Read {
+                        name: counter.name(),
+                        source,
+                    })?;
+            Ok((counter.name(), per_cpu.iter().sum()))
+        })
+        .collect()
+}

@@ -1,0 +1,3 @@
+//! kube-ebpf-proxy's controller: sources → model → reconciler → dataplane (see `shared/design.md`).
+
+pub mod dataplane;

@@ -1,0 +1,273 @@
+//! The network-namespace lab: namespaces, veth pairs, pinned-map directories and proxy processes,
+//! each behind a guard that removes it on drop, so a failing test leaves nothing behind.
+//!
+//! Safety rules this crate keeps: it only ever changes namespaces it created (names start with
+//! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
+
+use std::io::{BufRead as _, BufReader};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Every namespace, interface and pin directory the lab makes starts with this.
+pub const NAME_PREFIX: &str = "kep";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("running `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("entering network namespace {name}: {source}")]
+    Setns { name: String, source: nix::Error },
+    #[error("{0}")]
+    Proxy(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, LabError>;
+
+/// A short name unique on this machine among concurrently running tests: prefix, process id and
+/// a per-process counter. Kept short because interface names have 15 bytes at most.
+pub fn unique_name(role: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{NAME_PREFIX}{}{role}{n}", std::process::id() % 100_000)
+}
+
+/// Runs a command, returning its stdout, or an error carrying its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| LabError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS…` in the root namespace; only used for commands that name a lab namespace.
+fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// A network namespace created by the lab and deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named [`unique_name`]`(role)` with loopback up.
+    pub fn new(role: &str) -> Result<Self> {
+        let name = unique_name(role);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new("ip");
+        cmd.arg("-n").arg(&self.name).args(args);
+        run(&mut cmd)
+    }
+
+    /// A command that runs `program` inside this namespace. `nsenter --net` changes only the
+    /// network namespace (unlike `ip netns exec`, which also remounts /sys and so hides bpffs).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = std::fs::File::open(self.path()).map_err(|source| LabError::Io {
+            path: self.path(),
+            source,
+        })?;
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|source| LabError::Setns { name, source })?;
+            Ok(f())
+        })
+        .join()
+        .expect("a lab thread panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the interfaces in it, and so their veth peers.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Creates a veth pair with one end in each namespace, both up, with the given addresses
+/// (`"10.0.0.1/24"` form, or none).
+pub fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_addr: &[&str],
+    b: &Netns,
+    b_if: &str,
+    b_addr: &[&str],
+) -> Result<()> {
+    // Created inside `a` so no interface ever exists in the root namespace.
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    for (ns, ifname, addrs) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        for addr in addrs {
+            ns.ip(&["addr", "add", addr, "dev", ifname, "nodad"])?;
+        }
+        ns.ip(&["link", "set", ifname, "up"])?;
+    }
+    Ok(())
+}
+
+/// A directory for pinned maps, removed (with what is pinned in it) on drop.
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// A fresh directory path under `/sys/fs/bpf`; the proxy creates it (and mounts bpffs).
+    pub fn new() -> Self {
+        Self {
+            path: Path::new("/sys/fs/bpf")
+                .join(format!("kube-ebpf-proxy-test-{}", unique_name("p"))),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `kube-ebpf-proxy run` inside a namespace; killed on drop.
+pub struct Proxy {
+    child: Child,
+    log: mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+impl Proxy {
+    /// Starts `binary run --bpf-pin-path PIN EXTRA…` inside `ns` and waits until it says its
+    /// programs are attached.
+    pub fn start(binary: &Path, ns: &Netns, pin_dir: &PinDir, extra: &[&str]) -> Result<Self> {
+        let mut cmd = ns.command(binary);
+        cmd.arg("run")
+            .arg("--bpf-pin-path")
+            .arg(pin_dir.path())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: format!("{cmd:?}"),
+            source,
+        })?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proxy = Self {
+            child,
+            log,
+            lines: Vec::new(),
+        };
+        proxy.wait_for_log("programs attached", Duration::from_secs(30))?;
+        Ok(proxy)
+    }
+
+    /// Waits until the proxy logs a line containing `needle`.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        if self.lines.iter().any(|l| l.contains(needle)) {
+            return Ok(());
+        }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = self.log.recv_timeout(left) else {
+                let status = self.child.try_wait().ok().flatten();
+                return Err(LabError::Proxy(format!(
+                    "the proxy did not log {needle:?} within {timeout:?} (exit: {status:?}); its log:\n{}",
+                    self.lines.join("\n")
+                )));
+            };
+            let found = line.contains(needle);
+            self.lines.push(line);
+            if found {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id().cast_signed()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,102 @@
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+
+mod demo;
+mod ebpf_build;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "kube-ebpf-proxy's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, bpf-linker); fast when all is there.
+    Setup,
+    /// Build the eBPF object and print its path.
+    BuildEbpf,
+    /// Run every check: formatting, clippy, the eBPF build, and all tests (kernel tests need root).
+    Test,
+    /// Show the proxy at work in a network-namespace lab.
+    Demo(demo::DemoArgs),
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => {
+            setup::setup()?;
+            let object = build_ebpf()?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Test => test(),
+        Task::Demo(args) => {
+            setup::setup()?;
+            demo::demo(&args)
+        }
+    }
+}
+
+/// Builds the eBPF object and checks it is an eBPF ELF.
+fn build_ebpf() -> anyhow::Result<PathBuf> {
+    let object = ebpf_build::build_ebpf(&workspace_root()).map_err(anyhow::Error::msg)?;
+    let out = Command::new("file")
+        .arg(&object)
+        .output()
+        .context("running file")?;
+    let description = String::from_utf8_lossy(&out.stdout);
+    if !description.contains("eBPF") {
+        bail!("{} is not an eBPF object: {description}", object.display());
+    }
+    Ok(object)
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn test() -> anyhow::Result<()> {
+    setup::setup()?;
+    setup::require_root(
+        "the kernel tests (they load eBPF programs and create network namespaces)",
+    )?;
+    println!("test: cargo fmt --check");
+    setup::run(cargo().args(["fmt", "--all", "--check"]))?;
+    setup::run(cargo().args(["fmt", "--check", "--manifest-path", "proxy-ebpf/Cargo.toml"]))?;
+    println!("test: cargo clippy -D warnings");
+    setup::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!("test: cargo xtask build-ebpf");
+    let object = build_ebpf()?;
+    println!("test: eBPF object {}", object.display());
+    println!("test: cargo test --workspace");
+    setup::run(cargo().args(["test", "--workspace"]))?;
+    println!("test: cargo xtask demo --check");
+    demo::demo(&demo::DemoArgs { check: true })?;
+    println!("test: all checks passed");
+    Ok(())
+}
