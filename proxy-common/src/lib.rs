@@ -1,11 +1,273 @@
 //! The vocabulary shared by the kernel programs and the controller: map names, sizes, keys and
 //! values. Everything here is `#[repr(C)]` with explicit padding so both sides agree byte for byte.
+//!
+//! Layout (learned from Cilium's `lb.h`, written for kube-proxy's semantics):
+//! - `SERVICES`: hash `ServiceKey` → `ServiceValue`. For each frontend (address, port, protocol)
+//!   and scope, slot 0 is the service entry (flags, per-source-class actions, backend count) and
+//!   slots `1..=count` hold backend ids. Selecting a backend is two hash lookups, whatever the
+//!   number of services or backends.
+//! - `BACKENDS`: hash backend id → `Backend`. Ids are stable across updates, so an unchanged
+//!   backend is never rewritten.
+//! - `CONNTRACK`: LRU hash `CtKey` → `CtValue`, one entry per direction of a NATed flow.
+//! - `AFFINITY`: LRU hash `AffinityKey` → `AffinityValue` (sessionAffinity ClientIP).
+//! - `SOURCE_RANGES`: LPM trie (service id, client address) → allowed (loadBalancerSourceRanges).
+//! - `LOCAL_CIDRS` / `LOCAL_IFINDEXES`: the local-traffic detector (pod source class).
+//! - `VIPS`: hash address → `VipValue` for addresses inside the service CIDRs (REJECT / DROP
+//!   of traffic no frontend matched).
+//! - `CONFIG`: one `ConfigValue` (node addresses, SNAT port range, detector mode, debug).
+//! - `COUNTERS`: per-CPU `u64`s indexed by [`Counter`].
 #![no_std]
 
-/// Per-CPU packet counters, indexed by [`Counter`]; pinned as this name.
+/// An IPv4 or IPv6 address as four 32-bit words in network byte order. IPv4 uses word 0 and
+/// leaves the rest zero; the family is carried next to it.
+pub type Addr = [u32; 4];
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+// ---- map names (pinned under the pin path by these names) ----
+pub const SERVICES_MAP: &str = "SERVICES";
+pub const BACKENDS_MAP: &str = "BACKENDS";
+pub const CONNTRACK_MAP: &str = "CONNTRACK";
+pub const AFFINITY_MAP: &str = "AFFINITY";
+pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES";
+pub const LOCAL_CIDRS_MAP: &str = "LOCAL_CIDRS";
+pub const LOCAL_IFINDEXES_MAP: &str = "LOCAL_IFINDEXES";
+pub const VIPS_MAP: &str = "VIPS";
+pub const CONFIG_MAP: &str = "CONFIG";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// Indexes into the per-CPU counters array. The names are what `kube-ebpf-proxy stats` prints.
+// ---- default sizes (the controller may override with map_max_entries) ----
+/// 100k service ports × (a few frontends) × 2 scopes, plus 10 backend slots each, fits.
+pub const SERVICES_MAX_ENTRIES: u32 = 4_194_304;
+pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
+pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
+pub const AFFINITY_MAX_ENTRIES: u32 = 131_072;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
+pub const LOCAL_CIDRS_MAX_ENTRIES: u32 = 1_024;
+pub const LOCAL_IFINDEXES_MAX_ENTRIES: u32 = 4_096;
+pub const VIPS_MAX_ENTRIES: u32 = 262_144;
+
+// ---- source classes (bit positions in `ServiceValue::*_classes`) ----
+/// Matched by the local-traffic detector.
+pub const SOURCE_POD: u8 = 0;
+/// Originated on the node itself.
+pub const SOURCE_NODE: u8 = 1;
+/// Everything else.
+pub const SOURCE_OTHER: u8 = 2;
+
+/// Which endpoint set a `ServiceKey` addresses.
+pub const SCOPE_POLICY: u8 = 0;
+/// The Cluster-policy set used by the short circuit for pod/node traffic under
+/// externalTrafficPolicy Local.
+pub const SCOPE_CLUSTER: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Destination port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// `SCOPE_POLICY` or `SCOPE_CLUSTER`.
+    pub scope: u8,
+    /// 0 for the service entry, `1..=count` for backend slots.
+    pub slot: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Service entry flags (slot 0).
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 0;
+/// A `SCOPE_CLUSTER` entry exists for this frontend.
+pub const SVC_F_HAS_CLUSTER_SCOPE: u16 = 1 << 1;
+/// The frontend is external (NodePort, externalIP, LoadBalancer).
+pub const SVC_F_EXTERNAL: u16 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Slot 0: the service id (shared by all frontends of one service port in one family; keys
+    /// affinity and source ranges). Slots ≥ 1: the backend id.
+    pub id: u32,
+    /// Slot 0: number of backend slots of this scope.
+    pub count: u16,
+    /// Slot 0: `SVC_F_*`.
+    pub flags: u16,
+    /// Slot 0: sessionAffinity timeout in seconds, 0 without affinity.
+    pub affinity_timeout: u32,
+    /// Slot 0, bit per source class: forward to the `SCOPE_CLUSTER` set instead of this one.
+    pub cluster_classes: u8,
+    /// Slot 0, bit per source class: SNAT to the node address.
+    pub masquerade_classes: u8,
+    /// Slot 0, bit per source class: REJECT (ICMP port unreachable).
+    pub reject_classes: u8,
+    /// Slot 0, bit per source class: DROP. A class in none of reject/drop is forwarded.
+    pub drop_classes: u8,
+}
+
+/// Backend flags.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Target port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// TCP connection states tracked by conntrack (enough for timeouts and cleanup).
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// Conntrack entry flags.
+/// This entry is for the reply direction (backend → client).
+pub const CT_F_REPLY: u8 = 1 << 0;
+/// The flow is masqueraded (source rewritten to the node address).
+pub const CT_F_SNAT: u8 = 1 << 1;
+/// A reply has been seen (UDP "assured").
+pub const CT_F_SEEN_REPLY: u8 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Ports in network byte order (for ICMP echo: the identifier in `sport`, 0 in `dport`).
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// Forward entry: the new destination (backend). Reply entry: the new source (frontend).
+    pub nat_dst: Addr,
+    /// Forward entry: the new source (node address) when `CT_F_SNAT`. Reply entry: the new
+    /// destination (the original client) when `CT_F_SNAT`.
+    pub nat_src: Addr,
+    /// Ports matching `nat_dst` / `nat_src`, network byte order.
+    pub nat_dport: u16,
+    pub nat_sport: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// `CT_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns` of the last packet (the controller's GC expires by protocol timeouts).
+    pub last_seen_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub service_id: u32,
+    pub scope: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// LPM data for `SOURCE_RANGES`: prefix length counts from the start of this struct, so a rule
+/// for a /24 has prefix length 32 (service id) + 24.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeData {
+    /// Big-endian service id so that it is a prefix.
+    pub service_id_be: u32,
+    pub addr: Addr,
+}
+
+/// LPM data for `LOCAL_CIDRS`: prefix length counts from the start: 8 (family) + 24 (padding,
+/// always matched as zero) + mask bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalCidrData {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: Addr,
+}
+pub const LOCAL_CIDR_PREFIX_BASE: u32 = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `VipValue::flags`: this address is an allocated ClusterIP (REJECT unknown ports).
+pub const VIP_F_CLUSTER_IP: u8 = 1 << 0;
+/// This address is inside a service CIDR (DROP when nothing else matched).
+pub const VIP_F_SERVICE_CIDR: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipValue {
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Local-traffic detector modes (`ConfigValue::detect_local_mode`).
+pub const DETECT_LOCAL_NONE: u8 = 0;
+/// Source address in `LOCAL_CIDRS` (ClusterCIDR and NodeCIDR modes).
+pub const DETECT_LOCAL_CIDR: u8 = 1;
+/// Ingress interface in `LOCAL_IFINDEXES` (InterfaceNamePrefix and BridgeInterface modes).
+pub const DETECT_LOCAL_IFINDEX: u8 = 2;
+
+/// `ConfigValue::flags`: log each new flow's decision through aya-log (off the hot path
+/// unless set).
+pub const CONFIG_F_DEBUG: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConfigValue {
+    /// The node's IPv4 address used as the masquerade source (word 0), 0 if none.
+    pub node_ipv4: Addr,
+    /// The node's IPv6 address used as the masquerade source, zero if none.
+    pub node_ipv6: Addr,
+    /// SNAT source ports are taken from `[snat_port_min, snat_port_max]` (host byte order);
+    /// the controller reserves this range from the node's local ports.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub detect_local_mode: u8,
+    pub _pad: [u8; 3],
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+    pub _pad2: u32,
+    /// The network namespace cookie the socket hooks act in (host-originated traffic).
+    pub netns_cookie: u64,
+}
+
+/// Per-CPU packet counters, indexed by [`Counter`]. The names are what `kube-ebpf-proxy stats`
+/// and the metrics endpoint print.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -25,3 +287,44 @@ impl Counter {
 
 /// Size of the counters array: room to add counters without resizing the pinned map.
 pub const COUNTER_SLOTS: u32 = 64;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and arrays of integers,
+    // with every padding byte spelled out as a field, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::SourceRangeData {}
+    unsafe impl aya::Pod for super::LocalCidrData {}
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipValue {}
+    unsafe impl aya::Pod for super::ConfigValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Sizes are part of the pinned-map ABI: a change needs a map migration.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<AffinityKey>(), 24);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SourceRangeData>(), 20);
+        assert_eq!(size_of::<LocalCidrData>(), 20);
+        assert_eq!(size_of::<VipKey>(), 20);
+        assert_eq!(size_of::<VipValue>(), 4);
+        assert_eq!(size_of::<ConfigValue>(), 56);
+    }
+}

@@ -1,0 +1,188 @@
+//! What the model decides for one node: the desired dataplane state. Pure data; produced by
+//! `model::compute` from a `source::ClusterSnapshot` and the proxy configuration, consumed by
+//! the reconciler (which turns it into map entries), by `kube-ebpf-proxy plan`, and by tests.
+//!
+//! Vocabulary follows kube-proxy's `pkg/proxy`: a *service port* is one port of one Service
+//! (`ServicePortName`), a *frontend* is an address:port where it is reachable (ClusterIP,
+//! NodePort on a node address, externalIP, LoadBalancer ingress IP), and the endpoint sets are
+//! those of `CategorizeEndpoints`.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+/// kube-proxy's `ServicePortName`: namespace/name:port-name plus protocol.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The `name` of the port in the Service spec ("" for an unnamed single port).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+/// Where a frontend address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// External destinations in kube-proxy's sense: subject to externalTrafficPolicy.
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// Who sent a packet, as far as kube-proxy's rules distinguish: the dataplane classifies each new
+/// flow into one of these and applies the frontend's [`Action`] for that class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceClass {
+    /// Matched by the local-traffic detector (`--detect-local-mode`: cluster CIDR, node CIDR,
+    /// interface name prefix or bridge). With no detector, nothing is in this class.
+    Pod,
+    /// Originated on the node itself (kube-proxy's `fib saddr type local`).
+    Node,
+    /// Everything else: other hosts, and pods when no detector is configured.
+    Other,
+}
+
+/// Which endpoint set a flow is balanced over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EndpointSet {
+    /// The frontend's own policy set: internal (ClusterIP) or external (other frontends).
+    Policy,
+    /// The Cluster-policy set, used for pod/node traffic to external frontends under
+    /// externalTrafficPolicy Local (kube-proxy's "short circuit" to the cluster chain).
+    Cluster,
+}
+
+/// What happens to a new flow of one [`SourceClass`] arriving at a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "action", rename_all = "camelCase")]
+pub enum Action {
+    /// DNAT to an endpoint of `set`; SNAT to the node address when `masquerade` (hairpin
+    /// traffic — client == chosen endpoint — is always masqueraded by the dataplane).
+    Forward { set: EndpointSet, masquerade: bool },
+    /// Refuse: ICMP/ICMPv6 port unreachable (kube-proxy's `reject`).
+    Reject,
+    /// Silently drop.
+    Drop,
+}
+
+/// The action for each source class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Actions {
+    pub pod: Action,
+    pub node: Action,
+    pub other: Action,
+}
+
+impl Actions {
+    pub fn get(&self, class: SourceClass) -> Action {
+        match class {
+            SourceClass::Pod => self.pod,
+            SourceClass::Node => self.node,
+            SourceClass::Other => self.other,
+        }
+    }
+}
+
+/// One address:port where a service port is reachable on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub actions: Actions,
+    /// loadBalancerSourceRanges (LoadBalancer frontends only; empty = everyone). Already
+    /// includes nothing implicit: node IPs inside a range are admitted by being in the range.
+    pub source_ranges: Vec<ipnet::IpNet>,
+}
+
+/// One endpoint (address + resolved target port) and its conditions.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (`nodeName` equals the proxy's hostname).
+    pub local: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// Everything the dataplane needs for one service port in one IP family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortState {
+    pub name: ServicePortName,
+    pub family: IpFamily,
+    pub frontends: Vec<Frontend>,
+    /// Endpoints for the frontend's own policy: for the ClusterIP frontend this is the
+    /// internalTrafficPolicy set, for the others the externalTrafficPolicy set.
+    pub internal_endpoints: Vec<Endpoint>,
+    pub external_endpoints: Vec<Endpoint>,
+    /// The Cluster-policy set (`EndpointSet::Cluster`).
+    pub cluster_endpoints: Vec<Endpoint>,
+    /// sessionAffinity ClientIP timeout in seconds; `None` without affinity.
+    pub affinity_timeout_seconds: Option<u32>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    pub health_check_node_port: Option<u16>,
+}
+
+/// Addresses inside the service CIDRs that are not a frontend of any service port: kube-proxy
+/// rejects traffic to a known ClusterIP on an unknown port and drops traffic to unallocated
+/// addresses of the service CIDRs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressRules {
+    pub service_cidrs: Vec<ipnet::IpNet>,
+    /// Every allocated ClusterIP (a packet to one of these on a port no frontend has → REJECT).
+    pub cluster_ips: Vec<IpAddr>,
+}
+
+/// A problem with one object that the model skipped; everything else is still computed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Diagnostic {
+    /// `Kind namespace/name` of the object.
+    pub object: String,
+    pub message: String,
+}
+
+/// The whole desired state of one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredState {
+    /// Sorted by (name, family) so output and diffs are deterministic.
+    pub service_ports: Vec<ServicePortState>,
+    pub address_rules: AddressRules,
+    pub diagnostics: Vec<Diagnostic>,
+}

@@ -1,0 +1,27 @@
+//! Where Kubernetes objects come from: a real API server (kube-rs reflectors) or a folder of
+//! manifests. Both publish the same `ClusterSnapshot`, only once it is complete (synced).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::Diagnostic;
+
+/// `namespace/name` of a namespaced object (cluster-scoped objects have an empty namespace).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Everything the model reads, as one consistent snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSnapshot {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// This node's Node object (zone label, addresses, deletion), when known.
+    pub node: Option<Node>,
+    /// Problems with objects the source could not use (file, object and reason).
+    pub diagnostics: Vec<Diagnostic>,
+}
