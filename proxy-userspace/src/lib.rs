@@ -2,4 +2,5 @@
 
 pub mod dataplane;
 pub mod model;
+pub mod reconcile;
 pub mod source;

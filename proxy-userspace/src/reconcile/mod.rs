@@ -1,0 +1,331 @@
+//! The reconciler: diffs the desired state against what is programmed and writes the minimal set
+//! of map changes, in an order under which every packet sees a consistent service: backends
+//! before the slots that name them, slots before the service entry that counts them, and on the
+//! way out the service entry first, then its slots, then the backends.
+
+mod entries;
+mod ids;
+mod memory;
+
+use std::collections::{HashMap, HashSet};
+
+pub use entries::{MapEntries, SourceRange, addr_words, frontend_key, proto_number, words_addr};
+pub use ids::Ids;
+use ipnet::IpNet;
+pub use memory::MemoryMaps;
+use proxy_common::{Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue};
+
+use crate::model::DesiredState;
+
+/// One write to the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapChange {
+    UpsertBackend(u32, Backend),
+    DeleteBackend(u32),
+    UpsertService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    UpsertVip(VipKey, VipValue),
+    DeleteVip(VipKey),
+    InsertSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
+    InsertServiceCidr(IpNet),
+    DeleteServiceCidr(IpNet),
+    InsertLocalCidr(IpNet),
+    DeleteLocalCidr(IpNet),
+}
+
+/// The maps as the reconciler sees them: the kernel's pinned maps, or memory in tests.
+pub trait DataplaneMaps {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Everything currently programmed (for a resync after restart).
+    fn read_entries(&self) -> Result<MapEntries, Self::Error>;
+    fn apply(&mut self, change: &MapChange) -> Result<(), Self::Error>;
+}
+
+/// A change that could not be written; the rest of the sync went ahead.
+#[derive(Debug, thiserror::Error)]
+#[error("{object}: {change:?}: {source}")]
+pub struct ChangeError {
+    /// The service port (or "node") the change belongs to.
+    pub object: String,
+    pub change: MapChange,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub applied: usize,
+    pub errors: Vec<ChangeError>,
+}
+
+/// Holds what is programmed and the ids, across syncs.
+pub struct Reconciler {
+    programmed: MapEntries,
+    ids: Ids,
+}
+
+/// Entries of `desired` that `actual` lacks or holds with another value.
+fn upserts<K, V>(actual: &HashMap<K, V>, desired: &HashMap<K, V>) -> Vec<(K, V)>
+where
+    K: Copy + Eq + std::hash::Hash,
+    V: Copy + PartialEq,
+{
+    desired
+        .iter()
+        .filter(|(k, v)| actual.get(*k) != Some(*v))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
+/// The changes turning `actual` into `desired`, in safe order.
+pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
+    let mut changes = Vec::new();
+    let mut backends: Vec<(u32, Backend)> = upserts(&actual.backends, &desired.backends);
+    backends.sort_by_key(|(id, _)| *id);
+    changes.extend(
+        backends
+            .into_iter()
+            .map(|(id, b)| MapChange::UpsertBackend(id, b)),
+    );
+
+    changes.extend(
+        desired
+            .source_ranges
+            .difference(&actual.source_ranges)
+            .map(|r| MapChange::InsertSourceRange(*r)),
+    );
+    let mut services: Vec<(ServiceKey, ServiceValue)> =
+        upserts(&actual.services, &desired.services);
+    // Slots first, then cluster-scope service entries, then the policy-scope entries that refer
+    // to them.
+    services.sort_by_key(|(k, _)| (k.slot == 0, k.scope != SCOPE_CLUSTER));
+    changes.extend(
+        services
+            .into_iter()
+            .map(|(k, v)| MapChange::UpsertService(k, v)),
+    );
+    changes.extend(
+        upserts(&actual.vips, &desired.vips)
+            .into_iter()
+            .map(|(k, v)| MapChange::UpsertVip(k, v)),
+    );
+    changes.extend(
+        desired
+            .service_cidrs
+            .difference(&actual.service_cidrs)
+            .map(|c| MapChange::InsertServiceCidr(*c)),
+    );
+    changes.extend(
+        desired
+            .local_cidrs
+            .difference(&actual.local_cidrs)
+            .map(|c| MapChange::InsertLocalCidr(*c)),
+    );
+    changes.extend(
+        actual
+            .local_cidrs
+            .difference(&desired.local_cidrs)
+            .map(|c| MapChange::DeleteLocalCidr(*c)),
+    );
+
+    let mut removed: Vec<ServiceKey> = actual
+        .services
+        .keys()
+        .filter(|k| !desired.services.contains_key(*k))
+        .copied()
+        .collect();
+    // Policy-scope entries first, then cluster-scope ones, then slots.
+    removed.sort_by_key(|k| (k.slot != 0, k.scope == SCOPE_CLUSTER));
+    changes.extend(removed.into_iter().map(MapChange::DeleteService));
+    changes.extend(
+        actual
+            .vips
+            .keys()
+            .filter(|k| !desired.vips.contains_key(*k))
+            .map(|k| MapChange::DeleteVip(*k)),
+    );
+    changes.extend(
+        actual
+            .service_cidrs
+            .difference(&desired.service_cidrs)
+            .map(|c| MapChange::DeleteServiceCidr(*c)),
+    );
+    changes.extend(
+        actual
+            .source_ranges
+            .difference(&desired.source_ranges)
+            .map(|r| MapChange::DeleteSourceRange(*r)),
+    );
+    let mut gone: Vec<u32> = actual
+        .backends
+        .keys()
+        .filter(|id| !desired.backends.contains_key(*id))
+        .copied()
+        .collect();
+    gone.sort_unstable();
+    changes.extend(gone.into_iter().map(MapChange::DeleteBackend));
+    changes
+}
+
+impl Reconciler {
+    /// Starts from what `maps` already hold (after a restart), so unchanged entries are not
+    /// rewritten and established flows keep their backends.
+    pub fn resume<M: DataplaneMaps>(maps: &M) -> Result<Self, M::Error> {
+        let programmed = maps.read_entries()?;
+        let ids = Ids::recover(&programmed);
+        Ok(Self { programmed, ids })
+    }
+
+    pub fn programmed(&self) -> &MapEntries {
+        &self.programmed
+    }
+
+    /// Programs `desired`. A change that fails is reported (naming its service port) and left
+    /// out of what is recorded as programmed, so the next sync retries it; everything else is
+    /// applied.
+    pub fn sync<M: DataplaneMaps>(
+        &mut self,
+        desired: &DesiredState,
+        local_cidrs: &[IpNet],
+        maps: &mut M,
+    ) -> SyncReport {
+        let target =
+            MapEntries::from_desired(desired, local_cidrs, &mut self.ids, &self.programmed);
+        let owners = owners(desired, &target);
+        let mut report = SyncReport::default();
+        // Frontends (slot 0 keys) with a slot that could not be written: their service entry
+        // is left as it was, so no packet is balanced over a slot that does not exist.
+        let mut incomplete: HashSet<ServiceKey> = HashSet::new();
+        for change in diff(&self.programmed, &target) {
+            if let MapChange::UpsertService(k, _) = change
+                && k.slot == 0
+                && incomplete.contains(&k)
+            {
+                report.errors.push(ChangeError {
+                    object: owner_of(&change, &owners),
+                    change,
+                    source: "not written: a backend slot of this frontend failed".into(),
+                });
+                continue;
+            }
+            match maps.apply(&change) {
+                Ok(()) => {
+                    record(&mut self.programmed, &change);
+                    report.applied += 1;
+                }
+                Err(e) => {
+                    if let MapChange::UpsertService(k, _) = change {
+                        incomplete.insert(ServiceKey { slot: 0, ..k });
+                    }
+                    report.errors.push(ChangeError {
+                        object: owner_of(&change, &owners),
+                        change,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        report
+    }
+}
+
+/// Service id → "namespace/name:port (family)" for error messages.
+fn owners(desired: &DesiredState, target: &MapEntries) -> HashMap<u32, String> {
+    let mut owners = HashMap::new();
+    for sp in &desired.service_ports {
+        let proto = proto_number(sp.name.protocol);
+        if let Some(front) = sp.frontends.first() {
+            let key = frontend_key(front.addr, front.port, proto, proxy_common::SCOPE_POLICY);
+            if let Some(v) = target.services.get(&key) {
+                owners.insert(
+                    v.id,
+                    format!(
+                        "Service {}/{}:{} ({:?})",
+                        sp.name.namespace, sp.name.name, sp.name.port, sp.family
+                    ),
+                );
+            }
+        }
+    }
+    owners
+}
+
+fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
+    let frontend = |k: &ServiceKey| {
+        format!(
+            "frontend {}:{}",
+            words_addr(k.addr, k.family),
+            u16::from_be(k.port)
+        )
+    };
+    match change {
+        MapChange::UpsertService(k, v) if k.slot == 0 => {
+            owners.get(&v.id).cloned().unwrap_or_else(|| frontend(k))
+        }
+        MapChange::UpsertService(k, _) | MapChange::DeleteService(k) => frontend(k),
+        MapChange::InsertSourceRange(r) | MapChange::DeleteSourceRange(r) => owners
+            .get(&r.service_id)
+            .cloned()
+            .unwrap_or_else(|| format!("service id {}", r.service_id)),
+        MapChange::UpsertBackend(id, b) => format!(
+            "backend {id} {}:{}",
+            words_addr(b.addr, b.family),
+            u16::from_be(b.port)
+        ),
+        MapChange::DeleteBackend(id) => format!("backend {id}"),
+        MapChange::UpsertVip(k, _) | MapChange::DeleteVip(k) => {
+            format!("ClusterIP {}", words_addr(k.addr, k.family))
+        }
+        MapChange::InsertServiceCidr(c) | MapChange::DeleteServiceCidr(c) => {
+            format!("service CIDR {c}")
+        }
+        MapChange::InsertLocalCidr(c) | MapChange::DeleteLocalCidr(c) => {
+            format!("local CIDR {c}")
+        }
+    }
+}
+
+/// Applies a change to an in-memory picture of the maps (also what `MemoryMaps` is).
+pub fn record(entries: &mut MapEntries, change: &MapChange) {
+    match *change {
+        MapChange::UpsertBackend(id, b) => {
+            entries.backends.insert(id, b);
+        }
+        MapChange::DeleteBackend(id) => {
+            entries.backends.remove(&id);
+        }
+        MapChange::UpsertService(k, v) => {
+            entries.services.insert(k, v);
+        }
+        MapChange::DeleteService(k) => {
+            entries.services.remove(&k);
+        }
+        MapChange::UpsertVip(k, v) => {
+            entries.vips.insert(k, v);
+        }
+        MapChange::DeleteVip(k) => {
+            entries.vips.remove(&k);
+        }
+        MapChange::InsertSourceRange(r) => {
+            entries.source_ranges.insert(r);
+        }
+        MapChange::DeleteSourceRange(r) => {
+            entries.source_ranges.remove(&r);
+        }
+        MapChange::InsertServiceCidr(c) => {
+            entries.service_cidrs.insert(c);
+        }
+        MapChange::DeleteServiceCidr(c) => {
+            entries.service_cidrs.remove(&c);
+        }
+        MapChange::InsertLocalCidr(c) => {
+            entries.local_cidrs.insert(c);
+        }
+        MapChange::DeleteLocalCidr(c) => {
+            entries.local_cidrs.remove(&c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

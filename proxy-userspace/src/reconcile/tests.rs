@@ -1,0 +1,457 @@
+use std::net::IpAddr;
+
+use proxy_common::{SCOPE_CLUSTER, SCOPE_POLICY};
+
+use super::*;
+use crate::model::{
+    Action, Actions, AddressRules, Endpoint, EndpointSet, Frontend, FrontendKind, IpFamily,
+    Protocol, ServicePortName, ServicePortState,
+};
+
+const FORWARD: Action = Action::Forward {
+    set: EndpointSet::Policy,
+    masquerade: false,
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn endpoint(addr: &str, port: u16) -> Endpoint {
+    Endpoint {
+        addr: ip(addr),
+        port,
+        ready: true,
+        serving: true,
+        terminating: false,
+        local: false,
+        node_name: None,
+        zone: None,
+    }
+}
+
+fn cluster_ip_service(name: &str, vip: &str, endpoints: &[(&str, u16)]) -> ServicePortState {
+    let endpoints: Vec<Endpoint> = endpoints.iter().map(|(a, p)| endpoint(a, *p)).collect();
+    ServicePortState {
+        name: ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::IPv4,
+        frontends: vec![Frontend {
+            kind: FrontendKind::ClusterIp,
+            addr: ip(vip),
+            port: 80,
+            actions: Actions {
+                pod: FORWARD,
+                node: FORWARD,
+                other: FORWARD,
+            },
+            source_ranges: vec![],
+        }],
+        internal_endpoints: endpoints.clone(),
+        external_endpoints: endpoints.clone(),
+        cluster_endpoints: endpoints,
+        affinity_timeout_seconds: None,
+        internal_policy_local: false,
+        external_policy_local: false,
+        health_check_node_port: None,
+    }
+}
+
+fn state(service_ports: Vec<ServicePortState>) -> DesiredState {
+    let cluster_ips = service_ports
+        .iter()
+        .flat_map(|sp| sp.frontends.iter())
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+        .map(|f| f.addr)
+        .collect();
+    DesiredState {
+        service_ports,
+        address_rules: AddressRules {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            cluster_ips,
+        },
+        diagnostics: vec![],
+    }
+}
+
+fn key(vip: &str, port: u16, scope: u8, slot: u16) -> ServiceKey {
+    ServiceKey {
+        slot,
+        ..frontend_key(ip(vip), port, proxy_common::IPPROTO_TCP, scope)
+    }
+}
+
+/// Position of the first change matching `pred` in the log.
+fn position(log: &[MapChange], pred: impl Fn(&MapChange) -> bool) -> usize {
+    log.iter()
+        .position(pred)
+        .unwrap_or_else(|| panic!("no such change in {log:#?}"))
+}
+
+#[test]
+fn new_service_writes_backends_then_slots_then_service_entry() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let desired = state(vec![cluster_ip_service(
+        "web",
+        "10.96.0.10",
+        &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+    )]);
+    let report = reconciler.sync(&desired, &[], &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+
+    let slot0 = key("10.96.0.10", 80, SCOPE_POLICY, 0);
+    let entry = maps.entries.services[&slot0];
+    assert_eq!(entry.count, 2);
+    let backends: Vec<u32> = (1..=2)
+        .map(|slot| maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, slot)].id)
+        .collect();
+    for id in &backends {
+        assert!(maps.entries.backends.contains_key(id));
+    }
+    let last_backend = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertBackend(id, _) if *id == backends[1]),
+    );
+    let first_slot = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertService(k, _) if k.slot == 1),
+    );
+    let service_entry = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertService(k, _) if *k == slot0),
+    );
+    assert!(last_backend < first_slot, "backends before slots");
+    assert!(first_slot < service_entry, "slots before the service entry");
+    assert!(
+        maps.entries
+            .service_cidrs
+            .contains(&"10.96.0.0/12".parse().unwrap())
+    );
+    assert_eq!(maps.entries.vips.len(), 1);
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let desired = state(vec![cluster_ip_service(
+        "web",
+        "10.96.0.10",
+        &[("10.244.1.2", 8080)],
+    )]);
+    reconciler.sync(&desired, &[], &mut maps);
+    let report = reconciler.sync(&desired, &[], &mut maps);
+    assert_eq!(report.applied, 0);
+}
+
+#[test]
+fn removing_an_endpoint_shrinks_the_count_before_deleting_the_slot_and_touches_no_other_service() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let other = cluster_ip_service("other", "10.96.0.20", &[("10.244.3.3", 9000)]);
+    let before = state(vec![
+        cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+        ),
+        other.clone(),
+    ]);
+    reconciler.sync(&before, &[], &mut maps);
+    maps.log.clear();
+
+    let after = state(vec![
+        cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]),
+        other,
+    ]);
+    let report = reconciler.sync(&after, &[], &mut maps);
+    assert!(report.errors.is_empty());
+    let shrink = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertService(k, v) if k.slot == 0 && v.count == 1),
+    );
+    let slot_gone = position(
+        &maps.log,
+        |c| matches!(c, MapChange::DeleteService(k) if k.slot == 2),
+    );
+    let backend_gone = position(&maps.log, |c| matches!(c, MapChange::DeleteBackend(_)));
+    assert!(
+        shrink < slot_gone && slot_gone < backend_gone,
+        "{:#?}",
+        maps.log
+    );
+    assert_eq!(
+        maps.log.len(),
+        3,
+        "exactly: count update, slot delete, backend delete: {:#?}",
+        maps.log
+    );
+    for change in &maps.log {
+        if let MapChange::UpsertService(k, _) | MapChange::DeleteService(k) = change {
+            assert_eq!(
+                words_addr(k.addr, k.family),
+                ip("10.96.0.10"),
+                "only web's entries change"
+            );
+        }
+    }
+}
+
+#[test]
+fn deleting_a_service_removes_its_entry_before_slots_and_backends() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    reconciler.sync(
+        &state(vec![cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+        )]),
+        &[],
+        &mut maps,
+    );
+    maps.log.clear();
+    reconciler.sync(&state(vec![]), &[], &mut maps);
+    let entry_gone = position(
+        &maps.log,
+        |c| matches!(c, MapChange::DeleteService(k) if k.slot == 0),
+    );
+    let slot_gone = position(
+        &maps.log,
+        |c| matches!(c, MapChange::DeleteService(k) if k.slot != 0),
+    );
+    let backend_gone = position(&maps.log, |c| matches!(c, MapChange::DeleteBackend(_)));
+    assert!(
+        entry_gone < slot_gone && slot_gone < backend_gone,
+        "{:#?}",
+        maps.log
+    );
+    assert!(maps.entries.services.is_empty());
+    assert!(maps.entries.backends.is_empty());
+    assert!(maps.entries.vips.is_empty());
+}
+
+#[test]
+fn adding_an_endpoint_keeps_existing_backend_ids() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    reconciler.sync(
+        &state(vec![cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080)],
+        )]),
+        &[],
+        &mut maps,
+    );
+    let first = maps.entries.backends.clone();
+    maps.log.clear();
+    reconciler.sync(
+        &state(vec![cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+        )]),
+        &[],
+        &mut maps,
+    );
+    for (id, backend) in &first {
+        assert_eq!(
+            maps.entries.backends.get(id),
+            Some(backend),
+            "backend {id} kept its id"
+        );
+        assert!(
+            !maps.log.contains(&MapChange::UpsertBackend(*id, *backend)),
+            "never rewritten"
+        );
+    }
+}
+
+#[test]
+fn a_restarted_reconciler_reads_back_and_rewrites_nothing() {
+    let mut maps = MemoryMaps::default();
+    let desired = state(vec![
+        cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+        ),
+        cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
+    ]);
+    Reconciler::resume(&maps)
+        .unwrap()
+        .sync(&desired, &[], &mut maps);
+    let programmed = maps.entries.clone();
+    maps.log.clear();
+
+    let mut restarted = Reconciler::resume(&maps).unwrap();
+    let report = restarted.sync(&desired, &[], &mut maps);
+    assert_eq!(report.applied, 0, "{:#?}", maps.log);
+    assert_eq!(maps.entries, programmed);
+
+    // And a later change after the restart still allocates without colliding.
+    let more = state(vec![
+        cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+        ),
+        cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
+        cluster_ip_service("cache", "10.96.0.12", &[("10.244.1.9", 6379)]),
+    ]);
+    restarted.sync(&more, &[], &mut maps);
+    let ids: std::collections::HashSet<u32> = maps
+        .entries
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(_, v)| v.id)
+        .collect();
+    assert_eq!(ids.len(), 3, "three service ports, three distinct ids");
+    assert_eq!(maps.entries.backends.len(), 4);
+}
+
+#[test]
+fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let web = cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]);
+    reconciler.sync(&state(vec![web.clone()]), &[], &mut maps);
+    let programmed = maps.entries.services.clone();
+    maps.services_capacity = Some(programmed.len() + 1);
+
+    let big = cluster_ip_service(
+        "big",
+        "10.96.0.30",
+        &[("10.244.5.1", 80), ("10.244.5.2", 80)],
+    );
+    let report = reconciler.sync(&state(vec![web.clone(), big.clone()]), &[], &mut maps);
+    assert!(!report.errors.is_empty());
+    for (k, v) in &programmed {
+        assert_eq!(
+            maps.entries.services.get(k),
+            Some(v),
+            "existing entries intact"
+        );
+    }
+    let named = report
+        .errors
+        .iter()
+        .any(|e| e.to_string().contains("10.96.0.30"));
+    assert!(
+        named,
+        "the error names the failing frontend: {:?}",
+        report.errors
+    );
+    assert!(
+        !maps
+            .entries
+            .services
+            .contains_key(&key("10.96.0.30", 80, SCOPE_POLICY, 0)),
+        "no service entry without all its slots"
+    );
+
+    maps.services_capacity = None;
+    let retry = reconciler.sync(&state(vec![web, big]), &[], &mut maps);
+    assert!(retry.errors.is_empty());
+    assert_eq!(
+        maps.entries.services[&key("10.96.0.30", 80, SCOPE_POLICY, 0)].count,
+        2
+    );
+}
+
+#[test]
+fn short_circuit_writes_the_cluster_scope_before_the_policy_entry() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let mut sp = cluster_ip_service(
+        "lb",
+        "10.96.0.40",
+        &[("10.244.1.2", 80), ("10.244.2.2", 80)],
+    );
+    let mut local = endpoint("10.244.1.2", 80);
+    local.local = true;
+    sp.external_endpoints = vec![local];
+    sp.external_policy_local = true;
+    sp.frontends.push(Frontend {
+        kind: FrontendKind::NodePort,
+        addr: ip("192.0.2.11"),
+        port: 30080,
+        actions: Actions {
+            pod: Action::Forward {
+                set: EndpointSet::Cluster,
+                masquerade: false,
+            },
+            node: Action::Forward {
+                set: EndpointSet::Cluster,
+                masquerade: true,
+            },
+            other: FORWARD,
+        },
+        source_ranges: vec![],
+    });
+    reconciler.sync(&state(vec![sp]), &[], &mut maps);
+    let policy = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_POLICY, 0)];
+    let cluster = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_CLUSTER, 0)];
+    assert_eq!((policy.count, cluster.count), (1, 2));
+    assert_eq!(
+        policy.cluster_classes, 0b011,
+        "pod and node classes use the cluster set"
+    );
+    assert_eq!(
+        policy.masquerade_classes, 0b010,
+        "node-originated is masqueraded"
+    );
+    let cluster_entry = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertService(k, _) if k.slot == 0 && k.scope == SCOPE_CLUSTER && k.port == 30080u16.to_be()),
+    );
+    let policy_entry = position(
+        &maps.log,
+        |c| matches!(c, MapChange::UpsertService(k, _) if k.slot == 0 && k.scope == SCOPE_POLICY && k.port == 30080u16.to_be()),
+    );
+    assert!(cluster_entry < policy_entry);
+}
+
+#[test]
+fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    reconciler.sync(
+        &state(vec![cluster_ip_service(
+            "web",
+            "10.96.0.10",
+            &[("10.244.1.2", 8080)],
+        )]),
+        &[],
+        &mut maps,
+    );
+    maps.services_capacity = Some(maps.entries.services.len() + 1);
+    let grown = state(vec![cluster_ip_service(
+        "web",
+        "10.96.0.10",
+        &[
+            ("10.244.1.2", 8080),
+            ("10.244.2.2", 8080),
+            ("10.244.3.2", 8080),
+        ],
+    )]);
+    let report = reconciler.sync(&grown, &[], &mut maps);
+    assert!(!report.errors.is_empty());
+    assert_eq!(
+        maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
+        1
+    );
+    maps.services_capacity = None;
+    assert!(reconciler.sync(&grown, &[], &mut maps).errors.is_empty());
+    assert_eq!(
+        maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
+        3
+    );
+}
