@@ -75,10 +75,8 @@ impl Netns {
     /// Creates a namespace named [`unique_name`]`(role)` with loopback up.
     pub fn new(role: &str) -> Result<Self> {
         let name = unique_name(role);
-        ip(&["netns", "add", &name])?;
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        create_netns(&name)?;
+        Ok(Self { name })
     }
 
     pub fn name(&self) -> &str {
@@ -91,42 +89,98 @@ impl Netns {
 
     /// `ip -n NAME ARGS…`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = Command::new("ip");
-        cmd.arg("-n").arg(&self.name).args(args);
-        run(&mut cmd)
+        ip_in(&self.name, args)
     }
 
-    /// A command that runs `program` inside this namespace. `nsenter --net` changes only the
-    /// network namespace (unlike `ip netns exec`, which also remounts /sys and so hides bpffs).
+    /// A command that runs `program` inside this namespace (see [`command_in`]).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        cmd
+        command_in(&self.name, program)
     }
 
-    /// Runs `f` on a thread that has entered this namespace (sockets it opens live there).
+    /// Runs `f` on a thread that has entered this namespace (see [`enter`]).
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let file = std::fs::File::open(self.path()).map_err(|source| LabError::Io {
-            path: self.path(),
-            source,
-        })?;
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|source| LabError::Setns { name, source })?;
-            Ok(f())
-        })
-        .join()
-        .expect("a lab thread panicked")
+        enter(&self.name, f)
     }
+}
+
+/// A command that runs `program` inside the named namespace. `nsenter --net` changes only the
+/// network namespace (unlike `ip netns exec`, which also remounts /sys and so hides bpffs).
+pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}"))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Runs `f` on a thread that has entered the named namespace (sockets it opens live there).
+pub fn enter<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = Path::new("/run/netns").join(netns);
+    let file = std::fs::File::open(&path).map_err(|source| LabError::Io { path, source })?;
+    let name = netns.to_owned();
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|source| LabError::Setns { name, source })?;
+        Ok(f())
+    })
+    .join()
+    .expect("a lab thread panicked")
+}
+
+/// `ip -n NETNS ARGS…`.
+pub fn ip_in(netns: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.arg("-n").arg(netns).args(args);
+    run(&mut cmd)
+}
+
+/// Creates the named namespace (loopback up); the caller owns its removal ([`delete_netns`]).
+pub fn create_netns(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip_in(name, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// Namespaces whose names start with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Result<Vec<String>> {
+    Ok(ip(&["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Kills every process in the namespace (TERM, then KILL after a grace period) and deletes it.
+pub fn delete_netns(name: &str) {
+    let pids = |sig| {
+        ip(&["netns", "pids", name])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .filter(|&pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok())
+            .count()
+    };
+    if pids(nix::sys::signal::Signal::SIGTERM) > 0 {
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            if ip(&["netns", "pids", name])
+                .unwrap_or_default()
+                .trim()
+                .is_empty()
+            {
+                break;
+            }
+        }
+        pids(nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = ip(&["netns", "del", name]);
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace deletes the interfaces in it, and so their veth peers.
-        let _ = ip(&["netns", "del", &self.name]);
+        delete_netns(&self.name);
     }
 }
 

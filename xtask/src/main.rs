@@ -2,6 +2,7 @@
 
 mod demo;
 mod ebpf_build;
+mod lab;
 mod setup;
 
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ enum Task {
     Test,
     /// Show the proxy at work in a network-namespace lab.
     Demo(demo::DemoArgs),
+    /// A mini-cluster of network namespaces running the real proxy.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -46,6 +50,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test => test(),
+        Task::Lab(command) => {
+            setup::setup()?;
+            lab::lab(command)
+        }
         Task::Demo(args) => {
             setup::setup()?;
             demo::demo(&args)

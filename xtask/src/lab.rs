@@ -1,0 +1,728 @@
+//! `cargo xtask lab`: a mini-cluster of network namespaces running the real proxy.
+//!
+//! Topology (all inside namespaces this lab creates; nothing touches the root namespace):
+//! - `<lab>-net`: a bridge `br0`, the "physical" node network 198.18.0.0/24.
+//! - `<lab>-node<i>`: node i at 198.18.0.1i on `eth0`, pod CIDR 198.19.i.0/24, running
+//!   `kube-ebpf-proxy run --manifests <state>/manifests --hostname-override node<i>`. Node 1 is
+//!   the control plane (tainted, no pods), as in kind; pods go to the workers.
+//! - `<lab>-pod-<name>`: one per Deployment replica, `eth0` routed through its node (veth with
+//!   the pod CIDR's gateway on the node side, ptp-CNI style), running `lab-server` (HTTP + UDP: pod name and client address).
+//! - `<lab>-client`: an external client at 198.18.0.100, with routes to the Services'
+//!   externalIPs and LoadBalancer IPs through node 1.
+//!
+//! The lab writes Node and Pod objects into the proxies' manifests folder, so `lab apply` of a
+//! scaled Deployment adds or removes pods live. `lab down` removes everything by name, so it
+//! also cleans up after a crashed `lab up`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use proxy_lab::{command_in, create_netns, delete_netns, ip_in, netns_with_prefix, run};
+use serde::{Deserialize, Serialize};
+
+use crate::{cargo, setup, workspace_root};
+
+pub const DEFAULT_LAB: &str = "keplab";
+pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// Where the lab keeps its state (manifests folder, logs, lab.json).
+const STATE_ROOT: &str = "/run/kube-ebpf-proxy-lab";
+const PIN_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(clap::Subcommand)]
+pub enum LabCommand {
+    /// Build the mini-cluster from a folder of manifests and start a proxy on every node.
+    Up {
+        /// Folder of manifests (default: examples/hostname).
+        dir: Option<PathBuf>,
+        /// Number of nodes (node 1 is the control plane and runs no pods).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Remove every namespace, process, pinned map and state file of the lab.
+    Down,
+    /// Show nodes, pods, Services and what each proxy has programmed.
+    Status,
+    /// Add or replace a manifest file (e.g. a Deployment with another replica count).
+    Apply { file: PathBuf },
+    /// Run a command in a node (node1…), a pod (by name) or the client.
+    Exec {
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+pub fn lab(command: LabCommand) -> anyhow::Result<()> {
+    match command {
+        LabCommand::Up { dir, nodes } => {
+            let dir = dir.unwrap_or_else(|| workspace_root().join("examples/hostname"));
+            let lab = Lab::up(DEFAULT_LAB, &dir, nodes)?;
+            lab.print_status()?;
+            println!(
+                "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<nodePort>/",
+                lab.nodes[0].ip
+            );
+            Ok(())
+        }
+        LabCommand::Down => {
+            down(DEFAULT_LAB);
+            println!("lab {DEFAULT_LAB} is down");
+            Ok(())
+        }
+        LabCommand::Status => Lab::load(DEFAULT_LAB)?.print_status(),
+        LabCommand::Apply { file } => Lab::load(DEFAULT_LAB)?.apply(&file),
+        LabCommand::Exec { target, command } => {
+            let lab = Lab::load(DEFAULT_LAB)?;
+            let ns = lab.netns_of(&target)?;
+            let status = command_in(&ns, &command[0])
+                .args(&command[1..])
+                .status()
+                .with_context(|| format!("running {command:?} in {target}"))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// Third octet of the pod CIDR 198.19.N.0/24.
+    pub pod_subnet: u8,
+    pub schedulable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub name: String,
+    pub namespace: String,
+    pub deployment: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    /// Interface on the node side of the pod's veth.
+    pub host_if: String,
+    pub labels: BTreeMap<String, String>,
+    /// Container ports: (name, port, protocol).
+    pub ports: Vec<(Option<String>, u16, String)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Lab {
+    pub name: String,
+    pub nodes: Vec<NodeInfo>,
+    pub pods: Vec<PodInfo>,
+    pub client_netns: String,
+    pub proxy_bin: PathBuf,
+    pub server_bin: PathBuf,
+    next_pod_if: u32,
+}
+
+/// Removes everything the lab named `name` made, whatever state it is in.
+pub fn down(name: &str) {
+    for ns in netns_with_prefix(&format!("{name}-")).unwrap_or_default() {
+        delete_netns(&ns);
+    }
+    if let Ok(entries) = std::fs::read_dir(PIN_ROOT) {
+        let prefix = format!("kube-ebpf-proxy-{name}-");
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(state_dir(name));
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(name)
+}
+
+/// Builds the proxy and the lab's pod server; returns their paths.
+pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    setup::run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "proxy-userspace",
+        "--bin",
+        "kube-ebpf-proxy",
+    ]))?;
+    setup::run(cargo().args(["build", "--quiet", "-p", "proxy-lab", "--bin", "lab-server"]))?;
+    let target = workspace_root().join("target/debug");
+    Ok((target.join("kube-ebpf-proxy"), target.join("lab-server")))
+}
+
+/// Every object in the YAML/JSON files of `dir` (multi-document YAML, `kind: List`).
+fn read_objects(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut objects = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        objects.extend(read_file_objects(&file)?);
+    }
+    Ok(objects)
+}
+
+fn read_file_objects(file: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut objects = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(document)
+            .with_context(|| format!("parsing {}", file.display()))?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] == "List" {
+            objects.extend(value["items"].as_array().cloned().unwrap_or_default());
+        } else {
+            objects.push(value);
+        }
+    }
+    Ok(objects)
+}
+
+fn of_kind<T: serde::de::DeserializeOwned>(objects: &[serde_json::Value], kind: &str) -> Vec<T> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == kind)
+        .filter_map(|o| serde_json::from_value(o.clone()).ok())
+        .collect()
+}
+
+/// Sets a sysctl inside a namespace (/proc/sys/net is per network namespace).
+fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    run(command_in(netns, "sysctl").args(["-q", "-w", &format!("{key}={value}")]))?;
+    Ok(())
+}
+
+/// Starts `program` detached inside `netns`, output to `log`.
+fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<()> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = command_in(netns, program);
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn()
+        .with_context(|| format!("starting {} in {netns}", program.display()))?;
+    Ok(())
+}
+
+/// Waits until `log` contains `needle` (the process says it is ready).
+fn wait_for_log(log: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not say {needle:?} within {timeout:?}:\n{text}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Lab {
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir(&self.name)
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.state_dir().join("manifests")
+    }
+
+    pub fn load(name: &str) -> anyhow::Result<Self> {
+        let path = state_dir(name).join("lab.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "lab {name} is not up (no {}); run `cargo xtask lab up`",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        std::fs::write(
+            self.state_dir().join("lab.json"),
+            serde_json::to_string_pretty(self)?,
+        )?;
+        Ok(())
+    }
+
+    /// Builds the lab named `name` from the manifests in `dir` with `nodes` nodes.
+    pub fn up(name: &str, dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+        setup::require_root("the lab (it creates network namespaces and loads eBPF programs)")?;
+        if nodes == 0 || nodes > 9 {
+            bail!("--nodes must be between 1 and 9");
+        }
+        down(name);
+        let (proxy_bin, server_bin) = build_binaries()?;
+        let mut lab = Lab {
+            name: name.to_owned(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            client_netns: format!("{name}-client"),
+            proxy_bin,
+            server_bin,
+            next_pod_if: 0,
+        };
+        std::fs::create_dir_all(lab.manifests_dir())?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::copy(
+                    &path,
+                    lab.manifests_dir().join(path.file_name().expect("a file")),
+                )?;
+            }
+        }
+        lab.build_network(nodes)?;
+        lab.write_nodes()?;
+        lab.sync_pods()?;
+        lab.save()?;
+        for node in lab.nodes.clone() {
+            lab.start_proxy(&node)?;
+        }
+        Ok(lab)
+    }
+
+    fn build_network(&mut self, nodes: usize) -> anyhow::Result<()> {
+        let net = format!("{}-net", self.name);
+        create_netns(&net)?;
+        ip_in(&net, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&net, &["link", "set", "br0", "up"])?;
+        let attach = |ns: &str, port: &str, addr: &str| -> anyhow::Result<()> {
+            create_netns(ns)?;
+            ip_in(
+                &net,
+                &[
+                    "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                ],
+            )?;
+            ip_in(&net, &["link", "set", port, "master", "br0", "up"])?;
+            ip_in(ns, &["addr", "add", addr, "dev", "eth0"])?;
+            ip_in(ns, &["link", "set", "eth0", "up"])?;
+            Ok(())
+        };
+        for i in 1..=nodes {
+            let node = NodeInfo {
+                name: format!("node{i}"),
+                netns: format!("{}-node{i}", self.name),
+                ip: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
+                pod_subnet: i as u8,
+                schedulable: nodes == 1 || i > 1,
+            };
+            attach(&node.netns, &format!("n{i}"), &format!("{}/24", node.ip))?;
+            sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
+            self.nodes.push(node);
+        }
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                ip_in(
+                    &node.netns,
+                    &[
+                        "route",
+                        "add",
+                        &format!("198.19.{}.0/24", other.pod_subnet),
+                        "via",
+                        &other.ip.to_string(),
+                    ],
+                )?;
+            }
+        }
+        attach(&self.client_netns, "cl", &format!("{CLIENT_IP}/24"))?;
+        self.route_external_ips()?;
+        Ok(())
+    }
+
+    /// The client reaches externalIPs and LoadBalancer IPs through node 1, as a router would.
+    fn route_external_ips(&self) -> anyhow::Result<()> {
+        let services: Vec<Service> = of_kind(&read_objects(&self.manifests_dir())?, "Service");
+        let existing = ip_in(&self.client_netns, &["route", "show"])?;
+        for svc in services {
+            let spec = svc.spec.unwrap_or_default();
+            let mut ips: Vec<String> = spec.external_ips.unwrap_or_default();
+            let ingress = svc
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|l| l.ingress);
+            ips.extend(ingress.unwrap_or_default().into_iter().filter_map(|i| i.ip));
+            for ip in ips {
+                if ip.parse::<Ipv4Addr>().is_ok()
+                    && !existing.lines().any(|l| l.starts_with(&format!("{ip} ")))
+                {
+                    ip_in(
+                        &self.client_netns,
+                        &[
+                            "route",
+                            "replace",
+                            &ip,
+                            "via",
+                            &self.nodes[0].ip.to_string(),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_nodes(&self) -> anyhow::Result<()> {
+        let items: Vec<serde_json::Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut node = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": n.name, "labels": {
+                        "kubernetes.io/hostname": n.name,
+                        "topology.kubernetes.io/zone": "lab-zone",
+                    }},
+                    "spec": {"podCIDR": format!("198.19.{}.0/24", n.pod_subnet),
+                             "podCIDRs": [format!("198.19.{}.0/24", n.pod_subnet)]},
+                    "status": {"addresses": [
+                        {"type": "InternalIP", "address": n.ip.to_string()},
+                        {"type": "Hostname", "address": n.name},
+                    ]},
+                });
+                if !n.schedulable {
+                    node["spec"]["taints"] = serde_json::json!([
+                        {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+                    ]);
+                }
+                node
+            })
+            .collect();
+        write_list(&self.manifests_dir().join("lab-nodes.json"), items)
+    }
+
+    fn write_pods(&self) -> anyhow::Result<()> {
+        let items = self
+            .pods
+            .iter()
+            .map(|p| {
+                let ports: Vec<serde_json::Value> = p
+                    .ports
+                    .iter()
+                    .map(|(name, port, protocol)| {
+                        let mut v = serde_json::json!({"containerPort": port, "protocol": protocol});
+                        if let Some(name) = name {
+                            v["name"] = serde_json::json!(name);
+                        }
+                        v
+                    })
+                    .collect();
+                serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+                    "spec": {"nodeName": p.node, "containers": [{"name": "server", "image": "lab-server", "ports": ports}]},
+                    "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
+                               "conditions": [{"type": "Ready", "status": "True"}]},
+                })
+            })
+            .collect();
+        write_list(&self.manifests_dir().join("lab-pods.json"), items)
+    }
+
+    /// Makes the pod namespaces match the Deployments' replica counts.
+    fn sync_pods(&mut self) -> anyhow::Result<()> {
+        let deployments: Vec<Deployment> =
+            of_kind(&read_objects(&self.manifests_dir())?, "Deployment");
+        let mut wanted: Vec<PodInfo> = Vec::new();
+        for deployment in &deployments {
+            let namespace = deployment
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let deploy_name = deployment.metadata.name.clone().unwrap_or_default();
+            let spec = deployment.spec.clone().unwrap_or_default();
+            let template = spec.template;
+            let labels = template.metadata.and_then(|m| m.labels).unwrap_or_default();
+            let ports: Vec<(Option<String>, u16, String)> = template
+                .spec
+                .map(|s| s.containers)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|c| c.ports.unwrap_or_default())
+                .map(|p| {
+                    (
+                        p.name,
+                        p.container_port as u16,
+                        p.protocol.unwrap_or_else(|| "TCP".into()),
+                    )
+                })
+                .collect();
+            for index in 0..spec.replicas.unwrap_or(1).max(0) {
+                wanted.push(PodInfo {
+                    name: format!("{deploy_name}-{index}"),
+                    namespace: namespace.clone(),
+                    deployment: deploy_name.clone(),
+                    netns: String::new(),
+                    ip: Ipv4Addr::UNSPECIFIED,
+                    node: String::new(),
+                    host_if: String::new(),
+                    labels: labels.clone(),
+                    ports: ports.clone(),
+                });
+            }
+        }
+        let keep = |p: &PodInfo| {
+            wanted
+                .iter()
+                .any(|w| w.name == p.name && w.namespace == p.namespace)
+        };
+        let (kept, gone): (Vec<PodInfo>, Vec<PodInfo>) = self.pods.drain(..).partition(keep);
+        self.pods = kept;
+        for pod in gone {
+            println!("lab: deleting pod {}/{}", pod.namespace, pod.name);
+            delete_netns(&pod.netns);
+        }
+        // Write the shrunk pod list before adding pods, so a scale-down is seen promptly.
+        self.write_pods()?;
+        for want in wanted {
+            if self
+                .pods
+                .iter()
+                .any(|p| p.name == want.name && p.namespace == want.namespace)
+            {
+                continue;
+            }
+            let pod = self.create_pod(want)?;
+            self.pods.push(pod);
+        }
+        self.write_pods()
+    }
+
+    fn create_pod(&mut self, mut pod: PodInfo) -> anyhow::Result<PodInfo> {
+        let workers: Vec<NodeInfo> = self
+            .nodes
+            .iter()
+            .filter(|n| n.schedulable)
+            .cloned()
+            .collect();
+        // Spread like the scheduler: the worker with the fewest pods.
+        let node = workers
+            .iter()
+            .min_by_key(|n| self.pods.iter().filter(|p| p.node == n.name).count())
+            .expect("at least one schedulable node")
+            .clone();
+        let used: Vec<Ipv4Addr> = self.pods.iter().map(|p| p.ip).collect();
+        let ip = (2..=254)
+            .map(|h| Ipv4Addr::new(198, 19, node.pod_subnet, h))
+            .find(|ip| !used.contains(ip))
+            .context("the node's pod CIDR is full")?;
+        self.next_pod_if += 1;
+        pod.netns = format!("{}-pod-{}", self.name, pod.name);
+        pod.ip = ip;
+        pod.node.clone_from(&node.name);
+        pod.host_if = format!("pod{}", self.next_pod_if);
+        create_netns(&pod.netns)?;
+        ip_in(
+            &node.netns,
+            &[
+                "link",
+                "add",
+                &pod.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod.netns,
+            ],
+        )?;
+        // ptp-CNI style: the node side of every pod veth holds the pod CIDR's gateway address.
+        let gateway = Ipv4Addr::new(198, 19, node.pod_subnet, 1).to_string();
+        ip_in(
+            &node.netns,
+            &["addr", "add", &format!("{gateway}/32"), "dev", &pod.host_if],
+        )?;
+        ip_in(&node.netns, &["link", "set", &pod.host_if, "up"])?;
+        ip_in(
+            &node.netns,
+            &["route", "add", &format!("{ip}/32"), "dev", &pod.host_if],
+        )?;
+        ip_in(
+            &pod.netns,
+            &["addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+        )?;
+        ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
+        ip_in(
+            &pod.netns,
+            &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+        )?;
+        ip_in(
+            &pod.netns,
+            &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+        )?;
+        let mut args = vec!["--name".to_owned(), pod.name.clone()];
+        for (_, port, _) in &pod.ports {
+            args.extend(["--port".to_owned(), port.to_string()]);
+        }
+        let log = self.state_dir().join(format!("pod-{}.log", pod.name));
+        spawn_in(&pod.netns, &self.server_bin, &args, &log)?;
+        wait_for_log(&log, "ready", Duration::from_secs(10))?;
+        println!(
+            "lab: pod {}/{} on {} at {ip}",
+            pod.namespace, pod.name, node.name
+        );
+        Ok(pod)
+    }
+
+    fn start_proxy(&self, node: &NodeInfo) -> anyhow::Result<()> {
+        let args: Vec<String> = [
+            "run",
+            "--bpf-pin-path",
+            &format!("{PIN_ROOT}/kube-ebpf-proxy-{}-{}", self.name, node.name),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let log = self.state_dir().join(format!("proxy-{}.log", node.name));
+        spawn_in(&node.netns, &self.proxy_bin, &args, &log)?;
+        wait_for_log(&log, "programs attached", Duration::from_secs(30))?;
+        println!(
+            "lab: kube-ebpf-proxy running on {} ({})",
+            node.name, node.ip
+        );
+        Ok(())
+    }
+
+    /// Copies `file` into the manifests folder and brings pods in line with it.
+    pub fn apply(&mut self, file: &Path) -> anyhow::Result<()> {
+        let name = file.file_name().context("apply takes a file")?;
+        std::fs::copy(file, self.manifests_dir().join(name))
+            .with_context(|| format!("copying {}", file.display()))?;
+        self.sync_pods()?;
+        self.route_external_ips()?;
+        self.save()?;
+        println!("lab: applied {}", file.display());
+        Ok(())
+    }
+
+    /// The namespace of `node1…`, a pod name, or `client`.
+    pub fn netns_of(&self, target: &str) -> anyhow::Result<String> {
+        if target == "client" {
+            return Ok(self.client_netns.clone());
+        }
+        if let Some(n) = self.nodes.iter().find(|n| n.name == target) {
+            return Ok(n.netns.clone());
+        }
+        if let Some(p) = self.pods.iter().find(|p| p.name == target) {
+            return Ok(p.netns.clone());
+        }
+        bail!("no node, pod or client named {target} in lab {}", self.name)
+    }
+
+    pub fn print_status(&self) -> anyhow::Result<()> {
+        println!(
+            "lab {} (state in {})",
+            self.name,
+            self.state_dir().display()
+        );
+        println!("nodes:");
+        for n in &self.nodes {
+            let role = if n.schedulable {
+                "worker"
+            } else {
+                "control-plane (no pods)"
+            };
+            println!(
+                "  {:<8} {:<14} pods 198.19.{}.0/24  {role}",
+                n.name, n.ip, n.pod_subnet
+            );
+        }
+        println!("pods:");
+        for p in &self.pods {
+            println!(
+                "  {:<28} {:<14} on {}",
+                format!("{}/{}", p.namespace, p.name),
+                p.ip,
+                p.node
+            );
+        }
+        println!("client: {CLIENT_IP}");
+        for n in &self.nodes {
+            let stats = run(Command::new(&self.proxy_bin)
+                .args(["stats", "--bpf-pin-path"])
+                .arg(format!(
+                    "{PIN_ROOT}/kube-ebpf-proxy-{}-{}",
+                    self.name, n.name
+                )))
+            .unwrap_or_else(|e| format!("(unavailable: {e})\n"));
+            println!("proxy on {}:\n{}", n.name, indent(&stats));
+        }
+        Ok(())
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn write_list(path: &Path, items: Vec<serde_json::Value>) -> anyhow::Result<()> {
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    // Write then rename so the proxies' folder watchers never read half a file.
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&list)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// An HTTP GET from inside `netns` to `addr:port`: the body (pod name and client address the
+/// pod saw), or the error (refused, timed out).
+pub fn http_get(
+    netns: &str,
+    addr: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<std::io::Result<String>> {
+    Ok(proxy_lab::enter(netns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    })?)
+}
