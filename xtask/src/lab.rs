@@ -7,8 +7,9 @@
 //!   the control plane (tainted, no pods), as in kind; pods go to the workers.
 //! - `<lab>-pod-<name>`: one per Deployment replica, `eth0` routed through its node (veth with
 //!   the pod CIDR's gateway on the node side, ptp-CNI style), running `lab-server` (HTTP + UDP: pod name and client address).
-//! - `<lab>-client`: an external client at 198.18.0.100, with routes to the Services'
-//!   externalIPs and LoadBalancer IPs through node 1.
+//! - `<lab>-client` and `<lab>-outsider`: external clients at 198.18.0.100 and .200, with routes
+//!   to the Services' externalIPs and LoadBalancer IPs through node 1.
+//! - `<lab>-pod-toolbox`: a pod no Service selects, on the first worker, to call Services from.
 //!
 //! The lab writes Node and Pod objects into the proxies' manifests folder, so `lab apply` of a
 //! scaled Deployment adds or removes pods live. `lab down` removes everything by name, so it
@@ -31,9 +32,20 @@ use crate::{cargo, setup, workspace_root};
 pub const DEFAULT_LAB: &str = "keplab";
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// A second external client, for sources outside loadBalancerSourceRanges.
+pub const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 /// Where the lab keeps its state (manifests folder, logs, lab.json).
 const STATE_ROOT: &str = "/run/kube-ebpf-proxy-lab";
 const PIN_ROOT: &str = "/sys/fs/bpf";
+
+#[derive(clap::Args)]
+pub struct LabArgs {
+    /// Which lab (several can exist side by side; the demo's is `kepdemo`).
+    #[arg(long, default_value = DEFAULT_LAB)]
+    name: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
 
 #[derive(clap::Subcommand)]
 pub enum LabCommand {
@@ -51,7 +63,7 @@ pub enum LabCommand {
     Status,
     /// Add or replace a manifest file (e.g. a Deployment with another replica count).
     Apply { file: PathBuf },
-    /// Run a command in a node (node1…), a pod (by name) or the client.
+    /// Run a command in a node (node1…), a pod (by name, or `toolbox`), `client` or `outsider`.
     Exec {
         target: String,
         #[arg(last = true, required = true)]
@@ -59,11 +71,12 @@ pub enum LabCommand {
     },
 }
 
-pub fn lab(command: LabCommand) -> anyhow::Result<()> {
-    match command {
+pub fn lab(args: LabArgs) -> anyhow::Result<()> {
+    let name = args.name.as_str();
+    match args.command {
         LabCommand::Up { dir, nodes } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("examples/hostname"));
-            let lab = Lab::up(DEFAULT_LAB, &dir, nodes)?;
+            let lab = Lab::up(name, &dir, nodes)?;
             lab.print_status()?;
             println!(
                 "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<nodePort>/",
@@ -72,14 +85,14 @@ pub fn lab(command: LabCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Down => {
-            down(DEFAULT_LAB);
-            println!("lab {DEFAULT_LAB} is down");
+            down(name);
+            println!("lab {name} is down");
             Ok(())
         }
-        LabCommand::Status => Lab::load(DEFAULT_LAB)?.print_status(),
-        LabCommand::Apply { file } => Lab::load(DEFAULT_LAB)?.apply(&file),
+        LabCommand::Status => Lab::load(name)?.print_status(),
+        LabCommand::Apply { file } => Lab::load(name)?.apply(&file),
         LabCommand::Exec { target, command } => {
-            let lab = Lab::load(DEFAULT_LAB)?;
+            let lab = Lab::load(name)?;
             let ns = lab.netns_of(&target)?;
             let status = command_in(&ns, &command[0])
                 .args(&command[1..])
@@ -121,6 +134,8 @@ pub struct Lab {
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
     pub client_netns: String,
+    pub outsider_netns: String,
+    pub toolbox_netns: String,
     pub proxy_bin: PathBuf,
     pub server_bin: PathBuf,
     next_pod_if: u32,
@@ -162,7 +177,7 @@ pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 /// Every object in the YAML/JSON files of `dir` (multi-document YAML, `kind: List`).
-fn read_objects(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+pub fn read_objects(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut objects = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -289,6 +304,8 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             client_netns: format!("{name}-client"),
+            outsider_netns: format!("{name}-outsider"),
+            toolbox_netns: format!("{name}-pod-toolbox"),
             proxy_bin,
             server_bin,
             next_pod_if: 0,
@@ -358,7 +375,11 @@ impl Lab {
             }
         }
         attach(&self.client_netns, "cl", &format!("{CLIENT_IP}/24"))?;
+        attach(&self.outsider_netns, "out", &format!("{OUTSIDER_IP}/24"))?;
         self.route_external_ips()?;
+        let first_worker = self.nodes.iter().find(|n| n.schedulable).expect("a worker").clone();
+        let toolbox_ip = Ipv4Addr::new(198, 19, first_worker.pod_subnet, 250);
+        self.connect_pod(&self.toolbox_netns.clone(), "toolbox", toolbox_ip, &first_worker)?;
         Ok(())
     }
 
@@ -541,51 +562,10 @@ impl Lab {
             .map(|h| Ipv4Addr::new(198, 19, node.pod_subnet, h))
             .find(|ip| !used.contains(ip))
             .context("the node's pod CIDR is full")?;
-        self.next_pod_if += 1;
         pod.netns = format!("{}-pod-{}", self.name, pod.name);
         pod.ip = ip;
         pod.node.clone_from(&node.name);
-        pod.host_if = format!("pod{}", self.next_pod_if);
-        create_netns(&pod.netns)?;
-        ip_in(
-            &node.netns,
-            &[
-                "link",
-                "add",
-                &pod.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &pod.netns,
-            ],
-        )?;
-        // ptp-CNI style: the node side of every pod veth holds the pod CIDR's gateway address.
-        let gateway = Ipv4Addr::new(198, 19, node.pod_subnet, 1).to_string();
-        ip_in(
-            &node.netns,
-            &["addr", "add", &format!("{gateway}/32"), "dev", &pod.host_if],
-        )?;
-        ip_in(&node.netns, &["link", "set", &pod.host_if, "up"])?;
-        ip_in(
-            &node.netns,
-            &["route", "add", &format!("{ip}/32"), "dev", &pod.host_if],
-        )?;
-        ip_in(
-            &pod.netns,
-            &["addr", "add", &format!("{ip}/32"), "dev", "eth0"],
-        )?;
-        ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
-        ip_in(
-            &pod.netns,
-            &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
-        )?;
-        ip_in(
-            &pod.netns,
-            &["route", "add", "default", "via", &gateway, "dev", "eth0"],
-        )?;
+        pod.host_if = self.connect_pod(&pod.netns, &pod.name, ip, &node)?;
         let mut args = vec!["--name".to_owned(), pod.name.clone()];
         for (_, port, _) in &pod.ports {
             args.extend(["--port".to_owned(), port.to_string()]);
@@ -598,6 +578,53 @@ impl Lab {
             pod.namespace, pod.name, node.name
         );
         Ok(pod)
+    }
+
+    /// Creates a pod namespace at `ip` wired to `node`; returns the node-side interface.
+    fn connect_pod(&mut self, netns: &str, pod: &str, ip: Ipv4Addr, node: &NodeInfo) -> anyhow::Result<String> {
+        self.next_pod_if += 1;
+        let host_if = format!("pod{}", self.next_pod_if);
+        create_netns(netns).with_context(|| format!("creating pod {pod}"))?;
+        ip_in(&node.netns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+        // ptp-CNI style: the node side of every pod veth holds the pod CIDR's gateway address.
+        let gateway = Ipv4Addr::new(198, 19, node.pod_subnet, 1).to_string();
+        ip_in(&node.netns, &["addr", "add", &format!("{gateway}/32"), "dev", &host_if])?;
+        ip_in(&node.netns, &["link", "set", &host_if, "up"])?;
+        ip_in(&node.netns, &["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        ip_in(netns, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ip_in(netns, &["link", "set", "eth0", "up"])?;
+        ip_in(netns, &["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
+        ip_in(netns, &["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        Ok(host_if)
+    }
+
+    /// Sets a Deployment's replicas in the lab's copy of its manifest and brings pods in line
+    /// (what `lab apply` of an edited file does).
+    pub fn scale(&mut self, deployment: &str, replicas: i32) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(self.manifests_dir())? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("json") && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("lab-")) {
+                continue;
+            }
+            let Ok(mut docs) = read_file_objects(&path) else { continue };
+            let mut changed = false;
+            for doc in &mut docs {
+                if doc["kind"] == "Deployment" && doc["metadata"]["name"] == deployment {
+                    doc["spec"]["replicas"] = serde_json::json!(replicas);
+                    changed = true;
+                }
+            }
+            if changed {
+                let text: Vec<String> = docs.iter().map(serde_norway::to_string).collect::<Result<_, _>>()?;
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, text.join("---\n"))?;
+                std::fs::rename(&tmp, &path)?;
+                println!("lab: scaled {deployment} to {replicas}");
+                self.sync_pods()?;
+                return self.save();
+            }
+        }
+        bail!("no Deployment {deployment} in the lab's manifests")
     }
 
     fn start_proxy(&self, node: &NodeInfo) -> anyhow::Result<()> {
@@ -633,8 +660,11 @@ impl Lab {
 
     /// The namespace of `node1…`, a pod name, or `client`.
     pub fn netns_of(&self, target: &str) -> anyhow::Result<String> {
-        if target == "client" {
-            return Ok(self.client_netns.clone());
+        match target {
+            "client" => return Ok(self.client_netns.clone()),
+            "outsider" => return Ok(self.outsider_netns.clone()),
+            "toolbox" => return Ok(self.toolbox_netns.clone()),
+            _ => {}
         }
         if let Some(n) = self.nodes.iter().find(|n| n.name == target) {
             return Ok(n.netns.clone());
@@ -672,7 +702,8 @@ impl Lab {
                 p.node
             );
         }
-        println!("client: {CLIENT_IP}");
+        println!("toolbox pod (selected by no Service): lab exec toolbox -- …");
+        println!("external clients: client {CLIENT_IP}, outsider {OUTSIDER_IP}");
         for n in &self.nodes {
             let stats = run(Command::new(&self.proxy_bin)
                 .args(["stats", "--bpf-pin-path"])

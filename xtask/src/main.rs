@@ -29,8 +29,7 @@ enum Task {
     /// Show the proxy at work in a network-namespace lab.
     Demo(demo::DemoArgs),
     /// A mini-cluster of network namespaces running the real proxy.
-    #[command(subcommand)]
-    Lab(lab::LabCommand),
+    Lab(lab::LabArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -50,9 +49,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test => test(),
-        Task::Lab(command) => {
+        Task::Lab(args) => {
             setup::setup()?;
-            lab::lab(command)
+            lab::lab(args)
         }
         Task::Demo(args) => {
             setup::setup()?;
@@ -104,7 +103,10 @@ fn test() -> anyhow::Result<()> {
     println!("test: cargo test --workspace");
     setup::run(cargo().args(["test", "--workspace"]))?;
     println!("test: cargo xtask demo --check");
-    demo::demo(&demo::DemoArgs { check: true })?;
+    demo::demo(&demo::DemoArgs {
+        check: true,
+        keep: false,
+    })?;
     println!("test: all checks passed");
     Ok(())
 }
