@@ -1,6 +1,9 @@
 //! Where Kubernetes objects come from: a real API server (kube-rs reflectors) or a folder of
 //! manifests. Both publish the same `ClusterSnapshot`, only once it is complete (synced).
 
+pub mod kube;
+pub mod manifests;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -24,4 +27,19 @@ pub struct ClusterSnapshot {
     pub node: Option<Node>,
     /// Problems with objects the source could not use (file, object and reason).
     pub diagnostics: Vec<Diagnostic>,
+    /// Values the source filled in because the objects left them out, as the API server's
+    /// allocators would (manifests source only: a real API server has already done this).
+    pub allocations: Vec<Allocation>,
+}
+
+/// One value the manifests source allocated for a Service (ClusterIP, NodePort,
+/// healthCheckNodePort). The allocated value is also written into the Service in the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// `Service namespace/name`.
+    pub object: String,
+    /// Field path in the Service, e.g. `spec.clusterIPs[0]` or `spec.ports[http].nodePort`.
+    pub field: String,
+    pub value: String,
 }
