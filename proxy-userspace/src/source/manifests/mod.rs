@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
@@ -444,9 +445,14 @@ pub fn watch(
 ) -> Result<JoinHandle<()>, ManifestError> {
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files ourselves produces access events; only changes matter.
+        // Reading the files ourselves produces access events (and, depending on the mount's
+        // atime policy, attribute changes): re-reading on those would loop. Only content,
+        // creation, removal and renames matter.
         let relevant = match &event {
-            Ok(event) => !matches!(event.kind, EventKind::Access(_)),
+            Ok(event) => !matches!(
+                event.kind,
+                EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+            ),
             Err(_) => true,
         };
         if relevant {

@@ -645,6 +645,9 @@ async fn live_edit_is_published_within_a_second() {
         ["default/web"],
         "initial snapshot"
     );
+    // Reading the folder must not look like a change of it (no re-read loop).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!rx.has_changed().unwrap(), "republished without a change");
 
     let port_is = |port: i32| {
         move |snapshot: &ClusterSnapshot| {
