@@ -21,8 +21,9 @@ pub const CONTROLLER: &str = "endpointslice-controller.k8s.io";
 pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
 /// The controllers' default `--max-endpoints-per-slice`.
 const MAX_ENDPOINTS_PER_SLICE: usize = 100;
-/// The mirroring controller mirrors at most this many addresses of one Endpoints object.
-const MAX_MIRRORED_ENDPOINTS: usize = 1000;
+/// The mirroring controller's `--mirroring-max-endpoints-per-subset`: at most this many
+/// addresses of one Endpoints subset are mirrored, all into one slice per (family, ports).
+const MAX_MIRRORED_ENDPOINTS_PER_SUBSET: usize = 1000;
 
 /// The Service's selector, when the EndpointSlice controller manages its slices. An empty
 /// selector is the same as none: the API server drops empty maps.
@@ -198,26 +199,30 @@ fn port_key(ports: &[EndpointPort]) -> PortKey {
         .collect()
 }
 
+/// The controller reference a controller puts on the slices it writes for `owner`.
+fn controller_reference(kind: &str, owner: &ObjectMeta) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: kind.to_owned(),
+        name: owner.name.clone().unwrap_or_default(),
+        uid: owner.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
 /// Builds the slices of one Service from endpoints grouped by (family, ports): at most
-/// [`MAX_ENDPOINTS_PER_SLICE`] per slice, deterministic names `<service>-<family>-<n>`.
+/// `max_per_slice` endpoints per slice, deterministic names `<service>-<family>-<n>` (the
+/// controllers use generated names; ours must be stable across re-reads).
 fn build_slices(
     service: &Service,
-    owner: bool,
+    owner: &OwnerReference,
+    max_per_slice: usize,
     groups: BTreeMap<(String, PortKey), (Vec<EndpointPort>, Vec<Endpoint>)>,
     labels: &BTreeMap<String, String>,
 ) -> Vec<EndpointSlice> {
     let name = service.metadata.name.clone().unwrap_or_default();
     let namespace = service.metadata.namespace.clone();
-    let owner_references = owner.then(|| {
-        vec![OwnerReference {
-            api_version: "v1".to_owned(),
-            kind: "Service".to_owned(),
-            name: name.clone(),
-            uid: service.metadata.uid.clone().unwrap_or_default(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        }]
-    });
     let mut slices = Vec::new();
     let mut counters: BTreeMap<String, usize> = BTreeMap::new();
     for ((family, _), (ports, endpoints)) in groups {
@@ -225,7 +230,7 @@ fn build_slices(
             vec![Vec::new()]
         } else {
             endpoints
-                .chunks(MAX_ENDPOINTS_PER_SLICE)
+                .chunks(max_per_slice)
                 .map(<[Endpoint]>::to_vec)
                 .collect()
         };
@@ -238,7 +243,7 @@ fn build_slices(
                     name: Some(slice_name),
                     namespace: namespace.clone(),
                     labels: Some(labels.clone()),
-                    owner_references: owner_references.clone(),
+                    owner_references: Some(vec![owner.clone()]),
                     ..ObjectMeta::default()
                 },
                 address_type: family.clone(),
@@ -368,7 +373,8 @@ pub fn synthesize(
         );
     }
     let labels = slice_labels(service, CONTROLLER);
-    build_slices(service, true, groups, &labels)
+    let owner = controller_reference("Service", &service.metadata);
+    build_slices(service, &owner, MAX_ENDPOINTS_PER_SLICE, groups, &labels)
 }
 
 /// The mirroring controller's slices for a selector-less Service's Endpoints. Invalid addresses
@@ -387,8 +393,8 @@ pub fn mirror(service: &Service, endpoints: &Endpoints) -> (Vec<EndpointSlice>, 
     }
     let mut groups: BTreeMap<(String, PortKey), (Vec<EndpointPort>, Vec<Endpoint>)> =
         BTreeMap::new();
-    let mut mirrored = 0;
     for subset in endpoints.subsets.iter().flatten() {
+        let mut mirrored = 0;
         let ports: Vec<EndpointPort> = subset
             .ports
             .iter()
@@ -412,7 +418,7 @@ pub fn mirror(service: &Service, endpoints: &Endpoints) -> (Vec<EndpointSlice>, 
                 invalid.push(address.ip.clone());
                 continue;
             };
-            if mirrored == MAX_MIRRORED_ENDPOINTS {
+            if mirrored == MAX_MIRRORED_ENDPOINTS_PER_SUBSET {
                 break;
             }
             mirrored += 1;
@@ -423,15 +429,18 @@ pub fn mirror(service: &Service, endpoints: &Endpoints) -> (Vec<EndpointSlice>, 
                     ..EndpointConditions::default()
                 }),
                 hostname: address.hostname.clone().filter(|h| !h.is_empty()),
-                node_name: address.node_name.clone().filter(|n| !n.is_empty()),
+                node_name: address.node_name.clone(),
                 target_ref: address.target_ref.clone(),
                 ..Endpoint::default()
             };
-            groups
+            let group = &mut groups
                 .entry((address_type(Family::of(ip)), port_key(&ports)))
                 .or_insert_with(|| (ports.clone(), Vec::new()))
-                .1
-                .push(endpoint);
+                .1;
+            // Subsets with the same ports share one slice, which holds a set of endpoints.
+            if !group.contains(&endpoint) {
+                group.push(endpoint);
+            }
         }
     }
     // The mirroring controller copies the Endpoints' labels, not the Service's.
@@ -448,6 +457,16 @@ pub fn mirror(service: &Service, endpoints: &Endpoints) -> (Vec<EndpointSlice>, 
         service.metadata.name.clone().unwrap_or_default(),
     );
     labels.insert(LABEL_MANAGED_BY.to_owned(), MIRRORING_CONTROLLER.to_owned());
-    let slices = build_slices(service, false, groups, &labels);
+    for (_, endpoints) in groups.values_mut() {
+        endpoints.truncate(MAX_MIRRORED_ENDPOINTS_PER_SUBSET);
+    }
+    let owner = controller_reference("Endpoints", &endpoints.metadata);
+    let slices = build_slices(
+        service,
+        &owner,
+        MAX_MIRRORED_ENDPOINTS_PER_SUBSET,
+        groups,
+        &labels,
+    );
     (slices, invalid)
 }

@@ -273,6 +273,11 @@ fn synthesis_follows_the_endpointslice_controller() {
                 case.name
             );
             assert_eq!(slice.metadata.namespace.as_deref(), Some("default"));
+            let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str()),
+                ("Service", "web")
+            );
         }
     }
 }
@@ -292,6 +297,9 @@ fn mirroring_follows_the_mirroring_controller() {
             "addresses": [{"ip": "192.0.2.1", "nodeName": "node-a"}, {"ip": "2001:db8::1"}, {"ip": "bogus"}],
             "notReadyAddresses": [{"ip": "192.0.2.2"}],
             "ports": [{"port": 5432}]
+        }, {
+            "addresses": [{"ip": "192.0.2.1", "nodeName": "node-a"}],
+            "ports": [{"port": 5432, "protocol": "TCP"}]
         }]
     }))
     .unwrap();
@@ -312,6 +320,11 @@ fn mirroring_follows_the_mirroring_controller() {
         "endpointslicemirroring-controller.k8s.io"
     );
     assert_eq!(labels["tier"], "db");
+    let owner = &slices[0].metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Endpoints", "db")
+    );
 
     let mut skipped = endpoints.clone();
     skipped.metadata.labels.as_mut().unwrap().insert(
