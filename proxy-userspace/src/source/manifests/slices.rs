@@ -365,12 +365,16 @@ pub fn synthesize(
                 .push(endpoint);
         }
     }
-    if groups.is_empty() {
-        // The controller keeps one empty placeholder slice for a Service without endpoints.
-        groups.insert(
-            (address_type(families[0]), Vec::new()),
-            (Vec::new(), Vec::new()),
-        );
+    for family in &families {
+        // The controller reconciles each family separately and keeps an empty placeholder
+        // slice for a family without endpoints.
+        let family = address_type(*family);
+        if !groups
+            .keys()
+            .any(|(group_family, _)| *group_family == family)
+        {
+            groups.insert((family, Vec::new()), (Vec::new(), Vec::new()));
+        }
     }
     let labels = slice_labels(service, CONTROLLER);
     let owner = controller_reference("Service", &service.metadata);

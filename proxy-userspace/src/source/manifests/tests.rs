@@ -225,6 +225,15 @@ fn synthesis_follows_the_endpointslice_controller() {
             expected: &["IPv4 [web:8080/TCP] a 10.0.0.1 r1s1t0 node-a zone-a"],
         },
         Case {
+            name: "dual-stack without IPv6 pod addresses: a placeholder for IPv6",
+            service: json!({"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["10.96.0.10", "fd00::10"]}),
+            pods: vec![ready_pod("a", &["10.0.0.1"], "node-a", true)],
+            expected: &[
+                "IPv4 [web:8000/TCP] a 10.0.0.1 r1s1t0 node-a zone-a",
+                "IPv6 [] (no endpoints)",
+            ],
+        },
+        Case {
             name: "dual-stack: one slice per family",
             service: json!({"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["10.96.0.10", "fd00::10"]}),
             pods: vec![ready_pod("a", &["10.0.0.1", "fd00:1::1"], "node-a", true)],
