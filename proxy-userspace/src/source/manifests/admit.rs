@@ -197,6 +197,11 @@ fn validate(spec: &ServiceSpec) -> Result<(), String> {
             Some(IntOrString::String(_)) | None => {}
         }
         if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
+            if !matches!(service_type, "NodePort" | "LoadBalancer") {
+                return Err(format!(
+                    "spec.ports[{label}].nodePort may not be used when type is {service_type}"
+                ));
+            }
             check_port(&format!("spec.ports[{label}].nodePort"), node_port)?;
         }
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
@@ -217,9 +222,30 @@ fn validate(spec: &ServiceSpec) -> Result<(), String> {
         names.push(name);
     }
     if let Some(health) = spec.health_check_node_port.filter(|p| *p != 0) {
+        if service_type != "LoadBalancer"
+            || spec.external_traffic_policy.as_deref() != Some("Local")
+        {
+            return Err(
+                "spec.healthCheckNodePort may only be set when type is LoadBalancer and \
+                 externalTrafficPolicy is Local"
+                    .to_owned(),
+            );
+        }
         check_port("spec.healthCheckNodePort", health)?;
     }
-    for ip in explicit_cluster_ips(spec) {
+    let cluster_ips = explicit_cluster_ips(spec);
+    match (service_type, cluster_ips.first().map(String::as_str)) {
+        ("ExternalName", Some(_)) => {
+            return Err("spec.clusterIP may not be set when type is ExternalName".to_owned());
+        }
+        ("NodePort" | "LoadBalancer", Some("None")) => {
+            return Err(format!(
+                "spec.clusterIP may not be None when type is {service_type}"
+            ));
+        }
+        _ => {}
+    }
+    for ip in cluster_ips {
         if ip != "None" {
             check_ip("spec.clusterIPs", &ip)?;
         }
@@ -856,6 +882,39 @@ mod tests {
                 admitted: &["a"],
                 diagnostics: &[
                     "Service default/a|a.yaml: warning: spec.clusterIPs 172.16.0.1 is outside",
+                ],
+            },
+            Case {
+                name: "nodePort on a ClusterIP Service is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"ports": [{"port": 80, "nodePort": 30080}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.ports[0].nodePort may not be used when type is ClusterIP",
+                ],
+            },
+            Case {
+                name: "healthCheckNodePort without Local policy is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"type": "LoadBalancer", "healthCheckNodePort": 30999, "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.healthCheckNodePort may only be set when",
+                ],
+            },
+            Case {
+                name: "headless NodePort is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"type": "NodePort", "clusterIP": "None", "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.clusterIP may not be None when type is NodePort",
                 ],
             },
             Case {
