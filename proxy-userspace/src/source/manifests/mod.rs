@@ -106,6 +106,32 @@ impl fmt::Display for PortRange {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceCidrError {
+    #[error("--service-cluster-ip-range {0:?}: {1:?} is not a CIDR")]
+    Syntax(String, String),
+    #[error("--service-cluster-ip-range {0:?}: one CIDR, or two of different IP families")]
+    Families(String),
+}
+
+/// Parses kube-apiserver's `--service-cluster-ip-range`: one CIDR, or two comma-separated
+/// CIDRs of different families (dual-stack; the first is the primary family).
+pub fn parse_service_cluster_ip_range(text: &str) -> Result<Vec<IpNet>, ServiceCidrError> {
+    let cidrs = text
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<IpNet>()
+                .map_err(|_| ServiceCidrError::Syntax(text.to_owned(), part.trim().to_owned()))
+        })
+        .collect::<Result<Vec<IpNet>, ServiceCidrError>>()?;
+    match cidrs.as_slice() {
+        [_] => Ok(cidrs),
+        [first, second] if first.network().is_ipv4() != second.network().is_ipv4() => Ok(cidrs),
+        _ => Err(ServiceCidrError::Families(text.to_owned())),
+    }
+}
+
 /// What the API server and node would know that the manifests do not say.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestSettings {

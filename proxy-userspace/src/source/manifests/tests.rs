@@ -633,6 +633,31 @@ fn port_range_syntax() {
     assert_eq!(DEFAULT_SERVICE_NODE_PORT_RANGE.to_string(), "30000-32767");
 }
 
+#[test]
+fn service_cluster_ip_range_syntax() {
+    let cases: [(&str, Option<&[&str]>); 6] = [
+        ("10.96.0.0/12", Some(&["10.96.0.0/12"])),
+        (
+            "10.96.0.0/12, fd00:10:96::/112",
+            Some(&["10.96.0.0/12", "fd00:10:96::/112"]),
+        ),
+        (
+            "fd00:10:96::/112,10.96.0.0/12",
+            Some(&["fd00:10:96::/112", "10.96.0.0/12"]),
+        ),
+        ("10.96.0.0/12,10.100.0.0/16", None),
+        ("10.96.0.0/12,fd00::/112,10.1.0.0/16", None),
+        ("10.96.0.0", None),
+    ];
+    for (text, expected) in cases {
+        let parsed = parse_service_cluster_ip_range(text)
+            .ok()
+            .map(|cidrs| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>());
+        let expected = expected.map(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>());
+        assert_eq!(parsed, expected, "{text}");
+    }
+}
+
 /// Waits until `rx` holds a snapshot satisfying `done`, at most `limit`.
 async fn wait_for(
     rx: &mut tokio_watch::Receiver<Arc<ClusterSnapshot>>,
