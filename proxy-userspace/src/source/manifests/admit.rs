@@ -245,6 +245,9 @@ fn validate(spec: &ServiceSpec) -> Result<(), String> {
         }
         _ => {}
     }
+    if cluster_ips.len() > 1 && cluster_ips.iter().any(|ip| ip == "None") {
+        return Err("spec.clusterIPs may hold None only as its single entry".to_owned());
+    }
     for ip in cluster_ips {
         if ip != "None" {
             check_ip("spec.clusterIPs", &ip)?;
@@ -905,6 +908,15 @@ mod tests {
                 diagnostics: &[
                     "Service default/a|a.yaml: spec.healthCheckNodePort may only be set when",
                 ],
+            },
+            Case {
+                name: "None among several clusterIPs is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"clusterIPs": ["10.96.0.1", "None"], "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &["Service default/a|a.yaml: spec.clusterIPs may hold None only"],
             },
             Case {
                 name: "headless NodePort is rejected",
