@@ -2,9 +2,9 @@
 //! (`--manifests DIR`).
 //!
 //! The folder is read the way a cluster would see it after `kubectl apply -f DIR`: the API
-//! server's defaulting, validation and ClusterIP/NodePort allocation ([`admit`]), then the
+//! server's defaulting, validation and ClusterIP/NodePort allocation (`admit`), then the
 //! EndpointSlice controller (Pods selected by a Service's selector) and the EndpointSlice
-//! mirroring controller (selector-less Services with an Endpoints object) ([`slices`]).
+//! mirroring controller (selector-less Services with an Endpoints object) (`slices`).
 //! Allocated values are written into the Services and listed in
 //! [`ClusterSnapshot::allocations`]. Every problem is a [`Diagnostic`] naming the file and the
 //! object; the rest of the folder is still used.
