@@ -1,0 +1,470 @@
+//! Source A: a real API server, through kube-rs reflectors, the way kube-proxy's informers see it.
+//!
+//! Services and EndpointSlices are watched with kube-proxy's label selector
+//! (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`), this node's
+//! Node with the field selector `metadata.name=<hostname>`. A failed watch backs off
+//! (kube-runtime's default backoff) and re-lists; the reflector store only swaps in a re-list at
+//! its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
+//! published before both the Services and the EndpointSlices have completed their first list:
+//! consumers treat the first change of the channel as the first complete snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ::kube::runtime::WatchStreamExt;
+use ::kube::runtime::reflector::{self, Store};
+use ::kube::runtime::watcher::{self, Event};
+use ::kube::{Api, Client, Resource};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::manifests::SKIP_LABELS;
+use super::{ClusterSnapshot, ObjectKey};
+
+/// kube-proxy's informer label selector for Services and EndpointSlices.
+pub fn service_label_selector() -> String {
+    SKIP_LABELS
+        .iter()
+        .map(|label| format!("!{label}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Which reflector an event came from, and whether it changed the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Update {
+    Services { synced: bool },
+    EndpointSlices { synced: bool },
+    Node,
+}
+
+/// Watches one kind into `writer`, yielding an [`Update`] per event that changed the store
+/// (`synced` when it was a completed list). Errors are logged; the watcher backs off and re-lists.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    update: fn(bool) -> Update,
+) -> impl Stream<Item = Update> + Send
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = <K as Resource>::kind(&()).into_owned();
+    watcher::watcher(api, config)
+        .default_backoff()
+        // Server-side-apply bookkeeping is never read and is often the bulk of an object; every
+        // snapshot clones the stores.
+        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .filter_map(move |event| {
+            let update = match event {
+                Ok(Event::Apply(_) | Event::Delete(_)) => Some(update(false)),
+                Ok(Event::InitDone) => Some(update(true)),
+                // The store does not change until InitDone.
+                Ok(Event::Init | Event::InitApply(_)) => None,
+                Err(error) => {
+                    tracing::warn!(%kind, %error, "watch failed; backing off and re-listing");
+                    None
+                }
+            };
+            std::future::ready(update)
+        })
+}
+
+fn by_key<K>(store: &Store<K>) -> BTreeMap<ObjectKey, K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store
+        .state()
+        .into_iter()
+        .map(|object| {
+            let key = ObjectKey {
+                namespace: object.meta().namespace.clone().unwrap_or_default(),
+                name: object.meta().name.clone().unwrap_or_default(),
+            };
+            (key, (*object).clone())
+        })
+        .collect()
+}
+
+/// Reflects the cluster into snapshots on `tx` until the task is cancelled. The first snapshot
+/// is sent once Services and EndpointSlices have both been listed; after that, one per change.
+pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<ClusterSnapshot>>) {
+    let selector = service_label_selector();
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (nodes, nodes_writer) = reflector::store::<Node>();
+    let updates = futures::stream::select_all([
+        reflect(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            services_writer,
+            |synced| Update::Services { synced },
+        )
+        .boxed(),
+        reflect(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            slices_writer,
+            |synced| Update::EndpointSlices { synced },
+        )
+        .boxed(),
+        reflect(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={hostname}")),
+            nodes_writer,
+            |_| Update::Node,
+        )
+        .boxed(),
+    ]);
+    futures::pin_mut!(updates);
+    let (mut services_synced, mut slices_synced) = (false, false);
+    while let Some(update) = updates.next().await {
+        match update {
+            Update::Services { synced } => services_synced |= synced,
+            Update::EndpointSlices { synced } => slices_synced |= synced,
+            Update::Node => {}
+        }
+        if !(services_synced && slices_synced) {
+            continue;
+        }
+        let snapshot = ClusterSnapshot {
+            services: by_key(&services),
+            endpoint_slices: by_key(&slices),
+            node: nodes
+                .state()
+                .into_iter()
+                .find(|node| node.metadata.name.as_deref() == Some(hostname.as_str()))
+                .map(|node| (*node).clone()),
+            diagnostics: Vec::new(),
+            allocations: Vec::new(),
+        };
+        tracing::debug!(
+            services = snapshot.services.len(),
+            endpoint_slices = snapshot.endpoint_slices.len(),
+            "cluster snapshot"
+        );
+        tx.send_replace(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use ::kube::client::Body;
+    use http::{Request, Response};
+    use serde_json::{Value, json};
+    use tokio::sync::mpsc;
+    use tower_test::mock::{Handle, SendResponse};
+
+    use super::*;
+
+    type Exchange = (Request<Body>, SendResponse<Response<Body>>);
+    /// The Service names of a published snapshot, and whether the re-list had been answered.
+    type Observation = (Vec<String>, bool);
+
+    /// Requests of the fake API server, by resource and by list/watch.
+    struct Routes {
+        services_list: mpsc::UnboundedReceiver<Exchange>,
+        services_watch: mpsc::UnboundedReceiver<Exchange>,
+        slices_list: mpsc::UnboundedReceiver<Exchange>,
+        slices_watch: mpsc::UnboundedReceiver<Exchange>,
+        nodes_list: mpsc::UnboundedReceiver<Exchange>,
+        nodes_watch: mpsc::UnboundedReceiver<Exchange>,
+    }
+
+    fn route(mut handle: Handle<Request<Body>, Response<Body>>) -> Routes {
+        let (services_list_tx, services_list) = mpsc::unbounded_channel();
+        let (services_watch_tx, services_watch) = mpsc::unbounded_channel();
+        let (slices_list_tx, slices_list) = mpsc::unbounded_channel();
+        let (slices_watch_tx, slices_watch) = mpsc::unbounded_channel();
+        let (nodes_list_tx, nodes_list) = mpsc::unbounded_channel();
+        let (nodes_watch_tx, nodes_watch) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let watch = query(&request).contains("watch=true");
+                let target = match (request.uri().path(), watch) {
+                    ("/api/v1/services", false) => &services_list_tx,
+                    ("/api/v1/services", true) => &services_watch_tx,
+                    ("/apis/discovery.k8s.io/v1/endpointslices", false) => &slices_list_tx,
+                    ("/apis/discovery.k8s.io/v1/endpointslices", true) => &slices_watch_tx,
+                    ("/api/v1/nodes", false) => &nodes_list_tx,
+                    ("/api/v1/nodes", true) => &nodes_watch_tx,
+                    (path, _) => panic!("unexpected request {path}"),
+                };
+                target
+                    .send((request, respond))
+                    .expect("test holds the receiver");
+            }
+        });
+        Routes {
+            services_list,
+            services_watch,
+            slices_list,
+            slices_watch,
+            nodes_list,
+            nodes_watch,
+        }
+    }
+
+    /// The request's query string, percent-decoded.
+    fn query(request: &Request<Body>) -> String {
+        let raw = request.uri().query().unwrap_or_default().as_bytes();
+        let mut decoded = Vec::new();
+        let mut index = 0;
+        while index < raw.len() {
+            if raw[index] == b'%' && index + 2 < raw.len() {
+                let hex = std::str::from_utf8(&raw[index + 1..index + 3]).unwrap();
+                decoded.push(u8::from_str_radix(hex, 16).unwrap());
+                index += 3;
+            } else {
+                decoded.push(raw[index]);
+                index += 1;
+            }
+        }
+        String::from_utf8(decoded).unwrap()
+    }
+
+    async fn next(receiver: &mut mpsc::UnboundedReceiver<Exchange>, what: &str) -> Exchange {
+        tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} request within 10 s"))
+            .expect("router running")
+    }
+
+    fn json_response(body: &Value) -> Response<Body> {
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    /// A watch response: newline-delimited events, then the end of the stream.
+    fn watch_response(events: &[Value]) -> Response<Body> {
+        let mut body = Vec::new();
+        for event in events {
+            body.extend(serde_json::to_vec(event).unwrap());
+            body.push(b'\n');
+        }
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    fn list(kind: &str, resource_version: &str, items: &[Value]) -> Value {
+        json!({
+            "apiVersion": if kind == "EndpointSliceList" { "discovery.k8s.io/v1" } else { "v1" },
+            "kind": kind,
+            "metadata": {"resourceVersion": resource_version},
+            "items": items,
+        })
+    }
+
+    fn service(name: &str, resource_version: &str, ip: &str) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "default", "resourceVersion": resource_version,
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1"}]},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}]}
+        })
+    }
+
+    fn slice(service: &str, ip: &str) -> Value {
+        json!({
+            "metadata": {"name": format!("{service}-abcde"), "namespace": "default", "resourceVersion": "7",
+                "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}]
+        })
+    }
+
+    fn names<K>(map: &BTreeMap<ObjectKey, K>) -> Vec<String> {
+        map.keys().map(|k| k.name.clone()).collect()
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<Arc<ClusterSnapshot>>,
+        what: &str,
+        done: impl Fn(&ClusterSnapshot) -> bool,
+    ) -> Arc<ClusterSnapshot> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let current = rx.borrow_and_update().clone();
+            if done(&current) {
+                return current;
+            }
+            tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no snapshot with {what} within 10 s; last: {current:?}")
+                })
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn publishes_after_both_lists_and_applies_deletions_at_the_relist() {
+        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut routes = route(handle);
+        let client = Client::new(mock, "default");
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+        let source = tokio::spawn(run(client, "node-a".to_owned(), tx));
+
+        // Every snapshot ever published, with whether the re-list had been answered by then.
+        let relisted = Arc::new(AtomicBool::new(false));
+        let published: Arc<Mutex<Vec<Observation>>> = Arc::default();
+        let mut observer = rx.clone();
+        let recorder = {
+            let (relisted, published) = (relisted.clone(), published.clone());
+            tokio::spawn(async move {
+                while observer.changed().await.is_ok() {
+                    let services = names(&observer.borrow_and_update().services);
+                    published
+                        .lock()
+                        .unwrap()
+                        .push((services, relisted.load(Ordering::SeqCst)));
+                }
+            })
+        };
+
+        let (request, respond) = next(&mut routes.services_list, "Service list").await;
+        assert!(
+            query(&request).contains("labelSelector=!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"),
+            "{}",
+            query(&request)
+        );
+        respond.send_response(json_response(&list(
+            "ServiceList",
+            "10",
+            &[
+                service("a", "8", "10.96.0.10"),
+                service("b", "9", "10.96.0.11"),
+            ],
+        )));
+        let (request, respond) = next(&mut routes.nodes_list, "Node list").await;
+        assert!(
+            query(&request).contains("fieldSelector=metadata.name=node-a"),
+            "{}",
+            query(&request)
+        );
+        respond.send_response(json_response(&list(
+            "NodeList",
+            "3",
+            &[json!({"metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}}})],
+        )));
+        let (_, services_watch) = next(&mut routes.services_watch, "Service watch").await;
+        let (_node_watch_request, _node_watch) = next(&mut routes.nodes_watch, "Node watch").await;
+
+        // Services are listed but EndpointSlices are not: nothing may be published yet.
+        let (request, slices_list) = next(&mut routes.slices_list, "EndpointSlice list").await;
+        assert!(
+            query(&request).contains("labelSelector=!service.kubernetes.io/service-proxy-name")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !rx.has_changed().unwrap(),
+            "published before the EndpointSlices were listed"
+        );
+
+        slices_list.send_response(json_response(&list(
+            "EndpointSliceList",
+            "10",
+            &[slice("a", "10.0.0.1"), slice("b", "10.0.0.2")],
+        )));
+        let first = wait_for(&mut rx, "both lists", |s| !s.endpoint_slices.is_empty()).await;
+        assert_eq!(names(&first.services), ["a", "b"]);
+        assert!(
+            first
+                .services
+                .values()
+                .all(|s| s.metadata.managed_fields.is_none()),
+            "managedFields are dropped"
+        );
+        assert_eq!(names(&first.endpoint_slices), ["a-abcde", "b-abcde"]);
+        let (_slices_watch_request, _slices_watch) =
+            next(&mut routes.slices_watch, "EndpointSlice watch").await;
+        wait_for(&mut rx, "the Node", |s| {
+            s.node.as_ref().and_then(|n| n.metadata.name.as_deref()) == Some("node-a")
+        })
+        .await;
+
+        // The watch delivers a change, then expires (410 Gone). Service b is deleted meanwhile:
+        // the watch never says so; only the re-list shows it missing.
+        let mut modified = service("a", "11", "10.96.0.10");
+        modified["apiVersion"] = json!("v1");
+        modified["kind"] = json!("Service");
+        modified["metadata"]["labels"] = json!({"changed": "yes"});
+        services_watch.send_response(watch_response(&[
+            json!({"type": "MODIFIED", "object": modified}),
+            json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": "too old resource version: 10 (15)",
+                "reason": "Expired", "code": 410}}),
+        ]));
+        let changed = wait_for(&mut rx, "the watched change", |s| {
+            s.services.values().any(|svc| svc.metadata.labels.is_some())
+        })
+        .await;
+        assert_eq!(
+            names(&changed.services),
+            ["a", "b"],
+            "b is only gone after the re-list"
+        );
+
+        let (_, relist) = next(&mut routes.services_list, "Service re-list after 410").await;
+        assert_eq!(
+            names(&rx.borrow().services),
+            ["a", "b"],
+            "nothing removed before the re-list"
+        );
+        relisted.store(true, Ordering::SeqCst);
+        relist.send_response(json_response(&list(
+            "ServiceList",
+            "20",
+            &[service("a", "12", "10.96.0.10")],
+        )));
+        let after = wait_for(&mut rx, "b deleted", |s| s.services.len() == 1).await;
+        assert_eq!(names(&after.services), ["a"]);
+        assert_eq!(
+            names(&after.endpoint_slices),
+            ["a-abcde", "b-abcde"],
+            "slices are unaffected"
+        );
+        let (request, _watch_again) = next(
+            &mut routes.services_watch,
+            "Service watch after the re-list",
+        )
+        .await;
+        assert!(
+            query(&request).contains("resourceVersion=20"),
+            "{}",
+            query(&request)
+        );
+
+        source.abort();
+        recorder.abort();
+        let published = published.lock().unwrap();
+        assert!(!published.is_empty());
+        for (services, relisted) in published.iter() {
+            assert!(
+                services.contains(&"b".to_owned()) || *relisted,
+                "b disappeared before the re-list: {published:?}"
+            );
+        }
+    }
+}

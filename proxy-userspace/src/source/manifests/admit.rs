@@ -1,0 +1,1083 @@
+//! What the API server does to a Service between `kubectl apply` and the watch: defaulting,
+//! validation of the fields the proxy relies on, and ClusterIP / NodePort allocation.
+//!
+//! Allocation is deterministic so that a re-read of the folder (or an unrelated edit) gives every
+//! Service the same addresses: explicit values are reserved first, then each Service, in
+//! `namespace/name` order, gets the first free value probing from a hash of its name. Like the
+//! API server's allocators, dynamic values come from the upper band of a range, leaving the
+//! lower band to explicitly chosen values.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{ClientIPConfig, Service, ServiceSpec, SessionAffinityConfig};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::ManifestSettings;
+use super::parse::{Origin, diagnostic};
+use crate::model::Diagnostic;
+use crate::source::{Allocation, ObjectKey};
+
+/// kube-apiserver's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    IPv4,
+    IPv6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() {
+            Family::IPv4
+        } else {
+            Family::IPv6
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::IPv4 => "IPv4",
+            Family::IPv6 => "IPv6",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Family> {
+        match name {
+            "IPv4" => Some(Family::IPv4),
+            "IPv6" => Some(Family::IPv6),
+            _ => None,
+        }
+    }
+}
+
+/// A Service waiting for admission, with where it came from.
+pub struct Candidate {
+    pub key: ObjectKey,
+    pub origin: Origin,
+    pub service: Service,
+}
+
+fn object_name(key: &ObjectKey) -> String {
+    format!("Service {}/{}", key.namespace, key.name)
+}
+
+/// Defaults, validates and allocates. Returns the admitted Services; rejected ones are
+/// diagnostics, allocated values are recorded in `allocations` and written into the Service.
+pub fn admit(
+    mut candidates: Vec<Candidate>,
+    settings: &ManifestSettings,
+    diagnostics: &mut Vec<Diagnostic>,
+    allocations: &mut Vec<Allocation>,
+) -> BTreeMap<ObjectKey, Service> {
+    candidates.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut valid = Vec::new();
+    for mut candidate in candidates {
+        let spec = candidate
+            .service
+            .spec
+            .get_or_insert_with(ServiceSpec::default);
+        apply_defaults(spec);
+        match validate(spec) {
+            Ok(()) => valid.push(candidate),
+            Err(reason) => diagnostics.push(diagnostic(
+                object_name(&candidate.key),
+                &candidate.origin,
+                reason,
+            )),
+        }
+    }
+
+    let mut pools = Pools::new(settings);
+    // Explicit values first, so that allocation never takes a value a later Service asked for.
+    let mut reserved = Vec::new();
+    for candidate in valid {
+        match pools.reserve_explicit(&candidate, settings, diagnostics) {
+            Ok(()) => reserved.push(candidate),
+            Err(reason) => diagnostics.push(diagnostic(
+                object_name(&candidate.key),
+                &candidate.origin,
+                reason,
+            )),
+        }
+    }
+    let mut admitted = BTreeMap::new();
+    for mut candidate in reserved {
+        match pools.allocate_missing(&candidate.key, &mut candidate.service, allocations) {
+            Ok(()) => {
+                admitted.insert(candidate.key, candidate.service);
+            }
+            Err(reason) => diagnostics.push(diagnostic(
+                object_name(&candidate.key),
+                &candidate.origin,
+                reason,
+            )),
+        }
+    }
+    admitted
+}
+
+/// The API server's defaults for the fields kube-proxy reads (pkg/apis/core/v1/defaults.go).
+fn apply_defaults(spec: &mut ServiceSpec) {
+    let service_type = spec
+        .type_
+        .get_or_insert_with(|| "ClusterIP".to_owned())
+        .clone();
+    let affinity = spec
+        .session_affinity
+        .get_or_insert_with(|| "None".to_owned());
+    if affinity == "ClientIP" {
+        let config = spec
+            .session_affinity_config
+            .get_or_insert_with(SessionAffinityConfig::default);
+        let client_ip = config.client_ip.get_or_insert_with(ClientIPConfig::default);
+        client_ip
+            .timeout_seconds
+            .get_or_insert(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+    }
+    for port in spec.ports.iter_mut().flatten() {
+        port.protocol.get_or_insert_with(|| "TCP".to_owned());
+        let unset = match &port.target_port {
+            None | Some(IntOrString::Int(0)) => true,
+            Some(IntOrString::String(name)) => name.is_empty(),
+            Some(IntOrString::Int(_)) => false,
+        };
+        if unset {
+            port.target_port = Some(IntOrString::Int(port.port));
+        }
+    }
+    if service_type != "ExternalName" {
+        spec.internal_traffic_policy
+            .get_or_insert_with(|| "Cluster".to_owned());
+    }
+    if service_type == "NodePort" || service_type == "LoadBalancer" {
+        spec.external_traffic_policy
+            .get_or_insert_with(|| "Cluster".to_owned());
+    }
+    if service_type == "LoadBalancer" {
+        spec.allocate_load_balancer_node_ports.get_or_insert(true);
+    }
+}
+
+fn check_port(what: &str, value: i32) -> Result<(), String> {
+    if (1..=65535).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{what} {value} is out of range 1-65535"))
+    }
+}
+
+fn check_ip(what: &str, value: &str) -> Result<(), String> {
+    value
+        .parse::<IpAddr>()
+        .map(|_| ())
+        .map_err(|_| format!("{what} {value:?} is not a valid IP address"))
+}
+
+/// Rejects what the API server's validation would reject among the fields the proxy uses.
+fn validate(spec: &ServiceSpec) -> Result<(), String> {
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !matches!(
+        service_type,
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
+        return Err(format!("spec.type {service_type:?} is not a Service type"));
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut names = Vec::new();
+    for (index, port) in ports.iter().enumerate() {
+        let label = port.name.clone().unwrap_or_else(|| index.to_string());
+        check_port(&format!("spec.ports[{label}].port"), port.port)?;
+        match &port.target_port {
+            Some(IntOrString::Int(target)) => {
+                check_port(&format!("spec.ports[{label}].targetPort"), *target)?;
+            }
+            Some(IntOrString::String(_)) | None => {}
+        }
+        if let Some(node_port) = port.node_port.filter(|p| *p != 0) {
+            if !matches!(service_type, "NodePort" | "LoadBalancer") {
+                return Err(format!(
+                    "spec.ports[{label}].nodePort may not be used when type is {service_type}"
+                ));
+            }
+            check_port(&format!("spec.ports[{label}].nodePort"), node_port)?;
+        }
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
+            return Err(format!(
+                "spec.ports[{label}].protocol {protocol:?} is not TCP, UDP or SCTP"
+            ));
+        }
+        if ports.len() > 1 && port.name.as_deref().unwrap_or_default().is_empty() {
+            return Err(format!(
+                "spec.ports[{index}].name is required when a Service has several ports"
+            ));
+        }
+        let name = port.name.clone().unwrap_or_default();
+        if names.contains(&name) {
+            return Err(format!("spec.ports[{label}].name is used by two ports"));
+        }
+        names.push(name);
+    }
+    if let Some(health) = spec.health_check_node_port.filter(|p| *p != 0) {
+        if service_type != "LoadBalancer"
+            || spec.external_traffic_policy.as_deref() != Some("Local")
+        {
+            return Err(
+                "spec.healthCheckNodePort may only be set when type is LoadBalancer and \
+                 externalTrafficPolicy is Local"
+                    .to_owned(),
+            );
+        }
+        check_port("spec.healthCheckNodePort", health)?;
+    }
+    let cluster_ips = explicit_cluster_ips(spec);
+    match (service_type, cluster_ips.first().map(String::as_str)) {
+        ("ExternalName", Some(_)) => {
+            return Err("spec.clusterIP may not be set when type is ExternalName".to_owned());
+        }
+        ("NodePort" | "LoadBalancer", Some("None")) => {
+            return Err(format!(
+                "spec.clusterIP may not be None when type is {service_type}"
+            ));
+        }
+        _ => {}
+    }
+    if cluster_ips.len() > 1 && cluster_ips.iter().any(|ip| ip == "None") {
+        return Err("spec.clusterIPs may hold None only as its single entry".to_owned());
+    }
+    for ip in cluster_ips {
+        if ip != "None" {
+            check_ip("spec.clusterIPs", &ip)?;
+        }
+    }
+    for ip in spec.external_ips.iter().flatten() {
+        check_ip("spec.externalIPs", ip)?;
+    }
+    if let Some(ip) = spec.load_balancer_ip.as_deref().filter(|ip| !ip.is_empty()) {
+        check_ip("spec.loadBalancerIP", ip)?;
+    }
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        range
+            .trim()
+            .parse::<IpNet>()
+            .map_err(|_| format!("spec.loadBalancerSourceRanges {range:?} is not a valid CIDR"))?;
+    }
+    for family in spec.ip_families.iter().flatten() {
+        Family::parse(family)
+            .ok_or_else(|| format!("spec.ipFamilies {family:?} is not IPv4 or IPv6"))?;
+    }
+    Ok(())
+}
+
+fn validate_status_ips(service: &Service) -> Result<(), String> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for entry in ingress.into_iter().flatten() {
+        if let Some(ip) = entry.ip.as_deref() {
+            check_ip("status.loadBalancer.ingress[].ip", ip)?;
+        }
+    }
+    Ok(())
+}
+
+/// `spec.clusterIPs`, or the legacy single `spec.clusterIP`.
+fn explicit_cluster_ips(spec: &ServiceSpec) -> Vec<String> {
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec
+            .cluster_ip
+            .iter()
+            .filter(|ip| !ip.is_empty())
+            .cloned()
+            .collect(),
+    }
+}
+
+/// FNV-1a: stable across Rust versions and runs, unlike `DefaultHasher`.
+fn stable_hash(text: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// kube-apiserver's split of a range into a static (lower) band for explicitly chosen values and
+/// a dynamic (upper) band it allocates from first: 1/16 of the range, between 16 and 256.
+fn lower_band(size: u128) -> u128 {
+    if size < 16 {
+        0
+    } else {
+        (size / 16).clamp(16, 256)
+    }
+}
+
+/// Picks a free offset in `0..size`: from the hash in the upper band, then in the lower band.
+/// At most `used + 1` probes per band are needed to find a free slot if one exists.
+fn pick_offset(size: u128, seed: u64, used: usize, is_free: impl Fn(u128) -> bool) -> Option<u128> {
+    let lower = lower_band(size);
+    let bands = [(lower, size - lower), (0, lower)];
+    for (start, len) in bands {
+        if len == 0 {
+            continue;
+        }
+        let first = u128::from(seed) % len;
+        let probes = len.min(used as u128 + 1);
+        for step in 0..probes {
+            let offset = start + (first + step) % len;
+            if is_free(offset) {
+                return Some(offset);
+            }
+        }
+    }
+    None
+}
+
+fn ip_to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn u128_to_ip(family: Family, value: u128) -> IpAddr {
+    match family {
+        Family::IPv4 => IpAddr::V4(std::net::Ipv4Addr::from(value as u32)),
+        Family::IPv6 => IpAddr::V6(std::net::Ipv6Addr::from(value)),
+    }
+}
+
+/// Allocatable addresses of a service CIDR: without the network address (and the broadcast
+/// address for IPv4), as kube-apiserver's IP allocator.
+struct IpRange {
+    family: Family,
+    net: IpNet,
+    first: u128,
+    size: u128,
+}
+
+impl IpRange {
+    fn new(net: IpNet) -> IpRange {
+        let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+        let total = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        let family = Family::of(net.network());
+        let reserved = match family {
+            Family::IPv4 if total > 2 => 2,
+            Family::IPv6 if total > 1 => 1,
+            _ => 0,
+        };
+        IpRange {
+            family,
+            net,
+            first: ip_to_u128(net.network()) + u128::from(reserved > 0),
+            size: total - reserved,
+        }
+    }
+}
+
+struct Pools {
+    ranges: Vec<IpRange>,
+    node_ports: (u16, u16),
+    ips: HashMap<IpAddr, ObjectKey>,
+    ports: HashMap<u16, ObjectKey>,
+}
+
+impl Pools {
+    fn new(settings: &ManifestSettings) -> Pools {
+        Pools {
+            ranges: settings
+                .service_cidrs
+                .iter()
+                .copied()
+                .map(IpRange::new)
+                .collect(),
+            node_ports: (
+                settings.node_port_range.first,
+                settings.node_port_range.last,
+            ),
+            ips: HashMap::new(),
+            ports: HashMap::new(),
+        }
+    }
+
+    fn range(&self, family: Family) -> Option<&IpRange> {
+        self.ranges.iter().find(|r| r.family == family)
+    }
+
+    /// Reserves the ClusterIPs and NodePorts the manifest sets. A value another Service already
+    /// holds rejects this Service, as the API server would; values outside the configured ranges
+    /// are honoured with a warning.
+    fn reserve_explicit(
+        &mut self,
+        candidate: &Candidate,
+        settings: &ManifestSettings,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Result<(), String> {
+        let key = &candidate.key;
+        let warn = |diagnostics: &mut Vec<Diagnostic>, reason: String| {
+            diagnostics.push(diagnostic(object_name(key), &candidate.origin, reason));
+        };
+        validate_status_ips(&candidate.service)?;
+        let spec = candidate.service.spec.as_ref().expect("defaulted");
+        let mut ips = Vec::new();
+        for text in explicit_cluster_ips(spec).iter().filter(|ip| *ip != "None") {
+            let ip: IpAddr = text.parse().expect("validated");
+            if let Some(owner) = self.ips.get(&ip) {
+                return Err(format!(
+                    "spec.clusterIPs {ip} is already allocated to Service {}/{}",
+                    owner.namespace, owner.name
+                ));
+            }
+            if !self.ranges.iter().any(|r| r.net.contains(&ip)) {
+                warn(
+                    diagnostics,
+                    format!(
+                        "warning: spec.clusterIPs {ip} is outside --service-cluster-ip-range {} (used as given)",
+                        join(&settings.service_cidrs)
+                    ),
+                );
+            }
+            ips.push(ip);
+        }
+        let mut ports: Vec<(u16, &str)> = Vec::new();
+        let port_values = spec.ports.iter().flatten().filter_map(|p| {
+            p.node_port
+                .filter(|n| *n != 0)
+                .map(|n| (n, p.protocol.as_deref().unwrap_or("TCP")))
+        });
+        let health = spec
+            .health_check_node_port
+            .filter(|n| *n != 0)
+            .map(|n| (n, "healthCheckNodePort"));
+        for (value, protocol) in port_values.chain(health) {
+            let port = u16::try_from(value).expect("validated");
+            if let Some(owner) = self.ports.get(&port) {
+                return Err(format!(
+                    "NodePort {port} is already allocated to Service {}/{}",
+                    owner.namespace, owner.name
+                ));
+            }
+            // One Service may use the same NodePort for different protocols.
+            if ports.contains(&(port, protocol)) {
+                return Err(format!("NodePort {port}/{protocol} is used twice"));
+            }
+            if port < self.node_ports.0 || port > self.node_ports.1 {
+                warn(
+                    diagnostics,
+                    format!(
+                        "warning: NodePort {port} is outside --service-node-port-range {}-{} (used as given)",
+                        self.node_ports.0, self.node_ports.1
+                    ),
+                );
+            }
+            ports.push((port, protocol));
+        }
+        for ip in ips {
+            self.ips.insert(ip, key.clone());
+        }
+        for (port, _) in ports {
+            self.ports.insert(port, key.clone());
+        }
+        Ok(())
+    }
+
+    fn allocate_ip(&mut self, key: &ObjectKey, family: Family) -> Result<IpAddr, String> {
+        let used = self.ips.len();
+        let range = self.range(family).ok_or_else(|| {
+            format!(
+                "{} is not configured in --service-cluster-ip-range",
+                family.name()
+            )
+        })?;
+        let seed = stable_hash(&format!("{}/{}", key.namespace, key.name));
+        let first = range.first;
+        let ips = &self.ips;
+        let offset = pick_offset(range.size, seed, used, |offset| {
+            !ips.contains_key(&u128_to_ip(family, first + offset))
+        })
+        .ok_or_else(|| format!("--service-cluster-ip-range {} is full", range.net))?;
+        let ip = u128_to_ip(family, first + offset);
+        self.ips.insert(ip, key.clone());
+        Ok(ip)
+    }
+
+    fn allocate_port(&mut self, key: &ObjectKey, seed_text: &str) -> Result<u16, String> {
+        let (low, high) = self.node_ports;
+        let size = u128::from(high - low) + 1;
+        let ports = &self.ports;
+        let offset = pick_offset(size, stable_hash(seed_text), ports.len(), |offset| {
+            !ports.contains_key(&(low + offset as u16))
+        })
+        .ok_or_else(|| format!("--service-node-port-range {low}-{high} is full"))?;
+        let port = low + offset as u16;
+        self.ports.insert(port, key.clone());
+        Ok(port)
+    }
+
+    /// Fills in what the Service leaves out: ClusterIPs per family, NodePorts,
+    /// healthCheckNodePort.
+    fn allocate_missing(
+        &mut self,
+        key: &ObjectKey,
+        service: &mut Service,
+        allocations: &mut Vec<Allocation>,
+    ) -> Result<(), String> {
+        let object = object_name(key);
+        let spec = service.spec.as_mut().expect("defaulted");
+        let service_type = spec.type_.clone().unwrap_or_default();
+        let mut record = |field: String, value: String| {
+            allocations.push(Allocation {
+                object: object.clone(),
+                field,
+                value,
+            });
+        };
+        if service_type != "ExternalName" {
+            self.assign_cluster_ips(key, spec, &mut record)?;
+        }
+        let wants_node_ports = service_type == "NodePort"
+            || (service_type == "LoadBalancer"
+                && spec.allocate_load_balancer_node_ports != Some(false));
+        if wants_node_ports {
+            for (index, port) in spec.ports.iter_mut().flatten().enumerate() {
+                if port.node_port.is_some_and(|p| p != 0) {
+                    continue;
+                }
+                let label = port
+                    .name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| index.to_string());
+                let protocol = port.protocol.clone().unwrap_or_default();
+                let value = self.allocate_port(
+                    key,
+                    &format!("{}/{}/{label}/{protocol}", key.namespace, key.name),
+                )?;
+                port.node_port = Some(i32::from(value));
+                record(format!("spec.ports[{label}].nodePort"), value.to_string());
+            }
+        }
+        let local = spec.external_traffic_policy.as_deref() == Some("Local");
+        if service_type == "LoadBalancer"
+            && local
+            && spec.health_check_node_port.is_none_or(|p| p == 0)
+        {
+            let value = self.allocate_port(
+                key,
+                &format!("{}/{}/healthCheckNodePort", key.namespace, key.name),
+            )?;
+            spec.health_check_node_port = Some(i32::from(value));
+            record("spec.healthCheckNodePort".to_owned(), value.to_string());
+        }
+        Ok(())
+    }
+
+    /// The registry's ipFamilies / ipFamilyPolicy / clusterIPs logic, for the configured ranges.
+    fn assign_cluster_ips(
+        &mut self,
+        key: &ObjectKey,
+        spec: &mut ServiceSpec,
+        record: &mut impl FnMut(String, String),
+    ) -> Result<(), String> {
+        let explicit = explicit_cluster_ips(spec);
+        let headless = explicit.first().is_some_and(|ip| ip == "None");
+        let configured: Vec<Family> = self.ranges.iter().map(|r| r.family).collect();
+        let policy = spec
+            .ip_family_policy
+            .clone()
+            .unwrap_or_else(|| "SingleStack".to_owned());
+        let mut families: Vec<Family> = match &spec.ip_families {
+            Some(families) if !families.is_empty() => {
+                families.iter().filter_map(|f| Family::parse(f)).collect()
+            }
+            _ if !headless && !explicit.is_empty() => explicit
+                .iter()
+                .map(|ip| Family::of(ip.parse().expect("validated")))
+                .collect(),
+            _ => configured.iter().take(1).copied().collect(),
+        };
+        if families.len() > 1 && policy == "SingleStack" {
+            return Err(
+                "two IP families need spec.ipFamilyPolicy PreferDualStack or RequireDualStack"
+                    .to_owned(),
+            );
+        }
+        if policy == "RequireDualStack" && configured.len() < 2 {
+            return Err(
+                "spec.ipFamilyPolicy RequireDualStack needs two --service-cluster-ip-range families".to_owned(),
+            );
+        }
+        if policy != "SingleStack"
+            && families.len() == 1
+            && let Some(other) = configured.iter().find(|f| !families.contains(f))
+        {
+            families.push(*other);
+        }
+        spec.ip_families = Some(families.iter().map(|f| f.name().to_owned()).collect());
+        spec.ip_family_policy = Some(policy);
+        if headless {
+            spec.cluster_ip = Some("None".to_owned());
+            spec.cluster_ips = Some(vec!["None".to_owned()]);
+            return Ok(());
+        }
+        let mut ips = Vec::new();
+        for (index, family) in families.iter().enumerate() {
+            if let Some(text) = explicit.get(index) {
+                let ip: IpAddr = text.parse().expect("validated");
+                if Family::of(ip) != *family {
+                    return Err(format!(
+                        "spec.clusterIPs[{index}] {ip} is not of spec.ipFamilies[{index}] {}",
+                        family.name()
+                    ));
+                }
+                ips.push(ip.to_string());
+            } else {
+                let ip = self.allocate_ip(key, *family)?;
+                record(format!("spec.clusterIPs[{index}]"), ip.to_string());
+                ips.push(ip.to_string());
+            }
+        }
+        spec.cluster_ip = ips.first().cloned();
+        spec.cluster_ips = Some(ips);
+        Ok(())
+    }
+}
+
+fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::source::manifests::PortRange;
+
+    fn settings(cidrs: &[&str]) -> ManifestSettings {
+        ManifestSettings {
+            service_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            node_port_range: PortRange {
+                first: 30000,
+                last: 32767,
+            },
+            hostname: "node-a".to_owned(),
+        }
+    }
+
+    fn candidate(name: &str, spec: &serde_json::Value) -> Candidate {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap();
+        Candidate {
+            key: ObjectKey {
+                namespace: "default".to_owned(),
+                name: name.to_owned(),
+            },
+            origin: Origin {
+                file: PathBuf::from(format!("{name}.yaml")),
+                document: 1,
+            },
+            service,
+        }
+    }
+
+    fn run(
+        candidates: Vec<Candidate>,
+        settings: &ManifestSettings,
+    ) -> (
+        BTreeMap<ObjectKey, Service>,
+        Vec<Diagnostic>,
+        Vec<Allocation>,
+    ) {
+        let mut diagnostics = Vec::new();
+        let mut allocations = Vec::new();
+        let admitted = admit(candidates, settings, &mut diagnostics, &mut allocations);
+        (admitted, diagnostics, allocations)
+    }
+
+    fn spec_of<'a>(admitted: &'a BTreeMap<ObjectKey, Service>, name: &str) -> &'a ServiceSpec {
+        admitted
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .and_then(|(_, s)| s.spec.as_ref())
+            .unwrap_or_else(|| panic!("{name} not admitted"))
+    }
+
+    #[test]
+    fn allocation_is_deterministic_and_stable_across_unrelated_edits() {
+        let settings = settings(&["10.96.0.0/12"]);
+        let web = || {
+            candidate(
+                "web",
+                &serde_json::json!({"type": "NodePort", "ports": [{"port": 80}]}),
+            )
+        };
+        let (first, diagnostics, allocations) = run(vec![web()], &settings);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(allocations.len(), 2, "{allocations:?}");
+        let (second, _, _) = run(
+            vec![
+                web(),
+                candidate(
+                    "other",
+                    &serde_json::json!({"type": "NodePort", "ports": [{"port": 81}]}),
+                ),
+            ],
+            &settings,
+        );
+        let a = spec_of(&first, "web");
+        let b = spec_of(&second, "web");
+        assert_eq!(a.cluster_ip, b.cluster_ip);
+        assert_eq!(
+            a.ports.as_ref().unwrap()[0].node_port,
+            b.ports.as_ref().unwrap()[0].node_port
+        );
+        let ip: IpAddr = a.cluster_ip.as_deref().unwrap().parse().unwrap();
+        let net: IpNet = "10.96.0.0/12".parse().unwrap();
+        assert!(net.contains(&ip), "{ip}");
+        // Dynamic band: above the 256 addresses kept for explicit choices.
+        assert!(ip_to_u128(ip) > ip_to_u128(net.network()) + 256, "{ip}");
+        let node_port = a.ports.as_ref().unwrap()[0].node_port.unwrap();
+        assert!((30000..=32767).contains(&node_port), "{node_port}");
+        assert_eq!(a.ip_families, Some(vec!["IPv4".to_owned()]));
+        assert_eq!(a.ip_family_policy.as_deref(), Some("SingleStack"));
+        assert_eq!(a.external_traffic_policy.as_deref(), Some("Cluster"));
+        assert_eq!(
+            a.ports.as_ref().unwrap()[0].target_port,
+            Some(IntOrString::Int(80))
+        );
+        assert_eq!(
+            a.ports.as_ref().unwrap()[0].protocol.as_deref(),
+            Some("TCP")
+        );
+    }
+
+    #[test]
+    fn explicit_values_duplicates_and_ranges() {
+        struct Case {
+            name: &'static str,
+            services: Vec<Candidate>,
+            admitted: &'static [&'static str],
+            diagnostics: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "explicit ClusterIP and NodePort are honoured",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"type": "NodePort", "clusterIP": "10.96.0.10",
+                        "ports": [{"port": 80, "nodePort": 30080}]}),
+                )],
+                admitted: &["a"],
+                diagnostics: &[],
+            },
+            Case {
+                name: "NodePort outside the range is a warning naming the Service",
+                services: vec![candidate(
+                    "low",
+                    &serde_json::json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 8080}]}),
+                )],
+                admitted: &["low"],
+                diagnostics: &["Service default/low|low.yaml: warning: NodePort 8080 is outside"],
+            },
+            Case {
+                name: "duplicate NodePort rejects the second Service",
+                services: vec![
+                    candidate(
+                        "a",
+                        &serde_json::json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+                    ),
+                    candidate(
+                        "b",
+                        &serde_json::json!({"type": "NodePort", "ports": [{"port": 81, "nodePort": 30080}]}),
+                    ),
+                ],
+                admitted: &["a"],
+                diagnostics: &[
+                    "Service default/b|b.yaml: NodePort 30080 is already allocated to Service default/a",
+                ],
+            },
+            Case {
+                name: "same NodePort for TCP and UDP of one Service is allowed",
+                services: vec![candidate(
+                    "dns",
+                    &serde_json::json!({"type": "NodePort", "ports": [
+                        {"name": "tcp", "port": 53, "nodePort": 30053, "protocol": "TCP"},
+                        {"name": "udp", "port": 53, "nodePort": 30053, "protocol": "UDP"}]}),
+                )],
+                admitted: &["dns"],
+                diagnostics: &[],
+            },
+            Case {
+                name: "duplicate ClusterIP rejects the second Service",
+                services: vec![
+                    candidate(
+                        "a",
+                        &serde_json::json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+                    ),
+                    candidate(
+                        "b",
+                        &serde_json::json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}),
+                    ),
+                ],
+                admitted: &["a"],
+                diagnostics: &[
+                    "Service default/b|b.yaml: spec.clusterIPs 10.96.0.10 is already allocated",
+                ],
+            },
+            Case {
+                name: "invalid ClusterIP",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"clusterIP": "10.96.0.300", "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.clusterIPs \"10.96.0.300\" is not a valid IP address",
+                ],
+            },
+            Case {
+                name: "port out of range",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"ports": [{"port": 70000}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.ports[0].port 70000 is out of range 1-65535",
+                ],
+            },
+            Case {
+                name: "invalid externalIP",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"externalIPs": ["192.0.2.x"], "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.externalIPs \"192.0.2.x\" is not a valid IP address",
+                ],
+            },
+            Case {
+                name: "ClusterIP outside the range is honoured with a warning",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"clusterIP": "172.16.0.1", "ports": [{"port": 80}]}),
+                )],
+                admitted: &["a"],
+                diagnostics: &[
+                    "Service default/a|a.yaml: warning: spec.clusterIPs 172.16.0.1 is outside",
+                ],
+            },
+            Case {
+                name: "nodePort on a ClusterIP Service is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"ports": [{"port": 80, "nodePort": 30080}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.ports[0].nodePort may not be used when type is ClusterIP",
+                ],
+            },
+            Case {
+                name: "healthCheckNodePort without Local policy is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"type": "LoadBalancer", "healthCheckNodePort": 30999, "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.healthCheckNodePort may only be set when",
+                ],
+            },
+            Case {
+                name: "None among several clusterIPs is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"clusterIPs": ["10.96.0.1", "None"], "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &["Service default/a|a.yaml: spec.clusterIPs may hold None only"],
+            },
+            Case {
+                name: "headless NodePort is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"type": "NodePort", "clusterIP": "None", "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.clusterIP may not be None when type is NodePort",
+                ],
+            },
+            Case {
+                name: "RequireDualStack with one range is rejected",
+                services: vec![candidate(
+                    "a",
+                    &serde_json::json!({"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
+                )],
+                admitted: &[],
+                diagnostics: &[
+                    "Service default/a|a.yaml: spec.ipFamilyPolicy RequireDualStack needs two",
+                ],
+            },
+        ];
+        let settings = settings(&["10.96.0.0/12"]);
+        for case in cases {
+            let (admitted, diagnostics, _) = run(case.services, &settings);
+            let names: Vec<&str> = admitted.keys().map(|k| k.name.as_str()).collect();
+            assert_eq!(names, case.admitted, "{}: {diagnostics:?}", case.name);
+            assert_eq!(
+                diagnostics.len(),
+                case.diagnostics.len(),
+                "{}: {diagnostics:?}",
+                case.name
+            );
+            for (diagnostic, expected) in diagnostics.iter().zip(case.diagnostics) {
+                let (object, message) = expected.split_once('|').unwrap();
+                assert_eq!(diagnostic.object, object, "{}", case.name);
+                assert!(
+                    diagnostic.message.starts_with(message),
+                    "{}: {:?}",
+                    case.name,
+                    diagnostic.message
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_values_and_allocation_do_not_collide() {
+        let settings = settings(&["10.96.0.0/12"]);
+        // Whatever "a" would get by hash, an explicit claim of it by "b" wins and "a" moves on.
+        let (alone, _, _) = run(
+            vec![candidate(
+                "a",
+                &serde_json::json!({"ports": [{"port": 80}]}),
+            )],
+            &settings,
+        );
+        let taken = spec_of(&alone, "a").cluster_ip.clone().unwrap();
+        let (both, diagnostics, allocations) = run(
+            vec![
+                candidate("a", &serde_json::json!({"ports": [{"port": 80}]})),
+                candidate(
+                    "b",
+                    &serde_json::json!({"clusterIP": taken, "ports": [{"port": 80}]}),
+                ),
+            ],
+            &settings,
+        );
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(
+            spec_of(&both, "b").cluster_ip.as_deref(),
+            Some(taken.as_str())
+        );
+        assert_ne!(
+            spec_of(&both, "a").cluster_ip.as_deref(),
+            Some(taken.as_str())
+        );
+        assert_eq!(allocations.len(), 1);
+        assert_eq!(allocations[0].object, "Service default/a");
+        assert_eq!(allocations[0].field, "spec.clusterIPs[0]");
+    }
+
+    #[test]
+    fn dual_stack_and_load_balancer_health_check() {
+        let settings = settings(&["10.96.0.0/12", "fd00:10:96::/112"]);
+        let (admitted, diagnostics, allocations) = run(
+            vec![
+                candidate(
+                    "dual",
+                    &serde_json::json!({"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}),
+                ),
+                candidate(
+                    "lb",
+                    &serde_json::json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                        "ports": [{"port": 80}]}),
+                ),
+                candidate(
+                    "v6",
+                    &serde_json::json!({"ipFamilies": ["IPv6"], "ports": [{"port": 80}]}),
+                ),
+                candidate(
+                    "headless",
+                    &serde_json::json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+                ),
+                candidate(
+                    "ext",
+                    &serde_json::json!({"type": "ExternalName", "externalName": "example.org"}),
+                ),
+            ],
+            &settings,
+        );
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        let dual = spec_of(&admitted, "dual");
+        assert_eq!(
+            dual.ip_families,
+            Some(vec!["IPv4".to_owned(), "IPv6".to_owned()])
+        );
+        let ips = dual.cluster_ips.as_ref().unwrap();
+        assert!(
+            ips[0].parse::<IpAddr>().unwrap().is_ipv4()
+                && ips[1].parse::<IpAddr>().unwrap().is_ipv6()
+        );
+        let lb = spec_of(&admitted, "lb");
+        assert!(
+            lb.health_check_node_port
+                .is_some_and(|p| (30000..=32767).contains(&p))
+        );
+        assert_ne!(
+            lb.health_check_node_port,
+            lb.ports.as_ref().unwrap()[0].node_port
+        );
+        let v6 = spec_of(&admitted, "v6");
+        assert!(
+            v6.cluster_ip
+                .as_deref()
+                .unwrap()
+                .parse::<IpAddr>()
+                .unwrap()
+                .is_ipv6()
+        );
+        assert_eq!(
+            spec_of(&admitted, "headless").cluster_ips,
+            Some(vec!["None".to_owned()])
+        );
+        assert_eq!(spec_of(&admitted, "ext").cluster_ip, None);
+        let fields: Vec<(&str, &str)> = allocations
+            .iter()
+            .map(|a| (a.object.as_str(), a.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("Service default/dual", "spec.clusterIPs[0]"),
+                ("Service default/dual", "spec.clusterIPs[1]"),
+                ("Service default/lb", "spec.clusterIPs[0]"),
+                ("Service default/lb", "spec.ports[0].nodePort"),
+                ("Service default/lb", "spec.healthCheckNodePort"),
+                ("Service default/v6", "spec.clusterIPs[0]"),
+            ]
+        );
+    }
+}

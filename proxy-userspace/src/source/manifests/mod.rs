@@ -1,0 +1,539 @@
+//! Source B: a folder of ordinary Kubernetes manifests instead of an API server
+//! (`--manifests DIR`).
+//!
+//! The folder is read the way a cluster would see it after `kubectl apply -f DIR`: the API
+//! server's defaulting, validation and ClusterIP/NodePort allocation (`admit`), then the
+//! EndpointSlice controller (Pods selected by a Service's selector) and the EndpointSlice
+//! mirroring controller (selector-less Services with an Endpoints object) (`slices`).
+//! Allocated values are written into the Services and listed in
+//! [`ClusterSnapshot::allocations`]. Every problem is a [`Diagnostic`] naming the file and the
+//! object; the rest of the folder is still used.
+//!
+//! Deployments and ReplicaSets create no Pods here (Pods come from files, e.g. written by the
+//! lab); their pod templates give the container ports for named targetPorts of Pods whose own
+//! spec lists no containers.
+
+mod admit;
+mod parse;
+mod slices;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use notify::event::ModifyKind;
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, watch as tokio_watch};
+use tokio::task::JoinHandle;
+
+use self::admit::{Candidate, Family};
+use self::parse::{Object, Origin, diagnostic};
+use self::slices::PodTemplates;
+use super::{ClusterSnapshot, ObjectKey};
+use crate::model::Diagnostic;
+
+/// kube-apiserver's default `--service-cluster-ip-range`.
+pub const DEFAULT_SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
+/// kube-apiserver's default `--service-node-port-range`.
+pub const DEFAULT_SERVICE_NODE_PORT_RANGE: PortRange = PortRange {
+    first: 30000,
+    last: 32767,
+};
+
+/// Labels that make kube-proxy ignore a Service and its EndpointSlices (its informers' label
+/// selector `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`).
+pub const SKIP_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
+/// How long the folder must be quiet after a change before it is re-read.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Re-read at the latest this long after the first change, even if changes keep coming.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// An inclusive port range in kube-apiserver's `--service-node-port-range` syntax
+/// (`30000-32767`, or `30000+2767` for base+size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortRangeError {
+    #[error("port range {0:?} is not FIRST-LAST or BASE+SIZE")]
+    Syntax(String),
+    #[error("port range {0:?} is empty or exceeds 65535")]
+    Bounds(String),
+}
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    fn from_str(text: &str) -> Result<PortRange, PortRangeError> {
+        let syntax = || PortRangeError::Syntax(text.to_owned());
+        let bounds = || PortRangeError::Bounds(text.to_owned());
+        let (first, last) = if let Some((first, last)) = text.split_once('-') {
+            let first: u16 = first.trim().parse().map_err(|_| syntax())?;
+            let last: u16 = last.trim().parse().map_err(|_| syntax())?;
+            (first, last)
+        } else if let Some((base, size)) = text.split_once('+') {
+            let base: u16 = base.trim().parse().map_err(|_| syntax())?;
+            let size: u16 = size.trim().parse().map_err(|_| syntax())?;
+            (base, base.checked_add(size).ok_or_else(bounds)?)
+        } else {
+            return Err(syntax());
+        };
+        if first == 0 || first > last {
+            return Err(bounds());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceCidrError {
+    #[error("--service-cluster-ip-range {0:?}: {1:?} is not a CIDR")]
+    Syntax(String, String),
+    #[error("--service-cluster-ip-range {0:?}: one CIDR, or two of different IP families")]
+    Families(String),
+}
+
+/// Parses kube-apiserver's `--service-cluster-ip-range`: one CIDR, or two comma-separated
+/// CIDRs of different families (dual-stack; the first is the primary family).
+pub fn parse_service_cluster_ip_range(text: &str) -> Result<Vec<IpNet>, ServiceCidrError> {
+    let cidrs = text
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<IpNet>()
+                .map_err(|_| ServiceCidrError::Syntax(text.to_owned(), part.trim().to_owned()))
+        })
+        .collect::<Result<Vec<IpNet>, ServiceCidrError>>()?;
+    match cidrs.as_slice() {
+        [_] => Ok(cidrs),
+        [first, second] if first.network().is_ipv4() != second.network().is_ipv4() => Ok(cidrs),
+        _ => Err(ServiceCidrError::Families(text.to_owned())),
+    }
+}
+
+/// What the API server and node would know that the manifests do not say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestSettings {
+    /// `--service-cluster-ip-range`: one CIDR, or two (one per family) for dual-stack; the first
+    /// is the primary family.
+    pub service_cidrs: Vec<IpNet>,
+    /// `--service-node-port-range`.
+    pub node_port_range: PortRange,
+    /// This node's name: selects its Node object.
+    pub hostname: String,
+}
+
+impl ManifestSettings {
+    /// The API server's defaults for the given node.
+    pub fn new(hostname: impl Into<String>) -> ManifestSettings {
+        ManifestSettings {
+            service_cidrs: vec![
+                DEFAULT_SERVICE_CLUSTER_IP_RANGE
+                    .parse()
+                    .expect("valid default"),
+            ],
+            node_port_range: DEFAULT_SERVICE_NODE_PORT_RANGE,
+            hostname: hostname.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot watch manifests folder {dir}: {source}")]
+    Watch {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// Files the folder holds, recursively, in a stable order. Hidden entries (editor swap files,
+/// `..data` symlinks of mounted ConfigMaps' tooling) are skipped.
+fn manifest_files(dir: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        let entries = match std::fs::read_dir(&current) {
+            Ok(entries) => entries,
+            Err(error) => {
+                diagnostics.push(Diagnostic {
+                    object: format!("folder {}", current.display()),
+                    message: format!("cannot read folder: {error}"),
+                });
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                pending.push(path);
+            } else if path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+fn key_of(metadata: &mut ObjectMeta, namespaced: bool) -> Option<ObjectKey> {
+    let name = metadata.name.clone().filter(|n| !n.is_empty())?;
+    let namespace = if namespaced {
+        metadata
+            .namespace
+            .get_or_insert_with(|| "default".to_owned())
+            .clone()
+    } else {
+        String::new()
+    };
+    Some(ObjectKey { namespace, name })
+}
+
+/// Objects of one kind by key; a second definition of the same object is reported and ignored.
+struct Registry<T> {
+    kind: &'static str,
+    objects: BTreeMap<ObjectKey, (Origin, T)>,
+}
+
+impl<T> Registry<T> {
+    fn new(kind: &'static str) -> Registry<T> {
+        Registry {
+            kind,
+            objects: BTreeMap::new(),
+        }
+    }
+
+    fn insert(
+        &mut self,
+        key: ObjectKey,
+        origin: Origin,
+        object: T,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
+        let name = object_name(self.kind, &key);
+        if let Some((first, _)) = self.objects.get(&key) {
+            diagnostics.push(diagnostic(
+                name,
+                &origin,
+                format!("also defined in {first}; this copy is ignored"),
+            ));
+        } else {
+            self.objects.insert(key, (origin, object));
+        }
+    }
+}
+
+fn object_name(kind: &str, key: &ObjectKey) -> String {
+    if key.namespace.is_empty() {
+        format!("{kind} {}", key.name)
+    } else {
+        format!("{kind} {}/{}", key.namespace, key.name)
+    }
+}
+
+fn check_pod(pod: &Pod) -> Result<(), String> {
+    for ip in slices::pod_ips(pod) {
+        ip.parse::<IpAddr>()
+            .map_err(|_| format!("status.podIPs {ip:?} is not a valid IP address"))?;
+    }
+    Ok(())
+}
+
+fn check_slice(slice: &EndpointSlice) -> Result<(), String> {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Some(Family::IPv4),
+        "IPv6" => Some(Family::IPv6),
+        "FQDN" => None,
+        other => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
+    };
+    if let Some(family) = family {
+        for address in slice.endpoints.iter().flat_map(|e| &e.addresses) {
+            let ip: IpAddr = address
+                .parse()
+                .map_err(|_| format!("endpoints address {address:?} is not a valid IP address"))?;
+            if Family::of(ip) != family {
+                return Err(format!("endpoints address {ip} is not {}", family.name()));
+            }
+        }
+    }
+    for port in slice.ports.iter().flatten() {
+        if let Some(value) = port.port
+            && !(1..=65535).contains(&value)
+        {
+            return Err(format!("ports port {value} is out of range 1-65535"));
+        }
+    }
+    Ok(())
+}
+
+fn skipped_by_kube_proxy(metadata: &ObjectMeta) -> bool {
+    metadata
+        .labels
+        .as_ref()
+        .is_some_and(|labels| SKIP_LABELS.iter().any(|l| labels.contains_key(*l)))
+}
+
+/// Reads the folder into a snapshot. Pure apart from reading the files: the same folder and
+/// settings always give the same snapshot.
+pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
+    let mut diagnostics = Vec::new();
+    let mut parsed = Vec::new();
+    for file in manifest_files(dir, &mut diagnostics) {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parsed.extend(parse::parse_file(&file, &text, &mut diagnostics)),
+            Err(error) => diagnostics.push(Diagnostic {
+                object: format!("file {}", file.display()),
+                message: format!("cannot read: {error}"),
+            }),
+        }
+    }
+
+    let mut services = Registry::new("Service");
+    let mut endpoints: Registry<Endpoints> = Registry::new("Endpoints");
+    let mut explicit_slices: Registry<EndpointSlice> = Registry::new("EndpointSlice");
+    let mut nodes: Registry<Node> = Registry::new("Node");
+    let mut pods: Registry<Pod> = Registry::new("Pod");
+    let mut templates = PodTemplates {
+        templates: Vec::new(),
+    };
+    for item in parsed {
+        let origin = item.origin;
+        let missing_name = |diagnostics: &mut Vec<Diagnostic>, kind: &str| {
+            diagnostics.push(diagnostic(
+                format!("{kind} <unnamed>"),
+                &origin,
+                "metadata.name is required",
+            ));
+        };
+        match item.object {
+            Object::Service(mut service) => match key_of(&mut service.metadata, true) {
+                Some(key) => services.insert(key, origin.clone(), service, &mut diagnostics),
+                None => missing_name(&mut diagnostics, "Service"),
+            },
+            Object::Endpoints(mut object) => match key_of(&mut object.metadata, true) {
+                Some(key) => endpoints.insert(key, origin.clone(), object, &mut diagnostics),
+                None => missing_name(&mut diagnostics, "Endpoints"),
+            },
+            Object::EndpointSlice(mut slice) => match key_of(&mut slice.metadata, true) {
+                Some(key) => match check_slice(&slice) {
+                    Ok(()) => explicit_slices.insert(key, origin.clone(), slice, &mut diagnostics),
+                    Err(reason) => diagnostics.push(diagnostic(
+                        object_name("EndpointSlice", &key),
+                        &origin,
+                        reason,
+                    )),
+                },
+                None => missing_name(&mut diagnostics, "EndpointSlice"),
+            },
+            Object::Node(mut node) => match key_of(&mut node.metadata, false) {
+                Some(key) => nodes.insert(key, origin.clone(), node, &mut diagnostics),
+                None => missing_name(&mut diagnostics, "Node"),
+            },
+            Object::Pod(mut pod) => match key_of(&mut pod.metadata, true) {
+                Some(key) => match check_pod(&pod) {
+                    Ok(()) => pods.insert(key, origin.clone(), pod, &mut diagnostics),
+                    Err(reason) => {
+                        diagnostics.push(diagnostic(object_name("Pod", &key), &origin, reason));
+                    }
+                },
+                None => missing_name(&mut diagnostics, "Pod"),
+            },
+            Object::Deployment(mut deployment) => {
+                let namespace = deployment
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".to_owned());
+                if let Some(spec) = deployment.spec {
+                    templates.templates.push((
+                        namespace.clone(),
+                        spec.selector.match_labels.unwrap_or_default(),
+                        spec.template.spec.map(|s| s.containers).unwrap_or_default(),
+                    ));
+                }
+            }
+            Object::ReplicaSet(mut replica_set) => {
+                let namespace = replica_set
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".to_owned());
+                if let Some(spec) = replica_set.spec {
+                    templates.templates.push((
+                        namespace.clone(),
+                        spec.selector.match_labels.unwrap_or_default(),
+                        spec.template
+                            .and_then(|t| t.spec)
+                            .map(|s| s.containers)
+                            .unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+
+    let candidates = services
+        .objects
+        .into_iter()
+        .map(|(key, (origin, service))| Candidate {
+            key,
+            origin,
+            service,
+        })
+        .collect();
+    let mut allocations = Vec::new();
+    let admitted = admit::admit(candidates, settings, &mut diagnostics, &mut allocations);
+
+    let node_objects: BTreeMap<String, Node> = nodes
+        .objects
+        .into_iter()
+        .map(|(key, (_, node))| (key.name, node))
+        .collect();
+    let pod_objects: Vec<&Pod> = pods.objects.values().map(|(_, pod)| pod).collect();
+
+    let mut endpoint_slices = BTreeMap::new();
+    for (key, (_, slice)) in explicit_slices.objects {
+        endpoint_slices.insert(key, slice);
+    }
+    for (key, service) in &admitted {
+        let generated = if slices::selector(service).is_some() {
+            slices::synthesize(service, &pod_objects, &node_objects, &templates)
+        } else if let Some((origin, object)) = endpoints.objects.get(key) {
+            let (generated, invalid) = slices::mirror(service, object);
+            for address in invalid {
+                diagnostics.push(diagnostic(
+                    object_name("Endpoints", key),
+                    origin,
+                    format!("address {address:?} is not a valid IP address; not mirrored"),
+                ));
+            }
+            generated
+        } else {
+            Vec::new()
+        };
+        for slice in generated {
+            let slice_key = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: slice.metadata.name.clone().unwrap_or_default(),
+            };
+            endpoint_slices.entry(slice_key).or_insert(slice);
+        }
+    }
+    endpoint_slices.retain(|_, slice| !skipped_by_kube_proxy(&slice.metadata));
+
+    let services = admitted
+        .into_iter()
+        .filter(|(_, service)| !skipped_by_kube_proxy(&service.metadata))
+        .collect();
+    ClusterSnapshot {
+        services,
+        endpoint_slices,
+        node: node_objects.get(&settings.hostname).cloned(),
+        diagnostics,
+        allocations,
+    }
+}
+
+/// Publishes `load_dir(dir)` on `tx` now and again within a second of every change in the
+/// folder (debounced, so an editor's burst of writes is one re-read). The task runs until it is
+/// aborted; dropping the returned handle does not stop it.
+pub fn watch(
+    dir: PathBuf,
+    settings: ManifestSettings,
+    tx: tokio_watch::Sender<Arc<ClusterSnapshot>>,
+) -> Result<JoinHandle<()>, ManifestError> {
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the files ourselves produces access events (and, depending on the mount's
+        // atime policy, attribute changes): re-reading on those would loop. Only content,
+        // creation, removal and renames matter.
+        let relevant = match &event {
+            Ok(event) => !matches!(
+                event.kind,
+                EventKind::Access(_) | EventKind::Modify(ModifyKind::Metadata(_))
+            ),
+            Err(_) => true,
+        };
+        if relevant {
+            // The receiver is gone only when the task ended; nothing left to notify then.
+            let _ = changes_tx.send(event);
+        }
+    })
+    .map_err(|source| ManifestError::Watch {
+        dir: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .map_err(|source| ManifestError::Watch {
+            dir: dir.clone(),
+            source,
+        })?;
+    tx.send_replace(Arc::new(load_dir(&dir, &settings)));
+    Ok(tokio::spawn(async move {
+        // The watcher stops watching when dropped: the task owns it.
+        let _watcher = watcher;
+        while let Some(event) = changes.recv().await {
+            if let Err(error) = event {
+                tracing::warn!(dir = %dir.display(), %error, "manifests folder watch error; re-reading");
+            }
+            let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+            loop {
+                let quiet = tokio::time::sleep(DEBOUNCE);
+                tokio::select! {
+                    more = changes.recv() => if more.is_none() { return },
+                    () = quiet => break,
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            let (read_dir, read_settings) = (dir.clone(), settings.clone());
+            match tokio::task::spawn_blocking(move || load_dir(&read_dir, &read_settings)).await {
+                Ok(snapshot) => {
+                    tracing::info!(
+                        dir = %dir.display(),
+                        services = snapshot.services.len(),
+                        endpoint_slices = snapshot.endpoint_slices.len(),
+                        diagnostics = snapshot.diagnostics.len(),
+                        "manifests folder changed"
+                    );
+                    tx.send_replace(Arc::new(snapshot));
+                }
+                Err(error) => {
+                    tracing::error!(dir = %dir.display(), %error, "reading the manifests folder failed");
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,738 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::json;
+
+use super::slices::{self, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, PodTemplates};
+use super::*;
+
+fn examples(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/source/manifests/testdata")
+        .join(name)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// One line per endpoint: `family ports pod addresses conditions node zone`.
+fn describe(slices: &[&EndpointSlice]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for slice in slices {
+        let ports: Vec<String> = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}:{}/{}",
+                    p.name.as_deref().unwrap_or_default(),
+                    p.port.unwrap_or_default(),
+                    p.protocol.as_deref().unwrap_or_default()
+                )
+            })
+            .collect();
+        if slice.endpoints.is_empty() {
+            lines.push(format!(
+                "{} [{}] (no endpoints)",
+                slice.address_type,
+                ports.join(",")
+            ));
+        }
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let flag = |value: Option<bool>| match value {
+                Some(true) => "1",
+                Some(false) => "0",
+                None => "-",
+            };
+            lines.push(format!(
+                "{} [{}] {} {} r{}s{}t{} {} {}",
+                slice.address_type,
+                ports.join(","),
+                endpoint
+                    .target_ref
+                    .as_ref()
+                    .and_then(|r| r.name.as_deref())
+                    .unwrap_or("-"),
+                endpoint.addresses.join(","),
+                flag(conditions.ready),
+                flag(conditions.serving),
+                flag(conditions.terminating),
+                endpoint.node_name.as_deref().unwrap_or("-"),
+                endpoint.zone.as_deref().unwrap_or("-"),
+            ));
+        }
+    }
+    lines
+}
+
+fn pod(value: &serde_json::Value) -> Pod {
+    let mut object = json!({"apiVersion": "v1", "kind": "Pod"});
+    object
+        .as_object_mut()
+        .unwrap()
+        .extend(value.as_object().unwrap().clone());
+    serde_json::from_value(object).unwrap()
+}
+
+fn ready_pod(name: &str, ips: &[&str], node: &str, ready: bool) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"nodeName": node, "containers": [
+            {"name": "c", "ports": [{"name": "http", "containerPort": 8000}]}
+        ]},
+        "status": {
+            "phase": "Running",
+            "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
+        }
+    })
+}
+
+fn web_service(extra: &serde_json::Value) -> Service {
+    let mut spec = json!({
+        "selector": {"app": "web"},
+        "clusterIP": "10.96.0.10",
+        "ipFamilies": ["IPv4"],
+        "ports": [{"name": "web", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"team": "a"}},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+#[test]
+fn synthesis_follows_the_endpointslice_controller() {
+    struct Case {
+        name: &'static str,
+        service: serde_json::Value,
+        pods: Vec<serde_json::Value>,
+        expected: &'static [&'static str],
+    }
+    let terminating = {
+        let mut value = ready_pod("term", &["10.0.0.4"], "node-a", true);
+        value["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
+        value
+    };
+    let succeeded = {
+        let mut value = ready_pod("done", &["10.0.0.5"], "node-a", false);
+        value["status"]["phase"] = json!("Succeeded");
+        value
+    };
+    let no_ip = json!({
+        "metadata": {"name": "pending", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": []},
+        "status": {"phase": "Pending"}
+    });
+    let other_port = json!({
+        "metadata": {"name": "other", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-b", "containers": [
+            {"name": "c", "ports": [{"name": "http", "containerPort": 9000}]}
+        ]},
+        "status": {"phase": "Running", "podIP": "10.0.0.6",
+            "conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    let unnamed = json!({
+        "metadata": {"name": "noport", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    let other_namespace = {
+        let mut value = ready_pod("elsewhere", &["10.0.0.8"], "node-a", true);
+        value["metadata"]["namespace"] = json!("other");
+        value
+    };
+    let cases = [
+        Case {
+            name: "ready and not-ready pods; zone from the node",
+            service: json!({}),
+            pods: vec![
+                ready_pod("a", &["10.0.0.1"], "node-a", true),
+                ready_pod("b", &["10.0.0.2"], "node-b", false),
+            ],
+            expected: &[
+                "IPv4 [web:8000/TCP] a 10.0.0.1 r1s1t0 node-a zone-a",
+                "IPv4 [web:8000/TCP] b 10.0.0.2 r0s0t0 node-b -",
+            ],
+        },
+        Case {
+            name: "terminating pod: serving but not ready",
+            service: json!({}),
+            pods: vec![terminating.clone()],
+            expected: &["IPv4 [web:8000/TCP] term 10.0.0.4 r0s1t1 node-a zone-a"],
+        },
+        Case {
+            name: "publishNotReadyAddresses makes every endpoint ready",
+            service: json!({"publishNotReadyAddresses": true}),
+            pods: vec![ready_pod("b", &["10.0.0.2"], "node-b", false), terminating],
+            expected: &[
+                "IPv4 [web:8000/TCP] b 10.0.0.2 r1s0t0 node-b -",
+                "IPv4 [web:8000/TCP] term 10.0.0.4 r1s1t1 node-a zone-a",
+            ],
+        },
+        Case {
+            name: "terminal, IP-less and other-namespace pods are left out; empty placeholder slice",
+            service: json!({}),
+            pods: vec![succeeded, no_ip, other_namespace],
+            expected: &["IPv4 [] (no endpoints)"],
+        },
+        Case {
+            name: "named port resolved per pod: different ports give different slices",
+            service: json!({}),
+            pods: vec![ready_pod("a", &["10.0.0.1"], "node-a", true), other_port],
+            expected: &[
+                "IPv4 [web:8000/TCP] a 10.0.0.1 r1s1t0 node-a zone-a",
+                "IPv4 [web:9000/TCP] other 10.0.0.6 r1s1t0 node-b -",
+            ],
+        },
+        Case {
+            name: "a pod without the named port is an endpoint without that port",
+            service: json!({}),
+            pods: vec![unnamed],
+            expected: &["IPv4 [] noport 10.0.0.7 r1s1t0 - -"],
+        },
+        Case {
+            name: "named port with another protocol does not match",
+            service: json!({"ports": [{"name": "dns", "port": 53, "targetPort": "http", "protocol": "UDP"}]}),
+            pods: vec![ready_pod("a", &["10.0.0.1"], "node-a", true)],
+            expected: &["IPv4 [] a 10.0.0.1 r1s1t0 node-a zone-a"],
+        },
+        Case {
+            name: "numeric targetPort is used as is",
+            service: json!({"ports": [{"name": "web", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
+            pods: vec![ready_pod("a", &["10.0.0.1"], "node-a", true)],
+            expected: &["IPv4 [web:8080/TCP] a 10.0.0.1 r1s1t0 node-a zone-a"],
+        },
+        Case {
+            name: "dual-stack without IPv6 pod addresses: a placeholder for IPv6",
+            service: json!({"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["10.96.0.10", "fd00::10"]}),
+            pods: vec![ready_pod("a", &["10.0.0.1"], "node-a", true)],
+            expected: &[
+                "IPv4 [web:8000/TCP] a 10.0.0.1 r1s1t0 node-a zone-a",
+                "IPv6 [] (no endpoints)",
+            ],
+        },
+        Case {
+            name: "dual-stack: one slice per family",
+            service: json!({"ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["10.96.0.10", "fd00::10"]}),
+            pods: vec![ready_pod("a", &["10.0.0.1", "fd00:1::1"], "node-a", true)],
+            expected: &[
+                "IPv4 [web:8000/TCP] a 10.0.0.1 r1s1t0 node-a zone-a",
+                "IPv6 [web:8000/TCP] a fd00:1::1 r1s1t0 node-a zone-a",
+            ],
+        },
+        Case {
+            name: "IPv6 single-stack takes only the pod's IPv6 address",
+            service: json!({"ipFamilies": ["IPv6"], "clusterIP": "fd00::10"}),
+            pods: vec![ready_pod("a", &["10.0.0.1", "fd00:1::1"], "node-a", true)],
+            expected: &["IPv6 [web:8000/TCP] a fd00:1::1 r1s1t0 node-a zone-a"],
+        },
+    ];
+    let nodes: BTreeMap<String, Node> = [(
+        "node-a".to_owned(),
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}}
+        }))
+        .unwrap(),
+    )]
+    .into();
+    let templates = PodTemplates {
+        templates: Vec::new(),
+    };
+    for case in cases {
+        let service = web_service(&case.service);
+        let pods: Vec<Pod> = case.pods.iter().map(pod).collect();
+        let pod_refs: Vec<&Pod> = pods.iter().collect();
+        let slices = slices::synthesize(&service, &pod_refs, &nodes, &templates);
+        let slice_refs: Vec<&EndpointSlice> = slices.iter().collect();
+        assert_eq!(describe(&slice_refs), case.expected, "{}", case.name);
+        for slice in &slices {
+            let labels = slice.metadata.labels.as_ref().unwrap();
+            assert_eq!(labels[LABEL_SERVICE_NAME], "web", "{}", case.name);
+            assert_eq!(
+                labels[LABEL_MANAGED_BY], "endpointslice-controller.k8s.io",
+                "{}",
+                case.name
+            );
+            assert_eq!(
+                labels["team"], "a",
+                "{}: Service labels are copied",
+                case.name
+            );
+            assert_eq!(slice.metadata.namespace.as_deref(), Some("default"));
+            let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str()),
+                ("Service", "web")
+            );
+        }
+    }
+}
+
+#[test]
+fn mirroring_follows_the_mirroring_controller() {
+    let service: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"ports": [{"port": 5432}]}
+    }))
+    .unwrap();
+    let endpoints: Endpoints = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "db", "namespace": "default", "labels": {"tier": "db"}},
+        "subsets": [{
+            "addresses": [{"ip": "192.0.2.1", "nodeName": "node-a"}, {"ip": "2001:db8::1"}, {"ip": "bogus"}],
+            "notReadyAddresses": [{"ip": "192.0.2.2"}],
+            "ports": [{"port": 5432}]
+        }, {
+            "addresses": [{"ip": "192.0.2.1", "nodeName": "node-a"}],
+            "ports": [{"port": 5432, "protocol": "TCP"}]
+        }]
+    }))
+    .unwrap();
+    let (slices, invalid) = slices::mirror(&service, &endpoints);
+    assert_eq!(invalid, ["bogus"]);
+    let refs: Vec<&EndpointSlice> = slices.iter().collect();
+    assert_eq!(
+        describe(&refs),
+        [
+            "IPv4 [:5432/TCP] - 192.0.2.1 r1s-t- node-a -",
+            "IPv4 [:5432/TCP] - 192.0.2.2 r0s-t- - -",
+            "IPv6 [:5432/TCP] - 2001:db8::1 r1s-t- - -",
+        ]
+    );
+    let labels = slices[0].metadata.labels.as_ref().unwrap();
+    assert_eq!(
+        labels[LABEL_MANAGED_BY],
+        "endpointslicemirroring-controller.k8s.io"
+    );
+    assert_eq!(labels["tier"], "db");
+    let owner = &slices[0].metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Endpoints", "db")
+    );
+
+    let mut skipped = endpoints.clone();
+    skipped.metadata.labels.as_mut().unwrap().insert(
+        "endpointslice.kubernetes.io/skip-mirror".to_owned(),
+        "true".to_owned(),
+    );
+    assert!(slices::mirror(&service, &skipped).0.is_empty());
+}
+
+fn service_names(snapshot: &ClusterSnapshot) -> Vec<String> {
+    snapshot
+        .services
+        .keys()
+        .map(|k| format!("{}/{}", k.namespace, k.name))
+        .collect()
+}
+
+fn slices_of<'a>(snapshot: &'a ClusterSnapshot, service: &str) -> Vec<&'a EndpointSlice> {
+    snapshot
+        .endpoint_slices
+        .values()
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME))
+                .map(String::as_str)
+                == Some(service)
+        })
+        .collect()
+}
+
+#[test]
+fn hostname_example_loads_without_diagnostics() {
+    let snapshot = load_dir(&examples("hostname"), &ManifestSettings::new("node-a"));
+    assert!(
+        snapshot.diagnostics.is_empty(),
+        "{:?}",
+        snapshot.diagnostics
+    );
+    assert_eq!(
+        service_names(&snapshot),
+        [
+            "default/hostname-svc-affinity",
+            "default/hostname-svc-clusterip",
+            "default/hostname-svc-externalip",
+            "default/hostname-svc-externalname",
+            "default/hostname-svc-lb",
+            "default/hostname-svc-local",
+            "default/hostname-svc-nodeport",
+        ]
+    );
+    let spec = |name: &str| {
+        snapshot.services[&ObjectKey {
+            namespace: "default".to_owned(),
+            name: name.to_owned(),
+        }]
+            .spec
+            .clone()
+            .unwrap()
+    };
+    // Every non-ExternalName Service got a ClusterIP; the ExternalName one none.
+    let allocated: Vec<(&str, &str)> = snapshot
+        .allocations
+        .iter()
+        .map(|a| (a.object.as_str(), a.field.as_str()))
+        .collect();
+    assert_eq!(
+        allocated,
+        [
+            (
+                "Service default/hostname-svc-affinity",
+                "spec.clusterIPs[0]"
+            ),
+            (
+                "Service default/hostname-svc-clusterip",
+                "spec.clusterIPs[0]"
+            ),
+            (
+                "Service default/hostname-svc-externalip",
+                "spec.clusterIPs[0]"
+            ),
+            ("Service default/hostname-svc-lb", "spec.clusterIPs[0]"),
+            ("Service default/hostname-svc-lb", "spec.ports[0].nodePort"),
+            ("Service default/hostname-svc-local", "spec.clusterIPs[0]"),
+            (
+                "Service default/hostname-svc-nodeport",
+                "spec.clusterIPs[0]"
+            ),
+            (
+                "Service default/hostname-svc-nodeport",
+                "spec.ports[0].nodePort"
+            ),
+        ]
+    );
+    assert_eq!(spec("hostname-svc-externalname").cluster_ip, None);
+    assert_eq!(
+        spec("hostname-svc-local").ports.unwrap()[0].node_port,
+        Some(30081)
+    );
+    assert_eq!(
+        spec("hostname-svc-affinity")
+            .session_affinity_config
+            .and_then(|c| c.client_ip)
+            .and_then(|c| c.timeout_seconds),
+        Some(10_800)
+    );
+    // No Pods in the folder: each selector Service has only the controller's placeholder slice.
+    let clusterip_slices = slices_of(&snapshot, "hostname-svc-clusterip");
+    assert_eq!(describe(&clusterip_slices), ["IPv4 [] (no endpoints)"]);
+    assert!(slices_of(&snapshot, "hostname-svc-externalname").is_empty());
+    // A re-read allocates the same values.
+    let again = load_dir(&examples("hostname"), &ManifestSettings::new("node-a"));
+    assert_eq!(again.allocations, snapshot.allocations);
+}
+
+#[test]
+fn hostname_example_with_pods_gets_endpoints_with_named_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples("hostname"), dir.path());
+    copy_dir(&testdata("hostname-pods"), dir.path());
+    let snapshot = load_dir(dir.path(), &ManifestSettings::new("node-b"));
+    assert!(
+        snapshot.diagnostics.is_empty(),
+        "{:?}",
+        snapshot.diagnostics
+    );
+    assert_eq!(
+        snapshot
+            .node
+            .as_ref()
+            .and_then(|n| n.metadata.name.as_deref()),
+        Some("node-b")
+    );
+    let expected_80 = [
+        "IPv4 [:80/TCP] hostname-deployment-aaaaa 10.244.1.10 r1s1t0 node-a zone-a",
+        "IPv4 [:80/TCP] hostname-deployment-bbbbb 10.244.2.10 r1s1t0 node-b zone-b",
+        "IPv4 [:80/TCP] hostname-deployment-ccccc 10.244.1.11 r0s0t0 node-a zone-a",
+    ];
+    assert_eq!(
+        describe(&slices_of(&snapshot, "hostname-svc-clusterip")),
+        expected_80
+    );
+    // targetPort "http": from pod aaaaa's own container, from the Deployment template for the
+    // Pods the lab writes without containers.
+    assert_eq!(
+        describe(&slices_of(&snapshot, "hostname-svc-externalip")),
+        expected_80
+    );
+}
+
+#[test]
+fn selectorless_example_mirrors_endpoints() {
+    let snapshot = load_dir(&examples("selectorless"), &ManifestSettings::new("node-a"));
+    assert!(
+        snapshot.diagnostics.is_empty(),
+        "{:?}",
+        snapshot.diagnostics
+    );
+    assert_eq!(service_names(&snapshot), ["default/external-db"]);
+    assert_eq!(
+        describe(&slices_of(&snapshot, "external-db")),
+        [
+            "IPv4 [postgres:5432/TCP] - 198.51.100.20 r1s-t- - -",
+            "IPv4 [postgres:5432/TCP] - 198.51.100.21 r1s-t- - -",
+            "IPv4 [postgres:5432/TCP] - 198.51.100.22 r0s-t- - -",
+        ]
+    );
+}
+
+#[test]
+fn broken_example_names_the_file_and_keeps_the_rest() {
+    let dir = examples("broken");
+    let snapshot = load_dir(&dir, &ManifestSettings::new("node-a"));
+    assert_eq!(service_names(&snapshot), ["default/good-svc"]);
+    assert_eq!(snapshot.diagnostics.len(), 1, "{:?}", snapshot.diagnostics);
+    let broken = dir.join("broken.yaml");
+    assert_eq!(
+        snapshot.diagnostics[0].object,
+        format!("file {}", broken.display())
+    );
+    assert!(
+        snapshot.diagnostics[0]
+            .message
+            .starts_with(&format!("{}: invalid YAML", broken.display())),
+        "{:?}",
+        snapshot.diagnostics[0]
+    );
+}
+
+#[test]
+fn folder_level_rules() {
+    struct Case {
+        name: &'static str,
+        files: &'static [(&'static str, &'static str)],
+        services: &'static [&'static str],
+        diagnostics: &'static [&'static str],
+    }
+    const SVC_A: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n";
+    let cases = [
+        Case {
+            name: "kube-proxy's label selector skips service-proxy-name and headless labels",
+            files: &[
+                ("a.yaml", SVC_A),
+                (
+                    "b.yaml",
+                    "apiVersion: v1\nkind: Service\nmetadata: {name: b, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {ports: [{port: 80}]}\n",
+                ),
+                (
+                    "c.yaml",
+                    "apiVersion: v1\nkind: Service\nmetadata: {name: c, labels: {service.kubernetes.io/headless: ''}}\nspec: {ports: [{port: 80}]}\n",
+                ),
+            ],
+            services: &["default/a"],
+            diagnostics: &[],
+        },
+        Case {
+            name: "the same object in two files: the first (by path) wins",
+            files: &[("a.yaml", SVC_A), ("b.yml", SVC_A)],
+            services: &["default/a"],
+            diagnostics: &["Service default/a|b.yml: also defined in"],
+        },
+        Case {
+            name: "files of other extensions and hidden files are ignored",
+            files: &[
+                ("a.yaml", SVC_A),
+                ("notes.txt", "hello"),
+                (".swap.yaml", "{{{"),
+            ],
+            services: &["default/a"],
+            diagnostics: &[],
+        },
+        Case {
+            name: "invalid pod IP names the Pod",
+            files: &[(
+                "p.yaml",
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.999}\n",
+            )],
+            services: &[],
+            diagnostics: &[
+                "Pod x/p|p.yaml: status.podIPs \"10.0.0.999\" is not a valid IP address",
+            ],
+        },
+        Case {
+            name: "invalid EndpointSlice address names the slice",
+            files: &[(
+                "s.yaml",
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: [{addresses: [fd00::1]}]\n",
+            )],
+            services: &[],
+            diagnostics: &["EndpointSlice default/s|s.yaml: endpoints address fd00::1 is not IPv4"],
+        },
+    ];
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in case.files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let snapshot = load_dir(dir.path(), &ManifestSettings::new("node-a"));
+        assert_eq!(service_names(&snapshot), case.services, "{}", case.name);
+        assert_eq!(
+            snapshot.diagnostics.len(),
+            case.diagnostics.len(),
+            "{}: {:?}",
+            case.name,
+            snapshot.diagnostics
+        );
+        for (diagnostic, expected) in snapshot.diagnostics.iter().zip(case.diagnostics) {
+            let (object, message) = expected.split_once('|').unwrap();
+            assert_eq!(diagnostic.object, object, "{}", case.name);
+            let message = format!("{}/{message}", dir.path().display());
+            assert!(
+                diagnostic.message.starts_with(&message),
+                "{}: {:?}",
+                case.name,
+                diagnostic.message
+            );
+        }
+    }
+}
+
+#[test]
+fn port_range_syntax() {
+    let cases: [(&str, Option<(u16, u16)>); 6] = [
+        ("30000-32767", Some((30000, 32767))),
+        ("30000+2767", Some((30000, 32767))),
+        (" 8000 - 9000 ", Some((8000, 9000))),
+        ("32767-30000", None),
+        ("0-10", None),
+        ("30000", None),
+    ];
+    for (text, expected) in cases {
+        let parsed = text.parse::<PortRange>().ok().map(|r| (r.first, r.last));
+        assert_eq!(parsed, expected, "{text}");
+    }
+    assert_eq!(DEFAULT_SERVICE_NODE_PORT_RANGE.to_string(), "30000-32767");
+}
+
+#[test]
+fn service_cluster_ip_range_syntax() {
+    let cases: [(&str, Option<&[&str]>); 6] = [
+        ("10.96.0.0/12", Some(&["10.96.0.0/12"])),
+        (
+            "10.96.0.0/12, fd00:10:96::/112",
+            Some(&["10.96.0.0/12", "fd00:10:96::/112"]),
+        ),
+        (
+            "fd00:10:96::/112,10.96.0.0/12",
+            Some(&["fd00:10:96::/112", "10.96.0.0/12"]),
+        ),
+        ("10.96.0.0/12,10.100.0.0/16", None),
+        ("10.96.0.0/12,fd00::/112,10.1.0.0/16", None),
+        ("10.96.0.0", None),
+    ];
+    for (text, expected) in cases {
+        let parsed = parse_service_cluster_ip_range(text)
+            .ok()
+            .map(|cidrs| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>());
+        let expected = expected.map(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>());
+        assert_eq!(parsed, expected, "{text}");
+    }
+}
+
+/// Waits until `rx` holds a snapshot satisfying `done`, at most `limit`.
+async fn wait_for(
+    rx: &mut tokio_watch::Receiver<Arc<ClusterSnapshot>>,
+    limit: Duration,
+    done: impl Fn(&ClusterSnapshot) -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if done(&rx.borrow_and_update()) {
+            return true;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_edit_is_published_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let (tx, mut rx) = tokio_watch::channel(Arc::new(ClusterSnapshot::default()));
+    let task = watch(dir.path().to_owned(), ManifestSettings::new("node-a"), tx).unwrap();
+    assert_eq!(
+        service_names(&rx.borrow_and_update()),
+        ["default/web"],
+        "initial snapshot"
+    );
+    // Reading the folder must not look like a change of it (no re-read loop).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!rx.has_changed().unwrap(), "republished without a change");
+
+    let port_is = |port: i32| {
+        move |snapshot: &ClusterSnapshot| {
+            snapshot.services.values().any(|s| {
+                s.spec
+                    .as_ref()
+                    .and_then(|s| s.ports.as_ref())
+                    .is_some_and(|p| p[0].port == port)
+            })
+        }
+    };
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 8080}]}\n",
+    )
+    .unwrap();
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(1), port_is(8080)).await,
+        "edit not applied within 1 s"
+    );
+
+    let started = Instant::now();
+    std::fs::write(
+        dir.path().join("second.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: second}\nspec: {ports: [{port: 81}]}\n",
+    )
+    .unwrap();
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(1), |s| s.services.len() == 2).await,
+        "added file not applied within 1 s"
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(1), |s| service_names(s)
+            == ["default/second"])
+        .await,
+        "removed file not applied within 1 s (after {:?})",
+        started.elapsed()
+    );
+    task.abort();
+}
