@@ -1,5 +1,7 @@
 //! kube-ebpf-proxy's controller: sources → model → reconciler → dataplane (see `shared/design.md`).
 
+pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod model;
 pub mod source;
