@@ -701,6 +701,12 @@ fn node_pod_cidrs(node: &Node) -> Vec<IpNet> {
 }
 
 impl ProxyConfig {
+    /// How long a queued change may wait before /healthz fails: twice the sync period, as
+    /// kube-proxy constructs its `ProxyHealthServer`.
+    pub fn health_timeout(&self) -> Duration {
+        self.sync_period * 2
+    }
+
     /// The model's view of this configuration on this node. `node` is this node's Node object
     /// (when known) and `local_addresses` the addresses on the node's interfaces. Call it again
     /// whenever either changes.
@@ -1011,6 +1017,39 @@ nftables:
                 .starts_with("nodePortAddresses: \"bogus\""),
             "{error}"
         );
+    }
+
+    #[test]
+    fn help_documents_every_flag() {
+        use clap::CommandFactory;
+        let mut command = Cli::command();
+        command.clone().debug_assert();
+        let help = command.render_long_help().to_string();
+        for flag in [
+            "--config <FILE>",
+            "--hostname-override <NAME>",
+            "--cluster-cidr <CIDRS>",
+            "--nodeport-addresses <LIST>",
+            "--masquerade-all[=<BOOL>]",
+            "--detect-local-mode <MODE>",
+            "ClusterCIDR",
+            "BridgeInterface",
+            "--pod-interface-name-prefix <PREFIX>",
+            "--pod-bridge-interface <NAME>",
+            "--healthz-bind-address <ADDR>",
+            "[default: 0.0.0.0:10256]",
+            "--metrics-bind-address <ADDR>",
+            "[default: 127.0.0.1:10249]",
+            "--kubeconfig <FILE>",
+            "--config-sync-period <DURATION>",
+            "--service-cluster-ip-range <CIDRS>",
+            "[default: 10.96.0.0/12]",
+            "--service-node-port-range <RANGE>",
+            "[default: 30000-32767]",
+            "--manifests <DIR>",
+        ] {
+            assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+        }
     }
 
     #[test]

@@ -98,6 +98,31 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Where health check NodePorts listen (kube-proxy's `ServiceHealthServer`): the NodePort
+    /// addresses, or 0.0.0.0 when `--nodeport-addresses` matches every address.
+    pub fn health_check_listen_ips(&self) -> Vec<IpAddr> {
+        let matches_all = |family: IpFamily| {
+            let of_family: Vec<&IpNet> = self
+                .nodeport_addresses
+                .cidrs
+                .iter()
+                .filter(|cidr| IpFamily::of(cidr.addr()) == family)
+                .collect();
+            of_family.iter().any(|cidr| cidr.prefix_len() == 0)
+                || (of_family.is_empty() && !self.nodeport_addresses.primary)
+        };
+        if matches_all(IpFamily::IPv4) || matches_all(IpFamily::IPv6) {
+            return vec![IpAddr::from([0, 0, 0, 0])];
+        }
+        [IpFamily::IPv4, IpFamily::IPv6]
+            .into_iter()
+            .flat_map(|family| {
+                self.nodeport_addresses
+                    .resolve(family, &self.node_ips, &self.local_addresses)
+            })
+            .collect()
+    }
+
     pub fn primary_node_ip(&self, family: IpFamily) -> Option<IpAddr> {
         self.node_ips
             .iter()
@@ -192,6 +217,46 @@ mod tests {
         for (case, setting, family, expected) in cases {
             assert_eq!(
                 setting.resolve(family, &node_ips, &local),
+                expected,
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_checks_listen_on_nodeport_addresses() {
+        let config = |nodeport_addresses| ModelConfig {
+            node_ips: ips(&["192.168.1.10", "fd00::10"]),
+            local_addresses: ips(&["192.168.1.10", "10.0.0.5", "fd00::10"]),
+            nodeport_addresses,
+            ..ModelConfig::default()
+        };
+        // (case, setting, expected listen addresses)
+        for (case, setting, expected) in [
+            (
+                "primary: the primary IP of each family",
+                NodePortAddresses::primary(),
+                ips(&["192.168.1.10", "fd00::10"]),
+            ),
+            (
+                "a CIDR of one family only: the other family matches everything",
+                NodePortAddresses {
+                    primary: false,
+                    cidrs: nets(&["10.0.0.0/8"]),
+                },
+                ips(&["0.0.0.0"]),
+            ),
+            (
+                "CIDRs of both families: the matching addresses",
+                NodePortAddresses {
+                    primary: false,
+                    cidrs: nets(&["10.0.0.0/8", "fd00::/64"]),
+                },
+                ips(&["10.0.0.5", "fd00::10"]),
+            ),
+        ] {
+            assert_eq!(
+                config(setting).health_check_listen_ips(),
                 expected,
                 "{case}"
             );

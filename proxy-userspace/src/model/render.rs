@@ -8,6 +8,29 @@ use super::types::{
     LocalTrafficDetector, Protocol, ServicePortState,
 };
 
+/// `kube-ebpf-proxy plan -o <format>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable: per service port, its frontends and per-source actions, endpoint sets.
+    #[default]
+    Text,
+    /// The `DesiredState` as JSON, for tools.
+    Json,
+}
+
+/// The plan in `format`, ending with a newline.
+pub fn render(state: &DesiredState, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Text => render_text(state),
+        OutputFormat::Json => {
+            let mut json = serde_json::to_string_pretty(state)
+                .expect("DesiredState has string keys and no non-finite floats");
+            json.push('\n');
+            json
+        }
+    }
+}
+
 /// One block per service port and family, then the address rules, then the diagnostics.
 pub fn render_text(state: &DesiredState) -> String {
     let mut out = String::new();
@@ -114,17 +137,27 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
     for frontend in &port.frontends {
         render_frontend(out, frontend);
     }
-    render_endpoints(
-        out,
-        &format!("internal ({})", policy(port.internal_policy_local)),
-        &port.internal_endpoints,
-    );
-    render_endpoints(
-        out,
-        &format!("external ({})", policy(port.external_policy_local)),
-        &port.external_endpoints,
-    );
-    render_endpoints(out, "cluster", &port.cluster_endpoints);
+    if port.internal_endpoints == port.external_endpoints
+        && port.external_endpoints == port.cluster_endpoints
+    {
+        render_endpoints(
+            out,
+            "internal, external and cluster",
+            &port.cluster_endpoints,
+        );
+    } else {
+        render_endpoints(
+            out,
+            &format!("internal ({})", policy(port.internal_policy_local)),
+            &port.internal_endpoints,
+        );
+        render_endpoints(
+            out,
+            &format!("external ({})", policy(port.external_policy_local)),
+            &port.external_endpoints,
+        );
+        render_endpoints(out, "cluster", &port.cluster_endpoints);
+    }
 }
 
 fn render_frontend(out: &mut String, frontend: &Frontend) {
@@ -137,13 +170,22 @@ fn render_frontend(out: &mut String, frontend: &Frontend) {
     let addr = std::net::SocketAddr::new(frontend.addr, frontend.port);
     let _ = writeln!(out, "    {kind} {addr}");
     let actions = &frontend.actions;
-    let _ = writeln!(
-        out,
-        "      from pods: {}; from the node: {}; from elsewhere: {}",
-        action(actions.pod),
-        action(actions.node),
-        action(actions.other)
-    );
+    let external = frontend.kind.is_external();
+    if actions.pod == actions.node && actions.node == actions.other {
+        let _ = writeln!(
+            out,
+            "      from anywhere: {}",
+            action(actions.other, external)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "      from pods: {}; from the node: {}; from elsewhere: {}",
+            action(actions.pod, external),
+            action(actions.node, external),
+            action(actions.other, external)
+        );
+    }
     if !frontend.source_ranges.is_empty() {
         let _ = writeln!(
             out,
@@ -153,11 +195,13 @@ fn render_frontend(out: &mut String, frontend: &Frontend) {
     }
 }
 
-fn action(action: Action) -> String {
+/// `external`: the frontend's policy set is the external one (else the internal one).
+fn action(action: Action, external: bool) -> String {
     match action {
         Action::Forward { set, masquerade } => {
             let set = match set {
-                EndpointSet::Policy => "policy endpoints",
+                EndpointSet::Policy if external => "external endpoints",
+                EndpointSet::Policy => "internal endpoints",
                 EndpointSet::Cluster => "cluster endpoints",
             };
             let masquerade = if masquerade { ", masquerade" } else { "" };

@@ -1197,17 +1197,32 @@ fn plan_renders_text_and_json() {
             "bad",
             json!({"clusterIP": "10.96.0.11", "externalIPs": ["nope"], "ports": [{"port": 80}]}),
         ),
+        svc(
+            "local",
+            json!({"type": "NodePort", "clusterIP": "10.96.0.12", "externalTrafficPolicy": "Local",
+                   "ports": [{"port": 80, "nodePort": 30012}]}),
+        ),
+        slice(
+            "local-1",
+            "local",
+            "IPv4",
+            http_port(),
+            json!([ready("10.244.1.7", NODE), ready("10.244.2.7", "node-b")]),
+        ),
     ]);
     let state = compute(&snapshot, &base_config());
     let text = render_text(&state);
     for expected in [
         "default/web:http TCP IPv4\n",
         "  internalTrafficPolicy Cluster, externalTrafficPolicy Cluster, sessionAffinity ClientIP 10800s\n",
-        "    ClusterIP 10.96.0.10:80\n      from pods: forward to policy endpoints; from the node: forward to policy endpoints, masquerade; from elsewhere: forward to policy endpoints, masquerade\n",
-        "    NodePort 192.168.0.10:30080\n",
-        "  cluster endpoints:\n    10.244.1.5:8080 (ready, local) on node node-a\n",
+        "    ClusterIP 10.96.0.10:80\n      from pods: forward to internal endpoints; from the node: forward to internal endpoints, masquerade; from elsewhere: forward to internal endpoints, masquerade\n",
+        "    NodePort 192.168.0.10:30080\n      from anywhere: forward to external endpoints, masquerade\n",
+        "  internal, external and cluster endpoints:\n    10.244.1.5:8080 (ready, local) on node node-a\n",
+        "    ClusterIP 10.96.0.11:80\n      from anywhere: REJECT\n",
         "default/bad TCP IPv4\n",
-        "  ClusterIPs (unknown ports rejected): 10.96.0.10, 10.96.0.11\n",
+        "    NodePort 192.168.0.10:30012\n      from pods: forward to cluster endpoints; from the node: forward to cluster endpoints, masquerade; from elsewhere: forward to external endpoints\n",
+        "  internal (Cluster) endpoints:\n    10.244.1.7:8080 (ready, local) on node node-a\n    10.244.2.7:8080 (ready) on node node-b\n  external (Local) endpoints:\n    10.244.1.7:8080 (ready, local) on node node-a\n  cluster endpoints:\n",
+        "  ClusterIPs (unknown ports rejected): 10.96.0.10, 10.96.0.11, 10.96.0.12\n",
         "diagnostics:\n  Service default/bad: invalid externalIP \"nope\" ignored\n",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
@@ -1217,12 +1232,14 @@ fn plan_renders_text_and_json() {
         "terminating endpoint must not be planned while a ready one exists:\n{text}"
     );
     let json: Value = serde_json::to_value(&state).unwrap();
-    assert_eq!(json["servicePorts"][1]["name"]["name"], "web");
-    assert_eq!(json["servicePorts"][1]["frontends"][0]["kind"], "clusterIp");
+    assert_eq!(json["servicePorts"][2]["name"]["name"], "web");
+    assert_eq!(json["servicePorts"][2]["frontends"][0]["kind"], "clusterIp");
     assert_eq!(
-        json["servicePorts"][1]["frontends"][0]["actions"]["node"],
+        json["servicePorts"][2]["frontends"][0]["actions"]["node"],
         json!({"action": "forward", "set": "policy", "masquerade": true})
     );
-    assert_eq!(json["servicePorts"][1]["affinityTimeoutSeconds"], 10800);
+    assert_eq!(json["servicePorts"][2]["affinityTimeoutSeconds"], 10800);
+    let rendered: Value = serde_json::from_str(&render(&state, OutputFormat::Json)).unwrap();
+    assert_eq!(rendered, json, "-o json is the serde form");
     assert_eq!(json["diagnostics"][0]["object"], "Service default/bad");
 }
