@@ -57,6 +57,7 @@ pub fn compute(snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState
         }
     }
     service_ports.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
+    drop_conflicting_frontends(&mut service_ports, &mut diagnostics);
     cluster_ips.sort_unstable();
     cluster_ips.dedup();
     DesiredState {
@@ -672,6 +673,41 @@ fn service_port_state(
         internal_policy_local: service.internal_policy_local,
         external_policy_local: service.external_policy_local,
         health_check_node_port: service.health_check_node_port,
+    }
+}
+
+/// An address:port/protocol can lead to one service port only (the dataplane's lookup key).
+/// When Services collide (an externalIP equal to another Service's ClusterIP, a NodePort
+/// claimed twice in a manifests folder), the first in name order keeps the frontend and the
+/// others lose it, each loss reported.
+fn drop_conflicting_frontends(
+    service_ports: &mut [ServicePortState],
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortName> = BTreeMap::new();
+    for state in service_ports {
+        let name = state.name.clone();
+        state.frontends.retain(|frontend| {
+            let key = (frontend.addr, frontend.port, name.protocol);
+            if let Some(owner) = owners.get(&key) {
+                diagnostics.push(Diagnostic {
+                    object: format!("Service {}/{}", name.namespace, name.name),
+                    message: format!(
+                        "{} frontend {}/{} is already Service {}/{} port {:?}; skipped",
+                        frontend.kind,
+                        std::net::SocketAddr::new(frontend.addr, frontend.port),
+                        name.protocol,
+                        owner.namespace,
+                        owner.name,
+                        owner.port
+                    ),
+                });
+                false
+            } else {
+                owners.insert(key, name.clone());
+                true
+            }
+        });
     }
 }
 

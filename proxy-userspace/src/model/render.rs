@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use super::types::{
-    Action, DesiredState, Endpoint, EndpointSet, Frontend, FrontendKind, IpFamily,
-    LocalTrafficDetector, Protocol, ServicePortState,
+    Action, DesiredState, Endpoint, EndpointSet, Frontend, IpFamily, LocalTrafficDetector,
+    ServicePortState,
 };
 
 /// `kube-ebpf-proxy plan -o <format>`.
@@ -86,14 +86,6 @@ fn detector(detector: &LocalTrafficDetector) -> String {
     }
 }
 
-fn protocol(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    }
-}
-
 fn policy(local: bool) -> &'static str {
     if local { "Local" } else { "Cluster" }
 }
@@ -112,9 +104,7 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
     let _ = writeln!(
         out,
         "{}/{}{port_name} {} {family}",
-        name.namespace,
-        name.name,
-        protocol(name.protocol)
+        name.namespace, name.name, name.protocol
     );
     let mut traits = vec![
         format!(
@@ -161,12 +151,7 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
 }
 
 fn render_frontend(out: &mut String, frontend: &Frontend) {
-    let kind = match frontend.kind {
-        FrontendKind::ClusterIp => "ClusterIP",
-        FrontendKind::NodePort => "NodePort",
-        FrontendKind::ExternalIp => "externalIP",
-        FrontendKind::LoadBalancer => "LoadBalancer",
-    };
+    let kind = frontend.kind;
     let addr = std::net::SocketAddr::new(frontend.addr, frontend.port);
     let _ = writeln!(out, "    {kind} {addr}");
     let actions = &frontend.actions;

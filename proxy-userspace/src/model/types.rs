@@ -19,6 +19,16 @@ pub enum Protocol {
     Sctp,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum IpFamily {
     IPv4,
@@ -43,6 +53,17 @@ pub enum FrontendKind {
     NodePort,
     ExternalIp,
     LoadBalancer,
+}
+
+impl std::fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "externalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
 }
 
 impl FrontendKind {
