@@ -678,36 +678,48 @@ fn service_port_state(
 
 /// An address:port/protocol can lead to one service port only (the dataplane's lookup key).
 /// When Services collide (an externalIP equal to another Service's ClusterIP, a NodePort
-/// claimed twice in a manifests folder), the first in name order keeps the frontend and the
-/// others lose it, each loss reported.
+/// claimed twice in a manifests folder), allocated addresses win over user-chosen ones
+/// (ClusterIP, then NodePort, LoadBalancer, externalIP), then the first Service in name order;
+/// every loss is reported.
 fn drop_conflicting_frontends(
     service_ports: &mut [ServicePortState],
     diagnostics: &mut Vec<Diagnostic>,
 ) {
     let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortName> = BTreeMap::new();
-    for state in service_ports {
-        let name = state.name.clone();
-        state.frontends.retain(|frontend| {
-            let key = (frontend.addr, frontend.port, name.protocol);
-            if let Some(owner) = owners.get(&key) {
-                diagnostics.push(Diagnostic {
-                    object: format!("Service {}/{}", name.namespace, name.name),
-                    message: format!(
-                        "{} frontend {}/{} is already Service {}/{} port {:?}; skipped",
-                        frontend.kind,
-                        std::net::SocketAddr::new(frontend.addr, frontend.port),
-                        name.protocol,
-                        owner.namespace,
-                        owner.name,
-                        owner.port
-                    ),
-                });
-                false
-            } else {
-                owners.insert(key, name.clone());
-                true
-            }
-        });
+    let priority = [
+        FrontendKind::ClusterIp,
+        FrontendKind::NodePort,
+        FrontendKind::LoadBalancer,
+        FrontendKind::ExternalIp,
+    ];
+    for kind in priority {
+        for state in service_ports.iter_mut() {
+            let name = state.name.clone();
+            state.frontends.retain(|frontend| {
+                if frontend.kind != kind {
+                    return true;
+                }
+                let key = (frontend.addr, frontend.port, name.protocol);
+                if let Some(owner) = owners.get(&key) {
+                    diagnostics.push(Diagnostic {
+                        object: format!("Service {}/{}", name.namespace, name.name),
+                        message: format!(
+                            "{} frontend {}/{} is already Service {}/{} port {:?}; skipped",
+                            frontend.kind,
+                            std::net::SocketAddr::new(frontend.addr, frontend.port),
+                            name.protocol,
+                            owner.namespace,
+                            owner.name,
+                            owner.port
+                        ),
+                    });
+                    false
+                } else {
+                    owners.insert(key, name.clone());
+                    true
+                }
+            });
+        }
     }
 }
 

@@ -1094,25 +1094,25 @@ fn masquerade_reject_and_drop() {
 #[test]
 fn conflicting_frontends() {
     run(vec![Case {
-        name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name",
+        name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name, and a ClusterIP always wins",
         config: unchanged,
         objects: vec![
             svc(
-                "a-dns",
+                "z-dns",
                 json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
             ),
             svc(
-                "b-thief",
+                "a-thief",
                 json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
                                    "ports": [{"port": 53, "protocol": "UDP"}, {"name": "tcp", "port": 53}]}),
             ),
         ],
         expect: vec![
-            "default/a-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "default/b-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "diag Service default/b-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/a-dns port \"\"; skipped",
+            "default/z-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
+            "default/a-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
+            "diag Service default/a-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/z-dns port \"\"; skipped",
         ],
-        absent: vec!["default/b-thief UDP v4 ExternalIP"],
+        absent: vec!["default/a-thief UDP v4 ExternalIP"],
     }]);
 }
 
