@@ -197,7 +197,14 @@ impl ServiceInfo {
                     .and_then(|seconds| u32::try_from(seconds).ok())
                     .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
             });
-        let accepts_external_policy = service_type == "NodePort" || service_type == "LoadBalancer";
+        // apiservice.ExternallyAccessible: NodePort, LoadBalancer, or ClusterIP with externalIPs.
+        let accepts_external_policy = service_type == "NodePort"
+            || service_type == "LoadBalancer"
+            || (service_type == "ClusterIP"
+                && spec
+                    .external_ips
+                    .as_ref()
+                    .is_some_and(|ips| !ips.is_empty()));
         let external_policy_local =
             accepts_external_policy && spec.external_traffic_policy.as_deref() == Some("Local");
         let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");

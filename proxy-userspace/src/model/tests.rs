@@ -993,6 +993,30 @@ fn masquerade_reject_and_drop() {
             absent: vec![],
         },
         Case {
+            name: "externalTrafficPolicy Local also applies to a ClusterIP Service's externalIPs",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "ext-local",
+                    json!({"type": "ClusterIP", "clusterIP": "10.96.0.53",
+                                        "externalTrafficPolicy": "Local", "externalIPs": ["198.51.100.53"],
+                                        "ports": [{"port": 80}]}),
+                ),
+                slice(
+                    "ext-local-1",
+                    "ext-local",
+                    "IPv4",
+                    http_port(),
+                    json!([ready("10.244.1.1", NODE), ready("10.244.2.2", "node-b")]),
+                ),
+            ],
+            expect: vec![
+                "default/ext-local TCP v4 ExternalIP 198.51.100.53:80 pod=fwd(cluster) node=fwd(cluster,masq) other=fwd(policy)",
+                "default/ext-local TCP v4 internal=10.244.1.1:8080,10.244.2.2:8080 external=10.244.1.1:8080 cluster=10.244.1.1:8080,10.244.2.2:8080",
+            ],
+            absent: vec!["default/ext-local TCP v4 healthCheckNodePort"],
+        },
+        Case {
             name: "masqueradeAll: every ClusterIP flow is masqueraded; eTP Local outsiders still keep their source",
             config: |config| config.masquerade_all = true,
             objects: vec![etp_local(), local_and_remote(), plain(), plain_slice()],
