@@ -304,8 +304,33 @@ fn index_endpoint_slices(
         let Some(service_key) = service_of(key, slice, diagnostics) else {
             continue;
         };
-        if slice.address_type == "FQDN" {
-            continue;
+        // Each family's proxier only watches slices of its address type (FQDN slices: none).
+        let family = match slice.address_type.as_str() {
+            "IPv4" => IpFamily::IPv4,
+            "IPv6" => IpFamily::IPv6,
+            _ => continue,
+        };
+        let mut endpoints = Vec::new();
+        for endpoint in &slice.endpoints {
+            let Some(first) = endpoint.addresses.first() else {
+                continue;
+            };
+            match first.parse::<IpAddr>() {
+                Ok(addr) if IpFamily::of(addr) == family => endpoints.push((endpoint, addr)),
+                Ok(_) => diagnostics.push(diagnostic(
+                    key,
+                    "EndpointSlice",
+                    format!(
+                        "endpoint address {first:?} is not of addressType {}; ignored",
+                        slice.address_type
+                    ),
+                )),
+                Err(_) => diagnostics.push(diagnostic(
+                    key,
+                    "EndpointSlice",
+                    format!("invalid endpoint address {first:?} ignored"),
+                )),
+            }
         }
         let by_port = by_service.entry(service_key).or_default();
         for port in slice.ports.iter().flatten() {
@@ -319,25 +344,14 @@ fn index_endpoint_slices(
             let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
                 continue;
             };
-            for endpoint in &slice.endpoints {
-                let Some(first) = endpoint.addresses.first() else {
-                    continue;
-                };
-                let Ok(addr) = first.parse::<IpAddr>() else {
-                    diagnostics.push(diagnostic(
-                        key,
-                        "EndpointSlice",
-                        format!("invalid endpoint address {first:?} ignored"),
-                    ));
-                    continue;
-                };
+            let set = by_port
+                .entry((port_name.clone(), protocol, family))
+                .or_default();
+            for &(endpoint, addr) in &endpoints {
                 let info = endpoint_info(endpoint, addr, number, config);
-                let set = by_port
-                    .entry((port_name.clone(), protocol, IpFamily::of(addr)))
-                    .or_default();
-                // Dedupe overlapping slices by address:port; a local copy wins.
-                let local = info.endpoint.local;
-                if local || !set.contains_key(&(addr, number)) {
+                // The same address:port in two slices is one endpoint; a non-terminating copy
+                // wins (the IP may already belong to a new pod while the old one terminates).
+                if !info.endpoint.terminating || !set.contains_key(&(addr, number)) {
                     set.insert((addr, number), info);
                 }
             }

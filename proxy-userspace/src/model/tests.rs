@@ -507,19 +507,19 @@ fn endpoints_ports_and_conditions() {
             absent: vec!["default/app:http UDP"],
         },
         Case {
-            name: "the same address in two slices is one endpoint",
+            name: "the same address in two slices is one endpoint; a non-terminating copy wins in either order",
             config: unchanged,
             objects: vec![
                 svc(
                     "dup",
-                    json!({"clusterIP": "10.96.0.21", "ports": [{"port": 80}]}),
+                    json!({"clusterIP": "10.96.0.21", "internalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
                 ),
                 slice(
                     "dup-1",
                     "dup",
                     "IPv4",
                     http_port(),
-                    json!([ready("10.244.1.5", NODE)]),
+                    json!([terminating("10.244.1.5", "node-b", true)]),
                 ),
                 slice(
                     "dup-2",
@@ -528,11 +528,60 @@ fn endpoints_ports_and_conditions() {
                     http_port(),
                     json!([ready("10.244.1.5", NODE)]),
                 ),
+                svc(
+                    "dup-rev",
+                    json!({"clusterIP": "10.96.0.22", "internalTrafficPolicy": "Local", "ports": [{"port": 80}]}),
+                ),
+                slice(
+                    "dup-rev-1",
+                    "dup-rev",
+                    "IPv4",
+                    http_port(),
+                    json!([ready("10.244.1.5", NODE)]),
+                ),
+                slice(
+                    "dup-rev-2",
+                    "dup-rev",
+                    "IPv4",
+                    http_port(),
+                    json!([terminating("10.244.1.5", "node-b", true)]),
+                ),
             ],
             expect: vec![
-                "default/dup TCP v4 internal=10.244.1.5:8080 external=10.244.1.5:8080 cluster=10.244.1.5:8080",
+                "default/dup TCP v4 internal=10.244.1.5:8080 external=- cluster=-",
+                "default/dup-rev TCP v4 internal=10.244.1.5:8080 external=- cluster=-",
             ],
             absent: vec![],
+        },
+        Case {
+            name: "only addresses of the slice's addressType are used",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "mixed",
+                    json!({"clusterIP": "10.96.0.23", "ports": [{"port": 80}, {"name": "b", "port": 81}]}),
+                ),
+                slice(
+                    "mixed-1",
+                    "mixed",
+                    "IPv4",
+                    json!([{"name": "", "port": 8080}, {"name": "b", "port": 8081}]),
+                    json!([ready("10.244.1.5", NODE), ready("fd10::5", NODE)]),
+                ),
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                       "metadata": {"name": "mixed-fqdn", "namespace": "default",
+                                    "labels": {"kubernetes.io/service-name": "mixed"}},
+                       "addressType": "FQDN", "ports": [{"name": "", "port": 8080}],
+                       "endpoints": [{"addresses": ["example.com"]}]}),
+            ],
+            expect: vec![
+                "default/mixed TCP v4 internal=10.244.1.5:8080 external=10.244.1.5:8080 cluster=10.244.1.5:8080",
+                "diag EndpointSlice default/mixed-1: endpoint address \"fd10::5\" is not of addressType IPv4; ignored",
+            ],
+            absent: vec![
+                "default/mixed TCP v6",
+                "diag EndpointSlice default/mixed-fqdn",
+            ],
         },
         Case {
             name: "unset conditions mean ready; not-ready non-terminating endpoints are never used",
