@@ -96,6 +96,11 @@ impl ProxyHealth {
         self.lock().node_eligible = !deleting && !tainted;
     }
 
+    /// This node's Node object was deleted: not eligible (kube-proxy's `OnNodeDelete`).
+    pub fn node_deleted(&self) {
+        self.lock().node_eligible = false;
+    }
+
     /// Healthy once the first sync is programmed, and while no change has waited longer than
     /// the health timeout. (kube-proxy also answers 200 before its first sync; we wait for it,
     /// so a readiness probe passes only once Services are actually programmed.)
@@ -490,6 +495,9 @@ mod tests {
         assert_eq!(get(addr, "/healthz").await.0, 503, "being deleted");
         health.sync_node(&serde_json::from_value(json!({"metadata": {"name": "node-a"}})).unwrap());
         assert_eq!(get(addr, "/healthz").await.0, 200, "eligible again");
+        health.node_deleted();
+        assert_eq!(get(addr, "/healthz").await.0, 503, "Node object deleted");
+        assert_eq!(get(addr, "/livez").await.0, 200);
         assert_eq!(get(addr, "/metrics").await.0, 404);
         task.abort();
     }
