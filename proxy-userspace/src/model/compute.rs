@@ -164,7 +164,7 @@ impl ServiceInfo {
                 ports.push(info);
             }
         }
-        let external_ips = parse_all(spec.external_ips.as_deref(), "externalIP", &mut report);
+        let external_ips = parse_ips(spec.external_ips.as_deref(), "externalIP", &mut report);
         let load_balancer_ips = service
             .status
             .iter()
@@ -268,7 +268,7 @@ fn parse_service_port(port: &K8sServicePort, report: &mut impl FnMut(String)) ->
     })
 }
 
-fn parse_all(texts: Option<&[String]>, what: &str, report: &mut impl FnMut(String)) -> Vec<IpAddr> {
+fn parse_ips(texts: Option<&[String]>, what: &str, report: &mut impl FnMut(String)) -> Vec<IpAddr> {
     let mut parsed = Vec::new();
     for text in texts.unwrap_or_default() {
         match text.parse::<IpAddr>() {
