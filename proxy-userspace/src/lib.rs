@@ -1,6 +1,8 @@
 //! kube-ebpf-proxy's controller: sources → model → reconciler → dataplane (see `shared/design.md`).
 
+pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod model;
 pub mod reconcile;
 pub mod source;

@@ -79,7 +79,12 @@ fn request(netns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Reply> {
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Reply::Refused,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
             Reply::NoAnswer
         }
         Err(e) => Reply::Error(e.to_string()),
@@ -120,9 +125,18 @@ impl Walkthrough {
     }
 
     /// `n` requests; prints a tally of who answered and what client address each saw.
-    fn spread(&self, netns: &str, from: &str, addr: IpAddr, port: u16, n: usize) -> anyhow::Result<Vec<Reply>> {
+    fn spread(
+        &self,
+        netns: &str,
+        from: &str,
+        addr: IpAddr,
+        port: u16,
+        n: usize,
+    ) -> anyhow::Result<Vec<Reply>> {
         println!("   {n} requests from {from} to http://{addr}:{port}/");
-        let replies: Vec<Reply> = (0..n).map(|_| request(netns, addr, port)).collect::<anyhow::Result<_>>()?;
+        let replies: Vec<Reply> = (0..n)
+            .map(|_| request(netns, addr, port))
+            .collect::<anyhow::Result<_>>()?;
         let mut tally: BTreeMap<String, usize> = BTreeMap::new();
         for r in &replies {
             *tally.entry(r.to_string()).or_default() += 1;
@@ -155,7 +169,12 @@ fn clients_seen(replies: &[Reply]) -> std::collections::BTreeSet<String> {
 }
 
 /// Retries `request` until `done` holds or `PROPAGATION` passes; returns the last reply.
-fn wait_for(netns: &str, addr: IpAddr, port: u16, done: impl Fn(&Reply) -> bool) -> anyhow::Result<Reply> {
+fn wait_for(
+    netns: &str,
+    addr: IpAddr,
+    port: u16,
+    done: impl Fn(&Reply) -> bool,
+) -> anyhow::Result<Reply> {
     let deadline = Instant::now() + PROPAGATION;
     loop {
         let reply = request(netns, addr, port)?;
@@ -176,7 +195,14 @@ impl Plan {
     fn load(lab: &Lab, hostname: &str) -> anyhow::Result<Self> {
         let out = proxy_lab::run(
             std::process::Command::new(&lab.proxy_bin)
-                .args(["plan", "-o", "json", "--hostname-override", hostname, "--manifests"])
+                .args([
+                    "plan",
+                    "-o",
+                    "json",
+                    "--hostname-override",
+                    hostname,
+                    "--manifests",
+                ])
                 .arg(lab.manifests_dir()),
         )?;
         let raw: serde_json::Value = serde_json::from_str(&out).context("parsing plan -o json")?;
@@ -185,9 +211,15 @@ impl Plan {
             let name = sp["name"]["name"].as_str().unwrap_or_default().to_owned();
             for f in sp["frontends"].as_array().cloned().unwrap_or_default() {
                 let kind = f["kind"].as_str().unwrap_or_default().to_owned();
-                let addr: IpAddr = f["addr"].as_str().unwrap_or_default().parse().context("frontend addr")?;
+                let addr: IpAddr = f["addr"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .context("frontend addr")?;
                 let port = f["port"].as_u64().unwrap_or_default() as u16;
-                frontends.entry((name.clone(), kind)).or_insert((addr, port));
+                frontends
+                    .entry((name.clone(), kind))
+                    .or_insert((addr, port));
             }
         }
         Ok(Self { frontends })
@@ -210,7 +242,11 @@ fn services(dir: &Path) -> anyhow::Result<Vec<Service>> {
 }
 
 /// The first Service matching `pred`, by name.
-fn find(services: &[Service], what: &str, pred: impl Fn(&k8s_openapi::api::core::v1::ServiceSpec) -> bool) -> anyhow::Result<String> {
+fn find(
+    services: &[Service],
+    what: &str,
+    pred: impl Fn(&k8s_openapi::api::core::v1::ServiceSpec) -> bool,
+) -> anyhow::Result<String> {
     services
         .iter()
         .find(|s| s.spec.as_ref().is_some_and(&pred))
@@ -224,13 +260,24 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let dir = workspace_root().join("examples/hostname");
     let svcs = services(&dir)?;
     let nodeport = find(&svcs, "NodePort (Cluster policy)", |s| {
-        s.type_.as_deref() == Some("NodePort") && s.external_traffic_policy.as_deref() != Some("Local")
+        s.type_.as_deref() == Some("NodePort")
+            && s.external_traffic_policy.as_deref() != Some("Local")
     })?;
-    let external_ips = find(&svcs, "externalIPs", |s| s.external_ips.as_ref().is_some_and(|v| !v.is_empty()))?;
-    let load_balancer = find(&svcs, "LoadBalancer", |s| s.type_.as_deref() == Some("LoadBalancer"))?;
-    let affinity = find(&svcs, "sessionAffinity ClientIP", |s| s.session_affinity.as_deref() == Some("ClientIP"))?;
-    let local = find(&svcs, "externalTrafficPolicy Local", |s| s.external_traffic_policy.as_deref() == Some("Local"))?;
-    let external_name = find(&svcs, "ExternalName", |s| s.type_.as_deref() == Some("ExternalName"))?;
+    let external_ips = find(&svcs, "externalIPs", |s| {
+        s.external_ips.as_ref().is_some_and(|v| !v.is_empty())
+    })?;
+    let load_balancer = find(&svcs, "LoadBalancer", |s| {
+        s.type_.as_deref() == Some("LoadBalancer")
+    })?;
+    let affinity = find(&svcs, "sessionAffinity ClientIP", |s| {
+        s.session_affinity.as_deref() == Some("ClientIP")
+    })?;
+    let local = find(&svcs, "externalTrafficPolicy Local", |s| {
+        s.external_traffic_policy.as_deref() == Some("Local")
+    })?;
+    let external_name = find(&svcs, "ExternalName", |s| {
+        s.type_.as_deref() == Some("ExternalName")
+    })?;
 
     let mut w = Walkthrough {
         check: args.check,
@@ -240,7 +287,12 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     w.step("Bringing up the lab: 3 nodes (node1 is the control plane), the hostname Deployment, an external client");
     let _guard = LabGuard { keep: args.keep };
     let mut lab = Lab::up(DEMO_LAB, &dir, 3)?;
-    let worker = lab.nodes.iter().find(|n| n.schedulable).context("a worker node")?.clone();
+    let worker = lab
+        .nodes
+        .iter()
+        .find(|n| n.schedulable)
+        .context("a worker node")?
+        .clone();
     let control_plane = lab.nodes[0].clone();
     let plan = Plan::load(&lab, &worker.name)?;
     let toolbox = lab.toolbox_netns.clone();
@@ -251,62 +303,123 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     wait_for(&toolbox, vip, port, |r| matches!(r, Reply::Answer { .. }))?;
     let replies = w.spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
     let pods = pods_answering(&replies);
-    w.expect(pods.len() == 3 && replies.iter().all(|r| matches!(r, Reply::Answer { .. })), &format!("3 distinct pods answered: {pods:?}"));
+    w.expect(
+        pods.len() == 3 && replies.iter().all(|r| matches!(r, Reply::Answer { .. })),
+        &format!("3 distinct pods answered: {pods:?}"),
+    );
 
     w.step(&format!("NodePort: {nodeport} answers on every node's address, masqueraded (externalTrafficPolicy Cluster)"));
     let (_, node_port) = plan.frontend(&nodeport, "nodePort")?;
     for node in lab.nodes.clone() {
         let reply = request(&client, IpAddr::V4(node.ip), node_port)?;
-        println!("   client -> {}:{node_port} ({}): {reply}", node.ip, node.name);
+        println!(
+            "   client -> {}:{node_port} ({}): {reply}",
+            node.ip, node.name
+        );
         w.expect(
             matches!(&reply, Reply::Answer { client, .. } if client_ip(client) != CLIENT_IP.to_string()),
             &format!("{} answers by NodePort, the pod sees a node address", node.name),
         );
     }
 
-    w.step(&format!("externalIPs: {external_ips} from the external client"));
+    w.step(&format!(
+        "externalIPs: {external_ips} from the external client"
+    ));
     let (eip, eport) = plan.frontend(&external_ips, "externalIp")?;
     let reply = request(&client, eip, eport)?;
     println!("   client -> {eip}:{eport}: {reply}");
-    w.expect(matches!(reply, Reply::Answer { .. }), "the externalIP answers");
+    w.expect(
+        matches!(reply, Reply::Answer { .. }),
+        "the externalIP answers",
+    );
 
-    w.step(&format!("LoadBalancer: {load_balancer} admits sources in loadBalancerSourceRanges only"));
+    w.step(&format!(
+        "LoadBalancer: {load_balancer} admits sources in loadBalancerSourceRanges only"
+    ));
     let (lb_ip, lb_port) = plan.frontend(&load_balancer, "loadBalancer")?;
     let reply = request(&client, lb_ip, lb_port)?;
     println!("   client {CLIENT_IP} -> {lb_ip}:{lb_port}: {reply}");
-    w.expect(matches!(reply, Reply::Answer { .. }), "an allowed source is answered");
+    w.expect(
+        matches!(reply, Reply::Answer { .. }),
+        "an allowed source is answered",
+    );
     let reply = request(&lab.outsider_netns, lb_ip, lb_port)?;
     println!("   outsider {OUTSIDER_IP} -> {lb_ip}:{lb_port}: {reply}");
-    w.expect(matches!(reply, Reply::NoAnswer), "a source outside the ranges gets no answer");
+    w.expect(
+        matches!(reply, Reply::NoAnswer),
+        "a source outside the ranges gets no answer",
+    );
 
-    w.step(&format!("sessionAffinity ClientIP: {affinity} sticks to one pod"));
+    w.step(&format!(
+        "sessionAffinity ClientIP: {affinity} sticks to one pod"
+    ));
     let (aff_ip, aff_port) = plan.frontend(&affinity, "clusterIp")?;
     let replies = w.spread(&toolbox, "the toolbox pod", aff_ip, aff_port, 10)?;
     let pods = pods_answering(&replies);
-    w.expect(pods.len() == 1 && replies.len() == 10 && replies.iter().all(|r| matches!(r, Reply::Answer { .. })), &format!("every request went to the same pod: {pods:?}"));
+    w.expect(
+        pods.len() == 1
+            && replies.len() == 10
+            && replies.iter().all(|r| matches!(r, Reply::Answer { .. })),
+        &format!("every request went to the same pod: {pods:?}"),
+    );
 
     w.step(&format!("externalTrafficPolicy Local: {local} keeps the client address, and a node without pods does not answer"));
     let (_, local_port) = plan.frontend(&local, "nodePort")?;
-    let replies = w.spread(&client, "the external client", IpAddr::V4(worker.ip), local_port, 5)?;
+    let replies = w.spread(
+        &client,
+        "the external client",
+        IpAddr::V4(worker.ip),
+        local_port,
+        5,
+    )?;
     let seen = clients_seen(&replies);
     w.expect(
-        replies.iter().all(|r| matches!(r, Reply::Answer { .. })) && seen.len() == 1 && seen.contains(&CLIENT_IP.to_string()),
-        &format!("{} answers and the pod saw the real client address {CLIENT_IP}: {seen:?}", worker.name),
+        replies.iter().all(|r| matches!(r, Reply::Answer { .. }))
+            && seen.len() == 1
+            && seen.contains(&CLIENT_IP.to_string()),
+        &format!(
+            "{} answers and the pod saw the real client address {CLIENT_IP}: {seen:?}",
+            worker.name
+        ),
     );
     let reply = request(&client, IpAddr::V4(control_plane.ip), local_port)?;
-    println!("   client -> {}:{local_port} ({}, no pods): {reply}", control_plane.ip, control_plane.name);
-    w.expect(matches!(reply, Reply::NoAnswer), &format!("{} (no local pods) drops the traffic", control_plane.name));
+    println!(
+        "   client -> {}:{local_port} ({}, no pods): {reply}",
+        control_plane.ip, control_plane.name
+    );
+    w.expect(
+        matches!(reply, Reply::NoAnswer),
+        &format!("{} (no local pods) drops the traffic", control_plane.name),
+    );
 
-    w.step(&format!("ExternalName: {external_name} is skipped, as kube-proxy skips it"));
-    let planned = plan.frontends.keys().any(|(name, _)| name == &external_name);
-    println!("   plan for {external_name}: {}", if planned { "programmed (unexpected)" } else { "nothing programmed" });
-    w.expect(!planned, "no frontend is programmed for the ExternalName Service");
+    w.step(&format!(
+        "ExternalName: {external_name} is skipped, as kube-proxy skips it"
+    ));
+    let planned = plan
+        .frontends
+        .keys()
+        .any(|(name, _)| name == &external_name);
+    println!(
+        "   plan for {external_name}: {}",
+        if planned {
+            "programmed (unexpected)"
+        } else {
+            "nothing programmed"
+        }
+    );
+    w.expect(
+        !planned,
+        "no frontend is programmed for the ExternalName Service",
+    );
 
     w.step("Scaling hostname-deployment to 0: the ClusterIP refuses connections");
     lab.scale("hostname-deployment", 0)?;
     let reply = wait_for(&toolbox, vip, port, |r| *r == Reply::Refused)?;
     println!("   toolbox -> {vip}:{port}: {reply}");
-    w.expect(reply == Reply::Refused, "0 replicas: connection refused (REJECT)");
+    w.expect(
+        reply == Reply::Refused,
+        "0 replicas: connection refused (REJECT)",
+    );
 
     w.step("Scaling back to 3: answers again");
     lab.scale("hostname-deployment", 3)?;

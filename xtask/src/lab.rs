@@ -377,9 +377,19 @@ impl Lab {
         attach(&self.client_netns, "cl", &format!("{CLIENT_IP}/24"))?;
         attach(&self.outsider_netns, "out", &format!("{OUTSIDER_IP}/24"))?;
         self.route_external_ips()?;
-        let first_worker = self.nodes.iter().find(|n| n.schedulable).expect("a worker").clone();
+        let first_worker = self
+            .nodes
+            .iter()
+            .find(|n| n.schedulable)
+            .expect("a worker")
+            .clone();
         let toolbox_ip = Ipv4Addr::new(198, 19, first_worker.pod_subnet, 250);
-        self.connect_pod(&self.toolbox_netns.clone(), "toolbox", toolbox_ip, &first_worker)?;
+        self.connect_pod(
+            &self.toolbox_netns.clone(),
+            "toolbox",
+            toolbox_ip,
+            &first_worker,
+        )?;
         Ok(())
     }
 
@@ -581,20 +591,43 @@ impl Lab {
     }
 
     /// Creates a pod namespace at `ip` wired to `node`; returns the node-side interface.
-    fn connect_pod(&mut self, netns: &str, pod: &str, ip: Ipv4Addr, node: &NodeInfo) -> anyhow::Result<String> {
+    fn connect_pod(
+        &mut self,
+        netns: &str,
+        pod: &str,
+        ip: Ipv4Addr,
+        node: &NodeInfo,
+    ) -> anyhow::Result<String> {
         self.next_pod_if += 1;
         let host_if = format!("pod{}", self.next_pod_if);
         create_netns(netns).with_context(|| format!("creating pod {pod}"))?;
-        ip_in(&node.netns, &["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+        ip_in(
+            &node.netns,
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        )?;
         // ptp-CNI style: the node side of every pod veth holds the pod CIDR's gateway address.
         let gateway = Ipv4Addr::new(198, 19, node.pod_subnet, 1).to_string();
-        ip_in(&node.netns, &["addr", "add", &format!("{gateway}/32"), "dev", &host_if])?;
+        ip_in(
+            &node.netns,
+            &["addr", "add", &format!("{gateway}/32"), "dev", &host_if],
+        )?;
         ip_in(&node.netns, &["link", "set", &host_if, "up"])?;
-        ip_in(&node.netns, &["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
+        ip_in(
+            &node.netns,
+            &["route", "add", &format!("{ip}/32"), "dev", &host_if],
+        )?;
         ip_in(netns, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ip_in(netns, &["link", "set", "eth0", "up"])?;
-        ip_in(netns, &["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
-        ip_in(netns, &["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
+        ip_in(
+            netns,
+            &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+        )?;
+        ip_in(
+            netns,
+            &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+        )?;
         Ok(host_if)
     }
 
@@ -603,10 +636,16 @@ impl Lab {
     pub fn scale(&mut self, deployment: &str, replicas: i32) -> anyhow::Result<()> {
         for entry in std::fs::read_dir(self.manifests_dir())? {
             let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) == Some("json") && path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("lab-")) {
+            if path.extension().and_then(|e| e.to_str()) == Some("json")
+                && path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("lab-"))
+            {
                 continue;
             }
-            let Ok(mut docs) = read_file_objects(&path) else { continue };
+            let Ok(mut docs) = read_file_objects(&path) else {
+                continue;
+            };
             let mut changed = false;
             for doc in &mut docs {
                 if doc["kind"] == "Deployment" && doc["metadata"]["name"] == deployment {
@@ -615,7 +654,10 @@ impl Lab {
                 }
             }
             if changed {
-                let text: Vec<String> = docs.iter().map(serde_norway::to_string).collect::<Result<_, _>>()?;
+                let text: Vec<String> = docs
+                    .iter()
+                    .map(serde_norway::to_string)
+                    .collect::<Result<_, _>>()?;
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, text.join("---\n"))?;
                 std::fs::rename(&tmp, &path)?;

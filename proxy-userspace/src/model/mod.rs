@@ -1,6 +1,14 @@
 //! kube-proxy's decisions, pure: a `ClusterSnapshot` and the configuration in, the node's
 //! `DesiredState` out. No I/O, so every rule is covered by table-driven tests.
 
+mod compute;
+mod config;
+mod render;
+#[cfg(test)]
+mod tests;
 mod types;
 
+pub use compute::compute;
+pub use config::{ModelConfig, NodePortAddresses};
+pub use render::{OutputFormat, render, render_text};
 pub use types::*;

@@ -19,6 +19,16 @@ pub enum Protocol {
     Sctp,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum IpFamily {
     IPv4,
@@ -43,6 +53,17 @@ pub enum FrontendKind {
     NodePort,
     ExternalIp,
     LoadBalancer,
+}
+
+impl std::fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "externalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        })
+    }
 }
 
 impl FrontendKind {
@@ -117,8 +138,12 @@ pub struct Frontend {
     pub addr: IpAddr,
     pub port: u16,
     pub actions: Actions,
-    /// loadBalancerSourceRanges (LoadBalancer frontends only; empty = everyone). Already
-    /// includes nothing implicit: node IPs inside a range are admitted by being in the range.
+    /// loadBalancerSourceRanges of this family (LoadBalancer frontends only; empty = everyone).
+    /// A source outside every range is dropped before the action applies (kube-proxy's
+    /// firewall chain runs ahead of DNAT and of the reject/drop verdicts). When the node's
+    /// primary IP of this family is inside a range, the Service's LoadBalancer IPs are appended
+    /// as host ranges: a VIP-style LB IP is often a local address, so the node's own requests
+    /// to it loop back with the VIP as source (kube-proxy's `allowFromNode`).
     pub source_ranges: Vec<ipnet::IpNet>,
 }
 
@@ -177,6 +202,47 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+/// How the dataplane recognises [`SourceClass::Pod`] traffic (`--detect-local-mode`). The model
+/// has already applied the consequences (with no detector for a family, the Pod actions equal
+/// the Other actions); the dataplane needs this only to classify packets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "mode", rename_all = "camelCase")]
+pub enum LocalTrafficDetector {
+    /// Nothing is Pod-class.
+    #[default]
+    None,
+    /// Source address inside one of these (ClusterCIDR and NodeCIDR modes; at most one per
+    /// family; a family without a CIDR has no detector).
+    SourceCidrs { cidrs: Vec<ipnet::IpNet> },
+    /// Arrived on an interface whose name starts with `prefix` (InterfaceNamePrefix mode).
+    InterfaceNamePrefix { prefix: String },
+    /// Arrived on the bridge `name` (BridgeInterface mode).
+    BridgeInterface { name: String },
+}
+
+impl LocalTrafficDetector {
+    /// kube-proxy's `IsImplemented()` for the proxier of `family`.
+    pub fn is_implemented(&self, family: IpFamily) -> bool {
+        match self {
+            LocalTrafficDetector::None => false,
+            LocalTrafficDetector::SourceCidrs { cidrs } => {
+                cidrs.iter().any(|cidr| IpFamily::of(cidr.addr()) == family)
+            }
+            LocalTrafficDetector::InterfaceNamePrefix { .. }
+            | LocalTrafficDetector::BridgeInterface { .. } => true,
+        }
+    }
+}
+
+impl IpFamily {
+    pub fn of(addr: IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+}
+
 /// The whole desired state of one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -184,5 +250,8 @@ pub struct DesiredState {
     /// Sorted by (name, family) so output and diffs are deterministic.
     pub service_ports: Vec<ServicePortState>,
     pub address_rules: AddressRules,
+    /// How Pod-class sources are recognised (see [`SourceClass::Pod`]).
+    pub local_traffic_detector: LocalTrafficDetector,
+    /// The source's diagnostics first, then the model's.
     pub diagnostics: Vec<Diagnostic>,
 }

@@ -14,8 +14,8 @@ use proxy_common::{
 
 use super::ids::Ids;
 use crate::model::{
-    Action, DesiredState, Endpoint, EndpointSet, FrontendKind, Protocol, ServicePortState,
-    SourceClass,
+    Action, DesiredState, Endpoint, EndpointSet, FrontendKind, LocalTrafficDetector, Protocol,
+    ServicePortState, SourceClass,
 };
 
 /// One loadBalancerSourceRanges rule: clients in `range` may reach the service `service_id`.
@@ -100,16 +100,18 @@ fn class_masks(actions: crate::model::Actions) -> (u8, u8, u8, u8) {
 }
 
 impl MapEntries {
-    /// Lays out `state` (plus the detector's `local_cidrs`) as map entries, taking ids from
-    /// `ids` (stable for what `previous` already holds).
-    pub fn from_desired(
-        state: &DesiredState,
-        local_cidrs: &[IpNet],
-        ids: &mut Ids,
-        previous: &MapEntries,
-    ) -> MapEntries {
+    /// Lays out `state` as map entries, taking ids from `ids` (stable for what `previous`
+    /// already holds).
+    pub fn from_desired(state: &DesiredState, ids: &mut Ids, previous: &MapEntries) -> MapEntries {
+        let local_cidrs = match &state.local_traffic_detector {
+            LocalTrafficDetector::SourceCidrs { cidrs } => cidrs.iter().copied().collect(),
+            // Interface-based detectors are programmed per interface as interfaces come and go.
+            LocalTrafficDetector::None
+            | LocalTrafficDetector::InterfaceNamePrefix { .. }
+            | LocalTrafficDetector::BridgeInterface { .. } => HashSet::new(),
+        };
         let mut entries = MapEntries {
-            local_cidrs: local_cidrs.iter().copied().collect(),
+            local_cidrs,
             service_cidrs: state.address_rules.service_cidrs.iter().copied().collect(),
             ..MapEntries::default()
         };

@@ -183,14 +183,8 @@ impl Reconciler {
     /// Programs `desired`. A change that fails is reported (naming its service port) and left
     /// out of what is recorded as programmed, so the next sync retries it; everything else is
     /// applied.
-    pub fn sync<M: DataplaneMaps>(
-        &mut self,
-        desired: &DesiredState,
-        local_cidrs: &[IpNet],
-        maps: &mut M,
-    ) -> SyncReport {
-        let target =
-            MapEntries::from_desired(desired, local_cidrs, &mut self.ids, &self.programmed);
+    pub fn sync<M: DataplaneMaps>(&mut self, desired: &DesiredState, maps: &mut M) -> SyncReport {
+        let target = MapEntries::from_desired(desired, &mut self.ids, &self.programmed);
         let owners = owners(desired, &target);
         let mut report = SyncReport::default();
         // Frontends (slot 0 keys) with a slot that could not be written: their service entry

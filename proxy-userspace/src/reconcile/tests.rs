@@ -74,7 +74,7 @@ fn state(service_ports: Vec<ServicePortState>) -> DesiredState {
             service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
             cluster_ips,
         },
-        diagnostics: vec![],
+        ..DesiredState::default()
     }
 }
 
@@ -101,7 +101,7 @@ fn new_service_writes_backends_then_slots_then_service_entry() {
         "10.96.0.10",
         &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
     )]);
-    let report = reconciler.sync(&desired, &[], &mut maps);
+    let report = reconciler.sync(&desired, &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
     let slot0 = key("10.96.0.10", 80, SCOPE_POLICY, 0);
@@ -144,8 +144,8 @@ fn unchanged_state_writes_nothing() {
         "10.96.0.10",
         &[("10.244.1.2", 8080)],
     )]);
-    reconciler.sync(&desired, &[], &mut maps);
-    let report = reconciler.sync(&desired, &[], &mut maps);
+    reconciler.sync(&desired, &mut maps);
+    let report = reconciler.sync(&desired, &mut maps);
     assert_eq!(report.applied, 0);
 }
 
@@ -162,14 +162,14 @@ fn removing_an_endpoint_shrinks_the_count_before_deleting_the_slot_and_touches_n
         ),
         other.clone(),
     ]);
-    reconciler.sync(&before, &[], &mut maps);
+    reconciler.sync(&before, &mut maps);
     maps.log.clear();
 
     let after = state(vec![
         cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]),
         other,
     ]);
-    let report = reconciler.sync(&after, &[], &mut maps);
+    let report = reconciler.sync(&after, &mut maps);
     assert!(report.errors.is_empty());
     let shrink = position(
         &maps.log,
@@ -212,11 +212,10 @@ fn deleting_a_service_removes_its_entry_before_slots_and_backends() {
             "10.96.0.10",
             &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
         )]),
-        &[],
         &mut maps,
     );
     maps.log.clear();
-    reconciler.sync(&state(vec![]), &[], &mut maps);
+    reconciler.sync(&state(vec![]), &mut maps);
     let entry_gone = position(
         &maps.log,
         |c| matches!(c, MapChange::DeleteService(k) if k.slot == 0),
@@ -246,7 +245,6 @@ fn adding_an_endpoint_keeps_existing_backend_ids() {
             "10.96.0.10",
             &[("10.244.1.2", 8080)],
         )]),
-        &[],
         &mut maps,
     );
     let first = maps.entries.backends.clone();
@@ -257,7 +255,6 @@ fn adding_an_endpoint_keeps_existing_backend_ids() {
             "10.96.0.10",
             &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
         )]),
-        &[],
         &mut maps,
     );
     for (id, backend) in &first {
@@ -284,14 +281,12 @@ fn a_restarted_reconciler_reads_back_and_rewrites_nothing() {
         ),
         cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
     ]);
-    Reconciler::resume(&maps)
-        .unwrap()
-        .sync(&desired, &[], &mut maps);
+    Reconciler::resume(&maps).unwrap().sync(&desired, &mut maps);
     let programmed = maps.entries.clone();
     maps.log.clear();
 
     let mut restarted = Reconciler::resume(&maps).unwrap();
-    let report = restarted.sync(&desired, &[], &mut maps);
+    let report = restarted.sync(&desired, &mut maps);
     assert_eq!(report.applied, 0, "{:#?}", maps.log);
     assert_eq!(maps.entries, programmed);
 
@@ -305,7 +300,7 @@ fn a_restarted_reconciler_reads_back_and_rewrites_nothing() {
         cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
         cluster_ip_service("cache", "10.96.0.12", &[("10.244.1.9", 6379)]),
     ]);
-    restarted.sync(&more, &[], &mut maps);
+    restarted.sync(&more, &mut maps);
     let ids: std::collections::HashSet<u32> = maps
         .entries
         .services
@@ -322,7 +317,7 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
     let mut maps = MemoryMaps::default();
     let mut reconciler = Reconciler::resume(&maps).unwrap();
     let web = cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]);
-    reconciler.sync(&state(vec![web.clone()]), &[], &mut maps);
+    reconciler.sync(&state(vec![web.clone()]), &mut maps);
     let programmed = maps.entries.services.clone();
     maps.services_capacity = Some(programmed.len() + 1);
 
@@ -331,7 +326,7 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
         "10.96.0.30",
         &[("10.244.5.1", 80), ("10.244.5.2", 80)],
     );
-    let report = reconciler.sync(&state(vec![web.clone(), big.clone()]), &[], &mut maps);
+    let report = reconciler.sync(&state(vec![web.clone(), big.clone()]), &mut maps);
     assert!(!report.errors.is_empty());
     for (k, v) in &programmed {
         assert_eq!(
@@ -358,7 +353,7 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
     );
 
     maps.services_capacity = None;
-    let retry = reconciler.sync(&state(vec![web, big]), &[], &mut maps);
+    let retry = reconciler.sync(&state(vec![web, big]), &mut maps);
     assert!(retry.errors.is_empty());
     assert_eq!(
         maps.entries.services[&key("10.96.0.30", 80, SCOPE_POLICY, 0)].count,
@@ -396,7 +391,7 @@ fn short_circuit_writes_the_cluster_scope_before_the_policy_entry() {
         },
         source_ranges: vec![],
     });
-    reconciler.sync(&state(vec![sp]), &[], &mut maps);
+    reconciler.sync(&state(vec![sp]), &mut maps);
     let policy = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_POLICY, 0)];
     let cluster = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_CLUSTER, 0)];
     assert_eq!((policy.count, cluster.count), (1, 2));
@@ -429,7 +424,6 @@ fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
             "10.96.0.10",
             &[("10.244.1.2", 8080)],
         )]),
-        &[],
         &mut maps,
     );
     maps.services_capacity = Some(maps.entries.services.len() + 1);
@@ -442,14 +436,14 @@ fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
             ("10.244.3.2", 8080),
         ],
     )]);
-    let report = reconciler.sync(&grown, &[], &mut maps);
+    let report = reconciler.sync(&grown, &mut maps);
     assert!(!report.errors.is_empty());
     assert_eq!(
         maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
         1
     );
     maps.services_capacity = None;
-    assert!(reconciler.sync(&grown, &[], &mut maps).errors.is_empty());
+    assert!(reconciler.sync(&grown, &mut maps).errors.is_empty());
     assert_eq!(
         maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
         3
