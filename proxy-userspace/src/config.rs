@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use serde::Deserialize;
 
 use crate::model::{IpFamily, LocalTrafficDetector, ModelConfig, NodePortAddresses};
+use crate::source::manifests::PortRange;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -134,8 +134,8 @@ pub struct ProxyFlags {
     pub service_cluster_ip_range: String,
     /// The API server's NodePort range, FIRST-LAST: the manifests source allocates missing
     /// NodePorts from it.
-    #[arg(long, value_name = "RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
-    pub service_node_port_range: RangeInclusive<u16>,
+    #[arg(long, value_name = "RANGE", default_value = "30000-32767", value_parser = PortRange::from_str)]
+    pub service_node_port_range: PortRange,
     /// Read Services, EndpointSlices, Endpoints, Pods, Deployments... from the manifests in this
     /// folder (watched) instead of an API server.
     #[arg(long, value_name = "DIR")]
@@ -163,7 +163,7 @@ pub struct ProxyConfig {
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     pub service_cidrs: Vec<IpNet>,
-    pub service_node_port_range: RangeInclusive<u16>,
+    pub service_node_port_range: PortRange,
     pub manifests: Option<PathBuf>,
 }
 
@@ -273,18 +273,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
     }
     Ok(Duration::from_secs_f64(total))
-}
-
-/// Parses `--service-node-port-range` ("30000-32767").
-pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
-    let invalid = || format!("{text:?} is not a port range like 30000-32767");
-    let (first, last) = text.split_once('-').ok_or_else(invalid)?;
-    let first: u16 = first.trim().parse().map_err(|_| invalid())?;
-    let last: u16 = last.trim().parse().map_err(|_| invalid())?;
-    if first == 0 || first > last {
-        return Err(invalid());
-    }
-    Ok(first..=last)
 }
 
 /// Comma-separated CIDRs, at most one per family (kube-proxy's dual-stack pair syntax).
@@ -638,7 +626,7 @@ impl ProxyFlags {
             sync_period,
             min_sync_period,
             service_cidrs,
-            service_node_port_range: self.service_node_port_range.clone(),
+            service_node_port_range: self.service_node_port_range,
             manifests: self.manifests.clone(),
         })
     }
@@ -701,6 +689,15 @@ fn node_pod_cidrs(node: &Node) -> Vec<IpNet> {
 }
 
 impl ProxyConfig {
+    /// What the manifests source needs to allocate like the API server would.
+    pub fn manifest_settings(&self) -> crate::source::manifests::ManifestSettings {
+        crate::source::manifests::ManifestSettings {
+            service_cidrs: self.service_cidrs.clone(),
+            node_port_range: self.service_node_port_range,
+            hostname: self.hostname.clone(),
+        }
+    }
+
     /// How long a queued change may wait before /healthz fails: twice the sync period, as
     /// kube-proxy constructs its `ProxyHealthServer`.
     pub fn health_timeout(&self) -> Duration {
@@ -884,7 +881,13 @@ nftables:
             config.service_cidrs,
             vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]
         );
-        assert_eq!(config.service_node_port_range, 30000..=32767);
+        assert_eq!(
+            config.service_node_port_range,
+            PortRange {
+                first: 30000,
+                last: 32767
+            }
+        );
     }
 
     #[test]
@@ -934,7 +937,13 @@ nftables:
         assert_eq!(config.kubeconfig, Some(PathBuf::from("/root/.kube/config")));
         assert_eq!(config.config_sync_period, Duration::from_mins(10));
         assert_eq!(config.service_cidrs.len(), 2);
-        assert_eq!(config.service_node_port_range, 20000..=20999);
+        assert_eq!(
+            config.service_node_port_range,
+            PortRange {
+                first: 20000,
+                last: 20999
+            }
+        );
         assert_eq!(config.manifests, Some(PathBuf::from("/srv/manifests")));
         assert!(flags(&["--masquerade-all"]).masquerade_all == Some(true));
     }

@@ -1,5 +1,7 @@
 //! The `kube-ebpf-proxy` binary: flags and subcommands; the work is in the library.
 
+mod cmd;
+
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -22,6 +24,9 @@ enum Command {
     /// Load the eBPF programs, pin their maps and attach them to this network namespace's
     /// interfaces, then run until SIGTERM or SIGINT.
     Run(RunArgs),
+    /// Print what the proxy will program: every Service port's frontends, per-source actions
+    /// (forward/masquerade/reject/drop) and endpoint sets, from the same source flags as `run`.
+    Plan(cmd::plan::PlanArgs),
     /// Print the dataplane's packet counters (summed over CPUs) from the pinned maps.
     Stats(StatsArgs),
 }
@@ -52,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
+        Command::Plan(args) => cmd::plan::plan(args).await,
         Command::Stats(args) => {
             for (name, value) in dataplane::read_counters(&args.bpf_pin_path)? {
                 println!("{name} {value}");

@@ -1,0 +1,82 @@
+//! The binary's subcommands. Each goes through the same source, model and maps as the others, so
+//! `plan`, `trace` and `run` can never disagree.
+
+pub mod plan;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use proxy_userspace::config::{ProxyConfig, ProxyFlags};
+use proxy_userspace::source::{self, ClusterSnapshot};
+use tokio::sync::watch;
+
+/// Resolves the flags and config file, logging the warnings.
+pub fn resolve(flags: &ProxyFlags) -> anyhow::Result<ProxyConfig> {
+    let (config, warnings) = flags.resolve()?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
+/// The addresses on this network namespace's interfaces (NodePort addresses, masquerade source).
+pub fn local_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .context("listing interface addresses")?
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// Starts the configured source (`--manifests DIR`, else the API server) publishing snapshots
+/// on the returned channel; its first change is the first complete snapshot.
+pub async fn start_source(
+    config: &ProxyConfig,
+) -> anyhow::Result<(
+    watch::Receiver<Arc<ClusterSnapshot>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (tx, rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+    let task = if let Some(dir) = &config.manifests {
+        source::manifests::watch(dir.clone(), config.manifest_settings(), tx)
+            .with_context(|| format!("watching manifests in {}", dir.display()))?
+    } else {
+        let kube_config = match &config.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(
+                    kubeconfig,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+            }
+            None => kube::Config::infer().await.context(
+                "no --manifests and no Kubernetes configuration (in-cluster or ~/.kube/config)",
+            )?,
+        };
+        let client =
+            kube::Client::try_from(kube_config).context("creating the API server client")?;
+        tokio::spawn(source::kube::run(client, config.hostname.clone(), tx))
+    };
+    Ok((rx, task))
+}
+
+/// Waits for the first complete snapshot.
+pub async fn first_snapshot(
+    rx: &mut watch::Receiver<Arc<ClusterSnapshot>>,
+) -> anyhow::Result<Arc<ClusterSnapshot>> {
+    rx.changed()
+        .await
+        .context("the source stopped before its first snapshot")?;
+    Ok(rx.borrow_and_update().clone())
+}
