@@ -7,8 +7,9 @@
 //!   the control plane (tainted, no pods), as in kind; pods go to the workers.
 //! - `<lab>-pod-<name>`: one per Deployment replica, `eth0` routed through its node (veth with
 //!   the pod CIDR's gateway on the node side, ptp-CNI style), running `lab-server` (HTTP + UDP: pod name and client address).
-//! - `<lab>-client` and `<lab>-outsider`: external clients at 198.18.0.100 and .200, with routes
-//!   to the Services' externalIPs and LoadBalancer IPs through node 1.
+//! - `<lab>-client` and `<lab>-outsider`: external clients at 203.0.113.10 and .200 on the same
+//!   link (on-link routes both ways), with routes to the Services' externalIPs and LoadBalancer
+//!   IPs through node 1, as a router would have.
 //! - `<lab>-pod-toolbox`: a pod no Service selects, on the first worker, to call Services from.
 //!
 //! The lab writes Node and Pod objects into the proxies' manifests folder, so `lab apply` of a
@@ -31,9 +32,13 @@ use crate::{cargo, setup, workspace_root};
 
 pub const DEFAULT_LAB: &str = "keplab";
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
-pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// External clients live in 203.0.113.0/24, on the node network's link: the tutorial's
+/// LoadBalancer admits 203.0.113.0/25, so the client is inside and the outsider outside.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// A second external client, for sources outside loadBalancerSourceRanges.
-pub const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+pub const OUTSIDER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
+const CLIENT_NET: &str = "203.0.113.0/24";
+const NODE_NET: &str = "198.18.0.0/24";
 /// Where the lab keeps its state (manifests folder, logs, lab.json).
 const STATE_ROOT: &str = "/run/kube-ebpf-proxy-lab";
 const PIN_ROOT: &str = "/sys/fs/bpf";
@@ -357,6 +362,7 @@ impl Lab {
                 schedulable: nodes == 1 || i > 1,
             };
             attach(&node.netns, &format!("n{i}"), &format!("{}/24", node.ip))?;
+            ip_in(&node.netns, &["route", "add", CLIENT_NET, "dev", "eth0"])?;
             sysctl(&node.netns, "net.ipv4.ip_forward", "1")?;
             self.nodes.push(node);
         }
@@ -374,8 +380,10 @@ impl Lab {
                 )?;
             }
         }
-        attach(&self.client_netns, "cl", &format!("{CLIENT_IP}/24"))?;
-        attach(&self.outsider_netns, "out", &format!("{OUTSIDER_IP}/24"))?;
+        for (ns, port, ip) in [(&self.client_netns, "cl", CLIENT_IP), (&self.outsider_netns, "out", OUTSIDER_IP)] {
+            attach(ns, port, &format!("{ip}/24"))?;
+            ip_in(ns, &["route", "add", NODE_NET, "dev", "eth0"])?;
+        }
         self.route_external_ips()?;
         let first_worker = self
             .nodes
