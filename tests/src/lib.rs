@@ -271,3 +271,66 @@ impl Drop for Proxy {
         let _ = self.child.wait();
     }
 }
+
+/// A cgroup v2 directory created by the lab under the cgroup2 mount, removed on drop (after
+/// moving any process still in it back to the root). Socket hooks attached to it act only on
+/// processes the test places in it.
+pub struct Cgroup {
+    path: PathBuf,
+    root: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Result<Self> {
+        let root = cgroup2_mount()?;
+        let path = root.join(unique_name("cg"));
+        std::fs::create_dir(&path).map_err(|source| LabError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { path, root })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves process `pid` into this cgroup.
+    pub fn add(&self, pid: u32) -> Result<()> {
+        let procs = self.path.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(|source| LabError::Io {
+            path: procs,
+            source,
+        })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(pids) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in pids.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let info = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    info.lines()
+        .find_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            let mount_point = fields.split_whitespace().nth(4)?;
+            (rest.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or_else(|| LabError::Io {
+            path,
+            source: std::io::Error::other("no cgroup2 mount"),
+        })
+}
