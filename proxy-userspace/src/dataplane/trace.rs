@@ -68,11 +68,18 @@ const SKB_CTX_LEN: usize = 44;
 /// Source ports the synthetic packets use.
 const FIRST_TRACE_PORT: u16 = 61_000;
 
-fn run_once(
-    program: &SchedClassifier,
+/// Runs one frame through the loaded tc program (`BPF_PROG_TEST_RUN`) as if it arrived on
+/// `ifindex`; returns the program's TC verdict and the frame as it left the program.
+pub fn run_tc_program(
+    loaded: &Loaded,
     frame: &[u8],
     ifindex: u32,
 ) -> Result<(u32, Vec<u8>), TraceError> {
+    let program: &SchedClassifier = loaded
+        .ebpf
+        .program(TC_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(TraceError::NoProgram)?;
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
         .copy_from_slice(&ifindex.to_ne_bytes());
@@ -102,11 +109,6 @@ pub fn trace(
             dst: request.dst,
         });
     }
-    let program: &SchedClassifier = loaded
-        .ebpf
-        .program(TC_INGRESS)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(TraceError::NoProgram)?;
     let (src_addr, family) = addr_from_ip(request.src);
     let (dst_addr, _) = addr_from_ip(request.dst);
     let affinity_before: BTreeSet<_> = maps
@@ -145,7 +147,7 @@ pub fn trace(
         };
         let src = SocketAddr::new(request.src, u16::from_be(forward_key.sport));
         let frame = packet::build(src, dst, request.proto, b"trace");
-        let (code, out) = run_once(program, &frame, request.ingress_ifindex)?;
+        let (code, out) = run_tc_program(loaded, &frame, request.ingress_ifindex)?;
         let summary = packet::summarize(&out);
         let verdict = match (code, &summary) {
             (TC_ACT_SHOT, _) => Verdict::Drop,
