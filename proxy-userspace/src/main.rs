@@ -210,6 +210,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(error) => tracing::warn!(%error, "kernel debug logging unavailable"),
         }
     }
+    dataplane::accept_local_sources().context("enabling accept_local")?;
     let filter = dataplane::InterfaceFilter::parse(&args.interfaces);
     let mut attachments = dataplane::Attachments::default();
     attachments

@@ -1,12 +1,13 @@
 //! The tc program run on synthetic packets with BPF_PROG_TEST_RUN against maps programmed
 //! through the typed API: every rewrite is read back and its checksums recomputed here.
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    Backend, ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_POLICY, SOURCE_NODE,
-    SOURCE_OTHER, SOURCE_POD, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, VIP_F_CLUSTER_IP,
-    VIP_F_SERVICE_CIDR,
+    ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -53,7 +54,6 @@ impl Fixture {
         }
     }
 
-    /// Programs `frontend` (proto) with `backends` (ids from 1), per-class bits via `edit`.
     fn service(
         &mut self,
         id: u32,
@@ -62,48 +62,7 @@ impl Fixture {
         backends: &[SocketAddr],
         edit: impl FnOnce(&mut ServiceValue),
     ) {
-        let (addr, family) = addr_from_ip(frontend.ip());
-        let key = |slot: u16| ServiceKey {
-            addr,
-            port: frontend.port().to_be(),
-            proto,
-            scope: SCOPE_POLICY,
-            slot,
-            family,
-            _pad: 0,
-        };
-        for (i, backend) in backends.iter().enumerate() {
-            let backend_id = id * 100 + i as u32 + 1;
-            let (baddr, bfamily) = addr_from_ip(backend.ip());
-            self.maps
-                .upsert_backend(
-                    backend_id,
-                    &Backend {
-                        addr: baddr,
-                        port: backend.port().to_be(),
-                        proto,
-                        family: bfamily,
-                        ..Backend::default()
-                    },
-                )
-                .unwrap();
-            self.maps
-                .upsert_service_entry(
-                    &key(i as u16 + 1),
-                    &ServiceValue {
-                        id: backend_id,
-                        ..ServiceValue::default()
-                    },
-                )
-                .unwrap();
-        }
-        let mut value = ServiceValue {
-            id,
-            count: backends.len() as u16,
-            ..ServiceValue::default()
-        };
-        edit(&mut value);
-        self.maps.upsert_service_entry(&key(0), &value).unwrap();
+        common::program_service(&mut self.maps, id, frontend, proto, backends, edit);
     }
 
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
