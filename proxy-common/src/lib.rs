@@ -42,6 +42,7 @@ pub const LOCAL_IFINDEXES_MAP: &str = "LOCAL_IFINDEXES";
 pub const VIPS_MAP: &str = "VIPS";
 pub const CONFIG_MAP: &str = "CONFIG";
 pub const COUNTERS_MAP: &str = "COUNTERS";
+pub const SOCK_REVNAT_MAP: &str = "SOCK_REVNAT";
 
 // ---- default sizes (the controller may override with map_max_entries) ----
 /// 100k service ports × (a few frontends) × 2 scopes, plus 10 backend slots each, fits.
@@ -53,6 +54,13 @@ pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const LOCAL_CIDRS_MAX_ENTRIES: u32 = 1_024;
 pub const LOCAL_IFINDEXES_MAX_ENTRIES: u32 = 4_096;
 pub const VIPS_MAX_ENTRIES: u32 = 262_144;
+/// One entry per (host socket, backend) a socket hook translated, for the reverse translation
+/// of UDP replies and peer names.
+pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
+
+/// Value stored in `SOURCE_RANGES`, `LOCAL_CIDRS` and `LOCAL_IFINDEXES` (key `u32` ifindex):
+/// presence is what matters, the value is always [`PRESENT`].
+pub const PRESENT: u32 = 1;
 
 // ---- source classes (bit positions in `ServiceValue::*_classes`) ----
 /// Matched by the local-traffic detector.
@@ -235,6 +243,29 @@ pub struct VipValue {
     pub _pad: [u8; 3],
 }
 
+/// `SOCK_REVNAT` key: the socket (its cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `SOCK_REVNAT` value: the frontend the application addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    pub addr: Addr,
+    /// Frontend port, network byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+    pub service_id: u32,
+}
+
 /// Local-traffic detector modes (`ConfigValue::detect_local_mode`).
 pub const DETECT_LOCAL_NONE: u8 = 0;
 /// Source address in `LOCAL_CIDRS` (ClusterCIDR and NodeCIDR modes).
@@ -267,20 +298,118 @@ pub struct ConfigValue {
 }
 
 /// Per-CPU packet counters, indexed by [`Counter`]. The names are what `kube-ebpf-proxy stats`
-/// and the metrics endpoint print.
+/// and the metrics endpoint print. New counters are appended (the index is the pinned ABI).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     /// Packets seen by the tc ingress program.
     TcIngressPackets = 0,
+    /// First packets of flows DNATed to a backend (conntrack entries created).
+    NewFlows = 1,
+    /// Packets of known flows translated in the client → backend direction.
+    CtForwardHits = 2,
+    /// Reply packets reverse-translated (backend → client).
+    CtReplyHits = 3,
+    /// Known flows whose backend was gone: re-balanced as new flows.
+    StaleBackendFlows = 4,
+    /// Service traffic answered with ICMP port unreachable (reject rules, no endpoints).
+    Rejects = 5,
+    /// Service traffic dropped by a drop rule.
+    Drops = 6,
+    /// Traffic dropped by loadBalancerSourceRanges.
+    SourceRangeDrops = 7,
+    /// Traffic to a known ClusterIP on a port no Service has: rejected.
+    VipRejects = 8,
+    /// Traffic to an unallocated address of a service CIDR: dropped.
+    VipDrops = 9,
+    /// Conntrack inserts that failed (map full): the packet is dropped.
+    CtMapFull = 10,
+    /// New masqueraded flows with no free SNAT port after bounded probing.
+    SnatExhausted = 11,
+    /// Masquerade needed but CONFIG has no node address of that family.
+    NoSnatAddress = 12,
+    /// A backend slot pointed at an id missing from BACKENDS (mid-update).
+    BackendMissing = 13,
+    /// Truncated or inconsistent headers: passed untouched.
+    ParseFailures = 14,
+    /// IP fragments: passed untouched.
+    Fragments = 15,
+    /// IPv4 packets with options: passed untouched.
+    Ipv4Options = 16,
+    /// IPv6 packets with extension headers: passed untouched.
+    Ipv6ExtensionHeaders = 17,
+    /// SCTP to a backend whose port differs from the frontend's (needs CRC32c): dropped.
+    SctpPortRewrite = 18,
+    /// A packet rewrite or checksum helper failed.
+    RewriteFailures = 19,
+    /// ICMP errors about a NATed flow reverse-translated (PMTU discovery).
+    IcmpErrorsTranslated = 20,
+    /// New flows sent to the backend remembered by session affinity.
+    AffinityHits = 21,
+    /// Host sockets whose connect/sendmsg destination was translated to a backend.
+    SockConnectTranslated = 22,
+    /// Host socket connects refused (reject rule or no endpoints).
+    SockConnectRejected = 23,
+    /// Host socket recvmsg/getpeername addresses translated back to the frontend.
+    SockReplyTranslated = 24,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 1] = [Counter::TcIngressPackets];
+    pub const ALL: [Counter; 25] = [
+        Counter::TcIngressPackets,
+        Counter::NewFlows,
+        Counter::CtForwardHits,
+        Counter::CtReplyHits,
+        Counter::StaleBackendFlows,
+        Counter::Rejects,
+        Counter::Drops,
+        Counter::SourceRangeDrops,
+        Counter::VipRejects,
+        Counter::VipDrops,
+        Counter::CtMapFull,
+        Counter::SnatExhausted,
+        Counter::NoSnatAddress,
+        Counter::BackendMissing,
+        Counter::ParseFailures,
+        Counter::Fragments,
+        Counter::Ipv4Options,
+        Counter::Ipv6ExtensionHeaders,
+        Counter::SctpPortRewrite,
+        Counter::RewriteFailures,
+        Counter::IcmpErrorsTranslated,
+        Counter::AffinityHits,
+        Counter::SockConnectTranslated,
+        Counter::SockConnectRejected,
+        Counter::SockReplyTranslated,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Counter::TcIngressPackets => "tc_ingress_packets",
+            Counter::NewFlows => "new_flows",
+            Counter::CtForwardHits => "ct_forward_hits",
+            Counter::CtReplyHits => "ct_reply_hits",
+            Counter::StaleBackendFlows => "stale_backend_flows",
+            Counter::Rejects => "rejects",
+            Counter::Drops => "drops",
+            Counter::SourceRangeDrops => "source_range_drops",
+            Counter::VipRejects => "vip_rejects",
+            Counter::VipDrops => "vip_drops",
+            Counter::CtMapFull => "ct_map_full",
+            Counter::SnatExhausted => "snat_exhausted",
+            Counter::NoSnatAddress => "no_snat_address",
+            Counter::BackendMissing => "backend_missing",
+            Counter::ParseFailures => "parse_failures",
+            Counter::Fragments => "fragments",
+            Counter::Ipv4Options => "ipv4_options",
+            Counter::Ipv6ExtensionHeaders => "ipv6_extension_headers",
+            Counter::SctpPortRewrite => "sctp_port_rewrite",
+            Counter::RewriteFailures => "rewrite_failures",
+            Counter::IcmpErrorsTranslated => "icmp_errors_translated",
+            Counter::AffinityHits => "affinity_hits",
+            Counter::SockConnectTranslated => "sock_connect_translated",
+            Counter::SockConnectRejected => "sock_connect_rejected",
+            Counter::SockReplyTranslated => "sock_reply_translated",
         }
     }
 }
@@ -304,6 +433,8 @@ mod pod {
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipValue {}
     unsafe impl aya::Pod for super::ConfigValue {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
 }
 
 #[cfg(test)]
@@ -326,5 +457,18 @@ mod tests {
         assert_eq!(size_of::<VipKey>(), 20);
         assert_eq!(size_of::<VipValue>(), 4);
         assert_eq!(size_of::<ConfigValue>(), 56);
+        assert_eq!(size_of::<SockRevNatKey>(), 32);
+        assert_eq!(size_of::<SockRevNatValue>(), 24);
+    }
+
+    #[test]
+    fn counters_fit_the_pinned_array_and_have_unique_names() {
+        assert!(Counter::ALL.len() <= COUNTER_SLOTS as usize);
+        for (i, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*counter as usize, i, "{} is out of order", counter.name());
+            for other in &Counter::ALL[..i] {
+                assert_ne!(counter.name(), other.name());
+            }
+        }
     }
 }

@@ -1,29 +1,69 @@
+//! kube-ebpf-proxy's kernel programs. Entry points stay thin; the work is in the modules:
+//! `parse` (headers), `service` (lookup, classification, backend choice), `conntrack`, `nat`
+//! (rewrites and checksums), `reject` (ICMP generation), `icmp` (error translation), `sock`
+//! (host-originated traffic) and `maps`.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::TC_ACT_OK,
-    macros::{classifier, map},
-    maps::PerCpuArray,
-    programs::TcContext,
-};
-use proxy_common::{COUNTER_SLOTS, Counter};
+mod conntrack;
+mod icmp;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod service;
+mod sock;
+mod tc;
 
-#[map(name = "COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+use proxy_common::{FAMILY_IPV4, FAMILY_IPV6};
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    match try_tc_ingress(&ctx) {
-        Ok(v) | Err(v) => v,
-    }
+    tc::ingress(&ctx)
 }
 
-fn try_tc_ingress(_ctx: &TcContext) -> Result<i32, i32> {
-    if let Some(c) = COUNTERS.get_ptr_mut(Counter::TcIngressPackets as u32) {
-        unsafe { *c += 1 };
-    }
-    Ok(TC_ACT_OK)
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx, FAMILY_IPV4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx, FAMILY_IPV6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx, FAMILY_IPV4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend(&ctx, FAMILY_IPV6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_frontend(&ctx, FAMILY_IPV4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_frontend(&ctx, FAMILY_IPV6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_frontend(&ctx, FAMILY_IPV4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_frontend(&ctx, FAMILY_IPV6)
 }
 
 #[cfg(not(test))]

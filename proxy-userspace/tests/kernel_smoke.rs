@@ -5,7 +5,7 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::process::Command;
 
-use proxy_lab::{Netns, PinDir, Proxy, run, unique_name, veth};
+use proxy_lab::{Cgroup, Netns, PinDir, Proxy, run, unique_name, veth};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
 
@@ -40,7 +40,14 @@ fn tc_program_counts_packets_sent_through_a_veth() {
     )
     .unwrap();
     let pins = PinDir::new();
-    let _proxy = Proxy::start(Path::new(BINARY), &node, &pins, &[]).unwrap();
+    let cgroup = Cgroup::new().unwrap();
+    let _proxy = Proxy::start(
+        Path::new(BINARY),
+        &node,
+        &pins,
+        &["--cgroup-path", cgroup.path().to_str().unwrap()],
+    )
+    .unwrap();
 
     let before = tc_ingress_packets(&pins);
     client

@@ -325,3 +325,234 @@ impl Drop for Proxy {
         let _ = self.child.wait();
     }
 }
+
+/// A cgroup v2 directory created by the lab under the cgroup2 mount, removed on drop (after
+/// moving any process still in it back to the root). Socket hooks attached to it act only on
+/// processes the test places in it.
+pub struct Cgroup {
+    path: PathBuf,
+    root: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Result<Self> {
+        let root = cgroup2_mount()?;
+        let path = root.join(unique_name("cg"));
+        std::fs::create_dir(&path).map_err(|source| LabError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { path, root })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves process `pid` into this cgroup.
+    pub fn add(&self, pid: u32) -> Result<()> {
+        let procs = self.path.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(|source| LabError::Io {
+            path: procs,
+            source,
+        })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Ok(pids) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in pids.lines() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let info = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    info.lines()
+        .find_map(|line| {
+            let (fields, rest) = line.split_once(" - ")?;
+            let mount_point = fields.split_whitespace().nth(4)?;
+            (rest.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or_else(|| LabError::Io {
+            path,
+            source: std::io::Error::other("no cgroup2 mount"),
+        })
+}
+
+impl Netns {
+    /// Runs `f` on a background thread that has entered this namespace, without waiting.
+    pub fn spawn<F>(&self, f: F) -> Result<std::thread::JoinHandle<()>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let file = std::fs::File::open(self.path()).map_err(|source| LabError::Io {
+            path: self.path(),
+            source,
+        })?;
+        Ok(std::thread::spawn(move || {
+            if nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_ok() {
+                f();
+            }
+        }))
+    }
+
+    /// `sysctl -w KEY=VALUE` inside this namespace (`/proc/sys/net` is per namespace).
+    pub fn sysctl(&self, setting: &str) -> Result<()> {
+        run(self.command("sysctl").args(["-q", "-w", setting])).map(drop)
+    }
+}
+
+/// TCP and UDP echo servers on `[::]:port` (IPv4 too, dual stack) inside a namespace. Each
+/// answer is `"NAME PEER_IP\n"`: who answered and which client address it saw. Stopped and
+/// joined on drop.
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// How long a server blocks before checking whether it should stop.
+const SERVER_POLL: Duration = Duration::from_millis(50);
+
+impl EchoServer {
+    pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self> {
+        use std::sync::atomic::AtomicBool;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
+        let mut threads = Vec::new();
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_owned(), ready_tx.clone());
+            threads.push(ns.spawn(move || {
+                let listener = match std::net::TcpListener::bind(("::", port)) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = listener.set_nonblocking(true);
+                let _ = ready.send(Ok(()));
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut stream, peer)) => {
+                            use std::io::Write as _;
+                            let line = format!("{name} {}\n", peer.ip().to_canonical());
+                            let _ = stream.write_all(line.as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })?);
+        }
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_owned(), ready_tx);
+            threads.push(ns.spawn(move || {
+                let socket = match std::net::UdpSocket::bind(("::", port)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = socket.set_read_timeout(Some(SERVER_POLL));
+                let _ = ready.send(Ok(()));
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let line = format!("{name} {}\n", peer.ip().to_canonical());
+                        let _ = socket.send_to(line.as_bytes(), peer);
+                    }
+                }
+            })?);
+        }
+        let server = Self { stop, threads };
+        for _ in 0..2 {
+            let started = ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| LabError::Proxy(format!("echo server {name} did not start")))?;
+            started.map_err(|source| LabError::Io {
+                path: PathBuf::from(format!("[::]:{port} in {}", ns.name())),
+                source,
+            })?;
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One TCP exchange with an [`EchoServer`] from inside `ns`: the answer line, or the error the
+/// connect or read failed with (refused, timed out).
+pub fn tcp_request(
+    ns: &Netns,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<std::io::Result<String>> {
+    ns.enter(move || {
+        use std::io::Read as _;
+        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer.trim().to_owned())
+    })
+}
+
+/// One UDP exchange with an [`EchoServer`] from inside `ns`, from a fresh source port.
+pub fn udp_request(
+    ns: &Netns,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<std::io::Result<String>> {
+    ns.enter(move || {
+        let bind: std::net::SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        let socket = std::net::UdpSocket::bind(bind)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(target)?;
+        socket.send(b"ping")?;
+        let mut buf = [0u8; 1500];
+        let n = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    })
+}
+
+impl Netns {
+    /// Waits (bounded by `timeout`) until no IPv6 address of this namespace is still tentative
+    /// (duplicate address detection of link-local addresses delays the first packets).
+    pub fn wait_ipv6_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let tentative = self.ip(&["-6", "addr", "show", "tentative"])?;
+            if tentative.trim().is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(LabError::Proxy(format!(
+                    "IPv6 addresses of {} still tentative after {timeout:?}: {tentative}",
+                    self.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,6 +1,12 @@
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId,
+};
 
 use super::Loaded;
+use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -17,11 +23,24 @@ pub enum AttachError {
         interface: String,
         source: aya::programs::ProgramError,
     },
+    #[error("attaching {program} to cgroup {path}: {source}")]
+    AttachCgroup {
+        program: &'static str,
+        path: PathBuf,
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup2 mount in /proc/self/mountinfo")]
+    NoCgroup2Mount,
+    #[error("reading /proc/self/mountinfo: {0}")]
+    MountInfo(std::io::Error),
     #[error("listing interfaces: {0}")]
     ListInterfaces(nix::Error),
 }
-
-const TC_INGRESS: &str = "tc_ingress";
 
 /// Interfaces of the current network namespace the tc programs go on: all but loopback. Listed
 /// through netlink (`if_nameindex`), not sysfs, because a process moved into a namespace with
@@ -37,46 +56,226 @@ pub fn tc_interfaces() -> Result<Vec<String>, AttachError> {
     Ok(names)
 }
 
+/// `--interfaces`: which interface names get the tc program. Patterns are names with `*`
+/// wildcards; a leading `!` excludes. With no include pattern every interface is included;
+/// loopback never is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceFilter {
+    include: Vec<String>,
+    exclude: Vec<String>,
+}
+
+impl InterfaceFilter {
+    /// Parses a comma-separated pattern list, e.g. `"eth*,veth*,!veth-mgmt"`.
+    pub fn parse(patterns: &str) -> Self {
+        let mut filter = Self::default();
+        for pattern in patterns.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match pattern.strip_prefix('!') {
+                Some(excluded) => filter.exclude.push(excluded.to_owned()),
+                None => filter.include.push(pattern.to_owned()),
+            }
+        }
+        filter
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        name != "lo"
+            && (self.include.is_empty() || self.include.iter().any(|p| glob_match(p, name)))
+            && !self.exclude.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let Some((head, rest)) = pattern.split_once('*') else {
+        return pattern == name;
+    };
+    let Some(mut remaining) = name.strip_prefix(head) else {
+        return false;
+    };
+    let mut parts = rest.split('*').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return remaining.len() >= part.len() && remaining.ends_with(part);
+        }
+        match remaining.find(part) {
+            Some(at) => remaining = &remaining[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
 /// The interfaces the tc ingress program is attached to. aya attaches with TCX links on kernels
 /// ≥ 6.6 and through a clsact qdisc below that.
 #[derive(Default)]
 pub struct Attachments {
+    /// Attached interface names (sorted).
     pub interfaces: Vec<String>,
+    links: BTreeMap<String, SchedClassifierLinkId>,
+}
+
+fn tc_program(loaded: &mut Loaded) -> Result<&mut SchedClassifier, AttachError> {
+    loaded
+        .ebpf
+        .program_mut(TC_INGRESS)
+        .ok_or(AttachError::NoProgram(TC_INGRESS))?
+        .try_into()
+        .map_err(|source| AttachError::Program {
+            program: TC_INGRESS,
+            source,
+        })
 }
 
 impl Attachments {
     pub fn attach_all(loaded: &mut Loaded, interfaces: &[String]) -> Result<Self, AttachError> {
-        let program: &mut SchedClassifier = loaded
-            .ebpf
-            .program_mut(TC_INGRESS)
-            .ok_or(AttachError::NoProgram(TC_INGRESS))?
-            .try_into()
-            .map_err(|source| AttachError::Program {
-                program: TC_INGRESS,
-                source,
-            })?;
-        program.load().map_err(|source| AttachError::Program {
-            program: TC_INGRESS,
-            source,
-        })?;
+        let mut attached = Self::default();
+        for interface in interfaces {
+            attached.attach(loaded, interface)?;
+        }
+        Ok(attached)
+    }
+
+    /// Attaches the tc ingress program to `interface` (no-op when it already is).
+    pub fn attach(&mut self, loaded: &mut Loaded, interface: &str) -> Result<(), AttachError> {
+        if self.links.contains_key(interface) {
+            return Ok(());
+        }
+        let program = tc_program(loaded)?;
         // aya picks TCX on kernels >= 6.6 and netlink below; only the latter needs the qdisc.
         let needs_clsact = aya::util::KernelVersion::current()
             .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
-        let mut attached = Self::default();
-        for interface in interfaces {
-            if needs_clsact {
-                // An existing clsact qdisc is fine: ours or another tool's.
-                let _ = tc::qdisc_add_clsact(interface);
-            }
-            program
-                .attach(interface, TcAttachType::Ingress)
-                .map_err(|source| AttachError::Attach {
-                    program: TC_INGRESS,
-                    interface: interface.clone(),
-                    source,
-                })?;
-            attached.interfaces.push(interface.clone());
+        if needs_clsact {
+            // An existing clsact qdisc is fine: ours or another tool's.
+            let _ = tc::qdisc_add_clsact(interface);
         }
-        Ok(attached)
+        let link = program
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(|source| AttachError::Attach {
+                program: TC_INGRESS,
+                interface: interface.to_owned(),
+                source,
+            })?;
+        self.links.insert(interface.to_owned(), link);
+        self.interfaces = self.links.keys().cloned().collect();
+        Ok(())
+    }
+
+    /// Forgets (and detaches, if it still exists) the program on `interface`.
+    pub fn detach(&mut self, loaded: &mut Loaded, interface: &str) -> Result<(), AttachError> {
+        let Some(link) = self.links.remove(interface) else {
+            return Ok(());
+        };
+        self.interfaces = self.links.keys().cloned().collect();
+        let program = tc_program(loaded)?;
+        // An interface that went away took its attachment with it: detaching may fail then.
+        if let Err(error) = program.detach(link) {
+            tracing::debug!(interface, %error, "detach after the interface went away");
+        }
+        Ok(())
+    }
+
+    /// Attaches to every current interface `filter` selects and detaches from those that are
+    /// gone or no longer selected. Returns the interfaces attached and detached.
+    pub fn sync(
+        &mut self,
+        loaded: &mut Loaded,
+        filter: &InterfaceFilter,
+    ) -> Result<(Vec<String>, Vec<String>), AttachError> {
+        let wanted: Vec<String> = tc_interfaces()?
+            .into_iter()
+            .filter(|n| filter.matches(n))
+            .collect();
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|n| !wanted.contains(n))
+            .cloned()
+            .collect();
+        for interface in &gone {
+            self.detach(loaded, interface)?;
+        }
+        let mut added = Vec::new();
+        for interface in wanted {
+            if !self.links.contains_key(&interface) {
+                self.attach(loaded, &interface)?;
+                added.push(interface);
+            }
+        }
+        Ok((added, gone))
+    }
+}
+
+/// The cgroup2 mount point of this process's mount namespace (from /proc/self/mountinfo).
+pub fn cgroup2_root() -> Result<PathBuf, AttachError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(AttachError::MountInfo)?;
+    info.lines()
+        .find_map(|line| {
+            // "id parent maj:min root mount-point options ... - fstype source super-options"
+            let (fields, rest) = line.split_once(" - ")?;
+            let fstype = rest.split_whitespace().next()?;
+            let mount_point = fields.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or(AttachError::NoCgroup2Mount)
+}
+
+/// Attaches the sock_addr programs to the cgroup at `path` with BPF links (Linux ≥ 5.7), which
+/// always coexist with other programs on the same cgroup (the kernel rejects attach flags on
+/// cgroup links, hence `Single`, i.e. no flags). They stay attached as long as `loaded` lives.
+pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), AttachError> {
+    let cgroup = std::fs::File::open(path).map_err(|source| AttachError::OpenCgroup {
+        path: path.to_owned(),
+        source,
+    })?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = loaded
+            .ebpf
+            .program_mut(name)
+            .ok_or(AttachError::NoProgram(name))?
+            .try_into()
+            .map_err(|source| AttachError::Program {
+                program: name,
+                source,
+            })?;
+        program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| AttachError::AttachCgroup {
+                program: name,
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_filter_table() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("", "eth0", true),
+            ("", "lo", false),
+            ("eth*", "eth0", true),
+            ("eth*", "veth0", false),
+            ("*eth*", "veth0", true),
+            ("veth*,!veth-mgmt", "veth-mgmt", false),
+            ("veth*,!veth-mgmt", "veth12", true),
+            ("!docker*", "docker0", false),
+            ("!docker*", "eth1", true),
+            ("e*0", "eth0", true),
+            ("e*0", "eth01", false),
+            ("eth0", "eth0", true),
+            ("eth0", "eth00", false),
+        ];
+        for (patterns, name, expected) in cases {
+            assert_eq!(
+                InterfaceFilter::parse(patterns).matches(name),
+                *expected,
+                "{patterns:?} on {name}"
+            );
+        }
     }
 }

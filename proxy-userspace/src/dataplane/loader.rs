@@ -1,5 +1,6 @@
 use std::path::{Path, PathBuf};
 
+use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
 /// The eBPF object built by `proxy-userspace/build.rs` (see `xtask/src/ebpf_build.rs`).
@@ -14,6 +15,13 @@ pub enum LoadError {
     },
     #[error("mounting bpffs at {path}: {source}")]
     MountBpffs { path: PathBuf, source: nix::Error },
+    #[error("the eBPF object has no program {0}")]
+    NoProgram(&'static str),
+    #[error("loading (verifying) program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("loading the eBPF object (maps pinned under {path}): {source}")]
     Load {
         path: PathBuf,
@@ -60,22 +68,109 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Loads the embedded programs, reusing maps already pinned under `pin_path`.
+/// `max_entries` of the maps whose size is a deployment choice. A map already pinned keeps the
+/// size it was created with (it holds live connections); a new size applies after its pin is
+/// removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+    pub affinity: u32,
+    pub source_ranges: u32,
+    pub vips: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: proxy_common::SERVICES_MAX_ENTRIES,
+            backends: proxy_common::BACKENDS_MAX_ENTRIES,
+            conntrack: proxy_common::CONNTRACK_MAX_ENTRIES,
+            affinity: proxy_common::AFFINITY_MAX_ENTRIES,
+            source_ranges: proxy_common::SOURCE_RANGES_MAX_ENTRIES,
+            vips: proxy_common::VIPS_MAX_ENTRIES,
+        }
+    }
+}
+
+/// Loads the embedded programs with the default map sizes, reusing maps already pinned under
+/// `pin_path`.
 pub fn load(pin_path: &Path) -> Result<Loaded, LoadError> {
+    load_with_sizes(pin_path, &MapSizes::default())
+}
+
+/// Loads the embedded object (maps created or reused from `pin_path`, programs verified and
+/// loaded into the kernel, nothing attached yet).
+pub fn load_with_sizes(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, LoadError> {
     ensure_bpffs(pin_path)?;
     std::fs::create_dir_all(pin_path).map_err(|source| LoadError::PinDir {
         path: pin_path.to_owned(),
         source,
     })?;
-    let ebpf = EbpfLoader::new()
+    let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
+        .map_max_entries(proxy_common::SERVICES_MAP, sizes.services)
+        .map_max_entries(proxy_common::BACKENDS_MAP, sizes.backends)
+        .map_max_entries(proxy_common::CONNTRACK_MAP, sizes.conntrack)
+        .map_max_entries(proxy_common::AFFINITY_MAP, sizes.affinity)
+        .map_max_entries(proxy_common::SOURCE_RANGES_MAP, sizes.source_ranges)
+        .map_max_entries(proxy_common::VIPS_MAP, sizes.vips)
         .load(EBPF_OBJECT)
         .map_err(|source| LoadError::Load {
             path: pin_path.to_owned(),
             source: Box::new(source),
         })?;
+    load_programs(&mut ebpf)?;
     Ok(Loaded {
         ebpf,
         pin_path: pin_path.to_owned(),
     })
+}
+
+/// The tc program attached to every selected interface's ingress.
+pub const TC_INGRESS: &str = "tc_ingress";
+
+/// The cgroup sock_addr programs for host-originated traffic (see `proxy-ebpf/src/sock.rs`).
+pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "sock_connect4",
+    "sock_connect6",
+    "sock_sendmsg4",
+    "sock_sendmsg6",
+    "sock_recvmsg4",
+    "sock_recvmsg6",
+    "sock_getpeername4",
+    "sock_getpeername6",
+];
+
+/// Loads every program into the kernel, so the verifier has accepted all of them before
+/// anything is attached.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(TC_INGRESS)
+        .ok_or(LoadError::NoProgram(TC_INGRESS))?
+        .try_into()
+        .map_err(|source| LoadError::Program {
+            program: TC_INGRESS,
+            source,
+        })?;
+    tc.load().map_err(|source| LoadError::Program {
+        program: TC_INGRESS,
+        source,
+    })?;
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::NoProgram(name))?
+            .try_into()
+            .map_err(|source| LoadError::Program {
+                program: name,
+                source,
+            })?;
+        program.load().map_err(|source| LoadError::Program {
+            program: name,
+            source,
+        })?;
+    }
+    Ok(())
 }

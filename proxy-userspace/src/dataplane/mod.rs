@@ -1,10 +1,22 @@
 //! The kernel side as the controller sees it: loading the embedded programs, pinning their maps,
-//! and attaching them to interfaces.
+//! attaching them to interfaces and cgroups, the typed map API, conntrack GC and the packet
+//! tracer.
 
 mod attach;
 mod counters;
+mod gc;
 mod loader;
+mod maps;
+pub mod packet;
+mod trace;
+mod watch;
 
-pub use attach::{AttachError, Attachments, tc_interfaces};
+pub use attach::{
+    AttachError, Attachments, InterfaceFilter, attach_socket_hooks, cgroup2_root, tc_interfaces,
+};
 pub use counters::{CountersError, read_counters};
-pub use loader::{LoadError, Loaded, ensure_bpffs, load};
+pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
+pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
+pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
+pub use trace::{TraceError, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
+pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};

@@ -1,0 +1,387 @@
+//! Header parsing. Every read goes through `bpf_skb_load_bytes` (bounds checked by the kernel),
+//! and every length the headers claim is checked against the packet before anything is
+//! rewritten: a packet that does not parse cleanly is passed untouched, never half-translated.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray, programs::TcContext};
+use proxy_common::{
+    Addr, Counter, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::maps::count;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// Offset of the IPv4 header checksum.
+pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_RST: u8 = 0x04;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub version_class_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+}
+
+/// A TCP/UDP/SCTP packet with clean headers: its tuple and where its fields are.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub family: u8,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order, as in the packet.
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_off: usize,
+    pub tcp_flags: u8,
+}
+
+impl Flow {
+    /// Where the source address starts.
+    #[inline(always)]
+    pub fn src_off(&self) -> usize {
+        if self.family == FAMILY_IPV4 {
+            ETH_HLEN + 12
+        } else {
+            ETH_HLEN + 8
+        }
+    }
+
+    #[inline(always)]
+    pub fn dst_off(&self) -> usize {
+        if self.family == FAMILY_IPV4 {
+            ETH_HLEN + 16
+        } else {
+            ETH_HLEN + 24
+        }
+    }
+
+    /// The L4 checksum covering the pseudo header, if the protocol has one.
+    #[inline(always)]
+    pub fn l4_csum(&self) -> L4Csum {
+        match self.proto {
+            IPPROTO_TCP => L4Csum::Inet(self.l4_off + 16),
+            IPPROTO_UDP => L4Csum::Udp(self.l4_off + 6),
+            // SCTP's CRC32c covers no pseudo header: address rewrites leave it valid.
+            _ => L4Csum::None,
+        }
+    }
+}
+
+/// How the L4 checksum of a packet is updated when its addresses or ports change.
+#[derive(Clone, Copy)]
+pub enum L4Csum {
+    None,
+    /// Always present (TCP, ICMPv6).
+    Inet(usize),
+    /// UDP: zero means "no checksum" on IPv4 and must stay zero.
+    Udp(usize),
+}
+
+/// An ICMP or ICMPv6 error whose embedded packet may belong to a NATed flow.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    pub family: u8,
+    pub outer_src: Addr,
+    pub outer_dst: Addr,
+    /// Offset of the ICMP header (its checksum is at +2).
+    pub icmp_off: usize,
+    /// The embedded packet: its L3 offset, protocol, addresses and ports.
+    pub inner_l3_off: usize,
+    pub inner_l4_off: usize,
+    pub inner_proto: u8,
+    pub inner_src: Addr,
+    pub inner_dst: Addr,
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+}
+
+/// What the parser found; the headers themselves are in [`Scratch`].
+pub enum Parsed {
+    Flow,
+    IcmpError,
+    /// Not ours to translate (other ethertypes and protocols, ICMP echo).
+    Pass,
+}
+
+/// The parsed packet, kept in a per-CPU map rather than on the stack: the 512-byte BPF stack
+/// is shared by the whole call chain, and subprograms that take only the context cannot have
+/// their arguments rewritten by LLVM into more than the five registers BPF calls have.
+#[repr(C)]
+pub struct Scratch {
+    pub flow: Flow,
+    pub icmp: IcmpError,
+}
+
+#[map(name = "PACKET_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's parsed packet (valid for the current program run).
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot, used by one program run at a time on this CPU.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn be16(v: u16) -> u16 {
+    u16::from_be(v)
+}
+
+/// Parses the packet at `ctx` into [`scratch`]. Inconsistent headers are counted and passed.
+#[inline(never)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    let Some(out) = scratch() else {
+        return Parsed::Pass;
+    };
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        count(Counter::ParseFailures);
+        return Parsed::Pass;
+    };
+    let parsed = match be16(ethertype) {
+        ETH_P_IP => parse_ipv4(ctx, out),
+        ETH_P_IPV6 => parse_ipv6(ctx, out),
+        _ => Ok(Parsed::Pass),
+    };
+    parsed.unwrap_or(Parsed::Pass)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
+    let fail = |_| count(Counter::ParseFailures);
+    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(fail)?;
+    if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0x0f < 5 {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    if ip.version_ihl & 0x0f != 5 {
+        count(Counter::Ipv4Options);
+        return Ok(Parsed::Pass);
+    }
+    let total = u32::from(be16(ip.tot_len));
+    let available = ctx.len().saturating_sub(ETH_HLEN as u32);
+    if total < IPV4_HLEN as u32 || total > available {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    // More-fragments flag or a fragment offset: only the first fragment carries ports, so
+    // translating it alone would split the datagram between two destinations.
+    if be16(ip.frag_off) & 0x3fff != 0 {
+        count(Counter::Fragments);
+        return Ok(Parsed::Pass);
+    }
+    let l4_off = ETH_HLEN + IPV4_HLEN;
+    let l4_len = total - IPV4_HLEN as u32;
+    let src = [ip.saddr, 0, 0, 0];
+    let dst = [ip.daddr, 0, 0, 0];
+    if ip.proto == IPPROTO_ICMP {
+        return parse_icmp(ctx, &mut out.icmp, FAMILY_IPV4, src, dst, l4_off, l4_len);
+    }
+    parse_l4(
+        ctx,
+        &mut out.flow,
+        FAMILY_IPV4,
+        ip.proto,
+        src,
+        dst,
+        l4_off,
+        l4_len,
+    )
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
+    let fail = |_| count(Counter::ParseFailures);
+    let ip: Ipv6Hdr = ctx.load(ETH_HLEN).map_err(fail)?;
+    if u32::from_be(ip.version_class_flow) >> 28 != 6 {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    let payload = u32::from(be16(ip.payload_len));
+    let available = ctx.len().saturating_sub((ETH_HLEN + IPV6_HLEN) as u32);
+    if payload > available {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    let l4_off = ETH_HLEN + IPV6_HLEN;
+    match ip.next_header {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => parse_l4(
+            ctx,
+            &mut out.flow,
+            FAMILY_IPV6,
+            ip.next_header,
+            ip.saddr,
+            ip.daddr,
+            l4_off,
+            payload,
+        ),
+        IPPROTO_ICMPV6 => parse_icmp(
+            ctx,
+            &mut out.icmp,
+            FAMILY_IPV6,
+            ip.saddr,
+            ip.daddr,
+            l4_off,
+            payload,
+        ),
+        // Fragment header: pass, like IPv4 fragments.
+        44 => {
+            count(Counter::Fragments);
+            Ok(Parsed::Pass)
+        }
+        // Hop-by-hop, routing, destination options, AH, ESP: not walked (bounded parsing).
+        0 | 43 | 60 | 51 | 50 => {
+            count(Counter::Ipv6ExtensionHeaders);
+            Ok(Parsed::Pass)
+        }
+        _ => Ok(Parsed::Pass),
+    }
+}
+
+/// Reads the ports (and TCP flags) of a TCP/UDP/SCTP header of `l4_len` declared bytes.
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    out: &mut Flow,
+    family: u8,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+    l4_off: usize,
+    l4_len: u32,
+) -> Result<Parsed, ()> {
+    let min = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_SCTP => 12,
+        _ => return Err(()),
+    };
+    if l4_len < min {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    let fail = |_| count(Counter::ParseFailures);
+    let ports: [u16; 2] = ctx.load(l4_off).map_err(fail)?;
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let offset_flags: [u8; 2] = ctx.load(l4_off + 12).map_err(fail)?;
+        let data_offset = u32::from(offset_flags[0] >> 4) * 4;
+        if data_offset < 20 || data_offset > l4_len {
+            count(Counter::ParseFailures);
+            return Err(());
+        }
+        tcp_flags = offset_flags[1];
+    } else if proto == IPPROTO_UDP {
+        let udp_len: u16 = ctx.load(l4_off + 4).map_err(fail)?;
+        let udp_len = u32::from(be16(udp_len));
+        if udp_len < 8 || udp_len > l4_len {
+            count(Counter::ParseFailures);
+            return Err(());
+        }
+    }
+    *out = Flow {
+        family,
+        proto,
+        src,
+        dst,
+        sport: ports[0],
+        dport: ports[1],
+        l4_off,
+        tcp_flags,
+    };
+    Ok(Parsed::Flow)
+}
+
+/// ICMP destination-unreachable (fragmentation needed included) and ICMPv6 destination
+/// unreachable / packet too big carry the packet that caused them; everything else passes.
+#[inline(always)]
+fn parse_icmp(
+    ctx: &TcContext,
+    out: &mut IcmpError,
+    family: u8,
+    outer_src: Addr,
+    outer_dst: Addr,
+    icmp_off: usize,
+    icmp_len: u32,
+) -> Result<Parsed, ()> {
+    let fail = |_| count(Counter::ParseFailures);
+    if icmp_len < 8 {
+        count(Counter::ParseFailures);
+        return Err(());
+    }
+    let icmp_type: u8 = ctx.load(icmp_off).map_err(fail)?;
+    let is_error = if family == FAMILY_IPV4 {
+        icmp_type == 3
+    } else {
+        icmp_type == 1 || icmp_type == 2
+    };
+    if !is_error {
+        return Ok(Parsed::Pass);
+    }
+    let inner_l3_off = icmp_off + 8;
+    let inner_len = icmp_len - 8;
+    let (inner_proto, inner_src, inner_dst, inner_l4_off) = if family == FAMILY_IPV4 {
+        if inner_len < (IPV4_HLEN + 8) as u32 {
+            return Ok(Parsed::Pass);
+        }
+        let ip: Ipv4Hdr = ctx.load(inner_l3_off).map_err(fail)?;
+        if ip.version_ihl != 0x45 {
+            return Ok(Parsed::Pass);
+        }
+        (
+            ip.proto,
+            [ip.saddr, 0, 0, 0],
+            [ip.daddr, 0, 0, 0],
+            inner_l3_off + IPV4_HLEN,
+        )
+    } else {
+        if inner_len < (IPV6_HLEN + 8) as u32 {
+            return Ok(Parsed::Pass);
+        }
+        let ip: Ipv6Hdr = ctx.load(inner_l3_off).map_err(fail)?;
+        (ip.next_header, ip.saddr, ip.daddr, inner_l3_off + IPV6_HLEN)
+    };
+    if !matches!(inner_proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return Ok(Parsed::Pass);
+    }
+    let ports: [u16; 2] = ctx.load(inner_l4_off).map_err(fail)?;
+    *out = IcmpError {
+        family,
+        outer_src,
+        outer_dst,
+        icmp_off,
+        inner_l3_off,
+        inner_l4_off,
+        inner_proto,
+        inner_src,
+        inner_dst,
+        inner_sport: ports[0],
+        inner_dport: ports[1],
+    };
+    Ok(Parsed::IcmpError)
+}

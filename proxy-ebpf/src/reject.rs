@@ -1,0 +1,215 @@
+//! REJECT: turns the packet into an ICMP / ICMPv6 port unreachable addressed to its sender and
+//! sends it back out of the interface it came in on. Like kube-proxy's nftables `reject`, this
+//! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
+
+use aya_ebpf::{
+    bindings::{__sk_buff, TC_ACT_SHOT},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    macros::map,
+    maps::PerCpuArray,
+    programs::TcContext,
+};
+use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6};
+
+use crate::{
+    maps::count,
+    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr},
+};
+
+/// Bytes of the offending packet's L4 header quoted after its IP header (the minimum both
+/// RFC 792 and the ports need; kept fixed so the reply's size is fixed).
+const QUOTED_L4: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    csum: u16,
+    unused: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Icmp4Reply {
+    ip: Ipv4Hdr,
+    icmp: IcmpHdr,
+    quoted_ip: Ipv4Hdr,
+    quoted_l4: [u8; QUOTED_L4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Icmp6Reply {
+    ip: Ipv6Hdr,
+    icmp: IcmpHdr,
+    quoted_ip: Ipv6Hdr,
+    quoted_l4: [u8; QUOTED_L4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6PseudoHdr {
+    src: Addr,
+    dst: Addr,
+    len: u32,
+    zero: [u8; 3],
+    next_header: u8,
+}
+
+/// Where replies are built: the BPF stack (512 bytes for the whole call chain) has no room for
+/// them. Holds no state between runs, so it is not pinned.
+#[repr(C)]
+struct Scratch {
+    v4: Icmp4Reply,
+    v6: Icmp6Reply,
+    pseudo: Ipv6PseudoHdr,
+}
+
+#[map(name = "REJECT_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// One's-complement sum of `len` bytes at `data` (a multiple of 4), added to `seed`.
+#[inline(always)]
+fn csum_add(data: *const u8, len: u32, seed: u32) -> u32 {
+    // SAFETY: the helper only reads `len` bytes of the stack buffer `data` points to.
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data as *mut u32, len, seed) };
+    sum as u32
+}
+
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), ()> {
+    // SAFETY: the helper takes the program's own skb.
+    let ret =
+        unsafe { bpf_skb_change_tail(ctx.skb.skb as *mut __sk_buff as *mut _, len as u32, 0) };
+    if ret == 0 { Ok(()) } else { Err(()) }
+}
+
+#[inline(always)]
+fn send_back(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the ingress interface of the program's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // Egress of the interface the packet came in on: towards the client.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
+/// Replaces the packet with a port unreachable for its sender. The caller has checked that the
+/// packet has a plain IP header (no options) and at least 8 bytes of L4 header.
+#[inline(never)]
+pub fn reject(ctx: &TcContext, family: u8) -> i32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: this CPU's scratch slot, used by this program run only.
+    let scratch = unsafe { &mut *scratch };
+    let built = if family == FAMILY_IPV4 {
+        reject_ipv4(ctx, scratch)
+    } else {
+        reject_ipv6(ctx, scratch)
+    };
+    if built.is_err() {
+        count(Counter::RewriteFailures);
+        return TC_ACT_SHOT as i32;
+    }
+    send_back(ctx)
+}
+
+#[inline(always)]
+fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+    let reply = &mut scratch.v4;
+    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV4_HLEN).map_err(|_| ())?;
+    let body_len = size_of::<Icmp4Reply>();
+    reply.ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len: (body_len as u16).to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: reply.quoted_ip.daddr,
+        daddr: reply.quoted_ip.saddr,
+    };
+    reply.icmp = IcmpHdr {
+        kind: 3,
+        code: 3,
+        csum: 0,
+        unused: 0,
+    };
+    reply.ip.check = fold(csum_add(
+        core::ptr::from_ref(&reply.ip).cast(),
+        IPV4_HLEN as u32,
+        0,
+    ));
+    reply.icmp.csum = fold(csum_add(
+        core::ptr::from_ref(&reply.icmp).cast(),
+        (body_len - IPV4_HLEN) as u32,
+        0,
+    ));
+    swap_macs(ctx)?;
+    resize(ctx, ETH_HLEN + body_len)?;
+    ctx.store(ETH_HLEN, reply, 0).map_err(|_| ())
+}
+
+#[inline(always)]
+fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+    let reply = &mut scratch.v6;
+    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV6_HLEN).map_err(|_| ())?;
+    let body_len = size_of::<Icmp6Reply>();
+    let icmp_len = body_len - IPV6_HLEN;
+    reply.ip = Ipv6Hdr {
+        version_class_flow: (6u32 << 28).to_be(),
+        payload_len: (icmp_len as u16).to_be(),
+        next_header: IPPROTO_ICMPV6,
+        hop_limit: 64,
+        saddr: reply.quoted_ip.daddr,
+        daddr: reply.quoted_ip.saddr,
+    };
+    reply.icmp = IcmpHdr {
+        // Destination unreachable, port unreachable.
+        kind: 1,
+        code: 4,
+        csum: 0,
+        unused: 0,
+    };
+    let pseudo = &mut scratch.pseudo;
+    *pseudo = Ipv6PseudoHdr {
+        src: reply.ip.saddr,
+        dst: reply.ip.daddr,
+        len: (icmp_len as u32).to_be(),
+        zero: [0; 3],
+        next_header: IPPROTO_ICMPV6,
+    };
+    let sum = csum_add(
+        core::ptr::from_ref(pseudo).cast(),
+        size_of::<Ipv6PseudoHdr>() as u32,
+        0,
+    );
+    reply.icmp.csum = fold(csum_add(
+        core::ptr::from_ref(&reply.icmp).cast(),
+        icmp_len as u32,
+        sum,
+    ));
+    swap_macs(ctx)?;
+    resize(ctx, ETH_HLEN + body_len)?;
+    ctx.store(ETH_HLEN, reply, 0).map_err(|_| ())
+}

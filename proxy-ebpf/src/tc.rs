@@ -1,0 +1,237 @@
+//! The tc ingress program: conntrack first, then services for new flows, then the VIP rules.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use aya_log_ebpf::info;
+use proxy_common::{
+    CONFIG_F_DEBUG, CT_F_REPLY, CT_F_SNAT, Counter, IPPROTO_SCTP, SVC_F_SOURCE_RANGES,
+    VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR, VipKey,
+};
+
+use crate::{
+    conntrack, icmp,
+    maps::{CONNTRACK, VIPS, config, count},
+    nat::{self, Endpoint, Target},
+    parse::{self, Flow, Parsed, scratch},
+    reject::reject,
+    service::{self, Action},
+};
+
+const OK: i32 = TC_ACT_OK as i32;
+const SHOT: i32 = TC_ACT_SHOT as i32;
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    count(Counter::TcIngressPackets);
+    match parse::parse(ctx) {
+        Parsed::Flow => {}
+        Parsed::IcmpError => return icmp::translate_error(ctx),
+        Parsed::Pass => return OK,
+    }
+    let verdict = known_flow(ctx);
+    if verdict != NOT_KNOWN {
+        return verdict;
+    }
+    match new_flow(ctx) {
+        NewFlow::Reject(family) => reject(ctx, family),
+        NewFlow::Verdict(verdict) => verdict,
+    }
+}
+
+/// `known_flow`'s answer for a packet that starts (or restarts) a flow.
+const NOT_KNOWN: i32 = i32::MIN;
+
+/// Each step below is its own BPF subprogram taking only the context (the packet is in the
+/// per-CPU scratch), called one after the other from `ingress`: their stack frames are never
+/// stacked on each other, which keeps the chain under the 512-byte BPF stack.
+#[inline(never)]
+fn known_flow(ctx: &TcContext) -> i32 {
+    let Some(scratch) = scratch() else { return OK };
+    let flow = &scratch.flow;
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack::key(flow)) {
+        // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
+        let entry = unsafe { &mut *entry };
+        if entry.flags & CT_F_REPLY != 0 {
+            return reply(ctx);
+        }
+        if service::backend_exists(entry.backend_id) {
+            conntrack::touch(entry, flow, false);
+            let new_src = Target::when(
+                entry.flags & CT_F_SNAT != 0,
+                Endpoint {
+                    addr: entry.nat_src,
+                    port: entry.nat_sport,
+                },
+            );
+            let new_dst = Endpoint {
+                addr: entry.nat_dst,
+                port: entry.nat_dport,
+            };
+            count(Counter::CtForwardHits);
+            return rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)));
+        }
+        count(Counter::StaleBackendFlows);
+    }
+    NOT_KNOWN
+}
+
+/// What `new_flow` decided; a REJECT is built by the caller so that the reply builder's frame
+/// is not stacked on top of `new_flow`'s.
+enum NewFlow {
+    Verdict(i32),
+    Reject(u8),
+}
+
+#[inline(always)]
+fn rewritten(result: Result<(), ()>) -> i32 {
+    // A failed helper may have left the packet half-written: never deliver it.
+    if result.is_ok() { OK } else { SHOT }
+}
+
+#[inline(never)]
+fn reply(ctx: &TcContext) -> i32 {
+    let Some(scratch) = scratch() else { return OK };
+    let flow = &scratch.flow;
+    let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack::key(flow)) else {
+        return OK;
+    };
+    // SAFETY: as above.
+    let entry = unsafe { &mut *entry };
+    conntrack::touch(entry, flow, true);
+    let forward = conntrack::forward_key_of_reply(flow, entry);
+    if let Some(forward) = CONNTRACK.get_ptr_mut(&forward) {
+        // SAFETY: as above.
+        let forward = unsafe { &mut *forward };
+        forward.flags |= proxy_common::CT_F_SEEN_REPLY;
+        forward.state = entry.state;
+    }
+    let new_src = Endpoint {
+        addr: entry.nat_dst,
+        port: entry.nat_dport,
+    };
+    let new_dst = Target::when(
+        entry.flags & CT_F_SNAT != 0,
+        Endpoint {
+            addr: entry.nat_src,
+            port: entry.nat_sport,
+        },
+    );
+    count(Counter::CtReplyHits);
+    rewritten(nat::rewrite(ctx, flow, Target::to(new_src), new_dst))
+}
+
+#[inline(never)]
+fn new_flow(ctx: &TcContext) -> NewFlow {
+    let Some(scratch) = scratch() else {
+        return NewFlow::Verdict(OK);
+    };
+    let flow = &scratch.flow;
+    let Some(cfg) = config() else {
+        return NewFlow::Verdict(OK);
+    };
+    let Some(svc) = service::lookup(
+        &flow.dst,
+        flow.dport,
+        flow.proto,
+        flow.family,
+        proxy_common::SCOPE_POLICY,
+    ) else {
+        return vip(flow);
+    };
+    // SAFETY: reading the ingress interface of the program's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let class = service::classify(cfg, flow.family, &flow.src, ifindex);
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !service::source_allowed(svc.id, &flow.src) {
+        count(Counter::SourceRangeDrops);
+        return NewFlow::Verdict(SHOT);
+    }
+    let decision = service::decide(
+        &svc,
+        &flow.dst,
+        flow.dport,
+        flow.proto,
+        flow.family,
+        class,
+        &flow.src,
+    );
+    match decision.action {
+        Action::Forward => {}
+        Action::Reject => {
+            count(Counter::Rejects);
+            return NewFlow::Reject(flow.family);
+        }
+        Action::Drop => {
+            count(Counter::Drops);
+            return NewFlow::Verdict(SHOT);
+        }
+    }
+    let (backend_id, backend) = (decision.backend_id, decision.backend);
+    if flow.proto == IPPROTO_SCTP && backend.port != flow.dport {
+        count(Counter::SctpPortRewrite);
+        return NewFlow::Verdict(SHOT);
+    }
+    let target = Endpoint {
+        addr: backend.addr,
+        port: backend.port,
+    };
+    // Hairpin: a pod reaching itself through the service must see the node as the peer, or
+    // it would answer itself directly and the client would never match the reply.
+    let masquerade = svc.masquerade_classes & (1 << class) != 0 || backend.addr == flow.src;
+    let snat = if masquerade {
+        let node = service::node_addr(cfg, flow.family);
+        if node == [0; 4] {
+            count(Counter::NoSnatAddress);
+            return NewFlow::Verdict(SHOT);
+        }
+        let port =
+            conntrack::pick_snat_port(flow, &target, &node, cfg.snat_port_min, cfg.snat_port_max);
+        if port == 0 {
+            return NewFlow::Verdict(SHOT);
+        }
+        Target::to(Endpoint { addr: node, port })
+    } else {
+        Target::none()
+    };
+    let snat_ref = if snat.set { Some(&snat.endpoint) } else { None };
+    if conntrack::create(flow, &target, snat_ref, backend_id, svc.id).is_err() {
+        return NewFlow::Verdict(SHOT);
+    }
+    if cfg.flags & CONFIG_F_DEBUG != 0 {
+        info!(
+            ctx,
+            "new flow proto {} class {} -> backend {} masquerade {}",
+            flow.proto,
+            class,
+            backend_id,
+            u8::from(masquerade)
+        );
+    }
+    count(Counter::NewFlows);
+    NewFlow::Verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
+}
+
+/// No frontend matched: REJECT unknown ports of a ClusterIP, DROP the unallocated rest of the
+/// service CIDRs, pass everything else.
+#[inline(always)]
+fn vip(flow: &Flow) -> NewFlow {
+    let key = VipKey {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out immediately.
+    let Some(flags) = (unsafe { VIPS.get(&key) }).map(|v| v.flags) else {
+        return NewFlow::Verdict(OK);
+    };
+    if flags & VIP_F_CLUSTER_IP != 0 {
+        count(Counter::VipRejects);
+        return NewFlow::Reject(flow.family);
+    }
+    if flags & VIP_F_SERVICE_CIDR != 0 {
+        count(Counter::VipDrops);
+        return NewFlow::Verdict(SHOT);
+    }
+    NewFlow::Verdict(OK)
+}

@@ -1,0 +1,386 @@
+//! The typed map API the reconciler programs the kernel through. It opens the maps pinned
+//! under the pin path, so the running proxy, tests and `kube-ebpf-proxy trace` all see the same
+//! kernel state. Every write touches one entry: programming one service is O(its endpoints)
+//! writes, and nothing here ever walks a map except the explicit read-backs (`*_entries`) used
+//! for a resync and the conntrack walks of the garbage collector.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use ipnet::IpNet;
+use proxy_common::{
+    AFFINITY_MAP, Addr, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, CONFIG_MAP,
+    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6, LOCAL_CIDR_PREFIX_BASE,
+    LOCAL_CIDRS_MAP, LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICES_MAP, SOURCE_RANGES_MAP,
+    ServiceKey, ServiceValue, SourceRangeData, VIPS_MAP, VipKey, VipValue,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("opening the pinned map {path}: {source}")]
+    Open { path: PathBuf, source: MapError },
+    #[error("{operation} in map {map}: {source}")]
+    Access {
+        operation: &'static str,
+        map: &'static str,
+        source: MapError,
+    },
+}
+
+/// Map address form of an IP address: the bytes in network order in word 0 (IPv4) or all four
+/// words (IPv6), and the family.
+pub fn addr_from_ip(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_IPV4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_IPV6)
+        }
+    }
+}
+
+/// The inverse of [`addr_from_ip`].
+pub fn ip_from_addr(addr: &Addr, family: u8) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::from(addr[0].to_ne_bytes())
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::from(octets)
+    }
+}
+
+/// The maps pinned by a loaded dataplane, typed.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
+    local_cidrs: LpmTrie<MapData, LocalCidrData, u32>,
+    local_ifindexes: HashMap<MapData, u32, u32>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    config: Array<MapData, ConfigValue>,
+}
+
+fn open<T>(pin_path: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = pin_path.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    T::try_from(wrap(data)).map_err(|source| MapsError::Open { path, source })
+}
+
+fn access(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Access {
+        operation,
+        map,
+        source,
+    }
+}
+
+/// A delete of an absent key is not an error: deletes are idempotent for the reconciler.
+fn deleted(result: Result<(), MapError>, map: &'static str) -> Result<(), MapsError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other.map_err(access("delete", map)),
+    }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapsError> {
+    map.iter()
+        .filter_map(|r| match r {
+            // An entry deleted between the key walk and its read.
+            Err(MapError::KeyNotFound) => None,
+            other => Some(other),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(access("iterate", name))
+}
+
+fn local_cidr_key(net: IpNet) -> LpmKey<LocalCidrData> {
+    let (addr, family) = addr_from_ip(net.network());
+    LpmKey::new(
+        LOCAL_CIDR_PREFIX_BASE + u32::from(net.prefix_len()),
+        LocalCidrData {
+            family,
+            _pad: [0; 3],
+            addr,
+        },
+    )
+}
+
+fn source_range_key(service_id: u32, net: IpNet) -> LpmKey<SourceRangeData> {
+    let (addr, _) = addr_from_ip(net.network());
+    LpmKey::new(
+        32 + u32::from(net.prefix_len()),
+        SourceRangeData {
+            service_id_be: service_id.to_be(),
+            addr,
+        },
+    )
+}
+
+impl Maps {
+    /// Opens the maps pinned under `pin_path` by a loaded dataplane.
+    pub fn open(pin_path: &Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: open(pin_path, SERVICES_MAP, Map::HashMap)?,
+            backends: open(pin_path, BACKENDS_MAP, Map::HashMap)?,
+            conntrack: open(pin_path, CONNTRACK_MAP, Map::LruHashMap)?,
+            affinity: open(pin_path, AFFINITY_MAP, Map::LruHashMap)?,
+            source_ranges: open(pin_path, SOURCE_RANGES_MAP, Map::LpmTrie)?,
+            local_cidrs: open(pin_path, LOCAL_CIDRS_MAP, Map::LpmTrie)?,
+            local_ifindexes: open(pin_path, LOCAL_IFINDEXES_MAP, Map::HashMap)?,
+            vips: open(pin_path, VIPS_MAP, Map::HashMap)?,
+            config: open(pin_path, CONFIG_MAP, Map::Array)?,
+        })
+    }
+
+    // ---- services: slot 0 entries and backend slots (see proxy-common's module doc) ----
+
+    /// Writes one `SERVICES` entry: a service entry (slot 0) or a backend slot (value `id` =
+    /// backend id). Write the slots before the slot-0 entry whose `count` covers them, and
+    /// lower `count` before deleting slots, so the program never picks a missing slot.
+    pub fn upsert_service_entry(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), MapsError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(access("upsert", SERVICES_MAP))
+    }
+
+    pub fn delete_service_entry(&mut self, key: &ServiceKey) -> Result<(), MapsError> {
+        deleted(self.services.remove(key), SERVICES_MAP)
+    }
+
+    /// Every `SERVICES` entry, for a resync.
+    pub fn service_entries(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapsError> {
+        collect(&self.services, SERVICES_MAP)
+    }
+
+    // ---- backends ----
+
+    pub fn upsert_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapsError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(access("upsert", BACKENDS_MAP))
+    }
+
+    /// Deletes a backend. Established flows to it re-balance on their next packet; call
+    /// [`Maps::cleanup_flows_to_backend`] too so their conntrack entries go at once.
+    pub fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        deleted(self.backends.remove(&id), BACKENDS_MAP)
+    }
+
+    pub fn backend_entries(&self) -> Result<Vec<(u32, Backend)>, MapsError> {
+        collect(&self.backends, BACKENDS_MAP)
+    }
+
+    // ---- VIPs ----
+
+    pub fn upsert_vip(&mut self, ip: IpAddr, flags: u8) -> Result<(), MapsError> {
+        let (addr, family) = addr_from_ip(ip);
+        let key = VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        let value = VipValue {
+            flags,
+            _pad: [0; 3],
+        };
+        self.vips
+            .insert(key, value, 0)
+            .map_err(access("upsert", VIPS_MAP))
+    }
+
+    pub fn delete_vip(&mut self, ip: IpAddr) -> Result<(), MapsError> {
+        let (addr, family) = addr_from_ip(ip);
+        let key = VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        deleted(self.vips.remove(&key), VIPS_MAP)
+    }
+
+    pub fn vip_entries(&self) -> Result<Vec<(IpAddr, u8)>, MapsError> {
+        Ok(collect(&self.vips, VIPS_MAP)?
+            .into_iter()
+            .map(|(k, v)| (ip_from_addr(&k.addr, k.family), v.flags))
+            .collect())
+    }
+
+    // ---- loadBalancerSourceRanges ----
+
+    /// Allows `range` for the service `service_id` (entries with `SVC_F_SOURCE_RANGES` drop
+    /// every source no allowed range contains).
+    pub fn allow_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), PRESENT, 0)
+            .map_err(access("upsert", SOURCE_RANGES_MAP))
+    }
+
+    pub fn delete_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
+        deleted(
+            self.source_ranges
+                .remove(&source_range_key(service_id, range)),
+            SOURCE_RANGES_MAP,
+        )
+    }
+
+    /// (service id, range) pairs; the family of a range is recovered from its prefix length
+    /// and address only when they are unambiguous, so this returns raw keys.
+    pub fn source_range_entries(&self) -> Result<Vec<(u32, u32, Addr)>, MapsError> {
+        self.source_ranges
+            .keys()
+            .map(|k| {
+                k.map(|k| {
+                    let data = k.data();
+                    (
+                        u32::from_be(data.service_id_be),
+                        k.prefix_len() - 32,
+                        data.addr,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(access("iterate", SOURCE_RANGES_MAP))
+    }
+
+    // ---- local-traffic detector ----
+
+    pub fn add_local_cidr(&mut self, cidr: IpNet) -> Result<(), MapsError> {
+        self.local_cidrs
+            .insert(&local_cidr_key(cidr), PRESENT, 0)
+            .map_err(access("upsert", LOCAL_CIDRS_MAP))
+    }
+
+    pub fn delete_local_cidr(&mut self, cidr: IpNet) -> Result<(), MapsError> {
+        deleted(
+            self.local_cidrs.remove(&local_cidr_key(cidr)),
+            LOCAL_CIDRS_MAP,
+        )
+    }
+
+    pub fn local_cidr_entries(&self) -> Result<Vec<IpNet>, MapsError> {
+        self.local_cidrs
+            .keys()
+            .map(|k| {
+                k.map(|k| {
+                    let data = k.data();
+                    let ip = ip_from_addr(&data.addr, data.family);
+                    let prefix = (k.prefix_len() - LOCAL_CIDR_PREFIX_BASE) as u8;
+                    IpNet::new(ip, prefix).expect("the prefix came from a valid IpNet")
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(access("iterate", LOCAL_CIDRS_MAP))
+    }
+
+    pub fn add_local_ifindex(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        self.local_ifindexes
+            .insert(ifindex, PRESENT, 0)
+            .map_err(access("upsert", LOCAL_IFINDEXES_MAP))
+    }
+
+    pub fn delete_local_ifindex(&mut self, ifindex: u32) -> Result<(), MapsError> {
+        deleted(self.local_ifindexes.remove(&ifindex), LOCAL_IFINDEXES_MAP)
+    }
+
+    pub fn local_ifindex_entries(&self) -> Result<Vec<u32>, MapsError> {
+        Ok(collect(&self.local_ifindexes, LOCAL_IFINDEXES_MAP)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    // ---- config ----
+
+    pub fn config(&self) -> Result<ConfigValue, MapsError> {
+        self.config.get(&0, 0).map_err(access("read", CONFIG_MAP))
+    }
+
+    pub fn set_config(&mut self, config: &ConfigValue) -> Result<(), MapsError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(access("write", CONFIG_MAP))
+    }
+
+    /// Read-modify-write of the config (the proxy owns `netns_cookie`; the reconciler the rest).
+    pub fn update_config(&mut self, f: impl FnOnce(&mut ConfigValue)) -> Result<(), MapsError> {
+        let mut config = self.config()?;
+        f(&mut config);
+        self.set_config(&config)
+    }
+
+    // ---- conntrack ----
+
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
+        collect(&self.conntrack, CONNTRACK_MAP)
+    }
+
+    pub fn delete_conntrack(&mut self, key: &CtKey) -> Result<(), MapsError> {
+        deleted(self.conntrack.remove(key), CONNTRACK_MAP)
+    }
+
+    /// Deletes every conntrack entry (both directions) of flows to backend `id`: kube-proxy's
+    /// cleanup of stale UDP flows when an endpoint goes away, so UDP clients that keep their
+    /// socket are not blackholed; TCP flows would re-balance anyway, this frees them at once.
+    /// Returns the number of entries deleted.
+    pub fn cleanup_flows_to_backend(&mut self, id: u32) -> Result<usize, MapsError> {
+        let stale: Vec<CtKey> = self
+            .conntrack_entries()?
+            .into_iter()
+            .filter(|(_, v)| v.backend_id == id)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            self.delete_conntrack(key)?;
+        }
+        Ok(stale.len())
+    }
+
+    // ---- affinity ----
+
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        collect(&self.affinity, AFFINITY_MAP)
+    }
+
+    pub fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), MapsError> {
+        deleted(self.affinity.remove(key), AFFINITY_MAP)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_in_network_order() {
+        for ip in ["10.96.0.1", "192.0.2.255", "fd00::1", "2001:db8::abcd:1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (addr, family) = addr_from_ip(ip);
+            assert_eq!(ip_from_addr(&addr, family), ip);
+        }
+        // The first byte on the wire is the first byte in memory.
+        let (addr, _) = addr_from_ip("10.96.0.1".parse().unwrap());
+        assert_eq!(addr[0].to_ne_bytes(), [10, 96, 0, 1]);
+    }
+}

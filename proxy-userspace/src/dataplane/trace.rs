@@ -1,0 +1,193 @@
+//! `kube-ebpf-proxy trace`: runs synthetic first packets through the loaded tc program with
+//! `BPF_PROG_TEST_RUN` against the maps as programmed, and reports what the kernel did. It
+//! exercises the real program and the real maps, not a model of them.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use aya::programs::SchedClassifier;
+use aya::{TestRun as _, TestRunOptions};
+use proxy_common::{CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6};
+
+use super::loader::{Loaded, TC_INGRESS};
+use super::maps::{Maps, MapsError, addr_from_ip};
+use super::packet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("the eBPF object has no loaded program {TC_INGRESS}")]
+    NoProgram,
+    #[error("BPF_PROG_TEST_RUN of {TC_INGRESS}: {0}")]
+    TestRun(aya::programs::ProgramError),
+    #[error("source {src} and destination {dst} are not of the same family")]
+    MixedFamilies { src: IpAddr, dst: IpAddr },
+    #[error("no free source port to trace from {src} (every probed tuple is a live flow)")]
+    NoFreePort { src: IpAddr },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Dnat,
+    Reject,
+    Drop,
+    Pass,
+}
+
+#[derive(Clone, Debug)]
+pub struct TraceRequest {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub proto: u8,
+    /// The interface the packet "arrives" on (the ifindex local-traffic detector reads it).
+    pub ingress_ifindex: u32,
+    /// How many first packets to run (each from its own source port); enough to see every
+    /// backend of a random choice.
+    pub runs: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TraceResult {
+    pub verdict: Verdict,
+    /// Backends chosen over the runs (one when session affinity holds).
+    pub endpoints: BTreeSet<SocketAddr>,
+    pub masquerade: bool,
+}
+
+/// TC return codes (linux/pkt_cls.h).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// Offset of `ingress_ifindex` in `struct __sk_buff` (the fields before it are 9 u32s), and a
+/// context long enough to end after `ifindex`, which the kernel requires zero-or-valid.
+const SKB_INGRESS_IFINDEX_OFF: usize = 36;
+const SKB_CTX_LEN: usize = 44;
+/// Source ports the synthetic packets use.
+const FIRST_TRACE_PORT: u16 = 61_000;
+
+/// Runs one frame through the loaded tc program (`BPF_PROG_TEST_RUN`) as if it arrived on
+/// `ifindex`; returns the program's TC verdict and the frame as it left the program.
+pub fn run_tc_program(
+    loaded: &Loaded,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>), TraceError> {
+    let program: &SchedClassifier = loaded
+        .ebpf
+        .program(TC_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(TraceError::NoProgram)?;
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
+        .copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .map_err(TraceError::TestRun)?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// Runs `request.runs` first packets through the program; deletes the conntrack (and affinity)
+/// entries the runs created, so tracing leaves the kernel state as it found it.
+pub fn trace(
+    loaded: &Loaded,
+    maps: &mut Maps,
+    request: &TraceRequest,
+) -> Result<TraceResult, TraceError> {
+    if request.src.is_ipv4() != request.dst.is_ipv4() {
+        return Err(TraceError::MixedFamilies {
+            src: request.src,
+            dst: request.dst,
+        });
+    }
+    let (src_addr, family) = addr_from_ip(request.src);
+    let (dst_addr, _) = addr_from_ip(request.dst);
+    let affinity_before: BTreeSet<_> = maps
+        .affinity_entries()?
+        .into_iter()
+        .filter(|(k, _)| k.client == src_addr && k.family == family)
+        .map(|(k, _)| (k.service_id, k.scope))
+        .collect();
+    let live: std::collections::HashSet<CtKey> = maps
+        .conntrack_entries()?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let dst = SocketAddr::new(request.dst, request.dport);
+    let mut verdicts = BTreeSet::new();
+    let mut endpoints = BTreeSet::new();
+    let mut masquerade = false;
+    let mut port = FIRST_TRACE_PORT;
+    for _ in 0..request.runs.max(1) {
+        let forward_key = loop {
+            let key = CtKey {
+                src: src_addr,
+                dst: dst_addr,
+                sport: port.to_be(),
+                dport: request.dport.to_be(),
+                proto: request.proto,
+                family,
+                _pad: [0; 2],
+            };
+            port = port
+                .checked_add(1)
+                .ok_or(TraceError::NoFreePort { src: request.src })?;
+            if !live.contains(&key) {
+                break key;
+            }
+        };
+        let src = SocketAddr::new(request.src, u16::from_be(forward_key.sport));
+        let frame = packet::build(src, dst, request.proto, b"trace");
+        let (code, out) = run_tc_program(loaded, &frame, request.ingress_ifindex)?;
+        let summary = packet::summarize(&out);
+        let verdict = match (code, &summary) {
+            (TC_ACT_SHOT, _) => Verdict::Drop,
+            (TC_ACT_REDIRECT, Some(s)) if matches!(s.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) => {
+                Verdict::Reject
+            }
+            (TC_ACT_OK, Some(s)) if s.dst != dst => {
+                endpoints.insert(s.dst);
+                masquerade |= s.src != src;
+                let (reply_src, _) = addr_from_ip(s.dst.ip());
+                let (reply_dst, _) = addr_from_ip(s.src.ip());
+                maps.delete_conntrack(&CtKey {
+                    src: reply_src,
+                    dst: reply_dst,
+                    sport: s.dst.port().to_be(),
+                    dport: s.src.port().to_be(),
+                    proto: request.proto,
+                    family,
+                    _pad: [0; 2],
+                })?;
+                maps.delete_conntrack(&forward_key)?;
+                Verdict::Dnat
+            }
+            _ => Verdict::Pass,
+        };
+        verdicts.insert(verdict);
+    }
+    for (key, _) in maps.affinity_entries()? {
+        if key.client == src_addr
+            && key.family == family
+            && !affinity_before.contains(&(key.service_id, key.scope))
+        {
+            maps.delete_affinity(&key)?;
+        }
+    }
+    // Mixed outcomes (a service changing under the trace) report the most forwarding one.
+    let verdict = verdicts.into_iter().next().unwrap_or(Verdict::Pass);
+    Ok(TraceResult {
+        verdict,
+        endpoints,
+        masquerade,
+    })
+}

@@ -1,0 +1,60 @@
+//! Programming the maps the way the reconciler does, for the kernel tests.
+
+use std::net::SocketAddr;
+
+use proxy_common::{Backend, SCOPE_POLICY, ServiceKey, ServiceValue};
+use proxy_userspace::dataplane::{Maps, addr_from_ip};
+
+/// Programs `frontend`/`proto` (policy scope) with `backends` (backend ids `id * 100 + 1…`):
+/// backends first, then the slots, then the service entry whose count covers them. `edit`
+/// sets the per-class bits, flags and affinity of the service entry.
+pub fn program_service(
+    maps: &mut Maps,
+    id: u32,
+    frontend: SocketAddr,
+    proto: u8,
+    backends: &[SocketAddr],
+    edit: impl FnOnce(&mut ServiceValue),
+) {
+    let (addr, family) = addr_from_ip(frontend.ip());
+    let key = |slot: u16| ServiceKey {
+        addr,
+        port: frontend.port().to_be(),
+        proto,
+        scope: SCOPE_POLICY,
+        slot,
+        family,
+        _pad: 0,
+    };
+    for (i, backend) in backends.iter().enumerate() {
+        let backend_id = id * 100 + i as u32 + 1;
+        let (backend_addr, backend_family) = addr_from_ip(backend.ip());
+        maps.upsert_backend(
+            backend_id,
+            &Backend {
+                addr: backend_addr,
+                port: backend.port().to_be(),
+                proto,
+                family: backend_family,
+                ..Backend::default()
+            },
+        )
+        .expect("upsert backend");
+        maps.upsert_service_entry(
+            &key(i as u16 + 1),
+            &ServiceValue {
+                id: backend_id,
+                ..ServiceValue::default()
+            },
+        )
+        .expect("upsert backend slot");
+    }
+    let mut value = ServiceValue {
+        id,
+        count: backends.len() as u16,
+        ..ServiceValue::default()
+    };
+    edit(&mut value);
+    maps.upsert_service_entry(&key(0), &value)
+        .expect("upsert service entry");
+}

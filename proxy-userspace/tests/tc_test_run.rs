@@ -1,0 +1,422 @@
+//! The tc program run on synthetic packets with BPF_PROG_TEST_RUN against maps programmed
+//! through the typed API: every rewrite is read back and its checksums recomputed here.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use proxy_common::{
+    ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
+};
+use proxy_lab::PinDir;
+use proxy_userspace::dataplane::{
+    self, Loaded, MapSizes, Maps, TraceRequest, Verdict, addr_from_ip, packet, run_tc_program,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OTHER);
+
+/// A loaded dataplane with small maps pinned in a directory of its own.
+struct Fixture {
+    loaded: Loaded,
+    maps: Maps,
+    _pins: PinDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let pins = PinDir::new();
+        let sizes = MapSizes {
+            services: 4096,
+            backends: 1024,
+            conntrack: 4096,
+            affinity: 1024,
+            source_ranges: 1024,
+            vips: 1024,
+        };
+        let loaded = dataplane::load_with_sizes(pins.path(), &sizes).expect("load the dataplane");
+        let mut maps = Maps::open(pins.path()).expect("open the pinned maps");
+        maps.set_config(&ConfigValue {
+            node_ipv4: addr_from_ip("192.0.2.1".parse().unwrap()).0,
+            node_ipv6: addr_from_ip("fd00:2::1".parse().unwrap()).0,
+            snat_port_min: 30000,
+            snat_port_max: 30099,
+            ..ConfigValue::default()
+        })
+        .unwrap();
+        Self {
+            loaded,
+            maps,
+            _pins: pins,
+        }
+    }
+
+    fn service(
+        &mut self,
+        id: u32,
+        frontend: SocketAddr,
+        proto: u8,
+        backends: &[SocketAddr],
+        edit: impl FnOnce(&mut ServiceValue),
+    ) {
+        common::program_service(&mut self.maps, id, frontend, proto, backends, edit);
+    }
+
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_tc_program(&self.loaded, frame, 0).expect("BPF_PROG_TEST_RUN")
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// (client, frontend, backend) per family.
+fn addresses(v6: bool) -> (SocketAddr, SocketAddr, SocketAddr) {
+    if v6 {
+        (
+            sa("[fd00:1::2]:40000"),
+            sa("[fd00:96::10]:80"),
+            sa("[fd00:10::5]:8080"),
+        )
+    } else {
+        (
+            sa("10.0.0.2:40000"),
+            sa("10.96.0.10:80"),
+            sa("10.1.0.5:8080"),
+        )
+    }
+}
+
+#[test]
+fn first_packet_is_dnated_and_the_reply_reverse_translated_with_valid_checksums() {
+    for v6 in [false, true] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let mut fx = Fixture::new();
+            let (client, frontend, backend) = addresses(v6);
+            fx.service(1, frontend, proto, &[backend], |_| {});
+            let (code, out) = fx.run(&packet::build(client, frontend, proto, b"hello"));
+            let s = packet::summarize(&out).unwrap();
+            let case = format!("v6 {v6} proto {proto}");
+            assert_eq!(code, TC_ACT_OK, "{case}");
+            assert_eq!((s.src, s.dst), (client, backend), "{case}");
+            assert!(s.checksums_ok, "{case}: checksums after DNAT");
+
+            let (code, out) = fx.run(&packet::build(backend, client, proto, b"world"));
+            let s = packet::summarize(&out).unwrap();
+            assert_eq!(code, TC_ACT_OK, "{case}");
+            assert_eq!((s.src, s.dst), (frontend, client), "{case}: reverse NAT");
+            assert!(s.checksums_ok, "{case}: checksums after reverse NAT");
+
+            // A second packet of the same flow hits conntrack and goes to the same backend.
+            let (_, out) = fx.run(&packet::build(client, frontend, proto, b"again"));
+            assert_eq!(packet::summarize(&out).unwrap().dst, backend, "{case}");
+        }
+    }
+}
+
+#[test]
+fn ipv4_udp_without_checksum_keeps_a_zero_checksum() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    let mut frame = packet::build(client, frontend, IPPROTO_UDP, b"no checksum");
+    let udp_csum = packet::ETH_HLEN + 20 + 6;
+    frame[udp_csum..udp_csum + 2].copy_from_slice(&[0, 0]);
+    let (code, out) = fx.run(&frame);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    assert_eq!(out[udp_csum..udp_csum + 2], [0, 0]);
+    assert!(packet::summarize(&out).unwrap().checksums_ok);
+}
+
+#[test]
+fn masqueraded_flows_get_the_node_address_and_a_port_from_the_snat_range() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = addresses(v6);
+        let node: IpAddr = if v6 {
+            "fd00:2::1".parse().unwrap()
+        } else {
+            "192.0.2.1".parse().unwrap()
+        };
+        fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+            v.masquerade_classes = ALL_CLASSES;
+        });
+        let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+        let s = packet::summarize(&out).unwrap();
+        assert_eq!(code, TC_ACT_OK);
+        assert_eq!(s.dst, backend);
+        assert_eq!(s.src.ip(), node, "masqueraded source");
+        assert!(
+            (30000..=30099).contains(&s.src.port()),
+            "SNAT port {}",
+            s.src.port()
+        );
+        assert!(s.checksums_ok);
+
+        let (_, out) = fx.run(&packet::build(backend, s.src, IPPROTO_TCP, b""));
+        let r = packet::summarize(&out).unwrap();
+        assert_eq!(
+            (r.src, r.dst),
+            (frontend, client),
+            "reply back to the real client"
+        );
+        assert!(r.checksums_ok);
+    }
+}
+
+#[test]
+fn hairpin_traffic_is_masqueraded() {
+    let mut fx = Fixture::new();
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    // The backend itself connects to its own service.
+    let client = SocketAddr::new(backend.ip(), 41000);
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    let s = packet::summarize(&out).unwrap();
+    assert_eq!(s.dst, backend);
+    assert_eq!(s.src.ip(), "192.0.2.1".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn reject_answers_with_an_icmp_port_unreachable_to_the_client() {
+    for (v6, proto) in [
+        (false, IPPROTO_TCP),
+        (false, IPPROTO_UDP),
+        (true, IPPROTO_TCP),
+    ] {
+        let mut fx = Fixture::new();
+        let (client, frontend, _) = addresses(v6);
+        // No endpoints: REJECT.
+        fx.service(1, frontend, proto, &[], |_| {});
+        let frame = packet::build(client, frontend, proto, b"knock");
+        let (code, out) = fx.run(&frame);
+        assert_eq!(
+            code, TC_ACT_REDIRECT,
+            "v6 {v6} proto {proto}: sent back out"
+        );
+        let s = packet::summarize(&out).unwrap();
+        let expected_icmp = if v6 { (1, 4) } else { (3, 3) };
+        assert_eq!(s.icmp, Some(expected_icmp), "v6 {v6} proto {proto}");
+        assert_eq!((s.src.ip(), s.dst.ip()), (frontend.ip(), client.ip()));
+        assert_eq!(
+            s.quoted,
+            Some((client, frontend)),
+            "the offending packet is quoted"
+        );
+        assert!(s.checksums_ok, "v6 {v6} proto {proto}: ICMP checksums");
+        assert_eq!(
+            (s.eth_src, s.eth_dst),
+            (packet::NODE_MAC, packet::CLIENT_MAC)
+        );
+    }
+}
+
+#[test]
+fn per_class_reject_and_drop_bits_apply() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.drop_classes = 1 << SOURCE_OTHER;
+    });
+    let (code, _) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_SHOT, "drop bit of the client's class");
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.reject_classes = 1 << SOURCE_OTHER;
+    });
+    let (code, _) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_REDIRECT, "reject bit of the client's class");
+    // Node-originated traffic (source = the node address) is another class: forwarded.
+    let node_client = sa("192.0.2.1:45000");
+    let (code, out) = fx.run(&packet::build(node_client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(7, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.flags |= SVC_F_SOURCE_RANGES;
+    });
+    fx.maps
+        .allow_source_range(7, "10.0.0.0/24".parse().unwrap())
+        .unwrap();
+    let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    let outsider = sa("10.9.0.2:40000");
+    let (code, _) = fx.run(&packet::build(outsider, frontend, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_SHOT);
+}
+
+#[test]
+fn vips_reject_unknown_ports_and_drop_unallocated_addresses() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.maps
+        .upsert_vip(frontend.ip(), VIP_F_CLUSTER_IP | VIP_F_SERVICE_CIDR)
+        .unwrap();
+    let unallocated: IpAddr = "10.96.0.99".parse().unwrap();
+    fx.maps.upsert_vip(unallocated, VIP_F_SERVICE_CIDR).unwrap();
+
+    let other_port = SocketAddr::new(frontend.ip(), 81);
+    let (code, out) = fx.run(&packet::build(client, other_port, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_REDIRECT);
+    assert_eq!(packet::summarize(&out).unwrap().icmp, Some((3, 3)));
+
+    let (code, _) = fx.run(&packet::build(
+        client,
+        SocketAddr::new(unallocated, 80),
+        IPPROTO_TCP,
+        b"",
+    ));
+    assert_eq!(code, TC_ACT_SHOT);
+
+    let elsewhere = sa("10.200.0.1:80");
+    let frame = packet::build(client, elsewhere, IPPROTO_TCP, b"");
+    let (code, out) = fx.run(&frame);
+    assert_eq!(
+        (code, out),
+        (TC_ACT_OK, frame),
+        "unrelated traffic passes untouched"
+    );
+}
+
+#[test]
+fn malformed_packets_pass_untouched() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.service(2, frontend, IPPROTO_UDP, &[backend], |_| {});
+    let good = packet::build(client, frontend, IPPROTO_TCP, b"payload");
+    let ip = packet::ETH_HLEN;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // (A frame shorter than its IP header never reaches the program: the kernel refuses to
+    // build such an skb, in BPF_PROG_TEST_RUN as on the wire.)
+    let mut no_l4 = good[..ip + 20].to_vec();
+    no_l4[ip + 2..ip + 4].copy_from_slice(&20u16.to_be_bytes());
+    cases.push(("IPv4 header without L4 header", no_l4));
+    // A TCP header cut short, with the IP total length agreeing with the bytes present.
+    let mut short_tcp = good[..ip + 20 + 10].to_vec();
+    short_tcp[ip + 2..ip + 4].copy_from_slice(&30u16.to_be_bytes());
+    cases.push(("truncated TCP header", short_tcp));
+    let mut long_total = good.clone();
+    long_total[ip + 2..ip + 4].copy_from_slice(&1400u16.to_be_bytes());
+    cases.push(("total length beyond the packet", long_total));
+    let mut short_total = good.clone();
+    short_total[ip + 2..ip + 4].copy_from_slice(&10u16.to_be_bytes());
+    cases.push(("total length below the header", short_total));
+    let mut options = good.clone();
+    options[ip] = 0x46;
+    cases.push(("IPv4 options", options));
+    let mut first_fragment = good.clone();
+    first_fragment[ip + 6] = 0x20; // more fragments
+    cases.push(("first fragment", first_fragment));
+    let mut later_fragment = good.clone();
+    later_fragment[ip + 6..ip + 8].copy_from_slice(&100u16.to_be_bytes());
+    cases.push(("non-first fragment", later_fragment));
+    let mut bad_offset = good.clone();
+    bad_offset[ip + 20 + 12] = 0xf0; // TCP data offset 60 > segment
+    cases.push(("TCP data offset beyond the segment", bad_offset));
+    let udp = packet::build(client, frontend, IPPROTO_UDP, b"x");
+    let mut udp_len = udp.clone();
+    udp_len[ip + 20 + 4..ip + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("UDP length beyond the datagram", udp_len));
+    let v6 = packet::build(
+        sa("[fd00:1::2]:1"),
+        sa("[fd00:96::10]:80"),
+        IPPROTO_TCP,
+        b"",
+    );
+    let mut v6_no_l4 = v6[..ip + 40].to_vec();
+    v6_no_l4[ip + 4..ip + 6].copy_from_slice(&0u16.to_be_bytes());
+    cases.push(("IPv6 header without L4 header", v6_no_l4));
+    let mut v6_len = v6.clone();
+    v6_len[ip + 4..ip + 6].copy_from_slice(&4000u16.to_be_bytes());
+    cases.push(("IPv6 payload length beyond the packet", v6_len));
+    for (what, frame) in cases {
+        let (code, out) = run_tc_program(&fx.loaded, &frame, 0)
+            .unwrap_or_else(|e| panic!("{what}: BPF_PROG_TEST_RUN: {e}"));
+        assert_eq!(code, TC_ACT_OK, "{what}: passed");
+        assert_eq!(out, frame, "{what}: not rewritten");
+    }
+    // Nothing was tracked for any of them.
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let syn = packet::build(client, frontend, IPPROTO_TCP, b"");
+    let (_, translated) = fx.run(&syn);
+    // The backend answers a too-big packet of the flow with "fragmentation needed", quoting
+    // the packet as it received it (client → backend).
+    let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + 28];
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(quoted);
+    let sum = packet::internet_checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let error = packet::frame(backend.ip(), client.ip(), IPPROTO_ICMP, &icmp);
+    let (code, out) = fx.run(&error);
+    assert_eq!(code, TC_ACT_OK);
+    let s = packet::summarize(&out).unwrap();
+    assert_eq!(
+        s.src.ip(),
+        frontend.ip(),
+        "outer source back to the service"
+    );
+    assert_eq!(
+        s.quoted,
+        Some((client, frontend)),
+        "quoted packet as the client sent it"
+    );
+    assert!(s.checksums_ok, "outer, quoted-header and ICMP checksums");
+}
+
+#[test]
+fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
+    let mut fx = Fixture::new();
+    let (client, frontend, _) = addresses(false);
+    let backends = [
+        sa("10.1.0.5:8080"),
+        sa("10.1.0.6:8080"),
+        sa("10.1.0.7:8080"),
+    ];
+    fx.service(1, frontend, IPPROTO_TCP, &backends, |_| {});
+    let request = TraceRequest {
+        src: client.ip(),
+        dst: frontend.ip(),
+        dport: frontend.port(),
+        proto: IPPROTO_TCP,
+        ingress_ifindex: 0,
+        runs: 64,
+    };
+    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    assert_eq!(result.verdict, Verdict::Dnat);
+    assert_eq!(result.endpoints, backends.into_iter().collect());
+    assert!(!result.masquerade);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+
+    fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
+        v.affinity_timeout = 60;
+    });
+    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    assert_eq!(result.endpoints.len(), 1, "affinity: one backend");
+    assert!(
+        fx.maps.affinity_entries().unwrap().is_empty(),
+        "trace removed its affinity"
+    );
+
+    fx.service(1, frontend, IPPROTO_TCP, &[], |_| {});
+    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    assert_eq!(result.verdict, Verdict::Reject);
+}
