@@ -12,8 +12,10 @@
 //! - `AFFINITY`: LRU hash `AffinityKey` → `AffinityValue` (sessionAffinity ClientIP).
 //! - `SOURCE_RANGES`: LPM trie (service id, client address) → allowed (loadBalancerSourceRanges).
 //! - `LOCAL_CIDRS` / `LOCAL_IFINDEXES`: the local-traffic detector (pod source class).
-//! - `VIPS`: hash address → `VipValue` for addresses inside the service CIDRs (REJECT / DROP
-//!   of traffic no frontend matched).
+//! - `VIPS`: hash address → `VipValue` for allocated ClusterIPs (REJECT of traffic to a port no
+//!   frontend matched).
+//! - `SERVICE_CIDRS`: LPM trie (`LocalCidrData` layout) of the service CIDRs (DROP of traffic to
+//!   an unallocated address in them).
 //! - `CONFIG`: one `ConfigValue` (node addresses, SNAT port range, detector mode, debug).
 //! - `COUNTERS`: per-CPU `u64`s indexed by [`Counter`].
 #![no_std]
@@ -24,6 +26,32 @@ pub type Addr = [u32; 4];
 
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
+
+/// The map form of an IP address: its bytes in network order in word 0 (IPv4) or all four
+/// words (IPv6), and the family.
+pub fn addr_from_ip(ip: core::net::IpAddr) -> (Addr, u8) {
+    match ip {
+        core::net::IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_IPV4),
+        core::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_IPV6)
+        }
+    }
+}
+
+/// The inverse of [`addr_from_ip`].
+pub fn ip_from_addr(addr: &Addr, family: u8) -> core::net::IpAddr {
+    if family == FAMILY_IPV4 {
+        core::net::IpAddr::from(addr[0].to_ne_bytes())
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        core::net::IpAddr::from(octets)
+    }
+}
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -40,6 +68,7 @@ pub const SOURCE_RANGES_MAP: &str = "SOURCE_RANGES";
 pub const LOCAL_CIDRS_MAP: &str = "LOCAL_CIDRS";
 pub const LOCAL_IFINDEXES_MAP: &str = "LOCAL_IFINDEXES";
 pub const VIPS_MAP: &str = "VIPS";
+pub const SERVICE_CIDRS_MAP: &str = "SERVICE_CIDRS";
 pub const CONFIG_MAP: &str = "CONFIG";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SOCK_REVNAT_MAP: &str = "SOCK_REVNAT";
@@ -54,6 +83,7 @@ pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 pub const LOCAL_CIDRS_MAX_ENTRIES: u32 = 1_024;
 pub const LOCAL_IFINDEXES_MAX_ENTRIES: u32 = 4_096;
 pub const VIPS_MAX_ENTRIES: u32 = 262_144;
+pub const SERVICE_CIDRS_MAX_ENTRIES: u32 = 64;
 /// One entry per (host socket, backend) a socket hook translated, for the reverse translation
 /// of UDP replies and peer names.
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
@@ -233,8 +263,6 @@ pub struct VipKey {
 
 /// `VipValue::flags`: this address is an allocated ClusterIP (REJECT unknown ports).
 pub const VIP_F_CLUSTER_IP: u8 = 1 << 0;
-/// This address is inside a service CIDR (DROP when nothing else matched).
-pub const VIP_F_SERVICE_CIDR: u8 = 1 << 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -9,9 +9,10 @@ use aya_ebpf::{
 use proxy_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
     CONNTRACK_MAX_ENTRIES, COUNTER_SLOTS, ConfigValue, Counter, CtKey, CtValue,
-    LOCAL_CIDRS_MAX_ENTRIES, LOCAL_IFINDEXES_MAX_ENTRIES, LocalCidrData, SERVICES_MAX_ENTRIES,
-    SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, SourceRangeData, VIPS_MAX_ENTRIES, VipKey, VipValue,
+    LOCAL_CIDRS_MAX_ENTRIES, LOCAL_IFINDEXES_MAX_ENTRIES, LocalCidrData, SERVICE_CIDRS_MAX_ENTRIES,
+    SERVICES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeData, VIPS_MAX_ENTRIES, VipKey,
+    VipValue,
 };
 
 #[map(name = "SERVICES")]
@@ -36,6 +37,10 @@ pub static LOCAL_CIDRS: LpmTrie<LocalCidrData, u32> = LpmTrie::pinned(LOCAL_CIDR
 
 #[map(name = "LOCAL_IFINDEXES")]
 pub static LOCAL_IFINDEXES: HashMap<u32, u32> = HashMap::pinned(LOCAL_IFINDEXES_MAX_ENTRIES, 0);
+
+#[map(name = "SERVICE_CIDRS")]
+pub static SERVICE_CIDRS: LpmTrie<LocalCidrData, u32> =
+    LpmTrie::pinned(SERVICE_CIDRS_MAX_ENTRIES, 0);
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(VIPS_MAX_ENTRIES, 0);

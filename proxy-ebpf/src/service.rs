@@ -2,7 +2,7 @@
 //! lookups per new flow, whatever the number of services or backends.
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
-use aya_ebpf::maps::lpm_trie::Key as LpmKey;
+use aya_ebpf::maps::{LpmTrie, lpm_trie::Key as LpmKey};
 use proxy_common::{
     Addr, AffinityKey, AffinityValue, Backend, ConfigValue, Counter, DETECT_LOCAL_CIDR,
     DETECT_LOCAL_IFINDEX, FAMILY_IPV4, LOCAL_CIDR_PREFIX_BASE, LocalCidrData, SCOPE_CLUSTER,
@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use crate::maps::{
-    AFFINITY, BACKENDS, LOCAL_CIDRS, LOCAL_IFINDEXES, SERVICES, SOURCE_RANGES, count,
+    AFFINITY, BACKENDS, LOCAL_CIDRS, LOCAL_IFINDEXES, SERVICE_CIDRS, SERVICES, SOURCE_RANGES, count,
 };
 
 /// The slot-0 entry of a frontend in `scope`.
@@ -47,18 +47,7 @@ pub fn classify(cfg: &ConfigValue, family: u8, src: &Addr, ifindex: u32) -> u8 {
         return SOURCE_NODE;
     }
     let local = match cfg.detect_local_mode {
-        DETECT_LOCAL_CIDR => {
-            let bits = if family == FAMILY_IPV4 { 32 } else { 128 };
-            let key = LpmKey::new(
-                LOCAL_CIDR_PREFIX_BASE + bits,
-                LocalCidrData {
-                    family,
-                    _pad: [0; 3],
-                    addr: *src,
-                },
-            );
-            LOCAL_CIDRS.get(&key).is_some()
-        }
+        DETECT_LOCAL_CIDR => cidr_match(&LOCAL_CIDRS, family, src),
         DETECT_LOCAL_IFINDEX => {
             // SAFETY: read-only lookup of a plain integer value.
             unsafe { LOCAL_IFINDEXES.get(&ifindex) }.is_some()
@@ -66,6 +55,27 @@ pub fn classify(cfg: &ConfigValue, family: u8, src: &Addr, ifindex: u32) -> u8 {
         _ => false,
     };
     if local { SOURCE_POD } else { SOURCE_OTHER }
+}
+
+/// Is `addr` inside one of the CIDRs of `map` (`LocalCidrData` layout)?
+#[inline(always)]
+fn cidr_match(map: &LpmTrie<LocalCidrData, u32>, family: u8, addr: &Addr) -> bool {
+    let bits = if family == FAMILY_IPV4 { 32 } else { 128 };
+    let key = LpmKey::new(
+        LOCAL_CIDR_PREFIX_BASE + bits,
+        LocalCidrData {
+            family,
+            _pad: [0; 3],
+            addr: *addr,
+        },
+    );
+    map.get(&key).is_some()
+}
+
+/// Is `dst` inside a service CIDR (where unallocated addresses are dropped)?
+#[inline(always)]
+pub fn in_service_cidr(family: u8, dst: &Addr) -> bool {
+    cidr_match(&SERVICE_CIDRS, family, dst)
 }
 
 /// loadBalancerSourceRanges: is `src` inside one of the service's allowed prefixes?

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use proxy_common::{
     CONFIG_F_DEBUG, CT_F_REPLY, CT_F_SNAT, Counter, IPPROTO_SCTP, SVC_F_SOURCE_RANGES,
-    VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR, VipKey,
+    VIP_F_CLUSTER_IP, VipKey,
 };
 
 use crate::{
@@ -222,14 +222,12 @@ fn vip(flow: &Flow) -> NewFlow {
         _pad: [0; 3],
     };
     // SAFETY: copied out immediately.
-    let Some(flags) = (unsafe { VIPS.get(&key) }).map(|v| v.flags) else {
-        return NewFlow::Verdict(OK);
-    };
+    let flags = unsafe { VIPS.get(&key) }.map_or(0, |v| v.flags);
     if flags & VIP_F_CLUSTER_IP != 0 {
         count(Counter::VipRejects);
         return NewFlow::Reject(flow.family);
     }
-    if flags & VIP_F_SERVICE_CIDR != 0 {
+    if service::in_service_cidr(flow.family, &flow.dst) {
         count(Counter::VipDrops);
         return NewFlow::Verdict(SHOT);
     }

@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Load the eBPF programs, pin their maps and attach them to this network namespace's
     /// interfaces, then run until SIGTERM or SIGINT.
-    Run(RunArgs),
+    Run(cmd::run::RunArgs),
     /// Print what the proxy will program: every Service port's frontends, per-source actions
     /// (forward/masquerade/reject/drop) and endpoint sets, from the same source flags as `run`.
     Plan(cmd::plan::PlanArgs),
@@ -64,45 +64,6 @@ struct StatsArgs {
     bpf_pin_path: PathBuf,
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Directory on bpffs where the maps are pinned; several proxies on one machine (tests, the
-    /// lab) each need their own.
-    #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
-    bpf_pin_path: PathBuf,
-    /// Which interfaces get the tc program: comma-separated name patterns with `*`, `!`
-    /// excludes (e.g. `eth*,veth*,!veth-mgmt`). Default: every interface but loopback.
-    #[arg(long, default_value = "")]
-    interfaces: String,
-    /// The cgroup v2 directory the socket hooks (host-originated traffic) attach to. Default:
-    /// the cgroup2 mount root.
-    #[arg(long)]
-    cgroup_path: Option<PathBuf>,
-    /// The node's addresses (one per family) used as the masquerade source and to recognise
-    /// node-originated packets.
-    #[arg(long = "node-ip")]
-    node_ips: Vec<std::net::IpAddr>,
-    /// SNAT source port range MIN-MAX; reserve it from local ports
-    /// (net.ipv4.ip_local_reserved_ports).
-    #[arg(long, default_value = "30000-32767")]
-    snat_ports: String,
-    /// Log every new flow's decision from the kernel (aya-log).
-    #[arg(long)]
-    bpf_debug: bool,
-    /// Conntrack map size (entries); takes effect when the map is created.
-    #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
-    conntrack_max: u32,
-    /// Services map size (entries); takes effect when the map is created.
-    #[arg(long, default_value_t = proxy_common::SERVICES_MAX_ENTRIES)]
-    services_max: u32,
-    /// Backends map size (entries); takes effect when the map is created.
-    #[arg(long, default_value_t = proxy_common::BACKENDS_MAX_ENTRIES)]
-    backends_max: u32,
-    /// Seconds between conntrack garbage collections.
-    #[arg(long, default_value_t = 10)]
-    gc_interval: u64,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -113,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => cmd::run::run(args).await,
         Command::Plan(args) => cmd::plan::plan(args).await,
         Command::Stats(args) => {
             for (name, value) in dataplane::read_counters(&args.bpf_pin_path)? {
@@ -154,128 +115,5 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
         }
         println!("masquerade {}", result.masquerade);
     }
-    Ok(())
-}
-
-fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
-    let (min, max) = range
-        .split_once('-')
-        .with_context(|| format!("--snat-ports {range}: expected MIN-MAX"))?;
-    let (min, max): (u16, u16) = (min.trim().parse()?, max.trim().parse()?);
-    anyhow::ensure!(min > 0 && min <= max, "--snat-ports {range}: empty range");
-    Ok((min, max))
-}
-
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let sizes = dataplane::MapSizes {
-        conntrack: args.conntrack_max,
-        services: args.services_max,
-        backends: args.backends_max,
-        ..dataplane::MapSizes::default()
-    };
-    let mut loaded =
-        dataplane::load_with_sizes(&args.bpf_pin_path, &sizes).context("loading the dataplane")?;
-    let mut maps = dataplane::Maps::open(&args.bpf_pin_path)?;
-    let (snat_min, snat_max) = parse_port_range(&args.snat_ports)?;
-    let cookie = dataplane::netns_cookie()?;
-    maps.update_config(|config| {
-        config.netns_cookie = cookie;
-        config.snat_port_min = snat_min;
-        config.snat_port_max = snat_max;
-        for ip in &args.node_ips {
-            let (addr, family) = dataplane::addr_from_ip(*ip);
-            if family == proxy_common::FAMILY_IPV4 {
-                config.node_ipv4 = addr;
-            } else {
-                config.node_ipv6 = addr;
-            }
-        }
-        if args.bpf_debug {
-            config.flags |= proxy_common::CONFIG_F_DEBUG;
-        } else {
-            config.flags &= !proxy_common::CONFIG_F_DEBUG;
-        }
-    })?;
-    if args.bpf_debug {
-        match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
-            Ok(logger) => {
-                // SAFETY: the logger owns its ring-buffer descriptor for its whole life and
-                // always reports that same descriptor; the AsyncFd owns the logger.
-                let mut logger = unsafe { tokio::io::unix::AsyncFd::register(logger) }
-                    .map_err(|e| anyhow::anyhow!("registering the kernel log buffer: {e}"))?;
-                tokio::spawn(async move {
-                    loop {
-                        let Ok(mut guard) = logger.readable_mut().await else {
-                            break;
-                        };
-                        guard.get_inner_mut().flush();
-                        guard.clear_ready();
-                    }
-                });
-            }
-            Err(error) => tracing::warn!(%error, "kernel debug logging unavailable"),
-        }
-    }
-    dataplane::accept_local_sources().context("enabling accept_local")?;
-    let filter = dataplane::InterfaceFilter::parse(&args.interfaces);
-    let mut attachments = dataplane::Attachments::default();
-    attachments
-        .sync(&mut loaded, &filter)
-        .context("attaching the tc programs")?;
-    let cgroup = match &args.cgroup_path {
-        Some(path) => path.clone(),
-        None => dataplane::cgroup2_root()?,
-    };
-    dataplane::attach_socket_hooks(&mut loaded, &cgroup).context("attaching the socket hooks")?;
-    tracing::info!(interfaces = ?attachments.interfaces, cgroup = %cgroup.display(), pin_path = %args.bpf_pin_path.display(), "programs attached");
-
-    // Link events arrive on a blocking netlink socket: a thread turns them into wakeups.
-    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = dataplane::LinkWatcher::new()?;
-    std::thread::spawn(move || {
-        loop {
-            match watcher.wait(std::time::Duration::from_secs(1)) {
-                Ok(true) => {
-                    if link_tx.blocking_send(()).is_err() {
-                        break;
-                    }
-                }
-                Ok(false) => {
-                    if link_tx.is_closed() {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    tracing::error!(%error, "link watcher stopped");
-                    break;
-                }
-            }
-        }
-    });
-    let timeouts = dataplane::CtTimeouts::default();
-    let mut gc = tokio::time::interval(std::time::Duration::from_secs(args.gc_interval.max(1)));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            Some(()) = link_rx.recv() => {
-                match attachments.sync(&mut loaded, &filter) {
-                    Ok((added, removed)) if !added.is_empty() || !removed.is_empty() => {
-                        tracing::info!(?added, ?removed, "interfaces changed");
-                    }
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "syncing tc attachments"),
-                }
-            }
-            _ = gc.tick() => {
-                match dataplane::collect_garbage(&mut maps, &timeouts) {
-                    Ok(stats) => tracing::debug!(?stats, "conntrack gc"),
-                    Err(error) => tracing::warn!(%error, "conntrack gc"),
-                }
-            }
-        }
-    }
-    tracing::info!("stopping; pinned maps stay for the next start");
     Ok(())
 }

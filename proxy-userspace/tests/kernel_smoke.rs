@@ -5,7 +5,7 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::process::Command;
 
-use proxy_lab::{Cgroup, Netns, PinDir, Proxy, run, unique_name, veth};
+use proxy_lab::{Cgroup, ManifestsDir, Netns, PinDir, Proxy, run, unique_name, veth};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
 
@@ -41,11 +41,19 @@ fn tc_program_counts_packets_sent_through_a_veth() {
     .unwrap();
     let pins = PinDir::new();
     let cgroup = Cgroup::new().unwrap();
+    let manifests = ManifestsDir::new().unwrap();
     let _proxy = Proxy::start(
         Path::new(BINARY),
         &node,
         &pins,
-        &["--cgroup-path", cgroup.path().to_str().unwrap()],
+        &[
+            "--cgroup-path",
+            cgroup.path().to_str().unwrap(),
+            "--manifests",
+            manifests.path().to_str().unwrap(),
+            "--hostname-override",
+            "node",
+        ],
     )
     .unwrap();
 

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
     ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
-    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
+    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -260,11 +260,12 @@ fn vips_reject_unknown_ports_and_drop_unallocated_addresses() {
     let mut fx = Fixture::new();
     let (client, frontend, backend) = addresses(false);
     fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.maps.upsert_vip(frontend.ip(), VIP_F_CLUSTER_IP).unwrap();
+    // The whole service CIDR: every address in it that is no ClusterIP is unallocated.
     fx.maps
-        .upsert_vip(frontend.ip(), VIP_F_CLUSTER_IP | VIP_F_SERVICE_CIDR)
+        .add_service_cidr("10.96.0.0/12".parse().unwrap())
         .unwrap();
     let unallocated: IpAddr = "10.96.0.99".parse().unwrap();
-    fx.maps.upsert_vip(unallocated, VIP_F_SERVICE_CIDR).unwrap();
 
     let other_port = SocketAddr::new(frontend.ip(), 81);
     let (code, out) = fx.run(&packet::build(client, other_port, IPPROTO_TCP, b""));

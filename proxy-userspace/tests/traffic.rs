@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, SOURCE_OTHER};
 use proxy_lab::{
-    Cgroup, EchoServer, Netns, PinDir, Proxy, run, tcp_request, udp_request, unique_name, veth,
+    Cgroup, EchoServer, ManifestsDir, Netns, PinDir, Proxy, run, tcp_request, udp_request,
+    unique_name, veth,
 };
 use proxy_userspace::dataplane::Maps;
 
@@ -23,6 +24,18 @@ const PODS: usize = 2;
 /// Requests sent before concluding a backend is never chosen (2 backends: 2^-40 odds).
 const MAX_REQUESTS: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// This node as the proxy's manifests source sees it.
+const NODE_YAML: &str = "apiVersion: v1
+kind: Node
+metadata:
+  name: node
+status:
+  addresses:
+  - type: InternalIP
+    address: 10.0.0.1
+  - type: InternalIP
+    address: fd00:c::1
+";
 
 /// Fields drop in order: maps, proxy (detaches), servers, cgroup, namespaces, pins.
 struct Lab {
@@ -35,6 +48,7 @@ struct Lab {
     node: Netns,
     nft_before: String,
     pins: PinDir,
+    _manifests: ManifestsDir,
 }
 
 fn node_addresses() -> [IpAddr; 2] {
@@ -129,6 +143,10 @@ impl Lab {
         }
         let nft_before = nft_ruleset(&node);
         let pins = PinDir::new();
+        // The proxy's source: a cluster of just this node. Its addresses are the masquerade
+        // source; the services themselves are written straight into the maps by each test.
+        let manifests = ManifestsDir::new().unwrap();
+        manifests.write("node.yaml", NODE_YAML).unwrap();
         let cgroup = Cgroup::new().unwrap();
         let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
         let proxy = Proxy::start(
@@ -138,10 +156,10 @@ impl Lab {
             &[
                 "--cgroup-path",
                 &cgroup_path,
-                "--node-ip",
-                "10.0.0.1",
-                "--node-ip",
-                "fd00:c::1",
+                "--manifests",
+                manifests.path().to_str().unwrap(),
+                "--hostname-override",
+                "node",
                 "--services-max",
                 "65536",
                 "--backends-max",
@@ -162,6 +180,7 @@ impl Lab {
             node,
             nft_before,
             pins,
+            _manifests: manifests,
         }
     }
 

@@ -247,6 +247,55 @@ impl Drop for PinDir {
     }
 }
 
+/// A manifests folder for a proxy under test (`--manifests`), removed on drop.
+pub struct ManifestsDir {
+    path: PathBuf,
+}
+
+impl ManifestsDir {
+    /// A fresh, empty folder.
+    pub fn new() -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("kube-ebpf-proxy-test-{}", unique_name("m")));
+        std::fs::create_dir_all(&path).map_err(|source| LabError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes (or replaces) `name` in the folder, atomically so a watching proxy never reads
+    /// half a file.
+    pub fn write(&self, name: &str, content: &str) -> Result<()> {
+        let target = self.path.join(name);
+        let tmp = self.path.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content)
+            .and_then(|()| std::fs::rename(&tmp, &target))
+            .map_err(|source| LabError::Io {
+                path: target,
+                source,
+            })
+    }
+
+    /// Removes `name` from the folder.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let target = self.path.join(name);
+        std::fs::remove_file(&target).map_err(|source| LabError::Io {
+            path: target,
+            source,
+        })
+    }
+}
+
+impl Drop for ManifestsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// A running `kube-ebpf-proxy run` inside a namespace; killed on drop.
 pub struct Proxy {
     child: Child,
@@ -255,8 +304,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts `binary run --bpf-pin-path PIN EXTRA…` inside `ns` and waits until it says its
-    /// programs are attached.
+    /// Starts `binary run --bpf-pin-path PIN EXTRA…` inside `ns` and waits until it has
+    /// programmed its first snapshot of the source given in `extra` (e.g. `--manifests DIR`).
     pub fn start(binary: &Path, ns: &Netns, pin_dir: &PinDir, extra: &[&str]) -> Result<Self> {
         let mut cmd = ns.command(binary);
         cmd.arg("run")
@@ -288,7 +337,7 @@ impl Proxy {
             log,
             lines: Vec::new(),
         };
-        proxy.wait_for_log("programs attached", Duration::from_secs(30))?;
+        proxy.wait_for_log("initial sync programmed", Duration::from_secs(30))?;
         Ok(proxy)
     }
 

@@ -380,7 +380,10 @@ impl Lab {
                 )?;
             }
         }
-        for (ns, port, ip) in [(&self.client_netns, "cl", CLIENT_IP), (&self.outsider_netns, "out", OUTSIDER_IP)] {
+        for (ns, port, ip) in [
+            (&self.client_netns, "cl", CLIENT_IP),
+            (&self.outsider_netns, "out", OUTSIDER_IP),
+        ] {
             attach(ns, port, &format!("{ip}/24"))?;
             ip_in(ns, &["route", "add", NODE_NET, "dev", "eth0"])?;
         }

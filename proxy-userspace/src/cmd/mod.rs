@@ -2,6 +2,7 @@
 //! `plan`, `trace` and `run` can never disagree.
 
 pub mod plan;
+pub mod run;
 
 use std::net::IpAddr;
 use std::sync::Arc;

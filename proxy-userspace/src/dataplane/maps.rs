@@ -12,9 +12,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use ipnet::IpNet;
 use proxy_common::{
     AFFINITY_MAP, Addr, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, CONFIG_MAP,
-    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, FAMILY_IPV4, FAMILY_IPV6, LOCAL_CIDR_PREFIX_BASE,
-    LOCAL_CIDRS_MAP, LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICES_MAP, SOURCE_RANGES_MAP,
-    ServiceKey, ServiceValue, SourceRangeData, VIPS_MAP, VipKey, VipValue,
+    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, LOCAL_CIDR_PREFIX_BASE, LOCAL_CIDRS_MAP,
+    LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICE_CIDRS_MAP, SERVICES_MAP,
+    SOURCE_RANGES_MAP, ServiceKey, ServiceValue, SourceRangeData, VIPS_MAP, VipKey, VipValue,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -29,31 +29,7 @@ pub enum MapsError {
     },
 }
 
-/// Map address form of an IP address: the bytes in network order in word 0 (IPv4) or all four
-/// words (IPv6), and the family.
-pub fn addr_from_ip(ip: IpAddr) -> (Addr, u8) {
-    match ip {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_IPV4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([word(0), word(4), word(8), word(12)], FAMILY_IPV6)
-        }
-    }
-}
-
-/// The inverse of [`addr_from_ip`].
-pub fn ip_from_addr(addr: &Addr, family: u8) -> IpAddr {
-    if family == FAMILY_IPV4 {
-        IpAddr::from(addr[0].to_ne_bytes())
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, word) in addr.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::from(octets)
-    }
-}
+pub use proxy_common::{addr_from_ip, ip_from_addr};
 
 /// The maps pinned by a loaded dataplane, typed.
 pub struct Maps {
@@ -65,6 +41,7 @@ pub struct Maps {
     local_cidrs: LpmTrie<MapData, LocalCidrData, u32>,
     local_ifindexes: HashMap<MapData, u32, u32>,
     vips: HashMap<MapData, VipKey, VipValue>,
+    service_cidrs: LpmTrie<MapData, LocalCidrData, u32>,
     config: Array<MapData, ConfigValue>,
 }
 
@@ -134,6 +111,24 @@ fn source_range_key(service_id: u32, net: IpNet) -> LpmKey<SourceRangeData> {
     )
 }
 
+/// The CIDRs held by an LPM map of `LocalCidrData` keys.
+fn cidr_entries(
+    map: &LpmTrie<MapData, LocalCidrData, u32>,
+    name: &'static str,
+) -> Result<Vec<IpNet>, MapsError> {
+    map.keys()
+        .map(|k| {
+            k.map(|k| {
+                let data = k.data();
+                let ip = ip_from_addr(&data.addr, data.family);
+                let prefix = (k.prefix_len() - LOCAL_CIDR_PREFIX_BASE) as u8;
+                IpNet::new(ip, prefix).expect("the prefix came from a valid IpNet")
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(access("iterate", name))
+}
+
 impl Maps {
     /// Opens the maps pinned under `pin_path` by a loaded dataplane.
     pub fn open(pin_path: &Path) -> Result<Self, MapsError> {
@@ -146,6 +141,7 @@ impl Maps {
             local_cidrs: open(pin_path, LOCAL_CIDRS_MAP, Map::LpmTrie)?,
             local_ifindexes: open(pin_path, LOCAL_IFINDEXES_MAP, Map::HashMap)?,
             vips: open(pin_path, VIPS_MAP, Map::HashMap)?,
+            service_cidrs: open(pin_path, SERVICE_CIDRS_MAP, Map::LpmTrie)?,
             config: open(pin_path, CONFIG_MAP, Map::Array)?,
         })
     }
@@ -280,18 +276,26 @@ impl Maps {
     }
 
     pub fn local_cidr_entries(&self) -> Result<Vec<IpNet>, MapsError> {
-        self.local_cidrs
-            .keys()
-            .map(|k| {
-                k.map(|k| {
-                    let data = k.data();
-                    let ip = ip_from_addr(&data.addr, data.family);
-                    let prefix = (k.prefix_len() - LOCAL_CIDR_PREFIX_BASE) as u8;
-                    IpNet::new(ip, prefix).expect("the prefix came from a valid IpNet")
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(access("iterate", LOCAL_CIDRS_MAP))
+        cidr_entries(&self.local_cidrs, LOCAL_CIDRS_MAP)
+    }
+
+    // ---- service CIDRs (unallocated addresses in them are dropped) ----
+
+    pub fn add_service_cidr(&mut self, cidr: IpNet) -> Result<(), MapsError> {
+        self.service_cidrs
+            .insert(&local_cidr_key(cidr), PRESENT, 0)
+            .map_err(access("upsert", SERVICE_CIDRS_MAP))
+    }
+
+    pub fn delete_service_cidr(&mut self, cidr: IpNet) -> Result<(), MapsError> {
+        deleted(
+            self.service_cidrs.remove(&local_cidr_key(cidr)),
+            SERVICE_CIDRS_MAP,
+        )
+    }
+
+    pub fn service_cidr_entries(&self) -> Result<Vec<IpNet>, MapsError> {
+        cidr_entries(&self.service_cidrs, SERVICE_CIDRS_MAP)
     }
 
     pub fn add_local_ifindex(&mut self, ifindex: u32) -> Result<(), MapsError> {

@@ -8,6 +8,7 @@ mod gc;
 mod loader;
 mod maps;
 pub mod packet;
+mod programmed;
 mod trace;
 mod watch;
 

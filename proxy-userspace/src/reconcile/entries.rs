@@ -6,10 +6,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_common::{
-    Addr, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
-    SVC_F_EXTERNAL, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
-    VIP_F_CLUSTER_IP, VipKey, VipValue,
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_EXTERNAL,
+    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, VIP_F_CLUSTER_IP,
+    VipKey, VipValue, addr_from_ip,
 };
 
 use super::ids::Ids;
@@ -36,30 +36,6 @@ pub struct MapEntries {
     pub service_cidrs: HashSet<IpNet>,
     /// The local-traffic detector's CIDRs (cluster CIDR or node pod CIDRs).
     pub local_cidrs: HashSet<IpNet>,
-}
-
-pub fn addr_words(addr: IpAddr) -> (Addr, u8) {
-    match addr {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_IPV4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([word(0), word(4), word(8), word(12)], FAMILY_IPV6)
-        }
-    }
-}
-
-pub fn words_addr(addr: Addr, family: u8) -> IpAddr {
-    let bytes = |w: u32| w.to_ne_bytes();
-    if family == FAMILY_IPV6 {
-        let mut o = [0u8; 16];
-        for (i, w) in addr.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&bytes(*w));
-        }
-        IpAddr::from(o)
-    } else {
-        IpAddr::from(bytes(addr[0]))
-    }
 }
 
 pub fn proto_number(protocol: Protocol) -> u8 {
@@ -116,7 +92,7 @@ impl MapEntries {
             ..MapEntries::default()
         };
         for &ip in &state.address_rules.cluster_ips {
-            let (addr, family) = addr_words(ip);
+            let (addr, family) = addr_from_ip(ip);
             entries.vips.insert(
                 VipKey {
                     addr,
@@ -152,7 +128,7 @@ impl MapEntries {
             sorted
                 .into_iter()
                 .map(|e| {
-                    let (addr, family) = addr_words(e.addr);
+                    let (addr, family) = addr_from_ip(e.addr);
                     let backend = Backend {
                         addr,
                         port: e.port.to_be(),
@@ -239,7 +215,7 @@ impl MapEntries {
 }
 
 pub fn frontend_key(addr: IpAddr, port: u16, proto: u8, scope: u8) -> ServiceKey {
-    let (addr, family) = addr_words(addr);
+    let (addr, family) = addr_from_ip(addr);
     ServiceKey {
         addr,
         port: port.to_be(),

@@ -9,11 +9,13 @@ mod memory;
 
 use std::collections::{HashMap, HashSet};
 
-pub use entries::{MapEntries, SourceRange, addr_words, frontend_key, proto_number, words_addr};
+pub use entries::{MapEntries, SourceRange, frontend_key, proto_number};
 pub use ids::Ids;
 use ipnet::IpNet;
 pub use memory::MemoryMaps;
-use proxy_common::{Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue};
+use proxy_common::{
+    Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue, ip_from_addr,
+};
 
 use crate::model::DesiredState;
 
@@ -248,7 +250,7 @@ fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
     let frontend = |k: &ServiceKey| {
         format!(
             "frontend {}:{}",
-            words_addr(k.addr, k.family),
+            ip_from_addr(&k.addr, k.family),
             u16::from_be(k.port)
         )
     };
@@ -263,12 +265,12 @@ fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
             .unwrap_or_else(|| format!("service id {}", r.service_id)),
         MapChange::UpsertBackend(id, b) => format!(
             "backend {id} {}:{}",
-            words_addr(b.addr, b.family),
+            ip_from_addr(&b.addr, b.family),
             u16::from_be(b.port)
         ),
         MapChange::DeleteBackend(id) => format!("backend {id}"),
         MapChange::UpsertVip(k, _) | MapChange::DeleteVip(k) => {
-            format!("ClusterIP {}", words_addr(k.addr, k.family))
+            format!("ClusterIP {}", ip_from_addr(&k.addr, k.family))
         }
         MapChange::InsertServiceCidr(c) | MapChange::DeleteServiceCidr(c) => {
             format!("service CIDR {c}")

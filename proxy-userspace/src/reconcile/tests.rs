@@ -194,7 +194,7 @@ fn removing_an_endpoint_shrinks_the_count_before_deleting_the_slot_and_touches_n
     for change in &maps.log {
         if let MapChange::UpsertService(k, _) | MapChange::DeleteService(k) = change {
             assert_eq!(
-                words_addr(k.addr, k.family),
+                ip_from_addr(&k.addr, k.family),
                 ip("10.96.0.10"),
                 "only web's entries change"
             );

@@ -1,0 +1,370 @@
+//! `kube-ebpf-proxy run`: load and attach the dataplane, then keep the kernel maps equal to
+//! what the model computes from the source, until SIGTERM.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use proxy_common::{
+    CONFIG_F_DEBUG, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4,
+    addr_from_ip,
+};
+use proxy_userspace::config::{ProxyConfig, ProxyFlags};
+use proxy_userspace::dataplane::{self, Maps};
+use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
+use proxy_userspace::model::{self, DesiredState, LocalTrafficDetector, ModelConfig};
+use proxy_userspace::reconcile::Reconciler;
+use proxy_userspace::source::ClusterSnapshot;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub proxy: ProxyFlags,
+    #[command(flatten)]
+    pub dataplane: DataplaneFlags,
+}
+
+/// How the dataplane is loaded and attached (kube-ebpf-proxy's own flags).
+#[derive(clap::Args)]
+pub struct DataplaneFlags {
+    /// Directory on bpffs where the maps are pinned; several proxies on one machine (tests, the
+    /// lab) each need their own.
+    #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
+    pub bpf_pin_path: PathBuf,
+    /// Which interfaces get the tc program: comma-separated name patterns with `*`, `!`
+    /// excludes (e.g. `eth*,veth*,!veth-mgmt`). Default: every interface but loopback.
+    #[arg(long, default_value = "")]
+    pub interfaces: String,
+    /// The cgroup v2 directory the socket hooks (host-originated traffic) attach to. Default:
+    /// the cgroup2 mount root.
+    #[arg(long)]
+    pub cgroup_path: Option<PathBuf>,
+    /// SNAT source port range MIN-MAX. The default lies above Linux's ephemeral range
+    /// (32768-60999) and outside the NodePort range, so masqueraded flows never take a port a
+    /// local socket was given; reserve it (net.ipv4.ip_local_reserved_ports) if you move it.
+    #[arg(long, default_value = "61000-65535")]
+    pub snat_ports: String,
+    /// Log every new flow's decision from the kernel (aya-log).
+    #[arg(long)]
+    pub bpf_debug: bool,
+    /// Conntrack map size (entries); takes effect when the map is created.
+    #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
+    pub conntrack_max: u32,
+    /// Services map size (entries); takes effect when the map is created.
+    #[arg(long, default_value_t = proxy_common::SERVICES_MAX_ENTRIES)]
+    pub services_max: u32,
+    /// Backends map size (entries); takes effect when the map is created.
+    #[arg(long, default_value_t = proxy_common::BACKENDS_MAX_ENTRIES)]
+    pub backends_max: u32,
+    /// Seconds between conntrack garbage collections.
+    #[arg(long, default_value_t = 10)]
+    pub gc_interval: u64,
+}
+
+fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
+    let (min, max) = range
+        .split_once('-')
+        .with_context(|| format!("--snat-ports {range}: expected MIN-MAX"))?;
+    let (min, max): (u16, u16) = (min.trim().parse()?, max.trim().parse()?);
+    anyhow::ensure!(min > 0 && min <= max, "--snat-ports {range}: empty range");
+    Ok((min, max))
+}
+
+/// Loads the programs, attaches them, and returns the typed maps.
+fn start_dataplane(
+    flags: &DataplaneFlags,
+) -> anyhow::Result<(
+    dataplane::Loaded,
+    Maps,
+    dataplane::Attachments,
+    dataplane::InterfaceFilter,
+)> {
+    let sizes = dataplane::MapSizes {
+        conntrack: flags.conntrack_max,
+        services: flags.services_max,
+        backends: flags.backends_max,
+        ..dataplane::MapSizes::default()
+    };
+    let mut loaded =
+        dataplane::load_with_sizes(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
+    let mut maps = Maps::open(&flags.bpf_pin_path)?;
+    let (snat_min, snat_max) = parse_port_range(&flags.snat_ports)?;
+    let cookie = dataplane::netns_cookie()?;
+    maps.update_config(|config| {
+        config.netns_cookie = cookie;
+        config.snat_port_min = snat_min;
+        config.snat_port_max = snat_max;
+        if flags.bpf_debug {
+            config.flags |= CONFIG_F_DEBUG;
+        } else {
+            config.flags &= !CONFIG_F_DEBUG;
+        }
+    })?;
+    if flags.bpf_debug {
+        spawn_kernel_logger(&mut loaded)?;
+    }
+    dataplane::accept_local_sources().context("enabling accept_local")?;
+    let filter = dataplane::InterfaceFilter::parse(&flags.interfaces);
+    let mut attachments = dataplane::Attachments::default();
+    attachments
+        .sync(&mut loaded, &filter)
+        .context("attaching the tc programs")?;
+    let cgroup = match &flags.cgroup_path {
+        Some(path) => path.clone(),
+        None => dataplane::cgroup2_root()?,
+    };
+    dataplane::attach_socket_hooks(&mut loaded, &cgroup).context("attaching the socket hooks")?;
+    tracing::info!(interfaces = ?attachments.interfaces, cgroup = %cgroup.display(), pin_path = %flags.bpf_pin_path.display(), "programs attached");
+    Ok((loaded, maps, attachments, filter))
+}
+
+fn spawn_kernel_logger(loaded: &mut dataplane::Loaded) -> anyhow::Result<()> {
+    match aya_log::EbpfLogger::init(&mut loaded.ebpf) {
+        Ok(logger) => {
+            // SAFETY: the logger owns its ring-buffer descriptor for its whole life and always
+            // reports that same descriptor; the AsyncFd owns the logger.
+            let mut logger = unsafe { tokio::io::unix::AsyncFd::register(logger) }
+                .map_err(|e| anyhow::anyhow!("registering the kernel log buffer: {e}"))?;
+            tokio::spawn(async move {
+                while let Ok(mut guard) = logger.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "kernel debug logging unavailable"),
+    }
+    Ok(())
+}
+
+/// Link events arrive on a blocking netlink socket: a thread turns them into wakeups.
+fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    let (link_tx, link_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = dataplane::LinkWatcher::new()?;
+    std::thread::spawn(move || {
+        loop {
+            match watcher.wait(Duration::from_secs(1)) {
+                Ok(true) => {
+                    // A full channel already holds a wakeup: the sync will see this change too.
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                        link_tx.try_send(())
+                    {
+                        break;
+                    }
+                }
+                Ok(false) if link_tx.is_closed() => break,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::error!(%error, "link watcher stopped");
+                    break;
+                }
+            }
+        }
+    });
+    Ok(link_rx)
+}
+
+/// The node part of the CONFIG map: masquerade addresses and the local-traffic detector mode.
+fn program_node_config(
+    maps: &mut Maps,
+    model_config: &ModelConfig,
+    state: &DesiredState,
+) -> anyhow::Result<()> {
+    let mode = match state.local_traffic_detector {
+        LocalTrafficDetector::None => DETECT_LOCAL_NONE,
+        LocalTrafficDetector::SourceCidrs { .. } => DETECT_LOCAL_CIDR,
+        LocalTrafficDetector::InterfaceNamePrefix { .. }
+        | LocalTrafficDetector::BridgeInterface { .. } => DETECT_LOCAL_IFINDEX,
+    };
+    maps.update_config(|config| {
+        config.node_ipv4 = [0; 4];
+        config.node_ipv6 = [0; 4];
+        for ip in &model_config.node_ips {
+            let (addr, family) = addr_from_ip(*ip);
+            if family == FAMILY_IPV4 {
+                config.node_ipv4 = addr;
+            } else {
+                config.node_ipv6 = addr;
+            }
+        }
+        config.detect_local_mode = mode;
+    })?;
+    Ok(())
+}
+
+/// The interface-based local-traffic detectors: the ifindexes of matching interfaces.
+fn program_local_ifindexes(maps: &mut Maps, detector: &LocalTrafficDetector) -> anyhow::Result<()> {
+    let wanted: HashSet<u32> = nix::net::if_::if_nameindex()
+        .context("listing interfaces")?
+        .iter()
+        .filter(|i| {
+            let name = i.name().to_string_lossy();
+            match detector {
+                LocalTrafficDetector::InterfaceNamePrefix { prefix } => {
+                    name.starts_with(prefix.as_str())
+                }
+                LocalTrafficDetector::BridgeInterface { name: bridge } => name == bridge.as_str(),
+                LocalTrafficDetector::None | LocalTrafficDetector::SourceCidrs { .. } => false,
+            }
+        })
+        .map(nix::net::if_::Interface::index)
+        .collect();
+    let programmed: HashSet<u32> = maps.local_ifindex_entries()?.into_iter().collect();
+    for ifindex in wanted.difference(&programmed) {
+        maps.add_local_ifindex(*ifindex)?;
+    }
+    for ifindex in programmed.difference(&wanted) {
+        maps.delete_local_ifindex(*ifindex)?;
+    }
+    Ok(())
+}
+
+/// Everything one sync needs and keeps between syncs.
+struct Syncer {
+    config: ProxyConfig,
+    reconciler: Reconciler,
+    health: Arc<ProxyHealth>,
+    service_health: ServiceHealthServer,
+    reported: HashSet<String>,
+    synced_once: bool,
+    detector: LocalTrafficDetector,
+}
+
+impl Syncer {
+    /// Computes the desired state from `snapshot` and programs it.
+    fn sync(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let local: Vec<IpAddr> = super::local_addresses()?;
+        let model_config = self.config.model_config(snapshot.node.as_ref(), &local);
+        let state = model::compute(snapshot, &model_config);
+        // Diagnostics are reported once each, naming the object, while they last.
+        let current: HashSet<String> = state
+            .diagnostics
+            .iter()
+            .map(|d| format!("{}: {}", d.object, d.message))
+            .collect();
+        for line in current.difference(&self.reported) {
+            tracing::warn!("{line}");
+        }
+        self.reported = current;
+        program_node_config(maps, &model_config, &state)?;
+        self.detector = state.local_traffic_detector.clone();
+        program_local_ifindexes(maps, &self.detector)?;
+        let before: HashSet<u32> = self
+            .reconciler
+            .programmed()
+            .backends
+            .keys()
+            .copied()
+            .collect();
+        let report = self.reconciler.sync(&state, maps);
+        for error in &report.errors {
+            tracing::error!("{error}");
+        }
+        // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
+        // clients are not blackholed into a dead endpoint.
+        let after = &self.reconciler.programmed().backends;
+        for id in before.iter().filter(|id| !after.contains_key(id)) {
+            match maps.cleanup_flows_to_backend(*id) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    backend = id,
+                    flows = n,
+                    "removed flows to a deleted backend"
+                ),
+                Err(error) => tracing::warn!(%error, backend = id, "conntrack cleanup"),
+            }
+        }
+        for error in self.service_health.sync(&state) {
+            tracing::warn!("{error}");
+        }
+        if report.errors.is_empty() {
+            self.health.updated();
+        }
+        if !self.synced_once {
+            self.synced_once = true;
+            tracing::info!(
+                service_ports = state.service_ports.len(),
+                writes = report.applied,
+                took = ?started.elapsed(),
+                "initial sync programmed"
+            );
+        } else {
+            tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = super::resolve(&args.proxy)?;
+    let (mut loaded, mut maps, mut attachments, filter) = start_dataplane(&args.dataplane)?;
+    let health = ProxyHealth::new(config.health_timeout());
+    if let Some(addr) = config.healthz_bind_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the healthz address {addr}"))?;
+        tokio::spawn(health::serve_proxy_health(listener, health.clone()));
+    }
+    let local = super::local_addresses()?;
+    let mut syncer = Syncer {
+        service_health: ServiceHealthServer::new(
+            config.model_config(None, &local).health_check_listen_ips(),
+            health.clone(),
+        ),
+        reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
+        health: health.clone(),
+        config,
+        reported: HashSet::new(),
+        synced_once: false,
+        detector: LocalTrafficDetector::None,
+    };
+    let (mut snapshots, source) = super::start_source(&syncer.config).await?;
+    let mut links = spawn_link_watcher()?;
+    let timeouts = dataplane::CtTimeouts::default();
+    let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the source stopped");
+                }
+                health.queued_update();
+                let snapshot = snapshots.borrow_and_update().clone();
+                if let Some(node) = &snapshot.node {
+                    health.sync_node(node);
+                }
+                if let Err(error) = syncer.sync(&snapshot, &mut maps) {
+                    tracing::error!("sync failed: {error:#}");
+                }
+            }
+            Some(()) = links.recv() => {
+                match attachments.sync(&mut loaded, &filter) {
+                    Ok((added, removed)) if !added.is_empty() || !removed.is_empty() => {
+                        tracing::info!(?added, ?removed, "interfaces changed");
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "syncing tc attachments"),
+                }
+                if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
+                    tracing::warn!("local-traffic detector interfaces: {error:#}");
+                }
+            }
+            _ = gc.tick() => {
+                match dataplane::collect_garbage(&mut maps, &timeouts) {
+                    Ok(stats) => tracing::debug!(?stats, "conntrack gc"),
+                    Err(error) => tracing::warn!(%error, "conntrack gc"),
+                }
+            }
+        }
+    }
+    source.abort();
+    tracing::info!("stopping; pinned maps stay for the next start");
+    Ok(())
+}
