@@ -123,29 +123,35 @@ impl Walkthrough {
             self.failures.push(what.to_owned());
         }
     }
+}
 
-    /// `n` requests; prints a tally of who answered and what client address each saw.
-    fn spread(
-        &self,
-        netns: &str,
-        from: &str,
-        addr: IpAddr,
-        port: u16,
-        n: usize,
-    ) -> anyhow::Result<Vec<Reply>> {
-        println!("   {n} requests from {from} to http://{addr}:{port}/");
-        let replies: Vec<Reply> = (0..n)
-            .map(|_| request(netns, addr, port))
-            .collect::<anyhow::Result<_>>()?;
-        let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-        for r in &replies {
-            *tally.entry(r.to_string()).or_default() += 1;
-        }
-        for (reply, count) in tally {
-            println!("     {count:>3} × {reply}");
-        }
-        Ok(replies)
+/// `n` requests; prints a tally of who answered and what client address each saw.
+fn spread(
+    netns: &str,
+    from: &str,
+    addr: IpAddr,
+    port: u16,
+    n: usize,
+) -> anyhow::Result<Vec<Reply>> {
+    println!("   {n} requests from {from} to http://{addr}:{port}/");
+    let replies: Vec<Reply> = (0..n)
+        .map(|_| request(netns, addr, port))
+        .collect::<anyhow::Result<_>>()?;
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &replies {
+        // Grouped by pod and client address: the client port differs on every request.
+        let key = match r {
+            Reply::Answer { pod, client } => {
+                format!("{pod} (saw client {})", client_ip(client))
+            }
+            other => other.to_string(),
+        };
+        *tally.entry(key).or_default() += 1;
     }
+    for (reply, count) in tally {
+        println!("     {count:>3} × {reply}");
+    }
+    Ok(replies)
 }
 
 fn pods_answering(replies: &[Reply]) -> std::collections::BTreeSet<String> {
@@ -301,7 +307,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     w.step("ClusterIP: hostname-svc-clusterip from a pod spreads over the 3 pods");
     let (vip, port) = plan.frontend("hostname-svc-clusterip", "clusterIp")?;
     wait_for(&toolbox, vip, port, |r| matches!(r, Reply::Answer { .. }))?;
-    let replies = w.spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
+    let replies = spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
     let pods = pods_answering(&replies);
     w.expect(
         pods.len() == 3 && replies.iter().all(|r| matches!(r, Reply::Answer { .. })),
@@ -354,7 +360,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "sessionAffinity ClientIP: {affinity} sticks to one pod"
     ));
     let (aff_ip, aff_port) = plan.frontend(&affinity, "clusterIp")?;
-    let replies = w.spread(&toolbox, "the toolbox pod", aff_ip, aff_port, 10)?;
+    let replies = spread(&toolbox, "the toolbox pod", aff_ip, aff_port, 10)?;
     let pods = pods_answering(&replies);
     w.expect(
         pods.len() == 1
@@ -365,7 +371,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
     w.step(&format!("externalTrafficPolicy Local: {local} keeps the client address, and a node without pods does not answer"));
     let (_, local_port) = plan.frontend(&local, "nodePort")?;
-    let replies = w.spread(
+    let replies = spread(
         &client,
         "the external client",
         IpAddr::V4(worker.ip),
@@ -424,7 +430,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     w.step("Scaling back to 3: answers again");
     lab.scale("hostname-deployment", 3)?;
     wait_for(&toolbox, vip, port, |r| matches!(r, Reply::Answer { .. }))?;
-    let replies = w.spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
+    let replies = spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
     w.expect(pods_answering(&replies).len() == 3, "3 pods answer again");
 
     println!("\ndemo finished in {:.1?}", started.elapsed());

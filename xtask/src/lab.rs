@@ -82,7 +82,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Up { dir, nodes } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("examples/hostname"));
             let lab = Lab::up(name, &dir, nodes)?;
-            lab.print_status()?;
+            lab.print_status();
             println!(
                 "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<nodePort>/",
                 lab.nodes[0].ip
@@ -94,7 +94,10 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             println!("lab {name} is down");
             Ok(())
         }
-        LabCommand::Status => Lab::load(name)?.print_status(),
+        LabCommand::Status => {
+            Lab::load(name)?.print_status();
+            Ok(())
+        }
         LabCommand::Apply { file } => Lab::load(name)?.apply(&file),
         LabCommand::Exec { target, command } => {
             let lab = Lab::load(name)?;
@@ -407,7 +410,6 @@ impl Lab {
     /// The client reaches externalIPs and LoadBalancer IPs through node 1, as a router would.
     fn route_external_ips(&self) -> anyhow::Result<()> {
         let services: Vec<Service> = of_kind(&read_objects(&self.manifests_dir())?, "Service");
-        let existing = ip_in(&self.client_netns, &["route", "show"])?;
         for svc in services {
             let spec = svc.spec.unwrap_or_default();
             let mut ips: Vec<String> = spec.external_ips.unwrap_or_default();
@@ -416,20 +418,10 @@ impl Lab {
                 .and_then(|s| s.load_balancer)
                 .and_then(|l| l.ingress);
             ips.extend(ingress.unwrap_or_default().into_iter().filter_map(|i| i.ip));
-            for ip in ips {
-                if ip.parse::<Ipv4Addr>().is_ok()
-                    && !existing.lines().any(|l| l.starts_with(&format!("{ip} ")))
-                {
-                    ip_in(
-                        &self.client_netns,
-                        &[
-                            "route",
-                            "replace",
-                            &ip,
-                            "via",
-                            &self.nodes[0].ip.to_string(),
-                        ],
-                    )?;
+            for ip in ips.iter().filter(|ip| ip.parse::<Ipv4Addr>().is_ok()) {
+                for client in [&self.client_netns, &self.outsider_netns] {
+                    let gateway = self.nodes[0].ip.to_string();
+                    ip_in(client, &["route", "replace", ip, "via", &gateway])?;
                 }
             }
         }
@@ -463,11 +455,11 @@ impl Lab {
                 node
             })
             .collect();
-        write_list(&self.manifests_dir().join("lab-nodes.json"), items)
+        write_list(&self.manifests_dir().join("lab-nodes.json"), &items)
     }
 
     fn write_pods(&self) -> anyhow::Result<()> {
-        let items = self
+        let items: Vec<serde_json::Value> = self
             .pods
             .iter()
             .map(|p| {
@@ -492,7 +484,7 @@ impl Lab {
                 })
             })
             .collect();
-        write_list(&self.manifests_dir().join("lab-pods.json"), items)
+        write_list(&self.manifests_dir().join("lab-pods.json"), &items)
     }
 
     /// Makes the pod namespaces match the Deployments' replica counts.
@@ -516,12 +508,9 @@ impl Lab {
                 .unwrap_or_default()
                 .into_iter()
                 .flat_map(|c| c.ports.unwrap_or_default())
-                .map(|p| {
-                    (
-                        p.name,
-                        p.container_port as u16,
-                        p.protocol.unwrap_or_else(|| "TCP".into()),
-                    )
+                .filter_map(|p| {
+                    let port = u16::try_from(p.container_port).ok()?;
+                    Some((p.name, port, p.protocol.unwrap_or_else(|| "TCP".into())))
                 })
                 .collect();
             for index in 0..spec.replicas.unwrap_or(1).max(0) {
@@ -681,17 +670,24 @@ impl Lab {
     }
 
     fn start_proxy(&self, node: &NodeInfo) -> anyhow::Result<()> {
+        let manifests = self.manifests_dir().to_string_lossy().into_owned();
         let args: Vec<String> = [
             "run",
             "--bpf-pin-path",
             &format!("{PIN_ROOT}/kube-ebpf-proxy-{}-{}", self.name, node.name),
+            "--manifests",
+            &manifests,
+            "--hostname-override",
+            &node.name,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
         ]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
         let log = self.state_dir().join(format!("proxy-{}.log", node.name));
         spawn_in(&node.netns, &self.proxy_bin, &args, &log)?;
-        wait_for_log(&log, "programs attached", Duration::from_secs(30))?;
+        wait_for_log(&log, "initial sync programmed", Duration::from_secs(30))?;
         println!(
             "lab: kube-ebpf-proxy running on {} ({})",
             node.name, node.ip
@@ -728,7 +724,7 @@ impl Lab {
         bail!("no node, pod or client named {target} in lab {}", self.name)
     }
 
-    pub fn print_status(&self) -> anyhow::Result<()> {
+    pub fn print_status(&self) {
         println!(
             "lab {} (state in {})",
             self.name,
@@ -767,15 +763,14 @@ impl Lab {
             .unwrap_or_else(|e| format!("(unavailable: {e})\n"));
             println!("proxy on {}:\n{}", n.name, indent(&stats));
         }
-        Ok(())
     }
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}\n")).collect()
+    text.lines().flat_map(|l| ["  ", l, "\n"]).collect()
 }
 
-fn write_list(path: &Path, items: Vec<serde_json::Value>) -> anyhow::Result<()> {
+fn write_list(path: &Path, items: &[serde_json::Value]) -> anyhow::Result<()> {
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     // Write then rename so the proxies' folder watchers never read half a file.
     let tmp = path.with_extension("json.tmp");

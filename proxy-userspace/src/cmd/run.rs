@@ -284,7 +284,9 @@ impl Syncer {
         if report.errors.is_empty() {
             self.health.updated();
         }
-        if !self.synced_once {
+        if self.synced_once {
+            tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
+        } else {
             self.synced_once = true;
             tracing::info!(
                 service_ports = state.service_ports.len(),
@@ -292,8 +294,6 @@ impl Syncer {
                 took = ?started.elapsed(),
                 "initial sync programmed"
             );
-        } else {
-            tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
         }
         Ok(())
     }
