@@ -72,6 +72,8 @@ fn known_flow(ctx: &TcContext) -> i32 {
             count(Counter::CtForwardHits);
             return rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)));
         }
+        // Re-balanced below: the old reply entry would only linger until the GC.
+        let _ = CONNTRACK.remove(&conntrack::reply_key_of_forward(flow, entry));
         count(Counter::StaleBackendFlows);
     }
     NOT_KNOWN

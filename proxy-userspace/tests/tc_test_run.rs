@@ -6,8 +6,9 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
-    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
+    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
+    VIP_F_SERVICE_CIDR,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -419,4 +420,132 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
     fx.service(1, frontend, IPPROTO_TCP, &[], |_| {});
     let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Reject);
+}
+
+#[test]
+fn sctp_is_translated_only_when_the_port_is_unchanged() {
+    let mut fx = Fixture::new();
+    let (client, frontend, _) = addresses(false);
+    let same_port = SocketAddr::new("10.1.0.5".parse().unwrap(), frontend.port());
+    fx.service(1, frontend, IPPROTO_SCTP, &[same_port], |_| {});
+    let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_SCTP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(packet::summarize(&out).unwrap().dst, same_port);
+
+    let other = SocketAddr::new(frontend.ip(), 81);
+    fx.service(2, other, IPPROTO_SCTP, &[sa("10.1.0.5:8081")], |_| {});
+    let (code, _) = fx.run(&packet::build(client, other, IPPROTO_SCTP, b""));
+    assert_eq!(
+        code, TC_ACT_SHOT,
+        "a port rewrite would need a CRC32c update"
+    );
+}
+
+#[test]
+fn a_flow_whose_backend_is_gone_is_balanced_again_and_cleanup_removes_its_entries() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    let frame = packet::build(client, frontend, IPPROTO_UDP, b"x");
+    let (_, out) = fx.run(&frame);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    assert_eq!(
+        fx.maps.conntrack_entries().unwrap().len(),
+        2,
+        "forward and reply entries"
+    );
+
+    // The endpoint goes away and another one takes its place (new backend id).
+    assert_eq!(fx.maps.cleanup_flows_to_backend(999).unwrap(), 0);
+    fx.maps.delete_backend(101).unwrap();
+    let replacement = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_UDP, &[replacement], |_| {});
+    let (_, out) = fx.run(&frame);
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        replacement,
+        "the same 5-tuple now goes to the live backend"
+    );
+    assert_eq!(fx.maps.cleanup_flows_to_backend(201).unwrap(), 2);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn pod_sources_found_by_the_local_cidr_detector_get_their_own_class() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_CIDR)
+        .unwrap();
+    fx.maps
+        .add_local_cidr("10.0.0.0/24".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        fx.maps.local_cidr_entries().unwrap(),
+        vec!["10.0.0.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    // Masquerade everything but pod traffic (kube-proxy's masquerade of off-cluster traffic).
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES & !(1 << SOURCE_POD);
+    });
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().src,
+        client,
+        "pod source kept"
+    );
+    let outsider = sa("172.16.0.2:40000");
+    let (_, out) = fx.run(&packet::build(outsider, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().src.ip(),
+        "192.0.2.1".parse::<IpAddr>().unwrap(),
+        "external source masqueraded"
+    );
+}
+
+#[test]
+fn flows_survive_a_reload_of_the_programs_on_the_same_pins() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    // A new proxy process loads the programs again; the pinned maps (and flows) are reused.
+    let reloaded = dataplane::load(fx._pins.path()).unwrap();
+    fx.loaded = reloaded;
+    let (code, out) = fx.run(&packet::build(backend, client, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(
+        packet::summarize(&out).unwrap().src,
+        frontend,
+        "reply of the old flow"
+    );
+}
+
+#[test]
+fn trace_command_prints_json() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let out = proxy_lab::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
+            .arg("trace")
+            .arg("--bpf-pin-path")
+            .arg(fx._pins.path())
+            .args(["--src", &client.ip().to_string()])
+            .args(["--dst", &frontend.ip().to_string()])
+            .args(["--dport", "80", "--proto", "tcp", "-o", "json"]),
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "verdict": "DNAT",
+            "endpoints": [backend.to_string()],
+            "masquerade": true,
+        })
+    );
 }
