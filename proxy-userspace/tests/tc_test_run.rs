@@ -24,7 +24,7 @@ const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OT
 struct Fixture {
     loaded: Loaded,
     maps: Maps,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 impl Fixture {
@@ -51,7 +51,7 @@ impl Fixture {
         Self {
             loaded,
             maps,
-            _pins: pins,
+            pins,
         }
     }
 
@@ -511,7 +511,7 @@ fn flows_survive_a_reload_of_the_programs_on_the_same_pins() {
     let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
     assert_eq!(packet::summarize(&out).unwrap().dst, backend);
     // A new proxy process loads the programs again; the pinned maps (and flows) are reused.
-    let reloaded = dataplane::load(fx._pins.path()).unwrap();
+    let reloaded = dataplane::load(fx.pins.path()).unwrap();
     fx.loaded = reloaded;
     let (code, out) = fx.run(&packet::build(backend, client, IPPROTO_TCP, b""));
     assert_eq!(code, TC_ACT_OK);
@@ -533,7 +533,7 @@ fn trace_command_prints_json() {
         std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
             .arg("trace")
             .arg("--bpf-pin-path")
-            .arg(fx._pins.path())
+            .arg(fx.pins.path())
             .args(["--src", &client.ip().to_string()])
             .args(["--dst", &frontend.ip().to_string()])
             .args(["--dport", "80", "--proto", "tcp", "-o", "json"]),
