@@ -48,11 +48,7 @@ impl Fixture {
             ..ConfigValue::default()
         })
         .unwrap();
-        Self {
-            loaded,
-            maps,
-            pins,
-        }
+        Self { loaded, maps, pins }
     }
 
     fn service(
