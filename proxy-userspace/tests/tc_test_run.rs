@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
     ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
-    VIP_F_SERVICE_CIDR,
+    SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
+    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -543,5 +543,50 @@ fn trace_command_prints_json() {
             "endpoints": [backend.to_string()],
             "masquerade": true,
         })
+    );
+}
+
+#[test]
+fn classes_with_the_cluster_bit_use_the_cluster_scope_endpoints() {
+    let mut fx = Fixture::new();
+    let (_, frontend, _) = addresses(false);
+    let local = sa("10.1.0.5:8080");
+    let remote = sa("10.1.9.5:8080");
+    // externalTrafficPolicy Local: the policy set has only the local endpoint; pod and node
+    // traffic short-circuits to the Cluster set (kube-proxy's behaviour for internal sources).
+    common::program_scope(
+        &mut fx.maps,
+        1,
+        frontend,
+        IPPROTO_TCP,
+        SCOPE_CLUSTER,
+        &[remote],
+        |_| {},
+    );
+    fx.service(1, frontend, IPPROTO_TCP, &[local], |v| {
+        v.flags |= SVC_F_HAS_CLUSTER_SCOPE;
+        v.cluster_classes = 1 << SOURCE_NODE;
+    });
+    let (_, out) = fx.run(&packet::build(
+        sa("172.16.0.2:40000"),
+        frontend,
+        IPPROTO_TCP,
+        b"",
+    ));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        local,
+        "external: policy set"
+    );
+    let (_, out) = fx.run(&packet::build(
+        sa("192.0.2.1:40000"),
+        frontend,
+        IPPROTO_TCP,
+        b"",
+    ));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        remote,
+        "node: cluster set"
     );
 }

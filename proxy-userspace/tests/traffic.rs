@@ -478,3 +478,49 @@ fn the_proxy_follows_interfaces_that_appear_and_go_away() {
         )
         .unwrap();
 }
+
+#[test]
+fn host_sockets_see_the_service_address_as_their_peer() {
+    let mut lab = Lab::new();
+    let backends = lab.backends(false);
+    common::program_service(
+        &mut lab.maps,
+        1,
+        cluster_ip(false, 80),
+        IPPROTO_UDP,
+        &backends,
+        |_| {},
+    );
+    common::program_service(
+        &mut lab.maps,
+        2,
+        cluster_ip(false, 80),
+        IPPROTO_TCP,
+        &backends,
+        |_| {},
+    );
+    // Unconnected UDP (sendmsg + recvmsg hooks) and TCP getpeername (getpeername hook).
+    let script = "exec /usr/bin/python3 -c '
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.sendto(b\"ping\", (\"10.96.0.10\", 80))
+data, peer = u.recvfrom(100)
+t = socket.create_connection((\"10.96.0.10\", 80), timeout=2)
+print(data.decode().split()[0], peer[0], peer[1], *t.getpeername())
+'";
+    let out = node_shell(&lab, script, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let fields: Vec<&str> = answer.split(' ').collect();
+    assert!(fields[0].starts_with("pod"), "{answer}");
+    assert_eq!(
+        fields[1..],
+        ["10.96.0.10", "80", "10.96.0.10", "80"],
+        "recvfrom and getpeername report the service, not the backend"
+    );
+}
