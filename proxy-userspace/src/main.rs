@@ -77,9 +77,11 @@ struct RunArgs {
     /// node-originated packets.
     #[arg(long = "node-ip")]
     node_ips: Vec<std::net::IpAddr>,
-    /// SNAT source port range MIN-MAX; reserve it from local ports
-    /// (net.ipv4.ip_local_reserved_ports).
-    #[arg(long, default_value = "30000-32767")]
+    /// SNAT source port range MIN-MAX. The default lies above Linux's default ephemeral range
+    /// (32768-60999) and outside the NodePort range, so no local socket or NodePort shares a
+    /// port with a masqueraded flow; a custom range should be reserved with
+    /// net.ipv4.ip_local_reserved_ports.
+    #[arg(long, default_value = "61000-65535")]
     snat_ports: String,
     /// Log every new flow's decision from the kernel (aya-log).
     #[arg(long)]
