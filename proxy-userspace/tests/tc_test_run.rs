@@ -6,8 +6,8 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
+    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
     SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP, VIP_F_SERVICE_CIDR,
 };
 use proxy_lab::PinDir;
@@ -350,33 +350,89 @@ fn malformed_packets_pass_untouched() {
 
 #[test]
 fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = addresses(v6);
+        fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+        let syn = packet::build(client, frontend, IPPROTO_TCP, b"");
+        let (_, translated) = fx.run(&syn);
+        // The backend answers a too-big packet of the flow with "fragmentation needed" /
+        // "packet too big", quoting the packet as it received it (client → backend).
+        let (ip_len, proto, kind, code) = if v6 {
+            (40, IPPROTO_ICMPV6, 2, 0)
+        } else {
+            (20, IPPROTO_ICMP, 3, 4)
+        };
+        let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
+        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+        icmp.extend_from_slice(quoted);
+        let seed = if v6 {
+            packet::pseudo_sum(backend.ip(), client.ip(), proto, icmp.len())
+        } else {
+            0
+        };
+        let sum = packet::internet_checksum(&icmp, seed);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let error = packet::frame(backend.ip(), client.ip(), proto, &icmp);
+        let (code, out) = fx.run(&error);
+        assert_eq!(code, TC_ACT_OK);
+        let s = packet::summarize(&out).unwrap();
+        assert_eq!(
+            s.src.ip(),
+            frontend.ip(),
+            "v6 {v6}: outer source back to the service"
+        );
+        assert_eq!(
+            s.quoted,
+            Some((client, frontend)),
+            "v6 {v6}: quoted packet as the client sent it"
+        );
+        assert!(
+            s.checksums_ok,
+            "v6 {v6}: outer, quoted-header and ICMP checksums"
+        );
+    }
+}
+
+#[test]
+fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
     let mut fx = Fixture::new();
-    let (client, frontend, backend) = addresses(false);
-    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
-    let syn = packet::build(client, frontend, IPPROTO_TCP, b"");
-    let (_, translated) = fx.run(&syn);
-    // The backend answers a too-big packet of the flow with "fragmentation needed", quoting
-    // the packet as it received it (client → backend).
-    let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + 28];
-    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
-    icmp.extend_from_slice(quoted);
-    let sum = packet::internet_checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let error = packet::frame(backend.ip(), client.ip(), IPPROTO_ICMP, &icmp);
-    let (code, out) = fx.run(&error);
-    assert_eq!(code, TC_ACT_OK);
-    let s = packet::summarize(&out).unwrap();
-    assert_eq!(
-        s.src.ip(),
-        frontend.ip(),
-        "outer source back to the service"
-    );
-    assert_eq!(
-        s.quoted,
-        Some((client, frontend)),
-        "quoted packet as the client sent it"
-    );
-    assert!(s.checksums_ok, "outer, quoted-header and ICMP checksums");
+    let (client, frontend, _) = addresses(false);
+    let backends = [
+        sa("10.1.0.5:8080"),
+        sa("10.1.0.6:8080"),
+        sa("10.1.0.7:8080"),
+    ];
+    fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
+        v.affinity_timeout = 1
+    });
+    let backend_of = |fx: &Fixture, port: u16| {
+        let from = SocketAddr::new(client.ip(), port);
+        let (_, out) = fx.run(&packet::build(from, frontend, IPPROTO_TCP, b""));
+        packet::summarize(&out).unwrap().dst
+    };
+    let first = backend_of(&fx, 40000);
+    for port in 40001..40010 {
+        assert_eq!(
+            backend_of(&fx, port),
+            first,
+            "new flows stick to the first backend"
+        );
+    }
+    // Once the timeout passes, the next flow is balanced again (and then sticks to its pick):
+    // with three backends, ten expiries all picking the same one has odds 3^-10.
+    let mut previous = first;
+    let mut changed = false;
+    for round in 0..10u16 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let picked = backend_of(&fx, 41000 + round);
+        if picked != previous {
+            changed = true;
+            break;
+        }
+        previous = picked;
+    }
+    assert!(changed, "affinity never expired");
 }
 
 #[test]
