@@ -404,7 +404,7 @@ fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
         sa("10.1.0.7:8080"),
     ];
     fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
-        v.affinity_timeout = 1
+        v.affinity_timeout = 1;
     });
     let backend_of = |fx: &Fixture, port: u16| {
         let from = SocketAddr::new(client.ip(), port);
