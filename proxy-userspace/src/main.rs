@@ -153,6 +153,38 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Counters of conditions an operator must hear about (the kernel can only count them).
+const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
+    proxy_common::Counter::CtMapFull,
+    proxy_common::Counter::SnatExhausted,
+    proxy_common::Counter::NoSnatAddress,
+    proxy_common::Counter::SctpPortRewrite,
+];
+
+/// Logs the failure counters that grew since the last call.
+fn warn_on_failure_counters(
+    pin_path: &std::path::Path,
+    seen: &mut std::collections::HashMap<&'static str, u64>,
+) {
+    let Ok(counters) = dataplane::read_counters(pin_path) else {
+        return;
+    };
+    for (name, value) in counters {
+        if !FAILURE_COUNTERS.iter().any(|c| c.name() == name) {
+            continue;
+        }
+        let before = seen.insert(name, value).unwrap_or(0);
+        if value > before {
+            tracing::warn!(
+                counter = name,
+                new = value - before,
+                total = value,
+                "dataplane failures"
+            );
+        }
+    }
+}
+
 fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
     let (min, max) = range
         .split_once('-')
@@ -249,6 +281,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     let timeouts = dataplane::CtTimeouts::default();
+    let mut failures_seen = std::collections::HashMap::new();
     let mut gc = tokio::time::interval(std::time::Duration::from_secs(args.gc_interval.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -269,6 +302,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Ok(stats) => tracing::debug!(?stats, "conntrack gc"),
                     Err(error) => tracing::warn!(%error, "conntrack gc"),
                 }
+                warn_on_failure_counters(&args.bpf_pin_path, &mut failures_seen);
             }
         }
     }

@@ -646,3 +646,27 @@ fn classes_with_the_cluster_bit_use_the_cluster_scope_endpoints() {
         "node: cluster set"
     );
 }
+
+#[test]
+fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    fx.service(2, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.run(&packet::build(client, frontend, IPPROTO_UDP, b""));
+    fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(fx.maps.conntrack_entries().unwrap().len(), 4);
+    let defaults = dataplane::CtTimeouts::default();
+    let stats = dataplane::collect_garbage(&mut fx.maps, &defaults).unwrap();
+    assert_eq!((stats.scanned, stats.expired), (4, 0), "fresh flows stay");
+    // An unreplied UDP flow expires after udp_unreplied; TCP (new) keeps its 2 minutes.
+    let short_udp = dataplane::CtTimeouts {
+        udp_unreplied: std::time::Duration::ZERO,
+        ..defaults
+    };
+    let stats = dataplane::collect_garbage(&mut fx.maps, &short_udp).unwrap();
+    assert_eq!(stats.expired, 2);
+    let left = fx.maps.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|(k, _)| k.proto == IPPROTO_TCP));
+}
