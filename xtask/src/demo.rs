@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use proxy_lab::{Cgroup, Netns, PinDir, Proxy, unique_name, veth};
+use proxy_lab::{Netns, PinDir, Proxy, unique_name, veth};
 
 use crate::{cargo, setup, workspace_root};
 
@@ -68,10 +68,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         node.name(),
         pins.path().display()
     );
-    // The socket hooks go on a cgroup of the demo's own, never on the machine's root cgroup.
-    let cgroup = Cgroup::new()?;
-    let cgroup_path = cgroup.path().to_string_lossy().into_owned();
-    let _proxy = Proxy::start(&binary, &node, &pins, &["--cgroup-path", &cgroup_path])?;
+    let _proxy = Proxy::start(&binary, &node, &pins, &[])?;
     let before = tc_ingress_packets(&binary, &pins)?;
     println!("demo: the client sends {SENT} UDP datagrams to the node at 192.0.2.1");
     client.enter(|| -> std::io::Result<()> {
