@@ -23,47 +23,65 @@ use proxy_common::{FAMILY_IPV4, FAMILY_IPV6};
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    tc::ingress(&ctx)
+    match tc::try_ingress(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx, FAMILY_IPV4)
+    match sock::try_translate_to_backend(&ctx, FAMILY_IPV4) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx, FAMILY_IPV6)
+    match sock::try_translate_to_backend(&ctx, FAMILY_IPV6) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx, FAMILY_IPV4)
+    match sock::try_translate_to_backend(&ctx, FAMILY_IPV4) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_backend(&ctx, FAMILY_IPV6)
+    match sock::try_translate_to_backend(&ctx, FAMILY_IPV6) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_frontend(&ctx, FAMILY_IPV4)
+    match sock::try_translate_to_frontend(&ctx, FAMILY_IPV4) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_frontend(&ctx, FAMILY_IPV6)
+    match sock::try_translate_to_frontend(&ctx, FAMILY_IPV6) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_frontend(&ctx, FAMILY_IPV4)
+    match sock::try_translate_to_frontend(&ctx, FAMILY_IPV4) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock::translate_to_frontend(&ctx, FAMILY_IPV6)
+    match sock::try_translate_to_frontend(&ctx, FAMILY_IPV6) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
 }
 
 #[cfg(not(test))]

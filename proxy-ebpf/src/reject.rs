@@ -3,7 +3,7 @@
 //! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     macros::map,
     maps::PerCpuArray,
@@ -56,6 +56,11 @@ struct Ipv6PseudoHdr {
     zero: [u8; 3],
     next_header: u8,
 }
+
+/// Keeps `skb->csum` right for CHECKSUM_COMPLETE packets (NIC-validated receives) whose
+/// content is replaced wholesale; without it the receiver of the reply would see a checksum
+/// fault. A no-op for the other checksum states.
+const RECOMPUTE_CSUM: u64 = BPF_F_RECOMPUTE_CSUM as u64;
 
 /// Where replies are built: the BPF stack (512 bytes for the whole call chain) has no room for
 /// them. Holds no state between runs, so it is not pinned.
@@ -166,7 +171,7 @@ fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
     ));
     swap_macs(ctx)?;
     resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, 0).map_err(|_| ())
+    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }
 
 #[inline(always)]
@@ -211,5 +216,5 @@ fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
     ));
     swap_macs(ctx)?;
     resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, 0).map_err(|_| ())
+    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }

@@ -90,11 +90,14 @@ fn set_user_addr(sa: *mut bpf_sock_addr, family: u8, addr: &Addr, port: u16) {
 
 /// connect4/6 and sendmsg4/6: service address → backend.
 #[inline(always)]
-pub fn translate_to_backend(ctx: &SockAddrContext, family: u8) -> i32 {
+/// `Err(ALLOW)` when the socket is not the node's (left alone), `Ok(verdict)` otherwise.
+pub fn try_translate_to_backend(ctx: &SockAddrContext, family: u8) -> Result<i32, i32> {
     if !in_node_netns(ctx) {
-        return ALLOW;
+        return Err(ALLOW);
     }
-    let Some(cfg) = config() else { return ALLOW };
+    let Some(cfg) = config() else {
+        return Err(ALLOW);
+    };
     let sa = ctx.sock_addr;
     // SAFETY: the kernel's context for this call; a u32 field.
     let proto = unsafe { read_volatile(&raw const (*sa).protocol) } as u8;
@@ -109,11 +112,11 @@ pub fn translate_to_backend(ctx: &SockAddrContext, family: u8) -> i32 {
         // SAFETY: copied out immediately.
         let is_cluster_ip =
             unsafe { VIPS.get(&key) }.is_some_and(|v| v.flags & VIP_F_CLUSTER_IP != 0);
-        return if is_cluster_ip { refuse() } else { ALLOW };
+        return Ok(if is_cluster_ip { refuse() } else { ALLOW });
     };
     let client = service::node_addr(cfg, family);
     let decision = service::decide(&svc, &frontend, port, proto, family, SOURCE_NODE, &client);
-    match decision.action {
+    Ok(match decision.action {
         Action::Forward => {
             let backend = decision.backend;
             set_user_addr(sa, family, &backend.addr, backend.port);
@@ -139,7 +142,7 @@ pub fn translate_to_backend(ctx: &SockAddrContext, family: u8) -> i32 {
         Action::Reject => refuse(),
         // A dropped destination: leave it untranslated, it goes nowhere (no answer, as DROP).
         Action::Drop => ALLOW,
-    }
+    })
 }
 
 #[inline(always)]
@@ -152,9 +155,11 @@ fn refuse() -> i32 {
 
 /// recvmsg4/6 and getpeername4/6: backend → the service address the application used.
 #[inline(always)]
-pub fn translate_to_frontend(ctx: &SockAddrContext, family: u8) -> i32 {
+/// `Err(ALLOW)` when the socket is not the node's, `Ok(ALLOW)` otherwise (these hooks only
+/// rewrite the address the application sees; they never refuse).
+pub fn try_translate_to_frontend(ctx: &SockAddrContext, family: u8) -> Result<i32, i32> {
     if !in_node_netns(ctx) {
-        return ALLOW;
+        return Err(ALLOW);
     }
     let sa = ctx.sock_addr;
     let key = SockRevNatKey {
@@ -170,5 +175,5 @@ pub fn translate_to_frontend(ctx: &SockAddrContext, family: u8) -> i32 {
         set_user_addr(sa, family, &frontend.addr, frontend.port);
         count(Counter::SockReplyTranslated);
     }
-    ALLOW
+    Ok(ALLOW)
 }

@@ -22,22 +22,24 @@ use crate::{
 const OK: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
+/// `Ok(verdict)` for packets the dataplane handled; `Err(TC_ACT_OK)` for packets that are not
+/// ours (other protocols, malformed headers), which pass untouched.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> i32 {
+pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
     match parse::parse(ctx) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return icmp::translate_error(ctx),
-        Parsed::Pass => return OK,
+        Parsed::IcmpError => return Ok(icmp::translate_error(ctx)),
+        Parsed::Pass => return Err(OK),
     }
     let verdict = known_flow(ctx);
     if verdict != NOT_KNOWN {
-        return verdict;
+        return Ok(verdict);
     }
-    match new_flow(ctx) {
+    Ok(match new_flow(ctx) {
         NewFlow::Reject(family) => reject(ctx, family),
         NewFlow::Verdict(verdict) => verdict,
-    }
+    })
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
@@ -72,6 +74,8 @@ fn known_flow(ctx: &TcContext) -> i32 {
             count(Counter::CtForwardHits);
             return rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)));
         }
+        // Re-balanced below: the old reply entry would only linger until the GC.
+        let _ = CONNTRACK.remove(&conntrack::reply_key_of_forward(flow, entry));
         count(Counter::StaleBackendFlows);
     }
     NOT_KNOWN

@@ -6,7 +6,8 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    ConfigValue, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
     SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
@@ -23,7 +24,7 @@ const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OT
 struct Fixture {
     loaded: Loaded,
     maps: Maps,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 impl Fixture {
@@ -47,11 +48,7 @@ impl Fixture {
             ..ConfigValue::default()
         })
         .unwrap();
-        Self {
-            loaded,
-            maps,
-            _pins: pins,
-        }
+        Self { loaded, maps, pins }
     }
 
     fn service(
@@ -354,33 +351,89 @@ fn malformed_packets_pass_untouched() {
 
 #[test]
 fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = addresses(v6);
+        fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+        let syn = packet::build(client, frontend, IPPROTO_TCP, b"");
+        let (_, translated) = fx.run(&syn);
+        // The backend answers a too-big packet of the flow with "fragmentation needed" /
+        // "packet too big", quoting the packet as it received it (client → backend).
+        let (ip_len, proto, kind, code) = if v6 {
+            (40, IPPROTO_ICMPV6, 2, 0)
+        } else {
+            (20, IPPROTO_ICMP, 3, 4)
+        };
+        let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
+        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
+        icmp.extend_from_slice(quoted);
+        let seed = if v6 {
+            packet::pseudo_sum(backend.ip(), client.ip(), proto, icmp.len())
+        } else {
+            0
+        };
+        let sum = packet::internet_checksum(&icmp, seed);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let error = packet::frame(backend.ip(), client.ip(), proto, &icmp);
+        let (code, out) = fx.run(&error);
+        assert_eq!(code, TC_ACT_OK);
+        let s = packet::summarize(&out).unwrap();
+        assert_eq!(
+            s.src.ip(),
+            frontend.ip(),
+            "v6 {v6}: outer source back to the service"
+        );
+        assert_eq!(
+            s.quoted,
+            Some((client, frontend)),
+            "v6 {v6}: quoted packet as the client sent it"
+        );
+        assert!(
+            s.checksums_ok,
+            "v6 {v6}: outer, quoted-header and ICMP checksums"
+        );
+    }
+}
+
+#[test]
+fn session_affinity_sticks_within_the_timeout_and_expires_after_it() {
     let mut fx = Fixture::new();
-    let (client, frontend, backend) = addresses(false);
-    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
-    let syn = packet::build(client, frontend, IPPROTO_TCP, b"");
-    let (_, translated) = fx.run(&syn);
-    // The backend answers a too-big packet of the flow with "fragmentation needed", quoting
-    // the packet as it received it (client → backend).
-    let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + 28];
-    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
-    icmp.extend_from_slice(quoted);
-    let sum = packet::internet_checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    let error = packet::frame(backend.ip(), client.ip(), IPPROTO_ICMP, &icmp);
-    let (code, out) = fx.run(&error);
-    assert_eq!(code, TC_ACT_OK);
-    let s = packet::summarize(&out).unwrap();
-    assert_eq!(
-        s.src.ip(),
-        frontend.ip(),
-        "outer source back to the service"
-    );
-    assert_eq!(
-        s.quoted,
-        Some((client, frontend)),
-        "quoted packet as the client sent it"
-    );
-    assert!(s.checksums_ok, "outer, quoted-header and ICMP checksums");
+    let (client, frontend, _) = addresses(false);
+    let backends = [
+        sa("10.1.0.5:8080"),
+        sa("10.1.0.6:8080"),
+        sa("10.1.0.7:8080"),
+    ];
+    fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
+        v.affinity_timeout = 1;
+    });
+    let backend_of = |fx: &Fixture, port: u16| {
+        let from = SocketAddr::new(client.ip(), port);
+        let (_, out) = fx.run(&packet::build(from, frontend, IPPROTO_TCP, b""));
+        packet::summarize(&out).unwrap().dst
+    };
+    let first = backend_of(&fx, 40000);
+    for port in 40001..40010 {
+        assert_eq!(
+            backend_of(&fx, port),
+            first,
+            "new flows stick to the first backend"
+        );
+    }
+    // Once the timeout passes, the next flow is balanced again (and then sticks to its pick):
+    // with three backends, ten expiries all picking the same one has odds 3^-10.
+    let mut previous = first;
+    let mut changed = false;
+    for round in 0..10u16 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let picked = backend_of(&fx, 41000 + round);
+        if picked != previous {
+            changed = true;
+            break;
+        }
+        previous = picked;
+    }
+    assert!(changed, "affinity never expired");
 }
 
 #[test]
@@ -420,4 +473,201 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
     fx.service(1, frontend, IPPROTO_TCP, &[], |_| {});
     let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Reject);
+}
+
+#[test]
+fn sctp_is_translated_only_when_the_port_is_unchanged() {
+    let mut fx = Fixture::new();
+    let (client, frontend, _) = addresses(false);
+    let same_port = SocketAddr::new("10.1.0.5".parse().unwrap(), frontend.port());
+    fx.service(1, frontend, IPPROTO_SCTP, &[same_port], |_| {});
+    let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_SCTP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(packet::summarize(&out).unwrap().dst, same_port);
+
+    let other = SocketAddr::new(frontend.ip(), 81);
+    fx.service(2, other, IPPROTO_SCTP, &[sa("10.1.0.5:8081")], |_| {});
+    let (code, _) = fx.run(&packet::build(client, other, IPPROTO_SCTP, b""));
+    assert_eq!(
+        code, TC_ACT_SHOT,
+        "a port rewrite would need a CRC32c update"
+    );
+}
+
+#[test]
+fn a_flow_whose_backend_is_gone_is_balanced_again_and_cleanup_removes_its_entries() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    let frame = packet::build(client, frontend, IPPROTO_UDP, b"x");
+    let (_, out) = fx.run(&frame);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    assert_eq!(
+        fx.maps.conntrack_entries().unwrap().len(),
+        2,
+        "forward and reply entries"
+    );
+
+    // The endpoint goes away and another one takes its place (new backend id).
+    assert_eq!(fx.maps.cleanup_flows_to_backend(999).unwrap(), 0);
+    fx.maps.delete_backend(101).unwrap();
+    let replacement = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_UDP, &[replacement], |_| {});
+    let (_, out) = fx.run(&frame);
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        replacement,
+        "the same 5-tuple now goes to the live backend"
+    );
+    assert_eq!(fx.maps.cleanup_flows_to_backend(201).unwrap(), 2);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn pod_sources_found_by_the_local_cidr_detector_get_their_own_class() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_CIDR)
+        .unwrap();
+    fx.maps
+        .add_local_cidr("10.0.0.0/24".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        fx.maps.local_cidr_entries().unwrap(),
+        vec!["10.0.0.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    // Masquerade everything but pod traffic (kube-proxy's masquerade of off-cluster traffic).
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES & !(1 << SOURCE_POD);
+    });
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().src,
+        client,
+        "pod source kept"
+    );
+    let outsider = sa("172.16.0.2:40000");
+    let (_, out) = fx.run(&packet::build(outsider, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().src.ip(),
+        "192.0.2.1".parse::<IpAddr>().unwrap(),
+        "external source masqueraded"
+    );
+}
+
+#[test]
+fn flows_survive_a_reload_of_the_programs_on_the_same_pins() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    // A new proxy process loads the programs again; the pinned maps (and flows) are reused.
+    let reloaded = dataplane::load(fx.pins.path()).unwrap();
+    fx.loaded = reloaded;
+    let (code, out) = fx.run(&packet::build(backend, client, IPPROTO_TCP, b""));
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(
+        packet::summarize(&out).unwrap().src,
+        frontend,
+        "reply of the old flow"
+    );
+}
+
+#[test]
+fn trace_command_prints_json() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let out = proxy_lab::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
+            .arg("trace")
+            .arg("--bpf-pin-path")
+            .arg(fx.pins.path())
+            .args(["--src", &client.ip().to_string()])
+            .args(["--dst", &frontend.ip().to_string()])
+            .args(["--dport", "80", "--proto", "tcp", "-o", "json"]),
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "verdict": "DNAT",
+            "endpoints": [backend.to_string()],
+            "masquerade": true,
+        })
+    );
+}
+
+#[test]
+fn classes_with_the_cluster_bit_use_the_cluster_scope_endpoints() {
+    let mut fx = Fixture::new();
+    let (_, frontend, _) = addresses(false);
+    let local = sa("10.1.0.5:8080");
+    let remote = sa("10.1.9.5:8080");
+    // externalTrafficPolicy Local: the policy set has only the local endpoint; pod and node
+    // traffic short-circuits to the Cluster set (kube-proxy's behaviour for internal sources).
+    common::program_scope(
+        &mut fx.maps,
+        1,
+        frontend,
+        IPPROTO_TCP,
+        SCOPE_CLUSTER,
+        &[remote],
+        |_| {},
+    );
+    fx.service(1, frontend, IPPROTO_TCP, &[local], |v| {
+        v.flags |= SVC_F_HAS_CLUSTER_SCOPE;
+        v.cluster_classes = 1 << SOURCE_NODE;
+    });
+    let (_, out) = fx.run(&packet::build(
+        sa("172.16.0.2:40000"),
+        frontend,
+        IPPROTO_TCP,
+        b"",
+    ));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        local,
+        "external: policy set"
+    );
+    let (_, out) = fx.run(&packet::build(
+        sa("192.0.2.1:40000"),
+        frontend,
+        IPPROTO_TCP,
+        b"",
+    ));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        remote,
+        "node: cluster set"
+    );
+}
+
+#[test]
+fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    fx.service(2, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.run(&packet::build(client, frontend, IPPROTO_UDP, b""));
+    fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(fx.maps.conntrack_entries().unwrap().len(), 4);
+    let defaults = dataplane::CtTimeouts::default();
+    let stats = dataplane::collect_garbage(&mut fx.maps, &defaults).unwrap();
+    assert_eq!((stats.scanned, stats.expired), (4, 0), "fresh flows stay");
+    // An unreplied UDP flow expires after udp_unreplied; TCP (new) keeps its 2 minutes.
+    let short_udp = dataplane::CtTimeouts {
+        udp_unreplied: std::time::Duration::ZERO,
+        ..defaults
+    };
+    let stats = dataplane::collect_garbage(&mut fx.maps, &short_udp).unwrap();
+    assert_eq!(stats.expired, 2);
+    let left = fx.maps.conntrack_entries().unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|(k, _)| k.proto == IPPROTO_TCP));
 }

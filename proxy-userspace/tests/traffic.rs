@@ -361,57 +361,87 @@ fn reject_refuses_at_once_and_drop_times_out() {
     }
 }
 
+/// Runs `script` with bash in the node namespace, inside `cgroup` when given (the socket hooks
+/// are attached to the test's cgroup), bounded by `timeout(1)`.
+fn node_shell(lab: &Lab, script: &str, in_cgroup: bool) -> std::process::Output {
+    let script = if in_cgroup {
+        format!(
+            "echo $$ > {}/cgroup.procs && {script}",
+            lab.cgroup.path().display()
+        )
+    } else {
+        script.to_owned()
+    };
+    lab.node
+        .command("timeout")
+        .args(["5", "bash", "-c", &script])
+        .output()
+        .expect("run bash in the node namespace")
+}
+
 #[test]
 fn host_originated_connections_to_a_cluster_ip_reach_a_backend() {
     let mut lab = Lab::new();
-    let backends = lab.backends(false);
+    let mut id = 0;
+    // (v6, proto, the bash redirection that opens a connected socket to the service)
+    for (v6, proto, script) in [
+        (
+            false,
+            IPPROTO_TCP,
+            "exec 3<>/dev/tcp/10.96.0.10/80 && cat <&3",
+        ),
+        (
+            true,
+            IPPROTO_TCP,
+            "exec 3<>/dev/tcp/fd00:96::10/80 && cat <&3",
+        ),
+        (
+            false,
+            IPPROTO_UDP,
+            "exec 3<>/dev/udp/10.96.0.10/80 && echo ping >&3 && head -n1 <&3",
+        ),
+    ] {
+        id += 1;
+        let backends = lab.backends(v6);
+        common::program_service(
+            &mut lab.maps,
+            id,
+            cluster_ip(v6, 80),
+            proto,
+            &backends,
+            |_| {},
+        );
+        let mut names = BTreeSet::new();
+        for _ in 0..MAX_REQUESTS {
+            let out = node_shell(&lab, script, true);
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert!(
+                out.status.success(),
+                "v6 {v6} proto {proto}: host connect failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (name, seen) = answer.split_once(' ').expect("NAME CLIENT");
+            let expected_prefix = if v6 { "fd00:1:" } else { "10.1." };
+            assert!(
+                seen.starts_with(expected_prefix),
+                "the node's own address on the pod link, got {seen}"
+            );
+            names.insert(name.to_owned());
+            if names.len() == PODS {
+                break;
+            }
+        }
+        assert_eq!(names, all_pods(), "v6 {v6} proto {proto}");
+    }
     common::program_service(
         &mut lab.maps,
-        1,
-        cluster_ip(false, 80),
-        IPPROTO_TCP,
-        &backends,
-        |_| {},
-    );
-    common::program_service(
-        &mut lab.maps,
-        2,
+        9,
         cluster_ip(false, 82),
         IPPROTO_TCP,
         &[],
         |_| {},
     );
-    // A process of the node namespace, inside the cgroup the socket hooks are attached to.
-    let connect = |port: u16| {
-        let script = format!(
-            "echo $$ > {}/cgroup.procs && exec 3<>/dev/tcp/10.96.0.10/{port} && cat <&3",
-            lab.cgroup.path().display()
-        );
-        let mut cmd = lab.node.command("timeout");
-        cmd.args(["10", "bash", "-c", &script]);
-        cmd.output().expect("run bash in the node namespace")
-    };
-    let mut names = BTreeSet::new();
-    for _ in 0..MAX_REQUESTS {
-        let out = connect(80);
-        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(
-            out.status.success(),
-            "host connect failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (name, seen) = answer.split_once(' ').expect("NAME CLIENT");
-        assert!(
-            seen.starts_with("10.1."),
-            "the node's own address on the pod link, got {seen}"
-        );
-        names.insert(name.to_owned());
-        if names.len() == PODS {
-            break;
-        }
-    }
-    assert_eq!(names, all_pods());
-    let refused = connect(82);
+    let refused = node_shell(&lab, "exec 3<>/dev/tcp/10.96.0.10/82", true);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
@@ -419,12 +449,7 @@ fn host_originated_connections_to_a_cluster_ip_reach_a_backend() {
         String::from_utf8_lossy(&refused.stderr)
     );
     // Outside the cgroup nothing is translated: the connect goes to the VIP, which nobody has.
-    let outside = lab
-        .node
-        .command("timeout")
-        .args(["3", "bash", "-c", "exec 3<>/dev/tcp/10.96.0.10/80"])
-        .output()
-        .unwrap();
+    let outside = node_shell(&lab, "exec 3<>/dev/tcp/10.96.0.10/80", false);
     assert!(
         !outside.status.success(),
         "untranslated outside the test's cgroup"
@@ -471,4 +496,50 @@ fn the_proxy_follows_interfaces_that_appear_and_go_away() {
             Duration::from_secs(5),
         )
         .unwrap();
+}
+
+#[test]
+fn host_sockets_see_the_service_address_as_their_peer() {
+    let mut lab = Lab::new();
+    let backends = lab.backends(false);
+    common::program_service(
+        &mut lab.maps,
+        1,
+        cluster_ip(false, 80),
+        IPPROTO_UDP,
+        &backends,
+        |_| {},
+    );
+    common::program_service(
+        &mut lab.maps,
+        2,
+        cluster_ip(false, 80),
+        IPPROTO_TCP,
+        &backends,
+        |_| {},
+    );
+    // Unconnected UDP (sendmsg + recvmsg hooks) and TCP getpeername (getpeername hook).
+    let script = "exec /usr/bin/python3 -c '
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+u.sendto(b\"ping\", (\"10.96.0.10\", 80))
+data, peer = u.recvfrom(100)
+t = socket.create_connection((\"10.96.0.10\", 80), timeout=2)
+print(data.decode().split()[0], peer[0], peer[1], *t.getpeername())
+'";
+    let out = node_shell(&lab, script, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let fields: Vec<&str> = answer.split(' ').collect();
+    assert!(fields[0].starts_with("pod"), "{answer}");
+    assert_eq!(
+        fields[1..],
+        ["10.96.0.10", "80", "10.96.0.10", "80"],
+        "recvfrom and getpeername report the service, not the backend"
+    );
 }

@@ -222,6 +222,38 @@ fn program_local_ifindexes(maps: &mut Maps, detector: &LocalTrafficDetector) -> 
     Ok(())
 }
 
+/// Counters of conditions an operator must hear about (the kernel can only count them).
+const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
+    proxy_common::Counter::CtMapFull,
+    proxy_common::Counter::SnatExhausted,
+    proxy_common::Counter::NoSnatAddress,
+    proxy_common::Counter::SctpPortRewrite,
+];
+
+/// Logs the failure counters that grew since the last call.
+fn warn_on_failure_counters(
+    pin_path: &std::path::Path,
+    seen: &mut std::collections::HashMap<&'static str, u64>,
+) {
+    let Ok(counters) = dataplane::read_counters(pin_path) else {
+        return;
+    };
+    for (name, value) in counters {
+        if !FAILURE_COUNTERS.iter().any(|c| c.name() == name) {
+            continue;
+        }
+        let before = seen.insert(name, value).unwrap_or(0);
+        if value > before {
+            tracing::warn!(
+                counter = name,
+                new = value - before,
+                total = value,
+                "dataplane failures"
+            );
+        }
+    }
+}
+
 /// Everything one sync needs and keeps between syncs.
 struct Syncer {
     config: ProxyConfig,
@@ -327,6 +359,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let timeouts = dataplane::CtTimeouts::default();
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut failures_seen = std::collections::HashMap::new();
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -361,6 +394,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Ok(stats) => tracing::debug!(?stats, "conntrack gc"),
                     Err(error) => tracing::warn!(%error, "conntrack gc"),
                 }
+                warn_on_failure_counters(&args.dataplane.bpf_pin_path, &mut failures_seen);
             }
         }
     }

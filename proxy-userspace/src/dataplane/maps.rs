@@ -226,7 +226,9 @@ impl Maps {
     // ---- loadBalancerSourceRanges ----
 
     /// Allows `range` for the service `service_id` (entries with `SVC_F_SOURCE_RANGES` drop
-    /// every source no allowed range contains).
+    /// every source no allowed range contains). Only ranges of the service id's own family:
+    /// the trie key has no family, so an IPv4 `0.0.0.0/0` under an IPv6 service id would
+    /// match every IPv6 source.
     pub fn allow_source_range(&mut self, service_id: u32, range: IpNet) -> Result<(), MapsError> {
         self.source_ranges
             .insert(&source_range_key(service_id, range), PRESENT, 0)

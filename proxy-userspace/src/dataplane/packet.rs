@@ -30,7 +30,7 @@ pub fn internet_checksum(data: &[u8], initial: u32) -> u16 {
 }
 
 /// The unfolded sum of the pseudo header for `len` bytes of protocol `proto`.
-fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+pub fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     let mut bytes = Vec::new();
     if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
         bytes.extend_from_slice(&s.octets());

@@ -16,18 +16,31 @@ pub fn program_service(
     backends: &[SocketAddr],
     edit: impl FnOnce(&mut ServiceValue),
 ) {
+    program_scope(maps, id, frontend, proto, SCOPE_POLICY, backends, edit);
+}
+
+/// [`program_service`] for one scope; backend ids are `id * 100 + scope * 50 + 1…`.
+pub fn program_scope(
+    maps: &mut Maps,
+    id: u32,
+    frontend: SocketAddr,
+    proto: u8,
+    scope: u8,
+    backends: &[SocketAddr],
+    edit: impl FnOnce(&mut ServiceValue),
+) {
     let (addr, family) = addr_from_ip(frontend.ip());
     let key = |slot: u16| ServiceKey {
         addr,
         port: frontend.port().to_be(),
         proto,
-        scope: SCOPE_POLICY,
+        scope,
         slot,
         family,
         _pad: 0,
     };
     for (i, backend) in backends.iter().enumerate() {
-        let backend_id = id * 100 + i as u32 + 1;
+        let backend_id = id * 100 + u32::from(scope) * 50 + i as u32 + 1;
         let (backend_addr, backend_family) = addr_from_ip(backend.ip());
         maps.upsert_backend(
             backend_id,
