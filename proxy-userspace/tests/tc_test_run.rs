@@ -671,3 +671,42 @@ fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|(k, _)| k.proto == IPPROTO_TCP));
 }
+
+#[test]
+fn established_flows_keep_a_terminating_backend_while_new_flows_avoid_it() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    // The endpoint starts terminating: it leaves the service's slots (new flows) but stays in
+    // BACKENDS (its established flows), as the reconciler programs it.
+    let successor = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_TCP, &[successor], |_| {});
+    assert!(
+        fx.maps
+            .backend_entries()
+            .unwrap()
+            .iter()
+            .any(|(id, _)| *id == 101)
+    );
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b"more"));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        backend,
+        "established flow stays"
+    );
+    let other_client = SocketAddr::new(client.ip(), client.port() + 1);
+    let (_, out) = fx.run(&packet::build(other_client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        successor,
+        "new flow avoids it"
+    );
+    // Cleaning up both backends at once removes both flows (two entries each).
+    let removed = fx
+        .maps
+        .cleanup_flows_to_backends(&std::collections::HashSet::from([101, 201]))
+        .unwrap();
+    assert_eq!(removed, 4);
+}

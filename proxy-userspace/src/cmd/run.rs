@@ -299,16 +299,18 @@ impl Syncer {
         // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
         // clients are not blackholed into a dead endpoint.
         let after = &self.reconciler.programmed().backends;
-        for id in before.iter().filter(|id| !after.contains_key(id)) {
-            match maps.cleanup_flows_to_backend(*id) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    backend = id,
-                    flows = n,
-                    "removed flows to a deleted backend"
-                ),
-                Err(error) => tracing::warn!(%error, backend = id, "conntrack cleanup"),
-            }
+        let gone: HashSet<u32> = before
+            .into_iter()
+            .filter(|id| !after.contains_key(id))
+            .collect();
+        match maps.cleanup_flows_to_backends(&gone) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                backends = ?gone,
+                flows = n,
+                "removed flows to deleted backends"
+            ),
+            Err(error) => tracing::warn!(%error, backends = ?gone, "conntrack cleanup"),
         }
         for error in self.service_health.sync(&state) {
             tracing::warn!("{error}");

@@ -351,10 +351,22 @@ impl Maps {
     /// socket are not blackholed; TCP flows would re-balance anyway, this frees them at once.
     /// Returns the number of entries deleted.
     pub fn cleanup_flows_to_backend(&mut self, id: u32) -> Result<usize, MapsError> {
+        self.cleanup_flows_to_backends(&std::collections::HashSet::from([id]))
+    }
+
+    /// [`Maps::cleanup_flows_to_backend`] for many backends in one walk of the conntrack map
+    /// (a walk costs two syscalls per entry: do it once per sync, not once per backend).
+    pub fn cleanup_flows_to_backends(
+        &mut self,
+        ids: &std::collections::HashSet<u32>,
+    ) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
         let stale: Vec<CtKey> = self
             .conntrack_entries()?
             .into_iter()
-            .filter(|(_, v)| v.backend_id == id)
+            .filter(|(_, v)| ids.contains(&v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for key in &stale {
