@@ -710,3 +710,58 @@ fn established_flows_keep_a_terminating_backend_while_new_flows_avoid_it() {
         .unwrap();
     assert_eq!(removed, 4);
 }
+
+/// An ICMP / ICMPv6 echo request from `src` to `dst`.
+fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let v6 = dst.is_ipv6();
+    let (proto, kind) = if v6 {
+        (IPPROTO_ICMPV6, 128)
+    } else {
+        (IPPROTO_ICMP, 8)
+    };
+    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'];
+    let seed = if v6 {
+        packet::pseudo_sum(src, dst, proto, icmp.len())
+    } else {
+        0
+    };
+    let sum = packet::internet_checksum(&icmp, seed);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    packet::frame(src, dst, proto, &icmp)
+}
+
+#[test]
+fn pings_to_cluster_ips_are_rejected_and_to_unallocated_service_addresses_dropped() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, _) = addresses(v6);
+        fx.maps.upsert_vip(frontend.ip(), VIP_F_CLUSTER_IP).unwrap();
+        let (cidr, unallocated, elsewhere) = if v6 {
+            ("fd00:96::/108", "fd00:96::99", "fd00:200::1")
+        } else {
+            ("10.96.0.0/12", "10.96.0.99", "10.200.0.1")
+        };
+        fx.maps.add_service_cidr(cidr.parse().unwrap()).unwrap();
+
+        let (code, out) = fx.run(&echo_request(client.ip(), frontend.ip()));
+        assert_eq!(code, TC_ACT_REDIRECT, "v6 {v6}: ping to a ClusterIP");
+        let s = packet::summarize(&out).unwrap();
+        let expected = if v6 { (1, 4) } else { (3, 3) };
+        assert_eq!(s.icmp, Some(expected), "v6 {v6}");
+        assert!(s.checksums_ok, "v6 {v6}");
+
+        let (code, _) = fx.run(&echo_request(client.ip(), unallocated.parse().unwrap()));
+        assert_eq!(
+            code, TC_ACT_SHOT,
+            "v6 {v6}: ping to an unallocated service address"
+        );
+
+        let frame = echo_request(client.ip(), elsewhere.parse().unwrap());
+        let (code, out) = fx.run(&frame);
+        assert_eq!(
+            (code, out),
+            (TC_ACT_OK, frame),
+            "v6 {v6}: other pings pass untouched"
+        );
+    }
+}
