@@ -84,7 +84,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             let lab = Lab::up(name, &dir, nodes)?;
             lab.print_status();
             println!(
-                "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<nodePort>/",
+                "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<a NodePort above>/",
                 lab.nodes[0].ip
             );
             Ok(())
@@ -724,6 +724,56 @@ impl Lab {
         bail!("no node, pod or client named {target} in lab {}", self.name)
     }
 
+    /// Services with their allocated addresses, as the proxies plan them (node 1's view).
+    fn print_services(&self) {
+        let plan = run(Command::new(&self.proxy_bin)
+            .args([
+                "plan",
+                "-o",
+                "json",
+                "--hostname-override",
+                &self.nodes[0].name,
+                "--manifests",
+            ])
+            .arg(self.manifests_dir()));
+        let plan: serde_json::Value = match plan.map(|out| serde_json::from_str(&out)) {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => return println!("services: (plan output unreadable: {e})"),
+            Err(e) => return println!("services: (plan failed: {e})"),
+        };
+        println!("services (as programmed on {}):", self.nodes[0].name);
+        for sp in plan["servicePorts"].as_array().into_iter().flatten() {
+            let frontends: Vec<String> = sp["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    format!(
+                        "{} {}:{}",
+                        f["kind"].as_str().unwrap_or("?"),
+                        f["addr"].as_str().unwrap_or("?"),
+                        f["port"]
+                    )
+                })
+                .collect();
+            println!(
+                "  {}/{} {}  endpoints {}  {}",
+                sp["name"]["namespace"].as_str().unwrap_or_default(),
+                sp["name"]["name"].as_str().unwrap_or_default(),
+                sp["name"]["protocol"].as_str().unwrap_or_default(),
+                sp["clusterEndpoints"].as_array().map_or(0, Vec::len),
+                frontends.join(", ")
+            );
+        }
+        for d in plan["diagnostics"].as_array().into_iter().flatten() {
+            println!(
+                "  ! {}: {}",
+                d["object"].as_str().unwrap_or_default(),
+                d["message"].as_str().unwrap_or_default()
+            );
+        }
+    }
+
     pub fn print_status(&self) {
         println!(
             "lab {} (state in {})",
@@ -753,6 +803,7 @@ impl Lab {
         }
         println!("toolbox pod (selected by no Service): lab exec toolbox -- …");
         println!("external clients: client {CLIENT_IP}, outsider {OUTSIDER_IP}");
+        self.print_services();
         for n in &self.nodes {
             let stats = run(Command::new(&self.proxy_bin)
                 .args(["stats", "--bpf-pin-path"])
@@ -761,9 +812,24 @@ impl Lab {
                     self.name, n.name
                 )))
             .unwrap_or_else(|e| format!("(unavailable: {e})\n"));
-            println!("proxy on {}:\n{}", n.name, indent(&stats));
+            println!(
+                "proxy on {}:\n{}",
+                n.name,
+                indent(&interesting_stats(&stats))
+            );
         }
     }
+}
+
+/// The `stats` lines worth showing: what is programmed, and counters that moved.
+fn interesting_stats(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("programmed_") || l.starts_with("conntrack_") || !l.ends_with(" 0")
+        })
+        .collect();
+    lines.join("\n")
 }
 
 fn indent(text: &str) -> String {

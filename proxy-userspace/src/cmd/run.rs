@@ -261,6 +261,7 @@ struct Syncer {
     health: Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
     reported: HashSet<String>,
+    allocations: HashSet<String>,
     synced_once: bool,
     detector: LocalTrafficDetector,
 }
@@ -282,6 +283,13 @@ impl Syncer {
             tracing::warn!("{line}");
         }
         self.reported = current;
+        // Values the manifests source allocated as the API server would, reported once each.
+        for a in &snapshot.allocations {
+            let line = format!("allocated {} {} = {}", a.object, a.field, a.value);
+            if self.allocations.insert(line.clone()) {
+                tracing::info!("{line}");
+            }
+        }
         program_node_config(maps, &model_config, &state)?;
         self.detector = state.local_traffic_detector.clone();
         program_local_ifindexes(maps, &self.detector)?;
@@ -353,6 +361,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health: health.clone(),
         config,
         reported: HashSet::new(),
+        allocations: HashSet::new(),
         synced_once: false,
         detector: LocalTrafficDetector::None,
     };
