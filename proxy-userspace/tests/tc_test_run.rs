@@ -29,11 +29,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_conntrack(4096)
+    }
+
+    fn with_conntrack(conntrack: u32) -> Self {
         let pins = PinDir::new();
         let sizes = MapSizes {
             services: 4096,
             backends: 1024,
-            conntrack: 4096,
+            conntrack,
             affinity: 1024,
             source_ranges: 1024,
             vips: 1024,
@@ -764,4 +768,26 @@ fn pings_to_cluster_ips_are_rejected_and_to_unallocated_service_addresses_droppe
             "v6 {v6}: other pings pass untouched"
         );
     }
+}
+
+#[test]
+fn conntrack_read_back_sees_every_entry_across_batches() {
+    let mut fx = Fixture::with_conntrack(65536);
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    // 6000 flows, 12000 entries: several 4096-entry batches.
+    for i in 0..6000u32 {
+        let client = SocketAddr::new(
+            IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]),
+            40000,
+        );
+        let (code, _) = fx.run(&packet::build(client, frontend, IPPROTO_UDP, b""));
+        assert_eq!(code, TC_ACT_OK);
+    }
+    let entries = fx.maps.conntrack_entries().unwrap();
+    assert_eq!(entries.len(), 12000);
+    let distinct: std::collections::HashSet<_> = entries.iter().map(|(k, _)| *k).collect();
+    assert_eq!(distinct.len(), 12000, "no entry read twice");
+    assert_eq!(fx.maps.cleanup_flows_to_backend(101).unwrap(), 12000);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
 }

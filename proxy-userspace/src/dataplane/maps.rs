@@ -338,8 +338,21 @@ impl Maps {
 
     // ---- conntrack ----
 
+    /// Every conntrack entry, read in batches where the kernel supports it.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
-        collect(&self.conntrack, CONNTRACK_MAP)
+        let batched = super::batch::lookup_all(aya::maps::IterableMap::map(&self.conntrack))
+            .map_err(|io_error| MapsError::Access {
+                operation: "batch lookup",
+                map: CONNTRACK_MAP,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                }),
+            })?;
+        match batched {
+            Some(entries) => Ok(entries),
+            None => collect(&self.conntrack, CONNTRACK_MAP),
+        }
     }
 
     pub fn delete_conntrack(&mut self, key: &CtKey) -> Result<(), MapsError> {

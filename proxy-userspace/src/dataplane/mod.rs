@@ -3,6 +3,7 @@
 //! tracer.
 
 mod attach;
+mod batch;
 mod counters;
 mod gc;
 mod loader;
