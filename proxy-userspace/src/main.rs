@@ -50,6 +50,11 @@ struct TraceArgs {
     /// The interface index the packet arrives on (the ifindex local-traffic detector).
     #[arg(long, default_value_t = 0)]
     ingress_ifindex: u32,
+    /// The source class: `node` sends from the node's address, `pod` from a local interface
+    /// (ifindex detector) or checks that --src is a pod address (CIDR detector), `external`
+    /// checks that --src is neither.
+    #[arg(long, value_parser = ["pod", "node", "external"])]
+    from: Option<String>,
     /// First packets to run; enough to see every backend of a random choice.
     #[arg(long, default_value_t = 64)]
     runs: u32,
@@ -113,6 +118,11 @@ fn trace(args: &TraceArgs) -> anyhow::Result<()> {
             proto,
             ingress_ifindex: args.ingress_ifindex,
             runs: args.runs,
+            from: args.from.as_deref().map(|from| match from {
+                "pod" => dataplane::TraceFrom::Pod,
+                "node" => dataplane::TraceFrom::Node,
+                _ => dataplane::TraceFrom::External,
+            }),
         },
     )?;
     if args.output == "json" {

@@ -12,7 +12,8 @@ use proxy_common::{
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
-    self, Loaded, MapSizes, Maps, TraceRequest, Verdict, addr_from_ip, packet, run_tc_program,
+    self, Loaded, MapSizes, Maps, TraceFrom, TraceRequest, Verdict, addr_from_ip, packet,
+    run_tc_program,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -457,6 +458,7 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
         proto: IPPROTO_TCP,
         ingress_ifindex: 0,
         runs: 64,
+        from: None,
     };
     let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Dnat);
@@ -790,4 +792,65 @@ fn conntrack_read_back_sees_every_entry_across_batches() {
     assert_eq!(distinct.len(), 12000, "no entry read twice");
     assert_eq!(fx.maps.cleanup_flows_to_backend(101).unwrap(), 12000);
     assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_CIDR)
+        .unwrap();
+    fx.maps
+        .add_local_cidr("10.0.0.0/24".parse().unwrap())
+        .unwrap();
+    // externalTrafficPolicy Local without local endpoints: external traffic is dropped, pod and
+    // node traffic forwarded (node traffic masqueraded).
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.drop_classes = 1 << SOURCE_OTHER;
+        v.masquerade_classes = 1 << SOURCE_NODE;
+    });
+    let request = |src: IpAddr, from| TraceRequest {
+        src,
+        dst: frontend.ip(),
+        dport: frontend.port(),
+        proto: IPPROTO_TCP,
+        ingress_ifindex: 0,
+        runs: 4,
+        from: Some(from),
+    };
+    let outsider: IpAddr = "172.16.0.2".parse().unwrap();
+    let external = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(outsider, TraceFrom::External),
+    );
+    assert_eq!(external.unwrap().verdict, Verdict::Drop);
+    let pod = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(client.ip(), TraceFrom::Pod),
+    )
+    .unwrap();
+    assert_eq!((pod.verdict, pod.masquerade), (Verdict::Dnat, false));
+    // --from node ignores --src: the packet comes from the node's address.
+    let node = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(outsider, TraceFrom::Node),
+    )
+    .unwrap();
+    assert_eq!((node.verdict, node.masquerade), (Verdict::Dnat, true));
+    // A pod address is not external, and an outsider is no pod.
+    assert!(
+        dataplane::trace(
+            &fx.loaded,
+            &mut fx.maps,
+            &request(client.ip(), TraceFrom::External)
+        )
+        .is_err()
+    );
+    assert!(
+        dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
+    );
 }
