@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod source;

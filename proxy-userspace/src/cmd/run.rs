@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
+use proxy_userspace::metrics::{self, ProxyMetrics};
 use proxy_userspace::model::{self, LocalTrafficDetector};
 use proxy_userspace::reconcile::Reconciler;
 use proxy_userspace::source::ClusterSnapshot;
@@ -189,6 +190,7 @@ struct Syncer {
     config: ProxyConfig,
     reconciler: Reconciler,
     health: Arc<ProxyHealth>,
+    metrics: Arc<ProxyMetrics>,
     service_health: ServiceHealthServer,
     reported: HashSet<String>,
     allocations: HashSet<String>,
@@ -255,6 +257,8 @@ impl Syncer {
         if report.errors.is_empty() {
             self.health.updated();
         }
+        self.metrics
+            .synced(&state, started.elapsed(), report.errors.is_empty());
         if self.synced_once {
             tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
         } else {
@@ -280,6 +284,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the healthz address {addr}"))?;
         tokio::spawn(health::serve_proxy_health(listener, health.clone()));
     }
+    let metrics = ProxyMetrics::new(Some(args.dataplane.bpf_pin_path.clone()));
+    if let Some(addr) = config.metrics_bind_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
+    }
     let local = super::local_addresses()?;
     let mut syncer = Syncer {
         service_health: ServiceHealthServer::new(
@@ -288,6 +299,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
         health: health.clone(),
+        metrics: metrics.clone(),
         config,
         reported: HashSet::new(),
         allocations: HashSet::new(),
@@ -309,6 +321,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     anyhow::bail!("the source stopped");
                 }
                 health.queued_update();
+                metrics.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
                 if let Some(node) = &snapshot.node {
                     health.sync_node(node);
