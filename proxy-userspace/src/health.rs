@@ -40,6 +40,10 @@ struct HealthState {
     /// When the oldest change not yet programmed arrived.
     oldest_pending: Option<Instant>,
     node_eligible: bool,
+    /// Responses per HTTP status code, for kube-proxy's `kubeproxy_proxy_healthz_total` and
+    /// `kubeproxy_proxy_livez_total`.
+    healthz_responses: BTreeMap<u16, u64>,
+    livez_responses: BTreeMap<u16, u64>,
 }
 
 /// The proxy's own health, shared by the sync loop (which reports) and the HTTP handlers.
@@ -59,6 +63,8 @@ impl ProxyHealth {
                 oldest_pending: None,
                 // Eligible until a Node event says otherwise, like kube-proxy.
                 node_eligible: true,
+                healthz_responses: BTreeMap::new(),
+                livez_responses: BTreeMap::new(),
             }),
             health_timeout,
         })
@@ -117,6 +123,16 @@ impl ProxyHealth {
 
     fn node_eligible(&self) -> bool {
         self.lock().node_eligible
+    }
+
+    /// How many `/healthz` responses were sent, per HTTP status code.
+    pub fn healthz_responses(&self) -> BTreeMap<u16, u64> {
+        self.lock().healthz_responses.clone()
+    }
+
+    /// How many `/livez` responses were sent, per HTTP status code.
+    pub fn livez_responses(&self) -> BTreeMap<u16, u64> {
+        self.lock().livez_responses.clone()
     }
 }
 
@@ -189,6 +205,11 @@ fn proxy_status(health: &ProxyHealth, extra_healthy: bool) -> (StatusCode, Strin
 async fn healthz(State(health): State<Arc<ProxyHealth>>) -> Response {
     let eligible = health.node_eligible();
     let (status, last_updated, now) = proxy_status(&health, eligible);
+    *health
+        .lock()
+        .healthz_responses
+        .entry(status.as_u16())
+        .or_default() += 1;
     json_response(
         status,
         format!(
@@ -199,6 +220,11 @@ async fn healthz(State(health): State<Arc<ProxyHealth>>) -> Response {
 
 async fn livez(State(health): State<Arc<ProxyHealth>>) -> Response {
     let (status, last_updated, now) = proxy_status(&health, true);
+    *health
+        .lock()
+        .livez_responses
+        .entry(status.as_u16())
+        .or_default() += 1;
     json_response(
         status,
         format!(r#"{{"lastUpdated": "{last_updated}","currentTime": "{now}"}}"#),

@@ -2,8 +2,9 @@
 //! metrics bind address: `/metrics`, `/proxyMode`, `/healthz` (and `/healthz/ping`).
 //!
 //! `/metrics` carries kube-proxy's own families (`pkg/proxy/metrics`, subsystem `kubeproxy`)
-//! with its names, help texts, buckets and labels, as far as they have a meaning here, plus
-//! ours under `kube_ebpf_proxy_`, read from the pinned maps at scrape time:
+//! with its names, help texts, buckets and labels, as far as they have a meaning here (the
+//! `/healthz` and `/livez` response counts of the healthz server included), plus ours under
+//! `kube_ebpf_proxy_`, read from the pinned maps at scrape time:
 //! - `kube_ebpf_proxy_dataplane_events_total{counter}`: the dataplane's per-CPU counters summed
 //!   over CPUs, one series per counter (one family, so `sum by (counter)`/`rate` work across
 //!   them and a new kernel counter needs no new metric name);
@@ -34,6 +35,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::dataplane::{self, Maps};
+use crate::health::ProxyHealth;
 use crate::model::{DesiredState, IpFamily, ServicePortName, ServicePortState};
 
 /// The mode string `/proxyMode` answers (kube-proxy answers `iptables`, `ipvs`, `nftables`).
@@ -218,8 +220,9 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     /// The registry with kube-proxy's families; with `pin_path`, also the dataplane's
-    /// counters and map sizes, read from the maps pinned there at each scrape.
-    pub fn new(pin_path: Option<PathBuf>) -> Arc<ProxyMetrics> {
+    /// counters and map sizes, read from the maps pinned there at each scrape; with `health`,
+    /// the healthz server's response counts.
+    pub fn new(pin_path: Option<PathBuf>, health: Option<Arc<ProxyHealth>>) -> Arc<ProxyMetrics> {
         let kube_proxy = KubeProxyFamilies {
             sync_duration: Family::new_with_constructor(sync_duration_histogram),
             last_synced: Family::default(),
@@ -230,6 +233,9 @@ impl ProxyMetrics {
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(kube_proxy.clone()));
+        if let Some(health) = health {
+            registry.register_collector(Box::new(HealthResponses { health }));
+        }
         if let Some(pin_path) = pin_path {
             registry.register_collector(Box::new(DataplaneCollector { pin_path }));
         }
@@ -296,6 +302,46 @@ impl ProxyMetrics {
             tracing::warn!(%error, "encoding metrics");
         }
         text
+    }
+}
+
+/// kube-proxy's `kubeproxy_proxy_{healthz,livez}_total{code}`, read from the healthz server
+/// at scrape time. Like a Go counter vector, a family appears with its first response.
+#[derive(Debug)]
+struct HealthResponses {
+    health: Arc<ProxyHealth>,
+}
+
+impl Collector for HealthResponses {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, responses) in [
+            (
+                "kubeproxy_proxy_healthz",
+                "[ALPHA] Cumulative proxy healthz HTTP status",
+                self.health.healthz_responses(),
+            ),
+            (
+                "kubeproxy_proxy_livez",
+                "[ALPHA] Cumulative proxy livez HTTP status",
+                self.health.livez_responses(),
+            ),
+        ] {
+            if responses.is_empty() {
+                continue;
+            }
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (code, count) in responses {
+                let code = code.to_string();
+                ConstCounter::new(count)
+                    .encode(family.encode_family(&[("code", code.as_str())])?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -690,8 +736,10 @@ mod tests {
         (status, head.to_lowercase(), body.to_owned())
     }
 
-    async fn metrics_server() -> (Arc<ProxyMetrics>, SocketAddr, tokio::task::JoinHandle<()>) {
-        let metrics = ProxyMetrics::new(None);
+    /// Serves `metrics` on an ephemeral loopback port.
+    async fn serve(
+        metrics: Arc<ProxyMetrics>,
+    ) -> (Arc<ProxyMetrics>, SocketAddr, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = metrics.clone();
@@ -715,7 +763,7 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_endpoint_serves_kube_proxy_families_after_syncs() {
-        let (metrics, addr, task) = metrics_server().await;
+        let (metrics, addr, task) = serve(ProxyMetrics::new(None, None)).await;
         let before = seconds_since_epoch(SystemTime::now());
         metrics.queued();
         let mut web = port("web", IpFamily::IPv4, &[endpoint(1, true)]);
@@ -844,7 +892,7 @@ mod tests {
 
     #[tokio::test]
     async fn proxy_mode_healthz_and_unknown_paths() {
-        let (_metrics, addr, task) = metrics_server().await;
+        let (_metrics, addr, task) = serve(ProxyMetrics::new(None, None)).await;
         let (status, head, body) = get(addr, "/proxyMode").await;
         assert_eq!((status, body.as_str()), (200, "ebpf"));
         assert!(
@@ -860,5 +908,57 @@ mod tests {
             assert_eq!(status, 404, "{path}");
         }
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn healthz_server_responses_are_counted_by_code() {
+        let health = ProxyHealth::new(Duration::from_mins(1));
+        let (_metrics, addr, task) = serve(ProxyMetrics::new(None, Some(health.clone()))).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let healthz_addr = listener.local_addr().unwrap();
+        let healthz_task =
+            tokio::spawn(crate::health::serve_proxy_health(listener, health.clone()));
+
+        let (_, _, body) = get(addr, "/metrics").await;
+        assert!(
+            !body.contains("kubeproxy_proxy_"),
+            "no response yet: {body}"
+        );
+
+        assert_eq!(get(healthz_addr, "/healthz").await.0, 503);
+        health.updated();
+        for path in ["/healthz", "/healthz", "/livez"] {
+            assert_eq!(get(healthz_addr, path).await.0, 200, "{path}");
+        }
+        let (_, _, body) = get(addr, "/metrics").await;
+        for line in [
+            "# HELP kubeproxy_proxy_healthz [ALPHA] Cumulative proxy healthz HTTP status",
+            "# TYPE kubeproxy_proxy_healthz counter",
+            "# HELP kubeproxy_proxy_livez [ALPHA] Cumulative proxy livez HTTP status",
+            "# TYPE kubeproxy_proxy_livez counter",
+        ] {
+            assert!(
+                body.lines().any(|l| l == line),
+                "missing {line:?} in:\n{body}"
+            );
+        }
+        assert_eq!(
+            sample(&body, "kubeproxy_proxy_healthz_total{code=\"200\"}"),
+            "2"
+        );
+        assert_eq!(
+            sample(&body, "kubeproxy_proxy_healthz_total{code=\"503\"}"),
+            "1"
+        );
+        assert_eq!(
+            sample(&body, "kubeproxy_proxy_livez_total{code=\"200\"}"),
+            "1"
+        );
+        assert!(
+            !body.contains("kubeproxy_proxy_livez_total{code=\"503\"}"),
+            "{body}"
+        );
+        task.abort();
+        healthz_task.abort();
     }
 }

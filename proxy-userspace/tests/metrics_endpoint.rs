@@ -93,7 +93,7 @@ async fn metrics_expose_the_kernel_counters_and_programmed_entries() {
     assert!(conntrack > 0, "the flow is tracked");
     let kernel_counters = dataplane::read_counters(pins.path()).unwrap();
 
-    let metrics = ProxyMetrics::new(Some(pins.path().to_path_buf()));
+    let metrics = ProxyMetrics::new(Some(pins.path().to_path_buf()), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve_metrics(listener, metrics));

@@ -284,7 +284,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the healthz address {addr}"))?;
         tokio::spawn(health::serve_proxy_health(listener, health.clone()));
     }
-    let metrics = ProxyMetrics::new(Some(args.dataplane.bpf_pin_path.clone()));
+    let metrics = ProxyMetrics::new(
+        Some(args.dataplane.bpf_pin_path.clone()),
+        Some(health.clone()),
+    );
     if let Some(addr) = config.metrics_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
