@@ -1,0 +1,163 @@
+//! `kube-ebpf-proxy run --metrics-bind-address`: the real binary serves kube-proxy's metrics
+//! port inside a namespace this test creates, and its sync metrics follow manifest changes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use proxy_lab::{Cgroup, ManifestsDir, Netns, PinDir, Proxy, run, unique_name, veth};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
+const METRICS: &str = "127.0.0.1:10249";
+
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+";
+
+fn endpoint_slice(addresses: &[&str]) -> String {
+    let endpoints = addresses
+        .iter()
+        .map(|a| format!("- addresses: [\"{a}\"]\n  conditions: {{ready: true}}\n"))
+        .collect::<Vec<_>>()
+        .concat();
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+endpoints:
+{endpoints}ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"
+    )
+}
+
+/// GET `path` from the metrics address inside `ns` (curl there: loopback is per namespace).
+fn get(ns: &Netns, path: &str) -> String {
+    run(ns
+        .command("curl")
+        .args(["--silent", "--fail", "--max-time", "5"])
+        .arg(format!("http://{METRICS}{path}")))
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn sample<'a>(body: &'a str, series: &str) -> &'a str {
+    let prefix = format!("{series} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{body}"))
+}
+
+/// Scrapes until `series` reads `want` (the proxy syncs a moment after the file changes). A
+/// sync records its metrics after programming the maps, so wait on a sync metric before
+/// reading the map gauges.
+fn wait_for_sample(ns: &Netns, series: &str, want: &str) -> String {
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = get(ns, "/metrics");
+        if body
+            .lines()
+            .any(|l| l.strip_prefix(series) == Some(&format!(" {want}")))
+        {
+            return body;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{series} never read {want}:\n{body}");
+}
+
+#[test]
+fn run_serves_kube_proxy_metrics_that_follow_syncs() {
+    let node = Netns::new("n").unwrap();
+    let peer = Netns::new("p").unwrap();
+    let (node_if, peer_if) = (unique_name("a"), unique_name("b"));
+    veth(
+        &node,
+        &node_if,
+        &["192.0.2.1/24"],
+        &peer,
+        &peer_if,
+        &["192.0.2.2/24"],
+    )
+    .unwrap();
+    let pins = PinDir::new();
+    let cgroup = Cgroup::new().unwrap();
+    let manifests = ManifestsDir::new().unwrap();
+    manifests.write("web.yaml", SERVICE).unwrap();
+    manifests
+        .write("web-slice.yaml", &endpoint_slice(&["10.1.0.5"]))
+        .unwrap();
+    let _proxy = Proxy::start(
+        Path::new(BINARY),
+        &node,
+        &pins,
+        &[
+            "--cgroup-path",
+            cgroup.path().to_str().unwrap(),
+            "--manifests",
+            manifests.path().to_str().unwrap(),
+            "--hostname-override",
+            "node",
+            "--metrics-bind-address",
+            METRICS,
+        ],
+    )
+    .unwrap();
+
+    assert_eq!(get(&node, "/proxyMode"), "ebpf");
+    assert_eq!(get(&node, "/healthz"), "ok");
+    let body = wait_for_sample(
+        &node,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "1",
+    );
+    assert_eq!(sample(&body, "kube_ebpf_proxy_frontends"), "1");
+    assert_eq!(sample(&body, "kube_ebpf_proxy_backends"), "1");
+    assert_eq!(
+        sample(&body, "kubeproxy_sync_proxy_rules_service_changes_total"),
+        "1"
+    );
+    let syncs: u64 = sample(
+        &body,
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+    )
+    .parse()
+    .unwrap();
+    assert!(syncs >= 1, "{body}");
+    let synced: f64 = sample(
+        &body,
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+    )
+    .parse()
+    .unwrap();
+    assert!(synced > 0.0, "{body}");
+
+    // A second endpoint: one more endpoint change, no service change.
+    manifests
+        .write("web-slice.yaml", &endpoint_slice(&["10.1.0.5", "10.1.0.6"]))
+        .unwrap();
+    let body = wait_for_sample(
+        &node,
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "2",
+    );
+    assert_eq!(sample(&body, "kube_ebpf_proxy_backends"), "2");
+    assert_eq!(
+        sample(&body, "kubeproxy_sync_proxy_rules_service_changes_total"),
+        "1"
+    );
+}
