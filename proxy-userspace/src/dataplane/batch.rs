@@ -76,11 +76,12 @@ where
                 .copied()
                 .zip(values[..filled].iter().copied()),
         );
-        match error.as_ref().and_then(std::io::Error::raw_os_error) {
-            None => {
-                in_token = out_token;
-                first = false;
-            }
+        let Some(error) = error else {
+            in_token = out_token;
+            first = false;
+            continue;
+        };
+        match error.raw_os_error() {
             // The walk is complete.
             Some(libc::ENOENT) => return Ok(Some(entries)),
             // One bucket holds more entries than a batch: retry it with room for them.
@@ -90,7 +91,7 @@ where
                 values.resize_with(batch_len, V::default);
             }
             Some(libc::EINVAL | libc::ENOTSUP) if first => return Ok(None),
-            Some(_) => return Err(error.expect("an errno came from this error")),
+            _ => return Err(error),
         }
     }
 }
