@@ -528,6 +528,7 @@ mod tests {
             internal_endpoints: Vec::new(),
             external_endpoints: external,
             cluster_endpoints: Vec::new(),
+            draining_endpoints: Vec::new(),
             affinity_timeout_seconds: None,
             internal_policy_local: false,
             external_policy_local: true,

@@ -4,7 +4,6 @@ mod cmd;
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use proxy_userspace::dataplane;
 
@@ -31,36 +30,9 @@ enum Command {
     /// backends and flows the pinned maps hold.
     Stats(StatsArgs),
     /// Run synthetic first packets through the tc program (BPF_PROG_TEST_RUN) against the
-    /// pinned maps and print what the kernel would do.
-    Trace(TraceArgs),
-}
-
-#[derive(clap::Args)]
-struct TraceArgs {
-    #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
-    bpf_pin_path: PathBuf,
-    #[arg(long)]
-    src: std::net::IpAddr,
-    #[arg(long)]
-    dst: std::net::IpAddr,
-    #[arg(long)]
-    dport: u16,
-    #[arg(long, value_parser = ["tcp", "udp", "sctp"], default_value = "tcp")]
-    proto: String,
-    /// The interface index the packet arrives on (the ifindex local-traffic detector).
-    #[arg(long, default_value_t = 0)]
-    ingress_ifindex: u32,
-    /// The source class: `node` sends from the node's address, `pod` from a local interface
-    /// (ifindex detector) or checks that --src is a pod address (CIDR detector), `external`
-    /// checks that --src is neither.
-    #[arg(long, value_parser = ["pod", "node", "external"])]
-    from: Option<String>,
-    /// First packets to run; enough to see every backend of a random choice.
-    #[arg(long, default_value_t = 64)]
-    runs: u32,
-    /// Output format.
-    #[arg(short = 'o', long, value_parser = ["json", "text"], default_value = "text")]
-    output: String,
+    /// Services of the source flags (programmed into private maps, as `run` would) or a running
+    /// proxy's pinned maps (`--bpf-pin-path`), and print what the kernel would do.
+    Trace(cmd::trace::TraceArgs),
 }
 
 #[derive(clap::Args)]
@@ -96,43 +68,6 @@ async fn main() -> anyhow::Result<()> {
             println!("conntrack_entries {}", maps.conntrack_entries()?.len());
             Ok(())
         }
-        Command::Trace(args) => trace(&args),
+        Command::Trace(args) => cmd::trace::trace(args).await,
     }
-}
-
-fn trace(args: &TraceArgs) -> anyhow::Result<()> {
-    let loaded = dataplane::load(&args.bpf_pin_path).context("loading the dataplane")?;
-    let mut maps = dataplane::Maps::open(&args.bpf_pin_path)?;
-    let proto = match args.proto.as_str() {
-        "udp" => proxy_common::IPPROTO_UDP,
-        "sctp" => proxy_common::IPPROTO_SCTP,
-        _ => proxy_common::IPPROTO_TCP,
-    };
-    let result = dataplane::trace(
-        &loaded,
-        &mut maps,
-        &dataplane::TraceRequest {
-            src: args.src,
-            dst: args.dst,
-            dport: args.dport,
-            proto,
-            ingress_ifindex: args.ingress_ifindex,
-            runs: args.runs,
-            from: args.from.as_deref().map(|from| match from {
-                "pod" => dataplane::TraceFrom::Pod,
-                "node" => dataplane::TraceFrom::Node,
-                _ => dataplane::TraceFrom::External,
-            }),
-        },
-    )?;
-    if args.output == "json" {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        println!("verdict {:?}", result.verdict);
-        for endpoint in &result.endpoints {
-            println!("endpoint {endpoint}");
-        }
-        println!("masquerade {}", result.masquerade);
-    }
-    Ok(())
 }

@@ -4,6 +4,8 @@
 //! Safety rules this crate keeps: it only ever changes namespaces it created (names start with
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
+pub mod cluster;
+
 use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};

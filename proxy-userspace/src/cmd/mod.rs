@@ -2,7 +2,9 @@
 //! `plan`, `trace` and `run` can never disagree.
 
 pub mod plan;
+mod program;
 pub mod run;
+pub mod trace;
 
 use std::net::IpAddr;
 use std::sync::Arc;

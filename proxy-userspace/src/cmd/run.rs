@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use proxy_common::{
-    CONFIG_F_DEBUG, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4,
-    addr_from_ip,
-};
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
-use proxy_userspace::model::{self, DesiredState, LocalTrafficDetector, ModelConfig};
+use proxy_userspace::model::{self, LocalTrafficDetector};
 use proxy_userspace::reconcile::Reconciler;
 use proxy_userspace::source::ClusterSnapshot;
+
+use super::program::{
+    DEFAULT_SNAT_PORTS, parse_port_range, program_dataplane_config, program_local_ifindexes,
+    program_state,
+};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -45,7 +46,7 @@ pub struct DataplaneFlags {
     /// SNAT source port range MIN-MAX. The default lies above Linux's ephemeral range
     /// (32768-60999) and outside the NodePort range, so masqueraded flows never take a port a
     /// local socket was given; reserve it (net.ipv4.ip_local_reserved_ports) if you move it.
-    #[arg(long, default_value = "61000-65535")]
+    #[arg(long, default_value = DEFAULT_SNAT_PORTS)]
     pub snat_ports: String,
     /// Log every new flow's decision from the kernel (aya-log).
     #[arg(long)]
@@ -62,15 +63,6 @@ pub struct DataplaneFlags {
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     pub gc_interval: u64,
-}
-
-fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
-    let (min, max) = range
-        .split_once('-')
-        .with_context(|| format!("--snat-ports {range}: expected MIN-MAX"))?;
-    let (min, max): (u16, u16) = (min.trim().parse()?, max.trim().parse()?);
-    anyhow::ensure!(min > 0 && min <= max, "--snat-ports {range}: empty range");
-    Ok((min, max))
 }
 
 /// Loads the programs, attaches them, and returns the typed maps.
@@ -91,18 +83,11 @@ fn start_dataplane(
     let mut loaded =
         dataplane::load_with_sizes(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
-    let (snat_min, snat_max) = parse_port_range(&flags.snat_ports)?;
-    let cookie = dataplane::netns_cookie()?;
-    maps.update_config(|config| {
-        config.netns_cookie = cookie;
-        config.snat_port_min = snat_min;
-        config.snat_port_max = snat_max;
-        if flags.bpf_debug {
-            config.flags |= CONFIG_F_DEBUG;
-        } else {
-            config.flags &= !CONFIG_F_DEBUG;
-        }
-    })?;
+    program_dataplane_config(
+        &mut maps,
+        parse_port_range(&flags.snat_ports)?,
+        flags.bpf_debug,
+    )?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }
@@ -165,61 +150,6 @@ fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
         }
     });
     Ok(link_rx)
-}
-
-/// The node part of the CONFIG map: masquerade addresses and the local-traffic detector mode.
-fn program_node_config(
-    maps: &mut Maps,
-    model_config: &ModelConfig,
-    state: &DesiredState,
-) -> anyhow::Result<()> {
-    let mode = match state.local_traffic_detector {
-        LocalTrafficDetector::None => DETECT_LOCAL_NONE,
-        LocalTrafficDetector::SourceCidrs { .. } => DETECT_LOCAL_CIDR,
-        LocalTrafficDetector::InterfaceNamePrefix { .. }
-        | LocalTrafficDetector::BridgeInterface { .. } => DETECT_LOCAL_IFINDEX,
-    };
-    maps.update_config(|config| {
-        config.node_ipv4 = [0; 4];
-        config.node_ipv6 = [0; 4];
-        for ip in &model_config.node_ips {
-            let (addr, family) = addr_from_ip(*ip);
-            if family == FAMILY_IPV4 {
-                config.node_ipv4 = addr;
-            } else {
-                config.node_ipv6 = addr;
-            }
-        }
-        config.detect_local_mode = mode;
-    })?;
-    Ok(())
-}
-
-/// The interface-based local-traffic detectors: the ifindexes of matching interfaces.
-fn program_local_ifindexes(maps: &mut Maps, detector: &LocalTrafficDetector) -> anyhow::Result<()> {
-    let wanted: HashSet<u32> = nix::net::if_::if_nameindex()
-        .context("listing interfaces")?
-        .iter()
-        .filter(|i| {
-            let name = i.name().to_string_lossy();
-            match detector {
-                LocalTrafficDetector::InterfaceNamePrefix { prefix } => {
-                    name.starts_with(prefix.as_str())
-                }
-                LocalTrafficDetector::BridgeInterface { name: bridge } => name == bridge.as_str(),
-                LocalTrafficDetector::None | LocalTrafficDetector::SourceCidrs { .. } => false,
-            }
-        })
-        .map(nix::net::if_::Interface::index)
-        .collect();
-    let programmed: HashSet<u32> = maps.local_ifindex_entries()?.into_iter().collect();
-    for ifindex in wanted.difference(&programmed) {
-        maps.add_local_ifindex(*ifindex)?;
-    }
-    for ifindex in programmed.difference(&wanted) {
-        maps.delete_local_ifindex(*ifindex)?;
-    }
-    Ok(())
 }
 
 /// Counters of conditions an operator must hear about (the kernel can only count them).
@@ -290,7 +220,6 @@ impl Syncer {
                 tracing::info!("{line}");
             }
         }
-        program_node_config(maps, &model_config, &state)?;
         self.detector = state.local_traffic_detector.clone();
         program_local_ifindexes(maps, &self.detector)?;
         let before: HashSet<u32> = self
@@ -300,7 +229,7 @@ impl Syncer {
             .keys()
             .copied()
             .collect();
-        let report = self.reconciler.sync(&state, maps);
+        let report = program_state(maps, &mut self.reconciler, &model_config, &state)?;
         for error in &report.errors {
             tracing::error!("{error}");
         }

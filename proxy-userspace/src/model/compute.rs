@@ -683,6 +683,15 @@ fn service_port_state(
     } else {
         sets.cluster.clone()
     };
+    let in_a_set = |ep: &EndpointInfo| {
+        [&internal_endpoints, &external_endpoints, &sets.cluster]
+            .iter()
+            .any(|set| {
+                set.iter()
+                    .any(|e| (e.addr, e.port) == (ep.endpoint.addr, ep.endpoint.port))
+            })
+    };
+    let draining_endpoints = select(candidates, |ep| ep.endpoint.serving && !in_a_set(ep));
     ServicePortState {
         name,
         family,
@@ -690,6 +699,7 @@ fn service_port_state(
         internal_endpoints,
         external_endpoints,
         cluster_endpoints: sets.cluster,
+        draining_endpoints,
         affinity_timeout_seconds: service.affinity_timeout_seconds,
         internal_policy_local: service.internal_policy_local,
         external_policy_local: service.external_policy_local,

@@ -189,6 +189,12 @@ fn summary(state: &DesiredState) -> Vec<String> {
             endpoints_text(&sp.external_endpoints),
             endpoints_text(&sp.cluster_endpoints)
         ));
+        if !sp.draining_endpoints.is_empty() {
+            lines.push(format!(
+                "{prefix} draining={}",
+                endpoints_text(&sp.draining_endpoints)
+            ));
+        }
         if let Some(seconds) = sp.affinity_timeout_seconds {
             lines.push(format!("{prefix} affinity={seconds}s"));
         }
@@ -629,6 +635,32 @@ fn endpoints_ports_and_conditions() {
             expect: vec![
                 "default/term TCP v4 ClusterIP 10.96.0.23:80 pod=fwd(policy) node=fwd(policy,masq) other=fwd(policy,masq)",
                 "default/term TCP v4 internal=10.244.2.1:8080 external=10.244.2.1:8080 cluster=10.244.2.1:8080",
+            ],
+            absent: vec![],
+        },
+        Case {
+            name: "serving terminating endpoints beside ready ones are draining: no new flows, backends kept",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "drain",
+                    json!({"clusterIP": "10.96.0.24", "ports": [{"port": 80}]}),
+                ),
+                slice(
+                    "drain-1",
+                    "drain",
+                    "IPv4",
+                    http_port(),
+                    json!([
+                        ready("10.244.2.1", "node-b"),
+                        terminating("10.244.2.2", "node-b", true),
+                        terminating("10.244.2.3", "node-b", false)
+                    ]),
+                ),
+            ],
+            expect: vec![
+                "default/drain TCP v4 internal=10.244.2.1:8080 external=10.244.2.1:8080 cluster=10.244.2.1:8080",
+                "default/drain TCP v4 draining=10.244.2.2:8080",
             ],
             absent: vec![],
         },

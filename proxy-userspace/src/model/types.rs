@@ -175,6 +175,12 @@ pub struct ServicePortState {
     pub external_endpoints: Vec<Endpoint>,
     /// The Cluster-policy set (`EndpointSet::Cluster`).
     pub cluster_endpoints: Vec<Endpoint>,
+    /// Serving endpoints in none of the sets above (terminating while ready ones exist): no
+    /// new connection goes to them, but established connections keep them until they stop
+    /// serving or go away (kube-proxy leaves those flows alone), so the dataplane keeps their
+    /// backends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining_endpoints: Vec<Endpoint>,
     /// sessionAffinity ClientIP timeout in seconds; `None` without affinity.
     pub affinity_timeout_seconds: Option<u32>,
     pub internal_policy_local: bool,

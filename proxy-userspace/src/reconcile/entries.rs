@@ -151,6 +151,8 @@ impl MapEntries {
         let internal = backend_ids(&sp.internal_endpoints, self);
         let external = backend_ids(&sp.external_endpoints, self);
         let cluster = backend_ids(&sp.cluster_endpoints, self);
+        // Backends without a slot: only established flows reach them.
+        backend_ids(&sp.draining_endpoints, self);
         let affinity_timeout = sp.affinity_timeout_seconds.unwrap_or(0);
         for (frontend, key) in sp.frontends.iter().zip(frontend_keys) {
             let (cluster_classes, masquerade_classes, reject_classes, drop_classes) =

@@ -54,6 +54,7 @@ fn cluster_ip_service(name: &str, vip: &str, endpoints: &[(&str, u16)]) -> Servi
         internal_endpoints: endpoints.clone(),
         external_endpoints: endpoints.clone(),
         cluster_endpoints: endpoints,
+        draining_endpoints: Vec::new(),
         affinity_timeout_seconds: None,
         internal_policy_local: false,
         external_policy_local: false,
@@ -268,6 +269,47 @@ fn adding_an_endpoint_keeps_existing_backend_ids() {
             "never rewritten"
         );
     }
+}
+
+#[test]
+fn a_draining_endpoint_keeps_its_backend_but_loses_its_slot() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let both = [("10.244.1.2", 8080), ("10.244.2.2", 8080)];
+    reconciler.sync(
+        &state(vec![cluster_ip_service("web", "10.96.0.10", &both)]),
+        &mut maps,
+    );
+    let ids: HashMap<IpAddr, u32> = maps
+        .entries
+        .backends
+        .iter()
+        .map(|(id, b)| (proxy_common::ip_from_addr(&b.addr, b.family), *id))
+        .collect();
+    let mut draining = cluster_ip_service("web", "10.96.0.10", &both[..1]);
+    draining.draining_endpoints = vec![Endpoint {
+        terminating: true,
+        ready: false,
+        ..endpoint(both[1].0, both[1].1)
+    }];
+    reconciler.sync(&state(vec![draining]), &mut maps);
+    let draining_id = ids[&ip("10.244.2.2")];
+    assert!(
+        maps.entries.backends.contains_key(&draining_id),
+        "established flows keep reaching the draining backend (same id)"
+    );
+    let slots: Vec<u32> = maps
+        .entries
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .map(|(_, v)| v.id)
+        .collect();
+    assert_eq!(
+        slots,
+        vec![ids[&ip("10.244.1.2")]],
+        "new flows only to the ready one"
+    );
 }
 
 #[test]

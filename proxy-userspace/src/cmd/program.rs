@@ -1,0 +1,117 @@
+//! Programming a loaded dataplane from a desired state: the one path `run` and `trace` share,
+//! so the maps `trace` exercises are exactly the maps `run` would hold.
+
+use std::collections::HashSet;
+
+use anyhow::Context as _;
+use proxy_common::{
+    CONFIG_F_DEBUG, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4,
+    addr_from_ip,
+};
+use proxy_userspace::dataplane::{self, Maps};
+use proxy_userspace::model::{DesiredState, LocalTrafficDetector, ModelConfig};
+use proxy_userspace::reconcile::{Reconciler, SyncReport};
+
+/// `run`'s default SNAT source ports: above Linux's ephemeral range (32768-60999) and outside
+/// the NodePort range, so masqueraded flows never take a port a local socket was given.
+pub const DEFAULT_SNAT_PORTS: &str = "61000-65535";
+
+/// The SNAT port range flag's value, `MIN-MAX`.
+pub fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
+    let (min, max) = range
+        .split_once('-')
+        .with_context(|| format!("--snat-ports {range}: expected MIN-MAX"))?;
+    let (min, max): (u16, u16) = (min.trim().parse()?, max.trim().parse()?);
+    anyhow::ensure!(min > 0 && min <= max, "--snat-ports {range}: empty range");
+    Ok((min, max))
+}
+
+/// The dataplane part of the CONFIG map (this network namespace, SNAT ports, kernel debug
+/// logging), written once after loading.
+pub fn program_dataplane_config(
+    maps: &mut Maps,
+    snat_ports: (u16, u16),
+    debug: bool,
+) -> anyhow::Result<()> {
+    let cookie = dataplane::netns_cookie()?;
+    maps.update_config(|config| {
+        config.netns_cookie = cookie;
+        (config.snat_port_min, config.snat_port_max) = snat_ports;
+        if debug {
+            config.flags |= CONFIG_F_DEBUG;
+        } else {
+            config.flags &= !CONFIG_F_DEBUG;
+        }
+    })?;
+    Ok(())
+}
+
+/// Programs `state`: the node part of CONFIG, then every Service entry through the reconciler
+/// (which writes only what differs from what it programmed before).
+pub fn program_state(
+    maps: &mut Maps,
+    reconciler: &mut Reconciler,
+    model_config: &ModelConfig,
+    state: &DesiredState,
+) -> anyhow::Result<SyncReport> {
+    program_node_config(maps, model_config, state)?;
+    Ok(reconciler.sync(state, maps))
+}
+
+/// The node part of the CONFIG map: masquerade addresses and the local-traffic detector mode.
+fn program_node_config(
+    maps: &mut Maps,
+    model_config: &ModelConfig,
+    state: &DesiredState,
+) -> anyhow::Result<()> {
+    let mode = match state.local_traffic_detector {
+        LocalTrafficDetector::None => DETECT_LOCAL_NONE,
+        LocalTrafficDetector::SourceCidrs { .. } => DETECT_LOCAL_CIDR,
+        LocalTrafficDetector::InterfaceNamePrefix { .. }
+        | LocalTrafficDetector::BridgeInterface { .. } => DETECT_LOCAL_IFINDEX,
+    };
+    maps.update_config(|config| {
+        config.node_ipv4 = [0; 4];
+        config.node_ipv6 = [0; 4];
+        for ip in &model_config.node_ips {
+            let (addr, family) = addr_from_ip(*ip);
+            if family == FAMILY_IPV4 {
+                config.node_ipv4 = addr;
+            } else {
+                config.node_ipv6 = addr;
+            }
+        }
+        config.detect_local_mode = mode;
+    })?;
+    Ok(())
+}
+
+/// The interface-based local-traffic detectors: the ifindexes of matching interfaces.
+pub fn program_local_ifindexes(
+    maps: &mut Maps,
+    detector: &LocalTrafficDetector,
+) -> anyhow::Result<()> {
+    let wanted: HashSet<u32> = nix::net::if_::if_nameindex()
+        .context("listing interfaces")?
+        .iter()
+        .filter(|i| {
+            let name = i.name().to_string_lossy();
+            match detector {
+                LocalTrafficDetector::InterfaceNamePrefix { prefix } => {
+                    name.starts_with(prefix.as_str())
+                }
+                LocalTrafficDetector::BridgeInterface { name: bridge } => name == bridge.as_str(),
+                LocalTrafficDetector::None | LocalTrafficDetector::SourceCidrs { .. } => false,
+            }
+        })
+        .map(nix::net::if_::Interface::index)
+        .collect();
+    let programmed: HashSet<u32> = maps.local_ifindex_entries()?.into_iter().collect();
+    for ifindex in wanted.difference(&programmed) {
+        maps.add_local_ifindex(*ifindex)?;
+    }
+    for ifindex in programmed.difference(&wanted) {
+        maps.delete_local_ifindex(*ifindex)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! `kube-ebpf-proxy trace`: what the kernel does with a connection's first packet.
+//!
+//! From the source flags (`--manifests DIR`, or the API server), the Services are computed and
+//! programmed exactly as `run` programs them, but into a private set of maps pinned in a fresh
+//! directory that is removed afterwards; the real tc program then runs synthetic first packets
+//! against them (`BPF_PROG_TEST_RUN`). With `--bpf-pin-path` it traces against the maps a
+//! running proxy pinned there instead.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use proxy_userspace::config::ProxyFlags;
+use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResult};
+use proxy_userspace::model;
+use proxy_userspace::reconcile::Reconciler;
+
+use super::program::{
+    DEFAULT_SNAT_PORTS, parse_port_range, program_dataplane_config, program_local_ifindexes,
+    program_state,
+};
+
+#[derive(clap::Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub proxy: ProxyFlags,
+    /// Trace against the maps a running proxy pinned in this directory, instead of programming
+    /// the source's Services into private maps.
+    #[arg(long, conflicts_with = "manifests")]
+    pub bpf_pin_path: Option<PathBuf>,
+    #[arg(long)]
+    pub src: IpAddr,
+    #[arg(long)]
+    pub dst: IpAddr,
+    #[arg(long)]
+    pub dport: u16,
+    #[arg(long, value_parser = ["tcp", "udp", "sctp"], default_value = "tcp")]
+    pub proto: String,
+    /// Where the packet comes from, as the kernel classifies it: `node` (sent from the node's
+    /// address), `pod` (the local-traffic detector must match --src, or it arrives on a pod
+    /// interface), `external` (--src must be neither). A contradictory --src is an error.
+    /// Default: --src as given.
+    #[arg(long, value_enum)]
+    pub from: Option<Origin>,
+    /// First packets to run; enough to see every backend of a random choice.
+    #[arg(long, default_value_t = 64)]
+    pub runs: u32,
+    /// Output format.
+    #[arg(short = 'o', long, value_parser = ["json", "text"], default_value = "text")]
+    pub output: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Origin {
+    Pod,
+    Node,
+    External,
+}
+
+/// No programmed detector interface has index 0: a packet "arriving" there is not pod traffic.
+const NOT_A_POD_INTERFACE: u32 = 0;
+
+/// Conntrack entries of the private maps: a trace creates at most two per run.
+const TRACE_CONNTRACK_ENTRIES: u32 = 4096;
+
+/// A fresh pin directory under `/sys/fs/bpf`, removed (with the maps pinned in it) on drop, so
+/// an error half-way leaves nothing behind.
+struct PrivatePinDir(PathBuf);
+
+impl PrivatePinDir {
+    fn new() -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("reading the clock")?
+            .as_nanos();
+        Ok(Self(PathBuf::from(format!(
+            "/sys/fs/bpf/kube-ebpf-proxy-trace-{}-{nanos}",
+            std::process::id()
+        ))))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivatePinDir {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_dir_all(&self.0)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(%error, path = %self.0.display(), "removing the trace's pinned maps");
+        }
+    }
+}
+
+pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    let proto = match args.proto.as_str() {
+        "udp" => proxy_common::IPPROTO_UDP,
+        "sctp" => proxy_common::IPPROTO_SCTP,
+        _ => proxy_common::IPPROTO_TCP,
+    };
+    let result = if let Some(pin_path) = &args.bpf_pin_path {
+        let loaded = dataplane::load(pin_path)
+            .with_context(|| format!("loading the dataplane pinned in {}", pin_path.display()))?;
+        let mut maps = Maps::open(pin_path)?;
+        run_trace(&args, proto, &loaded, &mut maps)?
+    } else {
+        let config = super::resolve(&args.proxy)?;
+        let (mut rx, source) = super::start_source(&config).await?;
+        let snapshot = super::first_snapshot(&mut rx).await?;
+        source.abort();
+        let model_config = config.model_config(snapshot.node.as_ref(), &super::local_addresses()?);
+        let state = model::compute(&snapshot, &model_config);
+        for diagnostic in &state.diagnostics {
+            tracing::warn!("{}: {}", diagnostic.object, diagnostic.message);
+        }
+        // Declared before the loaded object, so it is dropped (and the pins removed) after it.
+        let pin_dir = PrivatePinDir::new()?;
+        let sizes = dataplane::MapSizes {
+            conntrack: TRACE_CONNTRACK_ENTRIES,
+            ..dataplane::MapSizes::default()
+        };
+        let loaded = dataplane::load_with_sizes(pin_dir.path(), &sizes)
+            .context("loading the dataplane into private maps")?;
+        let mut maps = Maps::open(pin_dir.path())?;
+        program_dataplane_config(&mut maps, parse_port_range(DEFAULT_SNAT_PORTS)?, false)?;
+        let mut reconciler = Reconciler::resume(&maps).context("reading the fresh maps")?;
+        let report = program_state(&mut maps, &mut reconciler, &model_config, &state)?;
+        if !report.errors.is_empty() {
+            let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+            anyhow::bail!("programming the private maps: {}", errors.join("; "));
+        }
+        program_local_ifindexes(&mut maps, &state.local_traffic_detector)?;
+        run_trace(&args, proto, &loaded, &mut maps)?
+    };
+    if args.output == "json" {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("verdict {:?}", result.verdict);
+        for endpoint in &result.endpoints {
+            println!("endpoint {endpoint}");
+        }
+        println!("masquerade {}", result.masquerade);
+    }
+    Ok(())
+}
+
+fn run_trace(
+    args: &TraceArgs,
+    proto: u8,
+    loaded: &dataplane::Loaded,
+    maps: &mut Maps,
+) -> anyhow::Result<TraceResult> {
+    Ok(dataplane::trace(
+        loaded,
+        maps,
+        &TraceRequest {
+            src: args.src,
+            dst: args.dst,
+            dport: args.dport,
+            proto,
+            ingress_ifindex: NOT_A_POD_INTERFACE,
+            runs: args.runs,
+            from: args.from.map(|from| match from {
+                Origin::Pod => TraceFrom::Pod,
+                Origin::Node => TraceFrom::Node,
+                Origin::External => TraceFrom::External,
+            }),
+        },
+    )?)
+}
