@@ -292,11 +292,9 @@ impl Lab {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        std::fs::write(
-            self.state_dir().join("lab.json"),
-            serde_json::to_string_pretty(self)?,
-        )?;
-        Ok(())
+        let path = self.state_dir().join("lab.json");
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Builds the lab named `name` from the manifests in `dir` with `nodes` nodes.
@@ -318,14 +316,15 @@ impl Lab {
             server_bin,
             next_pod_if: 0,
         };
-        std::fs::create_dir_all(lab.manifests_dir())?;
+        std::fs::create_dir_all(lab.manifests_dir())
+            .with_context(|| format!("creating {}", lab.manifests_dir().display()))?;
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
             if path.is_file() {
-                std::fs::copy(
-                    &path,
-                    lab.manifests_dir().join(path.file_name().expect("a file")),
-                )?;
+                let target = lab.manifests_dir().join(path.file_name().expect("a file"));
+                std::fs::copy(&path, &target).with_context(|| {
+                    format!("copying {} to {}", path.display(), target.display())
+                })?;
             }
         }
         lab.build_network(nodes)?;
@@ -634,7 +633,10 @@ impl Lab {
     /// Sets a Deployment's replicas in the lab's copy of its manifest and brings pods in line
     /// (what `lab apply` of an edited file does).
     pub fn scale(&mut self, deployment: &str, replicas: i32) -> anyhow::Result<()> {
-        for entry in std::fs::read_dir(self.manifests_dir())? {
+        let dir = self.manifests_dir();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
             let path = entry?.path();
             if path.extension().and_then(|e| e.to_str()) == Some("json")
                 && path
@@ -659,8 +661,9 @@ impl Lab {
                     .map(serde_norway::to_string)
                     .collect::<Result<_, _>>()?;
                 let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, text.join("---\n"))?;
-                std::fs::rename(&tmp, &path)?;
+                std::fs::write(&tmp, text.join("---\n"))
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .with_context(|| format!("rewriting {}", path.display()))?;
                 println!("lab: scaled {deployment} to {replicas}");
                 self.sync_pods()?;
                 return self.save();
@@ -840,8 +843,9 @@ fn write_list(path: &Path, items: &[serde_json::Value]) -> anyhow::Result<()> {
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     // Write then rename so the proxies' folder watchers never read half a file.
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&list)?)?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&list)?)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
