@@ -199,6 +199,24 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+impl CtKey {
+    /// For a reply entry's key (`self`) and value, the key of the flow's forward entry: the
+    /// kernel marks the forward entry when replies flow, and the GC expires a flow by it.
+    #[inline(always)]
+    pub fn forward_of_reply(&self, reply: &CtValue) -> CtKey {
+        let snat = reply.flags & CT_F_SNAT != 0;
+        CtKey {
+            src: if snat { reply.nat_src } else { self.dst },
+            dst: reply.nat_dst,
+            sport: if snat { reply.nat_sport } else { self.dport },
+            dport: reply.nat_dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {

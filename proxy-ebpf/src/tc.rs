@@ -104,13 +104,14 @@ fn rewritten(result: Result<(), ()>) -> i32 {
 fn reply(ctx: &TcContext) -> i32 {
     let Some(scratch) = scratch() else { return OK };
     let flow = &scratch.flow;
-    let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack::key(flow)) else {
+    let key = conntrack::key(flow);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
         return OK;
     };
     // SAFETY: as above.
     let entry = unsafe { &mut *entry };
     conntrack::touch(entry, flow, true);
-    let forward = conntrack::forward_key_of_reply(flow, entry);
+    let forward = key.forward_of_reply(entry);
     if let Some(forward) = CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: as above.
         let forward = unsafe { &mut *forward };
