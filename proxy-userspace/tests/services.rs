@@ -4,6 +4,7 @@
 //! over the same folder reports what the traffic showed.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
@@ -986,4 +987,148 @@ fn assert_no_trace_pins_left() {
         left.is_empty(),
         "trace pin directories left behind: {left:?}"
     );
+}
+
+fn endpoint_slice(service: &str, endpoints: &[(IpAddr, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: IPv4
+ports:
+- name: tcp
+  port: {port}
+  protocol: TCP
+endpoints:
+",
+        port = proxy_lab::cluster::SERVER_PORT
+    );
+    for (ip, node) in endpoints {
+        writeln!(
+            yaml,
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions:\n    ready: true"
+        )
+        .expect("writing to a String");
+    }
+    yaml
+}
+
+#[test]
+fn a_selectorless_service_follows_its_endpoint_slice_and_port_changes() {
+    let (cluster, pods, toolbox) = web_cluster();
+    let spec = |port: u16| {
+        format!(
+            "  clusterIP: 10.96.0.90\n  ports:\n  - name: tcp\n    port: {port}\n    targetPort: 8080\n"
+        )
+    };
+    cluster
+        .manifests
+        .write(
+            "manual-slice.yaml",
+            &endpoint_slice("manual", &[(pods[0], "node1"), (pods[1], "node2")]),
+        )
+        .unwrap();
+    cluster
+        .manifests
+        .write("manual.yaml", &service("manual", &spec(80)))
+        .unwrap();
+    let vip = v4(10, 96, 0, 90, 80);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "manual", |t| {
+        t.endpoints.len() == 2
+    });
+    let client = &cluster.pod("toolbox").netns;
+    assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
+        dnat(&pods, false)
+    );
+    // The slice loses an endpoint.
+    cluster
+        .manifests
+        .write(
+            "manual-slice.yaml",
+            &endpoint_slice("manual", &[(pods[1], "node2")]),
+        )
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        toolbox,
+        vip,
+        Proto::Tcp,
+        "pod",
+        "slice shrunk",
+        |t| t.endpoints.len() == 1,
+    );
+    assert_answers(client, vip, Proto::Tcp, &["b"], toolbox);
+    // The Service's port changes: the old port of the still-allocated ClusterIP is refused.
+    cluster
+        .manifests
+        .write("manual.yaml", &service("manual", &spec(81)))
+        .unwrap();
+    let new_port = v4(10, 96, 0, 90, 81);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "port 81", |t| {
+        t.verdict == "REJECT"
+    });
+    assert_refused(client, vip, Proto::Tcp);
+    assert_answers(client, new_port, Proto::Tcp, &["b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, new_port, Proto::Tcp, "pod"),
+        dnat(&pods[1..], false)
+    );
+}
+
+#[test]
+fn the_node_reaches_its_own_node_port_and_ipv6_cluster_ips() {
+    let (cluster, pods, _) = web_cluster();
+    cluster
+        .manifests
+        .write(
+            "np.yaml",
+            &service(
+                "np",
+                &format!("  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.91, \"fd00:96::91\"]\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: 30091\n"),
+            ),
+        )
+        .unwrap();
+    cluster.wait_ipv6_ready().unwrap();
+    let node = node_ip(0, false);
+    let node_port = SocketAddr::new(node, 30091);
+    wait_programmed(&cluster, node, node_port, Proto::Tcp, "node", "np", |t| {
+        t.verdict == "DNAT"
+    });
+    for script in [
+        "exec 3<>/dev/tcp/198.18.0.11/30091 && cat <&3",
+        "exec 3<>/dev/tcp/fd00:96::91/80 && cat <&3",
+        "exec 3<>/dev/tcp/fd00:18::11/30091 && cat <&3",
+    ] {
+        let mut names = BTreeSet::new();
+        for _ in 0..MAX_REQUESTS {
+            let out = cluster.node_shell(script).unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            names.insert(answer.split(' ').next().unwrap_or_default().to_owned());
+            if names.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            names,
+            BTreeSet::from(["a".to_owned(), "b".to_owned()]),
+            "{script}"
+        );
+    }
+    assert_eq!(
+        trace(&cluster, false, node, node_port, Proto::Tcp, "node"),
+        dnat(&pods, true)
+    );
+    // The outsider is not limited by anything here: NodePort from outside, masqueraded.
+    assert_answers(&cluster.outsider, node_port, Proto::Tcp, &["a", "b"], node);
 }
