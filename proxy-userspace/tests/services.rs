@@ -278,6 +278,7 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
     // A port the Service does not have: REJECT. An address of the service CIDR no Service has:
     // DROP.
     assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Tcp);
+    assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Udp);
     assert_eq!(
         trace(
             &cluster,
@@ -350,6 +351,10 @@ fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
             "{target}"
         );
     }
+    // Hairpin through the NodePort: pod a lands on itself (masqueraded) or on b.
+    let (names, seen) = answers(&cluster.pod("a").netns, node_port, Proto::Tcp, &["a", "b"]);
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert!(!seen.contains(&pods[0]), "a never sees itself: {seen:?}");
     // The outsider is outside loadBalancerSourceRanges: its packets to the LB IP are dropped.
     assert_dropped(&cluster.outsider, lb_ip, Proto::Tcp);
     assert_eq!(
@@ -407,7 +412,8 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         trace(&cluster, false, client, remote_etp, Proto::Tcp, "external"),
         verdict("DROP")
     );
-    // eTP Local does not limit pod traffic to the ClusterIP: both endpoints.
+    // eTP Local does not limit pod traffic, to the ClusterIP or to the NodePort (kube-proxy
+    // short-circuits pods and the node to the cluster-wide endpoints).
     let toolbox_ns = &cluster.pod("toolbox").netns;
     assert_answers(
         toolbox_ns,
@@ -415,6 +421,11 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         Proto::Tcp,
         &["r"],
         toolbox,
+    );
+    assert_answers(toolbox_ns, remote_etp, Proto::Tcp, &["r"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, remote_etp, Proto::Tcp, "pod"),
+        dnat(&[IpAddr::V4(remote)], false)
     );
     // iTP Local: pods reach only the local endpoint; none local is a drop.
     assert_answers(
