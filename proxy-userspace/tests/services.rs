@@ -1143,3 +1143,53 @@ fn the_node_reaches_its_own_node_port_and_ipv6_cluster_ips() {
     // The outsider is not limited by anything here: NodePort from outside, masqueraded.
     assert_answers(&cluster.outsider, node_port, Proto::Tcp, &["a", "b"], node);
 }
+
+#[test]
+fn a_restarted_proxy_rewrites_nothing_and_established_connections_continue() {
+    let (mut cluster, _pods, toolbox) = web_cluster();
+    let _servers: Vec<LineServer> = ["a", "b"]
+        .iter()
+        .map(|name| LineServer::start(&cluster.pod(name).netns, name, LINE_PORT))
+        .collect();
+    cluster
+        .manifests
+        .write(
+            "lines.yaml",
+            &service(
+                "lines",
+                &format!("  clusterIP: 10.96.0.95\n{WEB_SELECTOR}  ports:\n  - port: 90\n    targetPort: {LINE_PORT}\n"),
+            ),
+        )
+        .unwrap();
+    let vip = v4(10, 96, 0, 95, 90);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "lines", |t| {
+        t.verdict == "DNAT"
+    });
+    let mut stream = cluster
+        .pod("toolbox")
+        .netns
+        .enter(move || {
+            let stream = TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            Ok::<_, std::io::Error>(BufReader::new(stream))
+        })
+        .unwrap()
+        .expect("connect to the Service");
+    let first = ask(&mut stream);
+    let proxy = cluster.restart_proxy().unwrap();
+    proxy
+        .wait_for_log("writes=0", Duration::from_millis(100))
+        .expect("the restarted proxy finds every entry programmed and writes none");
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream),
+            first,
+            "the connection outlives the restart"
+        );
+    }
+    assert_eq!(
+        trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
+        trace(&cluster, true, toolbox, vip, Proto::Tcp, "pod"),
+        "the restarted proxy's maps do what the manifests say"
+    );
+}
