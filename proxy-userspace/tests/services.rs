@@ -1193,3 +1193,105 @@ fn a_restarted_proxy_rewrites_nothing_and_established_connections_continue() {
         "the restarted proxy's maps do what the manifests say"
     );
 }
+
+/// `GET /` on `target` from `ns`: the status line's code and the body.
+fn http_get(ns: &Netns, target: SocketAddr) -> (u16, String) {
+    let response = ns
+        .enter(move || {
+            use std::io::Read as _;
+            let mut stream = TcpStream::connect_timeout(&target, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok::<_, std::io::Error>(response)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("GET http://{target}/: {e}"));
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
+    let (mut cluster, _pods, _) = web_cluster();
+    let a = IpAddr::V4(cluster.pod("a").ip);
+    cluster.add_pod("r", 1, 20, "remote").unwrap();
+    let lb = |name: &str, app: &str, n: u8| {
+        format!(
+            "{}status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{lb}\n",
+            service(
+                name,
+                &format!(
+                    "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n  clusterIP: 10.96.0.{n}\n  externalIPs:\n  - 198.51.100.{n}\n  selector:\n    app: {app}\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {np}\n",
+                    hc = 32000 + u16::from(n),
+                    np = 31000 + u16::from(n),
+                )
+            ),
+            lb = n + 100,
+        )
+    };
+    cluster
+        .manifests
+        .write("local-lb.yaml", &lb("local-lb", "web", 33))
+        .unwrap();
+    cluster
+        .manifests
+        .write("remote-lb.yaml", &lb("remote-lb", "remote", 34))
+        .unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    let node = node_ip(0, false);
+    wait_programmed(
+        &cluster,
+        client,
+        v4(198, 51, 100, 134, 80),
+        Proto::Tcp,
+        "external",
+        "remote-lb",
+        |t| t.verdict == "DROP",
+    );
+    // eTP Local by LoadBalancer IP and by externalIP: node1's endpoint, the client's address.
+    for target in [v4(198, 51, 100, 133, 80), v4(198, 51, 100, 33, 80)] {
+        assert_answers(&cluster.client, target, Proto::Tcp, &["a"], client);
+        assert_eq!(
+            trace(&cluster, false, client, target, Proto::Tcp, "external"),
+            dnat(&[a], false),
+            "{target}"
+        );
+    }
+    for target in [v4(198, 51, 100, 134, 80), v4(198, 51, 100, 34, 80)] {
+        assert_dropped(&cluster.client, target, Proto::Tcp);
+        assert_eq!(
+            trace(&cluster, false, client, target, Proto::Tcp, "external"),
+            verdict("DROP"),
+            "{target}"
+        );
+    }
+    // The health check node ports tell the load balancer which nodes have local endpoints.
+    let (code, body) = http_get(&cluster.client, SocketAddr::new(node, 32033));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    let (code, body) = http_get(&cluster.client, SocketAddr::new(node, 32034));
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    // A ClusterIP reached from outside the cluster (routed to the node): every endpoint,
+    // masqueraded.
+    cluster
+        .client
+        .ip(&["route", "add", "10.96.0.0/16", "via", &node.to_string()])
+        .unwrap();
+    let cluster_ip = v4(10, 96, 0, 33, 80);
+    assert_answers(&cluster.client, cluster_ip, Proto::Tcp, &["a", "b"], node);
+    assert_eq!(
+        trace(&cluster, false, client, cluster_ip, Proto::Tcp, "external"),
+        dnat(&[a, IpAddr::V4(cluster.pod("b").ip)], true)
+    );
+}
