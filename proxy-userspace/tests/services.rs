@@ -878,6 +878,10 @@ fn ipv6_dual_stack_service() {
             dnat(&pods6, false)
         );
     }
+    // IPv6 hairpin: pod a reaching itself is masqueraded to the node's IPv6 address.
+    let (names, seen) = answers(&cluster.pod("a").netns, vip6, Proto::Tcp, &["a", "b"]);
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(seen, BTreeSet::from([pods6[0], node_ip(0, true)]));
     // The IPv4 ClusterIP of the same Service.
     let toolbox = IpAddr::V4(cluster.pod("toolbox").ip);
     assert_answers(
