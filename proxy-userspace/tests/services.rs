@@ -1299,3 +1299,95 @@ fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
         dnat(&[a, IpAddr::V4(cluster.pod("b").ip)], true)
     );
 }
+
+#[test]
+fn an_endpoint_failing_readiness_keeps_its_tcp_connections_but_not_its_udp_flows() {
+    let (cluster, pods, toolbox) = web_cluster();
+    let _servers: Vec<LineServer> = ["a", "b"]
+        .iter()
+        .map(|name| LineServer::start(&cluster.pod(name).netns, name, LINE_PORT))
+        .collect();
+    cluster
+        .manifests
+        .write(
+            "mixed.yaml",
+            &service(
+                "mixed",
+                &format!("  clusterIP: 10.96.0.96\n{WEB_SELECTOR}  ports:\n  - name: lines\n    port: 90\n    targetPort: {LINE_PORT}\n  - name: udp\n    port: 53\n    targetPort: 8080\n    protocol: UDP\n"),
+            ),
+        )
+        .unwrap();
+    let tcp_vip = v4(10, 96, 0, 96, 90);
+    let udp_vip = v4(10, 96, 0, 96, 53);
+    wait_programmed(
+        &cluster,
+        toolbox,
+        udp_vip,
+        Proto::Udp,
+        "pod",
+        "mixed",
+        |t| t.endpoints.len() == 2,
+    );
+    let toolbox_ns = &cluster.pod("toolbox").netns;
+    let mut stream = toolbox_ns
+        .enter(move || {
+            let stream = TcpStream::connect_timeout(&tcp_vip, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            Ok::<_, std::io::Error>(BufReader::new(stream))
+        })
+        .unwrap()
+        .expect("connect to the Service");
+    let tcp_pod = ask(&mut stream);
+    let ask_udp = |socket: &UdpSocket| {
+        socket.send(b"ping").expect("send");
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("an answer");
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        answer.split(' ').next().unwrap_or_default().to_owned()
+    };
+    // A UDP flow to the same pod as the TCP connection (each new socket is a new flow).
+    let socket = (0..MAX_REQUESTS)
+        .map(|_| {
+            let socket = toolbox_ns
+                .enter(move || {
+                    let socket = UdpSocket::bind("0.0.0.0:0")?;
+                    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+                    socket.connect(udp_vip)?;
+                    Ok::<_, std::io::Error>(socket)
+                })
+                .unwrap()
+                .unwrap();
+            let pod = ask_udp(&socket);
+            (socket, pod)
+        })
+        .find(|(_, pod)| *pod == tcp_pod)
+        .map(|(socket, _)| socket)
+        .expect("a UDP flow to the TCP connection's pod");
+    // The connections' pod fails its readiness probe (it keeps running).
+    cluster
+        .write_pod(&tcp_pod, "web", PodState::NotReady)
+        .unwrap();
+    let other = |name: &str| if name == "a" { "b" } else { "a" };
+    let ip_of = |name: &str| if name == "a" { pods[0] } else { pods[1] };
+    wait_programmed(
+        &cluster,
+        toolbox,
+        tcp_vip,
+        Proto::Tcp,
+        "pod",
+        "not ready",
+        |t| t.endpoints == BTreeSet::from([SocketAddr::new(ip_of(other(&tcp_pod)), LINE_PORT)]),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream),
+            tcp_pod,
+            "kube-proxy never cuts an established TCP connection to an unready endpoint"
+        );
+    }
+    assert_eq!(
+        ask_udp(&socket),
+        other(&tcp_pod),
+        "the UDP flow to the unready endpoint was cleaned and moved to a ready one"
+    );
+}

@@ -54,6 +54,8 @@ pub enum PodState {
     /// `deletionTimestamp` set, still passing its readiness probe: a serving, terminating
     /// endpoint.
     Terminating,
+    /// Running but failing its readiness probe: a not-ready, not-serving endpoint.
+    NotReady,
 }
 
 /// Fields drop in order: the proxy first (it detaches), then pods, clients and nodes.
@@ -260,8 +262,13 @@ impl Cluster {
     pub fn write_pod(&self, name: &str, app: &str, state: PodState) -> Result<()> {
         let pod = self.pod(name);
         let deletion = match state {
-            PodState::Ready => String::new(),
+            PodState::Ready | PodState::NotReady => String::new(),
             PodState::Terminating => "\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"".to_owned(),
+        };
+        let ready = if state == PodState::NotReady {
+            "False"
+        } else {
+            "True"
         };
         let yaml = format!(
             "apiVersion: v1
@@ -286,7 +293,7 @@ status:
   - ip: {ip6}
   conditions:
   - type: Ready
-    status: \"True\"
+    status: \"{ready}\"
 ",
             node = pod.node + 1,
             ip = pod.ip,

@@ -639,7 +639,7 @@ fn endpoints_ports_and_conditions() {
             absent: vec![],
         },
         Case {
-            name: "serving terminating endpoints beside ready ones are draining: no new flows, backends kept",
+            name: "endpoints out of every set whose flows kube-proxy keeps are draining: no new flows, backends kept",
             config: unchanged,
             objects: vec![
                 svc(
@@ -657,10 +657,27 @@ fn endpoints_ports_and_conditions() {
                         terminating("10.244.2.3", "node-b", false)
                     ]),
                 ),
+                svc(
+                    "drain-udp",
+                    json!({"clusterIP": "10.96.0.25", "ports": [{"port": 80, "protocol": "UDP"}]}),
+                ),
+                slice(
+                    "drain-udp-1",
+                    "drain-udp",
+                    "IPv4",
+                    json!([{"name": "", "port": 8080, "protocol": "UDP"}]),
+                    json!([
+                        ready("10.244.2.1", "node-b"),
+                        terminating("10.244.2.2", "node-b", true),
+                        terminating("10.244.2.3", "node-b", false)
+                    ]),
+                ),
             ],
             expect: vec![
                 "default/drain TCP v4 internal=10.244.2.1:8080 external=10.244.2.1:8080 cluster=10.244.2.1:8080",
-                "default/drain TCP v4 draining=10.244.2.2:8080",
+                // TCP flows outlive serving too; UDP flows to a non-serving endpoint are cleaned.
+                "default/drain TCP v4 draining=10.244.2.2:8080,10.244.2.3:8080",
+                "default/drain-udp UDP v4 draining=10.244.2.2:8080",
             ],
             absent: vec![],
         },
