@@ -1375,8 +1375,13 @@ fn plan_renders_text_and_json() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     assert!(
-        !text.contains("10.244.2.5"),
-        "terminating endpoint must not be planned while a ready one exists:\n{text}"
+        text.contains("  established connections only (draining) endpoints:\n    10.244.2.5:8080"),
+        "a terminating endpoint beside a ready one is listed as draining:\n{text}"
+    );
+    assert_eq!(
+        text.matches("10.244.2.5").count(),
+        1,
+        "a terminating endpoint must get no new connections while a ready one exists:\n{text}"
     );
     let json: Value = serde_json::to_value(&state).unwrap();
     assert_eq!(json["servicePorts"][2]["name"]["name"], "web");
