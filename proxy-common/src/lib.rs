@@ -18,6 +18,13 @@
 //!   an unallocated address in them).
 //! - `CONFIG`: one `ConfigValue` (node addresses, SNAT port range, detector mode, debug).
 //! - `COUNTERS`: per-CPU `u64`s indexed by [`Counter`].
+//! - `SOCK_REVNAT`: LRU hash `SockRevNatKey` → `SockRevNatValue`, written by the socket hooks
+//!   (host socket + backend → the service address the application used).
+//!
+//! `SERVICES`, `BACKENDS` and `VIPS` allocate entries on demand (`BPF_F_NO_PREALLOC`); the LRU
+//! maps are preallocated. The programs also use two per-CPU scratch arrays (`PACKET_SCRATCH`,
+//! `REJECT_SCRATCH`) that hold nothing between runs and are deliberately not pinned: each
+//! loaded object (the proxy, a `trace` run) must have its own.
 #![no_std]
 
 /// An IPv4 or IPv6 address as four 32-bit words in network byte order. IPv4 uses word 0 and

@@ -125,6 +125,9 @@ pub struct IcmpError {
 pub enum Parsed {
     Flow,
     IcmpError,
+    /// An ICMP / ICMPv6 echo request: `icmp.family` and `icmp.outer_dst` are set (kube-proxy
+    /// rejects every protocol to a ClusterIP and drops it to an unallocated service address).
+    Echo,
     /// Not ours to translate (other ethertypes and protocols, ICMP echo).
     Pass,
 }
@@ -341,6 +344,13 @@ fn parse_icmp(
         icmp_type == 1 || icmp_type == 2
     };
     if !is_error {
+        let echo_request = if family == FAMILY_IPV4 { 8 } else { 128 };
+        if icmp_type == echo_request {
+            out.family = family;
+            out.outer_src = outer_src;
+            out.outer_dst = outer_dst;
+            return Ok(Parsed::Echo);
+        }
         return Ok(Parsed::Pass);
     }
     let inner_l3_off = icmp_off + 8;

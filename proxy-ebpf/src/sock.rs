@@ -33,10 +33,16 @@ use crate::{
 
 /// Let the operation proceed.
 const ALLOW: i32 = 1;
-/// Refuse it: with `bpf_set_retval` (cgroup programs, Linux ≥ 5.18) the caller sees
-/// ECONNREFUSED like a client of a REJECTing kube-proxy; below 5.18 it would be EPERM.
+/// Refuse it: with `bpf_set_retval` the caller sees ECONNREFUSED like a client of a REJECTing
+/// kube-proxy; without it, EPERM.
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+
+/// Set by the loader (`override_global`) when the kernel offers `bpf_set_retval` to sock_addr
+/// programs (Linux ≥ 6.1). It lives in the frozen read-only data map, so the verifier knows its
+/// value and never visits the helper call on older kernels, which would reject it.
+#[unsafe(no_mangle)]
+static SOCK_SET_RETVAL: u8 = 0;
 
 #[inline(always)]
 fn in_node_netns(ctx: &SockAddrContext) -> bool {
@@ -148,8 +154,11 @@ pub fn try_translate_to_backend(ctx: &SockAddrContext, family: u8) -> Result<i32
 #[inline(always)]
 fn refuse() -> i32 {
     count(Counter::SockConnectRejected);
-    // SAFETY: plain helper call setting this cgroup program run's return value.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    // SAFETY: a read of a plain global the loader set (volatile: its value comes at load time).
+    if unsafe { read_volatile(&raw const SOCK_SET_RETVAL) } != 0 {
+        // SAFETY: plain helper call setting this cgroup program run's return value.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
     REFUSE
 }
 

@@ -14,7 +14,7 @@ use crate::{
     conntrack, icmp,
     maps::{CONNTRACK, VIPS, config, count},
     nat::{self, Endpoint, Target},
-    parse::{self, Flow, Parsed, scratch},
+    parse::{self, Parsed, scratch},
     reject::reject,
     service::{self, Action},
 };
@@ -30,6 +30,12 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     match parse::parse(ctx) {
         Parsed::Flow => {}
         Parsed::IcmpError => return Ok(icmp::translate_error(ctx)),
+        Parsed::Echo => {
+            return match echo() {
+                NewFlow::Reject(family) => Ok(reject(ctx, family)),
+                NewFlow::Verdict(verdict) => Ok(verdict),
+            };
+        }
         Parsed::Pass => return Err(OK),
     }
     let verdict = known_flow(ctx);
@@ -142,7 +148,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         flow.family,
         proxy_common::SCOPE_POLICY,
     ) else {
-        return vip(flow);
+        return vip(flow.family, &flow.dst);
     };
     // SAFETY: reading the ingress interface of the program's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -216,22 +222,31 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     NewFlow::Verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
 }
 
+/// An echo request: no service answers pings, so only the address rules apply.
+#[inline(never)]
+fn echo() -> NewFlow {
+    let Some(scratch) = scratch() else {
+        return NewFlow::Verdict(OK);
+    };
+    vip(scratch.icmp.family, &scratch.icmp.outer_dst)
+}
+
 /// No frontend matched: REJECT unknown ports of a ClusterIP, DROP the unallocated rest of the
 /// service CIDRs, pass everything else.
 #[inline(always)]
-fn vip(flow: &Flow) -> NewFlow {
+fn vip(family: u8, dst: &proxy_common::Addr) -> NewFlow {
     let key = VipKey {
-        addr: flow.dst,
-        family: flow.family,
+        addr: *dst,
+        family,
         _pad: [0; 3],
     };
     // SAFETY: copied out immediately.
     let flags = unsafe { VIPS.get(&key) }.map_or(0, |v| v.flags);
     if flags & VIP_F_CLUSTER_IP != 0 {
         count(Counter::VipRejects);
-        return NewFlow::Reject(flow.family);
+        return NewFlow::Reject(family);
     }
-    if service::in_service_cidr(flow.family, &flow.dst) {
+    if service::in_service_cidr(family, dst) {
         count(Counter::VipDrops);
         return NewFlow::Verdict(SHOT);
     }

@@ -372,7 +372,7 @@ fn parse_file(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Conf
     if text.trim().is_empty() {
         return Ok((FileConfig::default(), Vec::new()));
     }
-    let file: FileConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+    let file: FileConfig = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
     })?;

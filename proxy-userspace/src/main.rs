@@ -26,7 +26,8 @@ enum Command {
     /// Print what the proxy will program: every Service port's frontends, per-source actions
     /// (forward/masquerade/reject/drop) and endpoint sets, from the same source flags as `run`.
     Plan(cmd::plan::PlanArgs),
-    /// Print the dataplane's packet counters (summed over CPUs) from the pinned maps.
+    /// Print the dataplane's packet counters (summed over CPUs) and how many frontends,
+    /// backends and flows the pinned maps hold.
     Stats(StatsArgs),
     /// Run synthetic first packets through the tc program (BPF_PROG_TEST_RUN) against the
     /// Services of the source flags (programmed into private maps, as `run` would) or a running
@@ -57,6 +58,14 @@ async fn main() -> anyhow::Result<()> {
             for (name, value) in dataplane::read_counters(&args.bpf_pin_path)? {
                 println!("{name} {value}");
             }
+            // What is programmed: frontends (slot-0 entries), backends, live flows.
+            let maps = dataplane::Maps::open(&args.bpf_pin_path)?;
+            let services = maps.service_entries()?;
+            let frontends = services.iter().filter(|(k, _)| k.slot == 0).count();
+            println!("programmed_frontends {frontends}");
+            println!("programmed_backend_slots {}", services.len() - frontends);
+            println!("programmed_backends {}", maps.backend_entries()?.len());
+            println!("conntrack_entries {}", maps.conntrack_entries()?.len());
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,

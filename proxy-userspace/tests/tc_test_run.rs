@@ -12,7 +12,8 @@ use proxy_common::{
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
-    self, Loaded, MapSizes, Maps, TraceRequest, Verdict, addr_from_ip, packet, run_tc_program,
+    self, Loaded, MapSizes, Maps, TraceFrom, TraceRequest, Verdict, addr_from_ip, packet,
+    run_tc_program,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -29,11 +30,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_conntrack(4096)
+    }
+
+    fn with_conntrack(conntrack: u32) -> Self {
         let pins = PinDir::new();
         let sizes = MapSizes {
             services: 4096,
             backends: 1024,
-            conntrack: 4096,
+            conntrack,
             affinity: 1024,
             source_ranges: 1024,
             vips: 1024,
@@ -453,6 +458,7 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
         proto: IPPROTO_TCP,
         ingress_ifindex: 0,
         runs: 64,
+        from: None,
     };
     let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Dnat);
@@ -670,4 +676,181 @@ fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
     let left = fx.maps.conntrack_entries().unwrap();
     assert_eq!(left.len(), 2);
     assert!(left.iter().all(|(k, _)| k.proto == IPPROTO_TCP));
+}
+
+#[test]
+fn established_flows_keep_a_terminating_backend_while_new_flows_avoid_it() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+    // The endpoint starts terminating: it leaves the service's slots (new flows) but stays in
+    // BACKENDS (its established flows), as the reconciler programs it.
+    let successor = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_TCP, &[successor], |_| {});
+    assert!(
+        fx.maps
+            .backend_entries()
+            .unwrap()
+            .iter()
+            .any(|(id, _)| *id == 101)
+    );
+    let (_, out) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b"more"));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        backend,
+        "established flow stays"
+    );
+    let other_client = SocketAddr::new(client.ip(), client.port() + 1);
+    let (_, out) = fx.run(&packet::build(other_client, frontend, IPPROTO_TCP, b""));
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        successor,
+        "new flow avoids it"
+    );
+    // Cleaning up both backends at once removes both flows (two entries each).
+    let removed = fx
+        .maps
+        .cleanup_flows_to_backends(&std::collections::HashSet::from([101, 201]))
+        .unwrap();
+    assert_eq!(removed, 4);
+}
+
+/// An ICMP / ICMPv6 echo request from `src` to `dst`.
+fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
+    let v6 = dst.is_ipv6();
+    let (proto, kind) = if v6 {
+        (IPPROTO_ICMPV6, 128)
+    } else {
+        (IPPROTO_ICMP, 8)
+    };
+    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'];
+    let seed = if v6 {
+        packet::pseudo_sum(src, dst, proto, icmp.len())
+    } else {
+        0
+    };
+    let sum = packet::internet_checksum(&icmp, seed);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    packet::frame(src, dst, proto, &icmp)
+}
+
+#[test]
+fn pings_to_cluster_ips_are_rejected_and_to_unallocated_service_addresses_dropped() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, _) = addresses(v6);
+        fx.maps.upsert_vip(frontend.ip(), VIP_F_CLUSTER_IP).unwrap();
+        let (cidr, unallocated, elsewhere) = if v6 {
+            ("fd00:96::/108", "fd00:96::99", "fd00:200::1")
+        } else {
+            ("10.96.0.0/12", "10.96.0.99", "10.200.0.1")
+        };
+        fx.maps.add_service_cidr(cidr.parse().unwrap()).unwrap();
+
+        let (code, out) = fx.run(&echo_request(client.ip(), frontend.ip()));
+        assert_eq!(code, TC_ACT_REDIRECT, "v6 {v6}: ping to a ClusterIP");
+        let s = packet::summarize(&out).unwrap();
+        let expected = if v6 { (1, 4) } else { (3, 3) };
+        assert_eq!(s.icmp, Some(expected), "v6 {v6}");
+        assert!(s.checksums_ok, "v6 {v6}");
+
+        let (code, _) = fx.run(&echo_request(client.ip(), unallocated.parse().unwrap()));
+        assert_eq!(
+            code, TC_ACT_SHOT,
+            "v6 {v6}: ping to an unallocated service address"
+        );
+
+        let frame = echo_request(client.ip(), elsewhere.parse().unwrap());
+        let (code, out) = fx.run(&frame);
+        assert_eq!(
+            (code, out),
+            (TC_ACT_OK, frame),
+            "v6 {v6}: other pings pass untouched"
+        );
+    }
+}
+
+#[test]
+fn conntrack_read_back_sees_every_entry_across_batches() {
+    let mut fx = Fixture::with_conntrack(65536);
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    // 6000 flows, 12000 entries: several 4096-entry batches.
+    for i in 0..6000u32 {
+        let client = SocketAddr::new(
+            IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]),
+            40000,
+        );
+        let (code, _) = fx.run(&packet::build(client, frontend, IPPROTO_UDP, b""));
+        assert_eq!(code, TC_ACT_OK);
+    }
+    let entries = fx.maps.conntrack_entries().unwrap();
+    assert_eq!(entries.len(), 12000);
+    let distinct: std::collections::HashSet<_> = entries.iter().map(|(k, _)| *k).collect();
+    assert_eq!(distinct.len(), 12000, "no entry read twice");
+    assert_eq!(fx.maps.cleanup_flows_to_backend(101).unwrap(), 12000);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_CIDR)
+        .unwrap();
+    fx.maps
+        .add_local_cidr("10.0.0.0/24".parse().unwrap())
+        .unwrap();
+    // externalTrafficPolicy Local without local endpoints: external traffic is dropped, pod and
+    // node traffic forwarded (node traffic masqueraded).
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.drop_classes = 1 << SOURCE_OTHER;
+        v.masquerade_classes = 1 << SOURCE_NODE;
+    });
+    let request = |src: IpAddr, from| TraceRequest {
+        src,
+        dst: frontend.ip(),
+        dport: frontend.port(),
+        proto: IPPROTO_TCP,
+        ingress_ifindex: 0,
+        runs: 4,
+        from: Some(from),
+    };
+    let outsider: IpAddr = "172.16.0.2".parse().unwrap();
+    let external = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(outsider, TraceFrom::External),
+    );
+    assert_eq!(external.unwrap().verdict, Verdict::Drop);
+    let pod = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(client.ip(), TraceFrom::Pod),
+    )
+    .unwrap();
+    assert_eq!((pod.verdict, pod.masquerade), (Verdict::Dnat, false));
+    // --from node ignores --src: the packet comes from the node's address.
+    let node = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(outsider, TraceFrom::Node),
+    )
+    .unwrap();
+    assert_eq!((node.verdict, node.masquerade), (Verdict::Dnat, true));
+    // A pod address is not external, and an outsider is no pod.
+    assert!(
+        dataplane::trace(
+            &fx.loaded,
+            &mut fx.maps,
+            &request(client.ip(), TraceFrom::External)
+        )
+        .is_err()
+    );
+    assert!(
+        dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
+    );
 }

@@ -25,7 +25,11 @@ pub struct DemoArgs {
     pub keep: bool,
 }
 
-const DEMO_LAB: &str = "kepdemo";
+/// The demo's labs are named `kepdemo-<pid>`: two demos (two checkouts' test runs) on one
+/// machine never share a namespace, a pin directory or a state folder.
+fn demo_lab_name() -> String {
+    format!("kepdemo-{}", std::process::id())
+}
 const REQUESTS: usize = 30;
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a change in the manifests folder may take to reach the kernel in the demo.
@@ -33,13 +37,14 @@ const PROPAGATION: Duration = Duration::from_secs(5);
 
 /// Tears the demo lab down when the demo ends, however it ends, unless `--keep`.
 struct LabGuard {
+    name: String,
     keep: bool,
 }
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
         if !self.keep {
-            lab::down(DEMO_LAB);
+            lab::down(&self.name);
         }
     }
 }
@@ -291,8 +296,12 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         failures: Vec::new(),
     };
     w.step("Bringing up the lab: 3 nodes (node1 is the control plane), the hostname Deployment, an external client");
-    let _guard = LabGuard { keep: args.keep };
-    let mut lab = Lab::up(DEMO_LAB, &dir, 3)?;
+    let name = demo_lab_name();
+    let _guard = LabGuard {
+        name: name.clone(),
+        keep: args.keep,
+    };
+    let mut lab = Lab::up(&name, &dir, 3)?;
     let worker = lab
         .nodes
         .iter()
@@ -436,9 +445,9 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     println!("\ndemo finished in {:.1?}", started.elapsed());
     if args.keep {
         println!(
-            "the lab is still up: try `cargo xtask lab --name {DEMO_LAB} status`, \
-             `cargo xtask lab --name {DEMO_LAB} exec client -- curl -s http://{}:{node_port}/`, \
-             and `cargo xtask lab --name {DEMO_LAB} down` when done",
+            "the lab is still up: try `cargo xtask lab --name {name} status`, \
+             `cargo xtask lab --name {name} exec client -- curl -s http://{}:{node_port}/`, \
+             and `cargo xtask lab --name {name} down` when done",
             worker.ip
         );
     }

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use proxy_lab::{command_in, create_netns, delete_netns, ip_in, netns_with_prefix, run};
+use proxy_lab::{
+    cgroup2_mount, command_in, create_netns, delete_netns, ip_in, netns_with_prefix, run,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{cargo, setup, workspace_root};
@@ -84,7 +86,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             let lab = Lab::up(name, &dir, nodes)?;
             lab.print_status();
             println!(
-                "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<nodePort>/",
+                "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<a NodePort above>/",
                 lab.nodes[0].ip
             );
             Ok(())
@@ -102,8 +104,13 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Exec { target, command } => {
             let lab = Lab::load(name)?;
             let ns = lab.netns_of(&target)?;
-            let status = command_in(&ns, &command[0])
-                .args(&command[1..])
+            // Joins the lab's cgroup first, so a node's own connections to Services go through
+            // the proxy's socket hooks like any host process's.
+            let cgroup = lab_cgroup(name)?;
+            let status = command_in(&ns, "sh")
+                .args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+                .arg(&cgroup)
+                .args(&command)
                 .status()
                 .with_context(|| format!("running {command:?} in {target}"))?;
             std::process::exit(status.code().unwrap_or(1));
@@ -163,6 +170,16 @@ pub fn down(name: &str) {
         }
     }
     let _ = std::fs::remove_dir_all(state_dir(name));
+    // Its processes died with the namespaces; an empty cgroup is removed with rmdir.
+    if let Ok(cgroup) = lab_cgroup(name) {
+        let _ = std::fs::remove_dir(cgroup);
+    }
+}
+
+/// The lab's own cgroup: the proxies attach their socket hooks (host-originated traffic) there,
+/// never to the machine's root cgroup, and `lab exec` runs commands inside it.
+fn lab_cgroup(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(cgroup2_mount()?.join(format!("kube-ebpf-proxy-lab-{name}")))
 }
 
 fn state_dir(name: &str) -> PathBuf {
@@ -292,11 +309,9 @@ impl Lab {
     }
 
     fn save(&self) -> anyhow::Result<()> {
-        std::fs::write(
-            self.state_dir().join("lab.json"),
-            serde_json::to_string_pretty(self)?,
-        )?;
-        Ok(())
+        let path = self.state_dir().join("lab.json");
+        std::fs::write(&path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Builds the lab named `name` from the manifests in `dir` with `nodes` nodes.
@@ -318,16 +333,20 @@ impl Lab {
             server_bin,
             next_pod_if: 0,
         };
-        std::fs::create_dir_all(lab.manifests_dir())?;
+        std::fs::create_dir_all(lab.manifests_dir())
+            .with_context(|| format!("creating {}", lab.manifests_dir().display()))?;
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
             if path.is_file() {
-                std::fs::copy(
-                    &path,
-                    lab.manifests_dir().join(path.file_name().expect("a file")),
-                )?;
+                let target = lab.manifests_dir().join(path.file_name().expect("a file"));
+                std::fs::copy(&path, &target).with_context(|| {
+                    format!("copying {} to {}", path.display(), target.display())
+                })?;
             }
         }
+        let cgroup = lab_cgroup(name)?;
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating the lab's cgroup {}", cgroup.display()))?;
         lab.build_network(nodes)?;
         lab.write_nodes()?;
         lab.sync_pods()?;
@@ -634,7 +653,10 @@ impl Lab {
     /// Sets a Deployment's replicas in the lab's copy of its manifest and brings pods in line
     /// (what `lab apply` of an edited file does).
     pub fn scale(&mut self, deployment: &str, replicas: i32) -> anyhow::Result<()> {
-        for entry in std::fs::read_dir(self.manifests_dir())? {
+        let dir = self.manifests_dir();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
             let path = entry?.path();
             if path.extension().and_then(|e| e.to_str()) == Some("json")
                 && path
@@ -659,8 +681,9 @@ impl Lab {
                     .map(serde_norway::to_string)
                     .collect::<Result<_, _>>()?;
                 let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, text.join("---\n"))?;
-                std::fs::rename(&tmp, &path)?;
+                std::fs::write(&tmp, text.join("---\n"))
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .with_context(|| format!("rewriting {}", path.display()))?;
                 println!("lab: scaled {deployment} to {replicas}");
                 self.sync_pods()?;
                 return self.save();
@@ -671,6 +694,7 @@ impl Lab {
 
     fn start_proxy(&self, node: &NodeInfo) -> anyhow::Result<()> {
         let manifests = self.manifests_dir().to_string_lossy().into_owned();
+        let cgroup = lab_cgroup(&self.name)?.to_string_lossy().into_owned();
         let args: Vec<String> = [
             "run",
             "--bpf-pin-path",
@@ -681,6 +705,8 @@ impl Lab {
             &node.name,
             "--cluster-cidr",
             CLUSTER_CIDR,
+            "--cgroup-path",
+            &cgroup,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -724,6 +750,56 @@ impl Lab {
         bail!("no node, pod or client named {target} in lab {}", self.name)
     }
 
+    /// Services with their allocated addresses, as the proxies plan them (node 1's view).
+    fn print_services(&self) {
+        let plan = run(Command::new(&self.proxy_bin)
+            .args([
+                "plan",
+                "-o",
+                "json",
+                "--hostname-override",
+                &self.nodes[0].name,
+                "--manifests",
+            ])
+            .arg(self.manifests_dir()));
+        let plan: serde_json::Value = match plan.map(|out| serde_json::from_str(&out)) {
+            Ok(Ok(plan)) => plan,
+            Ok(Err(e)) => return println!("services: (plan output unreadable: {e})"),
+            Err(e) => return println!("services: (plan failed: {e})"),
+        };
+        println!("services (as programmed on {}):", self.nodes[0].name);
+        for sp in plan["servicePorts"].as_array().into_iter().flatten() {
+            let frontends: Vec<String> = sp["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    format!(
+                        "{} {}:{}",
+                        f["kind"].as_str().unwrap_or("?"),
+                        f["addr"].as_str().unwrap_or("?"),
+                        f["port"]
+                    )
+                })
+                .collect();
+            println!(
+                "  {}/{} {}  endpoints {}  {}",
+                sp["name"]["namespace"].as_str().unwrap_or_default(),
+                sp["name"]["name"].as_str().unwrap_or_default(),
+                sp["name"]["protocol"].as_str().unwrap_or_default(),
+                sp["clusterEndpoints"].as_array().map_or(0, Vec::len),
+                frontends.join(", ")
+            );
+        }
+        for d in plan["diagnostics"].as_array().into_iter().flatten() {
+            println!(
+                "  ! {}: {}",
+                d["object"].as_str().unwrap_or_default(),
+                d["message"].as_str().unwrap_or_default()
+            );
+        }
+    }
+
     pub fn print_status(&self) {
         println!(
             "lab {} (state in {})",
@@ -753,6 +829,7 @@ impl Lab {
         }
         println!("toolbox pod (selected by no Service): lab exec toolbox -- …");
         println!("external clients: client {CLIENT_IP}, outsider {OUTSIDER_IP}");
+        self.print_services();
         for n in &self.nodes {
             let stats = run(Command::new(&self.proxy_bin)
                 .args(["stats", "--bpf-pin-path"])
@@ -761,9 +838,24 @@ impl Lab {
                     self.name, n.name
                 )))
             .unwrap_or_else(|e| format!("(unavailable: {e})\n"));
-            println!("proxy on {}:\n{}", n.name, indent(&stats));
+            println!(
+                "proxy on {}:\n{}",
+                n.name,
+                indent(&interesting_stats(&stats))
+            );
         }
     }
+}
+
+/// The `stats` lines worth showing: what is programmed, and counters that moved.
+fn interesting_stats(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("programmed_") || l.starts_with("conntrack_") || !l.ends_with(" 0")
+        })
+        .collect();
+    lines.join("\n")
 }
 
 fn indent(text: &str) -> String {
@@ -774,8 +866,9 @@ fn write_list(path: &Path, items: &[serde_json::Value]) -> anyhow::Result<()> {
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     // Write then rename so the proxies' folder watchers never read half a file.
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&list)?)?;
-    std::fs::rename(&tmp, path)?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(&list)?)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

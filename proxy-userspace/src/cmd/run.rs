@@ -191,6 +191,7 @@ struct Syncer {
     health: Arc<ProxyHealth>,
     service_health: ServiceHealthServer,
     reported: HashSet<String>,
+    allocations: HashSet<String>,
     synced_once: bool,
     detector: LocalTrafficDetector,
 }
@@ -212,6 +213,13 @@ impl Syncer {
             tracing::warn!("{line}");
         }
         self.reported = current;
+        // Values the manifests source allocated as the API server would, reported once each.
+        for a in &snapshot.allocations {
+            let line = format!("allocated {} {} = {}", a.object, a.field, a.value);
+            if self.allocations.insert(line.clone()) {
+                tracing::info!("{line}");
+            }
+        }
         self.detector = state.local_traffic_detector.clone();
         program_local_ifindexes(maps, &self.detector)?;
         let before: HashSet<u32> = self
@@ -228,16 +236,18 @@ impl Syncer {
         // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
         // clients are not blackholed into a dead endpoint.
         let after = &self.reconciler.programmed().backends;
-        for id in before.iter().filter(|id| !after.contains_key(id)) {
-            match maps.cleanup_flows_to_backend(*id) {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    backend = id,
-                    flows = n,
-                    "removed flows to a deleted backend"
-                ),
-                Err(error) => tracing::warn!(%error, backend = id, "conntrack cleanup"),
-            }
+        let gone: HashSet<u32> = before
+            .into_iter()
+            .filter(|id| !after.contains_key(id))
+            .collect();
+        match maps.cleanup_flows_to_backends(&gone) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                backends = ?gone,
+                flows = n,
+                "removed flows to deleted backends"
+            ),
+            Err(error) => tracing::warn!(%error, backends = ?gone, "conntrack cleanup"),
         }
         for error in self.service_health.sync(&state) {
             tracing::warn!("{error}");
@@ -280,6 +290,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health: health.clone(),
         config,
         reported: HashSet::new(),
+        allocations: HashSet::new(),
         synced_once: false,
         detector: LocalTrafficDetector::None,
     };

@@ -10,11 +10,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use ipnet::IpNet;
-use proxy_common::{DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, addr_from_ip};
 use proxy_userspace::config::ProxyFlags;
-use proxy_userspace::dataplane::{self, Maps, TraceRequest, TraceResult, ip_from_addr};
-use proxy_userspace::model;
+use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResult};
 use proxy_userspace::reconcile::Reconciler;
 
 use super::program::{
@@ -38,9 +35,10 @@ pub struct TraceArgs {
     pub dport: u16,
     #[arg(long, value_parser = ["tcp", "udp", "sctp"], default_value = "tcp")]
     pub proto: String,
-    /// Where the packet comes from, as the kernel classifies it: `node` (its source is the
-    /// node's address), `pod` (the local-traffic detector matches it), `external` (neither).
-    /// Default: what `--src` classifies as.
+    /// Where the packet comes from, as the kernel classifies it: `node` (sent from the node's
+    /// address), `pod` (the local-traffic detector must match --src, or it arrives on a pod
+    /// interface), `external` (--src must be neither). A contradictory --src is an error.
+    /// Default: --src as given.
     #[arg(long, value_enum)]
     pub from: Option<Origin>,
     /// First packets to run; enough to see every backend of a random choice.
@@ -107,12 +105,11 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let mut maps = Maps::open(pin_path)?;
         run_trace(&args, proto, &loaded, &mut maps)?
     } else {
-        let config = super::resolve(&args.proxy)?;
-        let (mut rx, source) = super::start_source(&config).await?;
-        let snapshot = super::first_snapshot(&mut rx).await?;
-        source.abort();
-        let model_config = config.model_config(snapshot.node.as_ref(), &super::local_addresses()?);
-        let state = model::compute(&snapshot, &model_config);
+        let super::Computed {
+            model_config,
+            state,
+            ..
+        } = super::compute_once(&args.proxy).await?;
         for diagnostic in &state.diagnostics {
             tracing::warn!("{}: {}", diagnostic.object, diagnostic.message);
         }
@@ -153,7 +150,6 @@ fn run_trace(
     loaded: &dataplane::Loaded,
     maps: &mut Maps,
 ) -> anyhow::Result<TraceResult> {
-    let ingress_ifindex = ingress_for(maps, args.src, args.from)?;
     Ok(dataplane::trace(
         loaded,
         maps,
@@ -162,77 +158,13 @@ fn run_trace(
             dst: args.dst,
             dport: args.dport,
             proto,
-            ingress_ifindex,
+            ingress_ifindex: NOT_A_POD_INTERFACE,
             runs: args.runs,
+            from: args.from.map(|from| match from {
+                Origin::Pod => TraceFrom::Pod,
+                Origin::Node => TraceFrom::Node,
+                Origin::External => TraceFrom::External,
+            }),
         },
     )?)
-}
-
-/// The interface the synthetic packets arrive on, so that the program classifies them as
-/// `from` (read from the programmed CONFIG and detector maps, the way the program reads them).
-/// A `--from` the kernel would not agree with is an error that says why.
-fn ingress_for(maps: &Maps, src: IpAddr, from: Option<Origin>) -> anyhow::Result<u32> {
-    let config = maps.config()?;
-    let (_, family) = addr_from_ip(src);
-    let node_addr = if src.is_ipv4() {
-        config.node_ipv4
-    } else {
-        config.node_ipv6
-    };
-    let node = (node_addr != [0; 4]).then(|| ip_from_addr(&node_addr, family));
-    let is_node = node == Some(src);
-    let cidrs: Vec<IpNet> = if config.detect_local_mode == DETECT_LOCAL_CIDR {
-        maps.local_cidr_entries()?
-    } else {
-        Vec::new()
-    };
-    let in_cidrs = cidrs.iter().any(|cidr| cidr.contains(&src));
-    let pod_interface = if config.detect_local_mode == DETECT_LOCAL_IFINDEX {
-        maps.local_ifindex_entries()?.into_iter().min()
-    } else {
-        None
-    };
-    match from {
-        Some(Origin::Node) if is_node => Ok(NOT_A_POD_INTERFACE),
-        Some(Origin::Node) => match node {
-            Some(node) => anyhow::bail!(
-                "--from node: the dataplane takes a packet for node traffic when its source is \
-                 the node's address {node}, and --src is {src}"
-            ),
-            None => anyhow::bail!(
-                "--from node: no node address of {src}'s family is known (Node object or local \
-                 interfaces), so no packet of that family is node traffic"
-            ),
-        },
-        Some(Origin::Pod | Origin::External) if is_node => anyhow::bail!(
-            "--src {src} is the node's address: the dataplane takes it for node traffic \
-             (use --from node)"
-        ),
-        Some(Origin::Pod) => match config.detect_local_mode {
-            DETECT_LOCAL_CIDR if in_cidrs => Ok(NOT_A_POD_INTERFACE),
-            DETECT_LOCAL_CIDR => anyhow::bail!(
-                "--from pod: the local-traffic detector takes sources in {} for pod traffic, \
-                 and --src {src} is not in them",
-                cidrs
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            DETECT_LOCAL_IFINDEX => pod_interface.context(
-                "--from pod: the local-traffic detector matches interfaces by name and none \
-                 on this node matches",
-            ),
-            _ => anyhow::bail!(
-                "--from pod: no local-traffic detector is configured (e.g. --cluster-cidr), so \
-                 the dataplane takes no packet for pod traffic"
-            ),
-        },
-        Some(Origin::External) if in_cidrs => anyhow::bail!(
-            "--from external: --src {src} is inside the local-traffic detector's CIDRs, so the \
-             dataplane takes it for pod traffic (use --from pod)"
-        ),
-        // In CIDR mode the program classifies by address, whatever the interface.
-        None | Some(Origin::External) => Ok(NOT_A_POD_INTERFACE),
-    }
 }

@@ -116,6 +116,7 @@ pub fn load_with_sizes(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, Load
         .map_max_entries(proxy_common::AFFINITY_MAP, sizes.affinity)
         .map_max_entries(proxy_common::SOURCE_RANGES_MAP, sizes.source_ranges)
         .map_max_entries(proxy_common::VIPS_MAP, sizes.vips)
+        .override_global(SOCK_SET_RETVAL, &u8::from(sock_addr_has_set_retval()), true)
         .load(EBPF_OBJECT)
         .map_err(|source| LoadError::Load {
             path: pin_path.to_owned(),
@@ -126,6 +127,15 @@ pub fn load_with_sizes(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, Load
         ebpf,
         pin_path: pin_path.to_owned(),
     })
+}
+
+/// The eBPF global telling the socket hooks whether they may call `bpf_set_retval`.
+const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
+
+/// `bpf_set_retval` is offered to cgroup sock_addr programs from Linux 6.1 ("expose
+/// bpf_{g,s}et_retval to more cgroup hooks"); before, a refused connect fails with EPERM.
+fn sock_addr_has_set_retval() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 1, 0))
 }
 
 /// The tc program attached to every selected interface's ingress.

@@ -338,8 +338,21 @@ impl Maps {
 
     // ---- conntrack ----
 
+    /// Every conntrack entry, read in batches where the kernel supports it.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
-        collect(&self.conntrack, CONNTRACK_MAP)
+        let batched = super::batch::lookup_all(aya::maps::IterableMap::map(&self.conntrack))
+            .map_err(|io_error| MapsError::Access {
+                operation: "batch lookup",
+                map: CONNTRACK_MAP,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                }),
+            })?;
+        match batched {
+            Some(entries) => Ok(entries),
+            None => collect(&self.conntrack, CONNTRACK_MAP),
+        }
     }
 
     pub fn delete_conntrack(&mut self, key: &CtKey) -> Result<(), MapsError> {
@@ -351,10 +364,22 @@ impl Maps {
     /// socket are not blackholed; TCP flows would re-balance anyway, this frees them at once.
     /// Returns the number of entries deleted.
     pub fn cleanup_flows_to_backend(&mut self, id: u32) -> Result<usize, MapsError> {
+        self.cleanup_flows_to_backends(&std::collections::HashSet::from([id]))
+    }
+
+    /// [`Maps::cleanup_flows_to_backend`] for many backends in one walk of the conntrack map
+    /// (a walk costs two syscalls per entry: do it once per sync, not once per backend).
+    pub fn cleanup_flows_to_backends(
+        &mut self,
+        ids: &std::collections::HashSet<u32>,
+    ) -> Result<usize, MapsError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
         let stale: Vec<CtKey> = self
             .conntrack_entries()?
             .into_iter()
-            .filter(|(_, v)| v.backend_id == id)
+            .filter(|(_, v)| ids.contains(&v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for key in &stale {

@@ -3,6 +3,7 @@
 //! tracer.
 
 mod attach;
+mod batch;
 mod counters;
 mod gc;
 mod loader;
@@ -19,5 +20,5 @@ pub use counters::{CountersError, read_counters};
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
-pub use trace::{TraceError, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
+pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};

@@ -7,10 +7,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::programs::SchedClassifier;
 use aya::{TestRun as _, TestRunOptions};
-use proxy_common::{CtKey, IPPROTO_ICMP, IPPROTO_ICMPV6};
+use proxy_common::{
+    CtKey, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6,
+};
 
 use super::loader::{Loaded, TC_INGRESS};
-use super::maps::{Maps, MapsError, addr_from_ip};
+use super::maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 use super::packet;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +25,27 @@ pub enum TraceError {
     MixedFamilies { src: IpAddr, dst: IpAddr },
     #[error("no free source port to trace from {src} (every probed tuple is a live flow)")]
     NoFreePort { src: IpAddr },
+    #[error("--from node: CONFIG has no node address of the destination's family")]
+    NoNodeAddress,
+    #[error("--from pod: the ifindex local-traffic detector has no local interface programmed")]
+    NoLocalInterface,
+    #[error("--from pod: {src} is in none of the local-traffic detector's CIDRs")]
+    NotAPodAddress { src: IpAddr },
+    #[error("--from pod: the proxy runs without a local-traffic detector, so no source is a pod")]
+    NoLocalDetector,
+    #[error("--from external: {src} is classified as {class} by the proxy")]
+    NotExternal { src: IpAddr, class: &'static str },
     #[error(transparent)]
     Maps(#[from] MapsError),
+}
+
+/// The source class a trace asks for (`--from`); the packet is then made to carry what the
+/// program classifies by: the node's address, or a pod's (address or ingress interface).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceFrom {
+    Pod,
+    Node,
+    External,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -47,6 +68,67 @@ pub struct TraceRequest {
     /// How many first packets to run (each from its own source port); enough to see every
     /// backend of a random choice.
     pub runs: u32,
+    /// The source class to trace from; `None` takes `src` and `ingress_ifindex` as given.
+    pub from: Option<TraceFrom>,
+}
+
+/// The source address and ingress interface that make the program see `request.from`.
+fn resolve_source(maps: &Maps, request: &TraceRequest) -> Result<(IpAddr, u32), TraceError> {
+    let Some(from) = request.from else {
+        return Ok((request.src, request.ingress_ifindex));
+    };
+    let config = maps.config()?;
+    let (_, family) = addr_from_ip(request.dst);
+    let node_addr = if family == FAMILY_IPV4 {
+        config.node_ipv4
+    } else {
+        config.node_ipv6
+    };
+    let node = (node_addr != [0; 4]).then(|| ip_from_addr(&node_addr, family));
+    let in_local_cidrs = |ip: IpAddr| -> Result<bool, TraceError> {
+        Ok(maps
+            .local_cidr_entries()?
+            .iter()
+            .any(|cidr| cidr.contains(&ip)))
+    };
+    match from {
+        TraceFrom::Node => node
+            .map(|ip| (ip, request.ingress_ifindex))
+            .ok_or(TraceError::NoNodeAddress),
+        TraceFrom::Pod => match config.detect_local_mode {
+            DETECT_LOCAL_IFINDEX if request.ingress_ifindex != 0 => {
+                Ok((request.src, request.ingress_ifindex))
+            }
+            DETECT_LOCAL_IFINDEX => maps
+                .local_ifindex_entries()?
+                .into_iter()
+                .min()
+                .map(|ifindex| (request.src, ifindex))
+                .ok_or(TraceError::NoLocalInterface),
+            DETECT_LOCAL_CIDR if in_local_cidrs(request.src)? => {
+                Ok((request.src, request.ingress_ifindex))
+            }
+            DETECT_LOCAL_CIDR => Err(TraceError::NotAPodAddress { src: request.src }),
+            _ => Err(TraceError::NoLocalDetector),
+        },
+        TraceFrom::External => {
+            let class = if node == Some(request.src) {
+                Some("node")
+            } else if config.detect_local_mode == DETECT_LOCAL_CIDR && in_local_cidrs(request.src)?
+            {
+                Some("pod")
+            } else {
+                None
+            };
+            match class {
+                Some(class) => Err(TraceError::NotExternal {
+                    src: request.src,
+                    class,
+                }),
+                None => Ok((request.src, request.ingress_ifindex)),
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -109,7 +191,8 @@ pub fn trace(
             dst: request.dst,
         });
     }
-    let (src_addr, family) = addr_from_ip(request.src);
+    let (source, ingress_ifindex) = resolve_source(maps, request)?;
+    let (src_addr, family) = addr_from_ip(source);
     let (dst_addr, _) = addr_from_ip(request.dst);
     let affinity_before: BTreeSet<_> = maps
         .affinity_entries()?
@@ -145,9 +228,9 @@ pub fn trace(
                 break key;
             }
         };
-        let src = SocketAddr::new(request.src, u16::from_be(forward_key.sport));
+        let src = SocketAddr::new(source, u16::from_be(forward_key.sport));
         let frame = packet::build(src, dst, request.proto, b"trace");
-        let (code, out) = run_tc_program(loaded, &frame, request.ingress_ifindex)?;
+        let (code, out) = run_tc_program(loaded, &frame, ingress_ifindex)?;
         let summary = packet::summarize(&out);
         let verdict = match (code, &summary) {
             (TC_ACT_SHOT, _) => Verdict::Drop,

@@ -442,6 +442,29 @@ fn service_types_and_skip_rules() {
                 "default/multi:dns UDP v4 internal=10.244.2.5:5353 external=10.244.2.5:5353 cluster=10.244.2.5:5353",
                 "default/multi:sig SCTP v4 ClusterIP 10.96.0.14:3868 pod=fwd(policy) node=fwd(policy,masq) other=fwd(policy,masq)",
             ],
+            absent: vec!["diag"],
+        },
+        Case {
+            name: "SCTP whose targetPort differs is reported by name: the dataplane refuses it",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "sig",
+                    json!({"clusterIP": "10.96.0.15", "ports": [
+                    {"name": "sig", "port": 3868, "targetPort": 3869, "protocol": "SCTP"}]}),
+                ),
+                slice(
+                    "sig-1",
+                    "sig",
+                    "IPv4",
+                    json!([{"name": "sig", "port": 3869, "protocol": "SCTP"}]),
+                    json!([ready("10.244.2.5", "node-b")]),
+                ),
+            ],
+            expect: vec![
+                "default/sig:sig SCTP v4 ClusterIP 10.96.0.15:3868 pod=reject node=reject other=reject",
+                "diag Service default/sig: SCTP ClusterIP 10.96.0.15:3868 to endpoint port 3869: rewriting an SCTP port is not supported (CRC32c), such connections are refused; use targetPort equal to the port",
+            ],
             absent: vec![],
         },
         Case {
