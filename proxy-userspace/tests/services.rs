@@ -783,6 +783,23 @@ fn terminating_endpoints_keep_established_connections_and_are_the_fallback() {
         ("DNAT", &expected)
     );
     assert_eq!(ask(&mut stream), first);
+    // The Service deleted: kube-proxy never cleans TCP conntrack, so the established
+    // connection keeps going to its pod while new ones are dropped.
+    cluster.manifests.remove("lines.yaml").unwrap();
+    wait_programmed(
+        &cluster,
+        toolbox,
+        vip,
+        Proto::Tcp,
+        "pod",
+        "lines deleted",
+        |t| t.verdict == "DROP",
+    );
+    assert_eq!(
+        ask(&mut stream),
+        first,
+        "an established connection outlives its Service"
+    );
 }
 
 #[test]
