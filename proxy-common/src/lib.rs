@@ -18,6 +18,13 @@
 //!   an unallocated address in them).
 //! - `CONFIG`: one `ConfigValue` (node addresses, SNAT port range, detector mode, debug).
 //! - `COUNTERS`: per-CPU `u64`s indexed by [`Counter`].
+//! - `SOCK_REVNAT`: LRU hash `SockRevNatKey` → `SockRevNatValue`, written by the socket hooks
+//!   (host socket + backend → the service address the application used).
+//!
+//! `SERVICES`, `BACKENDS` and `VIPS` allocate entries on demand (`BPF_F_NO_PREALLOC`); the LRU
+//! maps are preallocated. The programs also use two per-CPU scratch arrays (`PACKET_SCRATCH`,
+//! `REJECT_SCRATCH`) that hold nothing between runs and are deliberately not pinned: each
+//! loaded object (the proxy, a `trace` run) must have its own.
 #![no_std]
 
 /// An IPv4 or IPv6 address as four 32-bit words in network byte order. IPv4 uses word 0 and
@@ -190,6 +197,24 @@ pub struct CtKey {
     pub proto: u8,
     pub family: u8,
     pub _pad: [u8; 2],
+}
+
+impl CtKey {
+    /// For a reply entry's key (`self`) and value, the key of the flow's forward entry: the
+    /// kernel marks the forward entry when replies flow, and the GC expires a flow by it.
+    #[inline(always)]
+    pub fn forward_of_reply(&self, reply: &CtValue) -> CtKey {
+        let snat = reply.flags & CT_F_SNAT != 0;
+        CtKey {
+            src: if snat { reply.nat_src } else { self.dst },
+            dst: reply.nat_dst,
+            sport: if snat { reply.nat_sport } else { self.dport },
+            dport: reply.nat_dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
 }
 
 #[repr(C)]

@@ -166,22 +166,6 @@ pub fn touch(entry: &mut CtValue, flow: &Flow, is_reply: bool) {
     }
 }
 
-/// The forward entry's key for a reply entry hit by `flow` (the GC expires a flow by its
-/// forward entry, so replies mark it too).
-#[inline(always)]
-pub fn forward_key_of_reply(flow: &Flow, reply: &CtValue) -> CtKey {
-    let snat = reply.flags & CT_F_SNAT != 0;
-    CtKey {
-        src: if snat { reply.nat_src } else { flow.dst },
-        dst: reply.nat_dst,
-        sport: if snat { reply.nat_sport } else { flow.dport },
-        dport: reply.nat_dport,
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    }
-}
-
 /// The reply entry's key for forward entry `forward` of `flow` (the tuple the backend's replies
 /// carry).
 #[inline(always)]

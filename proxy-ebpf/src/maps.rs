@@ -3,6 +3,7 @@
 //! `max_entries` the loader may override (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -15,11 +16,19 @@ use proxy_common::{
     VipValue,
 };
 
+/// The controller-written hash maps allocate entries as they are written: preallocating the
+/// default sizes (4M service slots, 1M backends, 256k VIPs) would pin hundreds of megabytes of
+/// kernel memory on every node whatever its cluster's size. Lookups cost the same; only the
+/// programs' own writes (conntrack, affinity: LRU maps, always preallocated) need preallocation
+/// to be safe in any context, and these maps are written from userspace only.
+const ON_DEMAND: u32 = BPF_F_NO_PREALLOC;
+
 #[map(name = "SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(SERVICES_MAX_ENTRIES, ON_DEMAND);
 
 #[map(name = "BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_MAX_ENTRIES, ON_DEMAND);
 
 #[map(name = "CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
@@ -43,7 +52,7 @@ pub static SERVICE_CIDRS: LpmTrie<LocalCidrData, u32> =
     LpmTrie::pinned(SERVICE_CIDRS_MAX_ENTRIES, 0);
 
 #[map(name = "VIPS")]
-pub static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(VIPS_MAX_ENTRIES, 0);
+pub static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(VIPS_MAX_ENTRIES, ON_DEMAND);
 
 #[map(name = "CONFIG")]
 pub static CONFIG: Array<ConfigValue> = Array::pinned(1, 0);

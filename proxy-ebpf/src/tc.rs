@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use proxy_common::{
-    CONFIG_F_DEBUG, CT_F_REPLY, CT_F_SNAT, Counter, IPPROTO_SCTP, SVC_F_SOURCE_RANGES,
+    CONFIG_F_DEBUG, CT_F_REPLY, CT_F_SNAT, Counter, IPPROTO_SCTP, IPPROTO_UDP, SVC_F_SOURCE_RANGES,
     VIP_F_CLUSTER_IP, VipKey,
 };
 
@@ -64,7 +64,10 @@ fn known_flow(ctx: &TcContext) -> i32 {
         if entry.flags & CT_F_REPLY != 0 {
             return reply(ctx);
         }
-        if service::backend_exists(entry.backend_id) {
+        // kube-proxy never touches TCP or SCTP conntrack: an established connection keeps its
+        // endpoint when the endpoint or the Service goes away (the pod, if gone, resets it). Only
+        // a UDP flow whose backend is gone is balanced again, so its client is not blackholed.
+        if flow.proto != IPPROTO_UDP || service::backend_exists(entry.backend_id) {
             conntrack::touch(entry, flow, false);
             let new_src = Target::when(
                 entry.flags & CT_F_SNAT != 0,
@@ -104,13 +107,14 @@ fn rewritten(result: Result<(), ()>) -> i32 {
 fn reply(ctx: &TcContext) -> i32 {
     let Some(scratch) = scratch() else { return OK };
     let flow = &scratch.flow;
-    let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack::key(flow)) else {
+    let key = conntrack::key(flow);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
         return OK;
     };
     // SAFETY: as above.
     let entry = unsafe { &mut *entry };
     conntrack::touch(entry, flow, true);
-    let forward = conntrack::forward_key_of_reply(flow, entry);
+    let forward = key.forward_of_reply(entry);
     if let Some(forward) = CONNTRACK.get_ptr_mut(&forward) {
         // SAFETY: as above.
         let forward = unsafe { &mut *forward };

@@ -4,6 +4,7 @@
 //! over the same folder reports what the traffic showed.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
@@ -277,6 +278,7 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
     // A port the Service does not have: REJECT. An address of the service CIDR no Service has:
     // DROP.
     assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Tcp);
+    assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Udp);
     assert_eq!(
         trace(
             &cluster,
@@ -349,6 +351,10 @@ fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
             "{target}"
         );
     }
+    // Hairpin through the NodePort: pod a lands on itself (masqueraded) or on b.
+    let (names, seen) = answers(&cluster.pod("a").netns, node_port, Proto::Tcp, &["a", "b"]);
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert!(!seen.contains(&pods[0]), "a never sees itself: {seen:?}");
     // The outsider is outside loadBalancerSourceRanges: its packets to the LB IP are dropped.
     assert_dropped(&cluster.outsider, lb_ip, Proto::Tcp);
     assert_eq!(
@@ -406,7 +412,8 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         trace(&cluster, false, client, remote_etp, Proto::Tcp, "external"),
         verdict("DROP")
     );
-    // eTP Local does not limit pod traffic to the ClusterIP: both endpoints.
+    // eTP Local does not limit pod traffic, to the ClusterIP or to the NodePort (kube-proxy
+    // short-circuits pods and the node to the cluster-wide endpoints).
     let toolbox_ns = &cluster.pod("toolbox").netns;
     assert_answers(
         toolbox_ns,
@@ -414,6 +421,11 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         Proto::Tcp,
         &["r"],
         toolbox,
+    );
+    assert_answers(toolbox_ns, remote_etp, Proto::Tcp, &["r"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, remote_etp, Proto::Tcp, "pod"),
+        dnat(&[IpAddr::V4(remote)], false)
     );
     // iTP Local: pods reach only the local endpoint; none local is a drop.
     assert_answers(
@@ -771,6 +783,23 @@ fn terminating_endpoints_keep_established_connections_and_are_the_fallback() {
         ("DNAT", &expected)
     );
     assert_eq!(ask(&mut stream), first);
+    // The Service deleted: kube-proxy never cleans TCP conntrack, so the established
+    // connection keeps going to its pod while new ones are dropped.
+    cluster.manifests.remove("lines.yaml").unwrap();
+    wait_programmed(
+        &cluster,
+        toolbox,
+        vip,
+        Proto::Tcp,
+        "pod",
+        "lines deleted",
+        |t| t.verdict == "DROP",
+    );
+    assert_eq!(
+        ask(&mut stream),
+        first,
+        "an established connection outlives its Service"
+    );
 }
 
 #[test]
@@ -866,6 +895,10 @@ fn ipv6_dual_stack_service() {
             dnat(&pods6, false)
         );
     }
+    // IPv6 hairpin: pod a reaching itself is masqueraded to the node's IPv6 address.
+    let (names, seen) = answers(&cluster.pod("a").netns, vip6, Proto::Tcp, &["a", "b"]);
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(seen, BTreeSet::from([pods6[0], node_ip(0, true)]));
     // The IPv4 ClusterIP of the same Service.
     let toolbox = IpAddr::V4(cluster.pod("toolbox").ip);
     assert_answers(
@@ -987,5 +1020,393 @@ fn assert_no_trace_pins_left() {
     assert!(
         left.is_empty(),
         "trace pin directories left behind: {left:?}"
+    );
+}
+
+fn endpoint_slice(service: &str, endpoints: &[(IpAddr, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-1
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: IPv4
+ports:
+- name: tcp
+  port: {port}
+  protocol: TCP
+endpoints:
+",
+        port = proxy_lab::cluster::SERVER_PORT
+    );
+    for (ip, node) in endpoints {
+        writeln!(
+            yaml,
+            "- addresses: [\"{ip}\"]\n  nodeName: {node}\n  conditions:\n    ready: true"
+        )
+        .expect("writing to a String");
+    }
+    yaml
+}
+
+#[test]
+fn a_selectorless_service_follows_its_endpoint_slice_and_port_changes() {
+    let (cluster, pods, toolbox) = web_cluster();
+    let spec = |port: u16| {
+        format!(
+            "  clusterIP: 10.96.0.90\n  ports:\n  - name: tcp\n    port: {port}\n    targetPort: 8080\n"
+        )
+    };
+    cluster
+        .manifests
+        .write(
+            "manual-slice.yaml",
+            &endpoint_slice("manual", &[(pods[0], "node1"), (pods[1], "node2")]),
+        )
+        .unwrap();
+    cluster
+        .manifests
+        .write("manual.yaml", &service("manual", &spec(80)))
+        .unwrap();
+    let vip = v4(10, 96, 0, 90, 80);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "manual", |t| {
+        t.endpoints.len() == 2
+    });
+    let client = &cluster.pod("toolbox").netns;
+    assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
+        dnat(&pods, false)
+    );
+    // The slice loses an endpoint.
+    cluster
+        .manifests
+        .write(
+            "manual-slice.yaml",
+            &endpoint_slice("manual", &[(pods[1], "node2")]),
+        )
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        toolbox,
+        vip,
+        Proto::Tcp,
+        "pod",
+        "slice shrunk",
+        |t| t.endpoints.len() == 1,
+    );
+    assert_answers(client, vip, Proto::Tcp, &["b"], toolbox);
+    // The Service's port changes: the old port of the still-allocated ClusterIP is refused.
+    cluster
+        .manifests
+        .write("manual.yaml", &service("manual", &spec(81)))
+        .unwrap();
+    let new_port = v4(10, 96, 0, 90, 81);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "port 81", |t| {
+        t.verdict == "REJECT"
+    });
+    assert_refused(client, vip, Proto::Tcp);
+    assert_answers(client, new_port, Proto::Tcp, &["b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, new_port, Proto::Tcp, "pod"),
+        dnat(&pods[1..], false)
+    );
+}
+
+#[test]
+fn the_node_reaches_its_own_node_port_and_ipv6_cluster_ips() {
+    let (cluster, pods, _) = web_cluster();
+    cluster
+        .manifests
+        .write(
+            "np.yaml",
+            &service(
+                "np",
+                &format!("  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.91, \"fd00:96::91\"]\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: 30091\n"),
+            ),
+        )
+        .unwrap();
+    cluster.wait_ipv6_ready().unwrap();
+    let node = node_ip(0, false);
+    let node_port = SocketAddr::new(node, 30091);
+    wait_programmed(&cluster, node, node_port, Proto::Tcp, "node", "np", |t| {
+        t.verdict == "DNAT"
+    });
+    for script in [
+        "exec 3<>/dev/tcp/198.18.0.11/30091 && cat <&3",
+        "exec 3<>/dev/tcp/fd00:96::91/80 && cat <&3",
+        "exec 3<>/dev/tcp/fd00:18::11/30091 && cat <&3",
+    ] {
+        let mut names = BTreeSet::new();
+        for _ in 0..MAX_REQUESTS {
+            let out = cluster.node_shell(script).unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            names.insert(answer.split(' ').next().unwrap_or_default().to_owned());
+            if names.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            names,
+            BTreeSet::from(["a".to_owned(), "b".to_owned()]),
+            "{script}"
+        );
+    }
+    assert_eq!(
+        trace(&cluster, false, node, node_port, Proto::Tcp, "node"),
+        dnat(&pods, true)
+    );
+    // The outsider is not limited by anything here: NodePort from outside, masqueraded.
+    assert_answers(&cluster.outsider, node_port, Proto::Tcp, &["a", "b"], node);
+}
+
+#[test]
+fn a_restarted_proxy_rewrites_nothing_and_established_connections_continue() {
+    let (mut cluster, _pods, toolbox) = web_cluster();
+    let _servers: Vec<LineServer> = ["a", "b"]
+        .iter()
+        .map(|name| LineServer::start(&cluster.pod(name).netns, name, LINE_PORT))
+        .collect();
+    cluster
+        .manifests
+        .write(
+            "lines.yaml",
+            &service(
+                "lines",
+                &format!("  clusterIP: 10.96.0.95\n{WEB_SELECTOR}  ports:\n  - port: 90\n    targetPort: {LINE_PORT}\n"),
+            ),
+        )
+        .unwrap();
+    let vip = v4(10, 96, 0, 95, 90);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "lines", |t| {
+        t.verdict == "DNAT"
+    });
+    let mut stream = cluster
+        .pod("toolbox")
+        .netns
+        .enter(move || {
+            let stream = TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            Ok::<_, std::io::Error>(BufReader::new(stream))
+        })
+        .unwrap()
+        .expect("connect to the Service");
+    let first = ask(&mut stream);
+    let proxy = cluster.restart_proxy().unwrap();
+    proxy
+        .wait_for_log("writes=0", Duration::from_millis(100))
+        .expect("the restarted proxy finds every entry programmed and writes none");
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream),
+            first,
+            "the connection outlives the restart"
+        );
+    }
+    assert_eq!(
+        trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
+        trace(&cluster, true, toolbox, vip, Proto::Tcp, "pod"),
+        "the restarted proxy's maps do what the manifests say"
+    );
+}
+
+/// `GET /` on `target` from `ns`: the status line's code and the body.
+fn http_get(ns: &Netns, target: SocketAddr) -> (u16, String) {
+    let response = ns
+        .enter(move || {
+            use std::io::Read as _;
+            let mut stream = TcpStream::connect_timeout(&target, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok::<_, std::io::Error>(response)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("GET http://{target}/: {e}"));
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
+    let (mut cluster, _pods, _) = web_cluster();
+    let a = IpAddr::V4(cluster.pod("a").ip);
+    cluster.add_pod("r", 1, 20, "remote").unwrap();
+    let lb = |name: &str, app: &str, n: u8| {
+        format!(
+            "{}status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{lb}\n",
+            service(
+                name,
+                &format!(
+                    "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n  clusterIP: 10.96.0.{n}\n  externalIPs:\n  - 198.51.100.{n}\n  selector:\n    app: {app}\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {np}\n",
+                    hc = 32000 + u16::from(n),
+                    np = 31000 + u16::from(n),
+                )
+            ),
+            lb = n + 100,
+        )
+    };
+    cluster
+        .manifests
+        .write("local-lb.yaml", &lb("local-lb", "web", 33))
+        .unwrap();
+    cluster
+        .manifests
+        .write("remote-lb.yaml", &lb("remote-lb", "remote", 34))
+        .unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    let node = node_ip(0, false);
+    wait_programmed(
+        &cluster,
+        client,
+        v4(198, 51, 100, 134, 80),
+        Proto::Tcp,
+        "external",
+        "remote-lb",
+        |t| t.verdict == "DROP",
+    );
+    // eTP Local by LoadBalancer IP and by externalIP: node1's endpoint, the client's address.
+    for target in [v4(198, 51, 100, 133, 80), v4(198, 51, 100, 33, 80)] {
+        assert_answers(&cluster.client, target, Proto::Tcp, &["a"], client);
+        assert_eq!(
+            trace(&cluster, false, client, target, Proto::Tcp, "external"),
+            dnat(&[a], false),
+            "{target}"
+        );
+    }
+    for target in [v4(198, 51, 100, 134, 80), v4(198, 51, 100, 34, 80)] {
+        assert_dropped(&cluster.client, target, Proto::Tcp);
+        assert_eq!(
+            trace(&cluster, false, client, target, Proto::Tcp, "external"),
+            verdict("DROP"),
+            "{target}"
+        );
+    }
+    // The health check node ports tell the load balancer which nodes have local endpoints.
+    let (code, body) = http_get(&cluster.client, SocketAddr::new(node, 32033));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    let (code, body) = http_get(&cluster.client, SocketAddr::new(node, 32034));
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    // A ClusterIP reached from outside the cluster (routed to the node): every endpoint,
+    // masqueraded.
+    cluster
+        .client
+        .ip(&["route", "add", "10.96.0.0/16", "via", &node.to_string()])
+        .unwrap();
+    let cluster_ip = v4(10, 96, 0, 33, 80);
+    assert_answers(&cluster.client, cluster_ip, Proto::Tcp, &["a", "b"], node);
+    assert_eq!(
+        trace(&cluster, false, client, cluster_ip, Proto::Tcp, "external"),
+        dnat(&[a, IpAddr::V4(cluster.pod("b").ip)], true)
+    );
+}
+
+#[test]
+fn an_endpoint_failing_readiness_keeps_its_tcp_connections_but_not_its_udp_flows() {
+    let (cluster, pods, toolbox) = web_cluster();
+    let _servers: Vec<LineServer> = ["a", "b"]
+        .iter()
+        .map(|name| LineServer::start(&cluster.pod(name).netns, name, LINE_PORT))
+        .collect();
+    cluster
+        .manifests
+        .write(
+            "mixed.yaml",
+            &service(
+                "mixed",
+                &format!("  clusterIP: 10.96.0.96\n{WEB_SELECTOR}  ports:\n  - name: lines\n    port: 90\n    targetPort: {LINE_PORT}\n  - name: udp\n    port: 53\n    targetPort: 8080\n    protocol: UDP\n"),
+            ),
+        )
+        .unwrap();
+    let tcp_vip = v4(10, 96, 0, 96, 90);
+    let udp_vip = v4(10, 96, 0, 96, 53);
+    wait_programmed(
+        &cluster,
+        toolbox,
+        udp_vip,
+        Proto::Udp,
+        "pod",
+        "mixed",
+        |t| t.endpoints.len() == 2,
+    );
+    let toolbox_ns = &cluster.pod("toolbox").netns;
+    let mut stream = toolbox_ns
+        .enter(move || {
+            let stream = TcpStream::connect_timeout(&tcp_vip, ANSWER_TIMEOUT)?;
+            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+            Ok::<_, std::io::Error>(BufReader::new(stream))
+        })
+        .unwrap()
+        .expect("connect to the Service");
+    let tcp_pod = ask(&mut stream);
+    let ask_udp = |socket: &UdpSocket| {
+        socket.send(b"ping").expect("send");
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("an answer");
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        answer.split(' ').next().unwrap_or_default().to_owned()
+    };
+    // A UDP flow to the same pod as the TCP connection (each new socket is a new flow).
+    let socket = (0..MAX_REQUESTS)
+        .map(|_| {
+            let socket = toolbox_ns
+                .enter(move || {
+                    let socket = UdpSocket::bind("0.0.0.0:0")?;
+                    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+                    socket.connect(udp_vip)?;
+                    Ok::<_, std::io::Error>(socket)
+                })
+                .unwrap()
+                .unwrap();
+            let pod = ask_udp(&socket);
+            (socket, pod)
+        })
+        .find(|(_, pod)| *pod == tcp_pod)
+        .map(|(socket, _)| socket)
+        .expect("a UDP flow to the TCP connection's pod");
+    // The connections' pod fails its readiness probe (it keeps running).
+    cluster
+        .write_pod(&tcp_pod, "web", PodState::NotReady)
+        .unwrap();
+    let other = |name: &str| if name == "a" { "b" } else { "a" };
+    let ip_of = |name: &str| if name == "a" { pods[0] } else { pods[1] };
+    wait_programmed(
+        &cluster,
+        toolbox,
+        tcp_vip,
+        Proto::Tcp,
+        "pod",
+        "not ready",
+        |t| t.endpoints == BTreeSet::from([SocketAddr::new(ip_of(other(&tcp_pod)), LINE_PORT)]),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&mut stream),
+            tcp_pod,
+            "kube-proxy never cuts an established TCP connection to an unready endpoint"
+        );
+    }
+    assert_eq!(
+        ask_udp(&socket),
+        other(&tcp_pod),
+        "the UDP flow to the unready endpoint was cleaned and moved to a ready one"
     );
 }

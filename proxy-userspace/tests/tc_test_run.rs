@@ -530,6 +530,33 @@ fn a_flow_whose_backend_is_gone_is_balanced_again_and_cleanup_removes_its_entrie
 }
 
 #[test]
+fn an_established_tcp_flow_keeps_its_backend_when_the_backend_is_gone() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    let frame = packet::build(client, frontend, IPPROTO_TCP, b"x");
+    let (_, out) = fx.run(&frame);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
+
+    // The endpoint (or the whole Service) goes away: kube-proxy leaves TCP conntrack alone.
+    fx.maps.delete_backend(101).unwrap();
+    let replacement = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_TCP, &[replacement], |_| {});
+    let (_, out) = fx.run(&frame);
+    assert_eq!(
+        packet::summarize(&out).unwrap().dst,
+        backend,
+        "the established connection stays with its endpoint"
+    );
+    assert_eq!(
+        fx.maps.cleanup_flows_to_backend(101).unwrap(),
+        0,
+        "the stale-endpoint cleanup is for UDP only"
+    );
+    assert_eq!(fx.maps.conntrack_entries().unwrap().len(), 2);
+}
+
+#[test]
 fn pod_sources_found_by_the_local_cidr_detector_get_their_own_class() {
     let mut fx = Fixture::new();
     let (client, frontend, backend) = addresses(false);
@@ -709,12 +736,13 @@ fn established_flows_keep_a_terminating_backend_while_new_flows_avoid_it() {
         successor,
         "new flow avoids it"
     );
-    // Cleaning up both backends at once removes both flows (two entries each).
+    // The stale-endpoint cleanup is kube-proxy's, for UDP only: both TCP flows stay.
     let removed = fx
         .maps
         .cleanup_flows_to_backends(&std::collections::HashSet::from([101, 201]))
         .unwrap();
-    assert_eq!(removed, 4);
+    assert_eq!(removed, 0);
+    assert_eq!(fx.maps.conntrack_entries().unwrap().len(), 4);
 }
 
 /// An ICMP / ICMPv6 echo request from `src` to `dst`.

@@ -543,3 +543,24 @@ print(data.decode().split()[0], peer[0], peer[1], *t.getpeername())
         "recvfrom and getpeername report the service, not the backend"
     );
 }
+
+#[test]
+fn layer3_interfaces_get_no_tc_program() {
+    let mut lab = Lab::new();
+    // A tun device hands the tc hook bare IP packets, which an Ethernet parser would misread.
+    let tun = unique_name("t");
+    lab.node
+        .ip(&["tuntap", "add", "mode", "tun", "name", &tun])
+        .unwrap();
+    lab.node.ip(&["link", "set", &tun, "up"]).unwrap();
+    lab.proxy
+        .wait_for_log(&tun, Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        lab.proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains(&tun) && l.contains("not an Ethernet interface")),
+        "the proxy says why it skips {tun}"
+    );
+}

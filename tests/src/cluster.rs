@@ -54,11 +54,13 @@ pub enum PodState {
     /// `deletionTimestamp` set, still passing its readiness probe: a serving, terminating
     /// endpoint.
     Terminating,
+    /// Running but failing its readiness probe: a not-ready, not-serving endpoint.
+    NotReady,
 }
 
 /// Fields drop in order: the proxy first (it detaches), then pods, clients and nodes.
 pub struct Cluster {
-    proxy: Proxy,
+    proxy: Option<Proxy>,
     pods: Vec<Pod>,
     pub client: Netns,
     pub outsider: Netns,
@@ -138,27 +140,8 @@ impl Cluster {
         manifests.write("nodes.yaml", &nodes_yaml())?;
         let pin_dir = PinDir::new();
         let cgroup = Cgroup::new()?;
-        let cgroup_path = cgroup.path().to_string_lossy().into_owned();
-        let manifests_path = manifests.path().to_string_lossy().into_owned();
-        let proxy = Proxy::start(
-            binary,
-            &nodes[0],
-            &pin_dir,
-            &[
-                "--manifests",
-                &manifests_path,
-                "--hostname-override",
-                "node1",
-                "--cluster-cidr",
-                CLUSTER_CIDRS,
-                "--service-cluster-ip-range",
-                SERVICE_CIDRS,
-                "--cgroup-path",
-                &cgroup_path,
-            ],
-        )?;
-        Ok(Self {
-            proxy,
+        let mut cluster = Self {
+            proxy: None,
             pods: Vec::new(),
             client,
             outsider,
@@ -170,7 +153,24 @@ impl Cluster {
             binary: binary.to_owned(),
             next_interface: 0,
             nft_before,
-        })
+        };
+        cluster.proxy = Some(cluster.launch_proxy()?);
+        Ok(cluster)
+    }
+
+    fn launch_proxy(&self) -> Result<Proxy> {
+        let mut args = self.source_flags();
+        args.push("--cgroup-path".to_owned());
+        args.push(self.cgroup.path().to_string_lossy().into_owned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proxy::start(&self.binary, &self.nodes[0], &self.pin_dir, &args)
+    }
+
+    /// Stops the proxy (SIGTERM) and starts it again on the same pinned maps, as an upgrade or
+    /// a crash-restart would; returns the new proxy once it has programmed its first snapshot.
+    pub fn restart_proxy(&mut self) -> Result<&mut Proxy> {
+        drop(self.proxy.take());
+        Ok(self.proxy.insert(self.launch_proxy()?))
     }
 
     /// The source flags the proxy runs with (for `trace` and `plan` against the same folder).
@@ -191,11 +191,9 @@ impl Cluster {
     }
 
     pub fn proxy(&mut self) -> &mut Proxy {
-        &mut self.proxy
-    }
-
-    pub fn binary(&self) -> &Path {
-        &self.binary
+        self.proxy
+            .as_mut()
+            .expect("the proxy runs but while restarting")
     }
 
     /// Creates pod `name` (addresses 198.19.NODE.HOST and fd00:19:NODE::HOST) on node
@@ -230,7 +228,7 @@ impl Cluster {
         netns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
         let server = EchoServer::start(&netns, name, SERVER_PORT)?;
         if node == 0 {
-            self.proxy
+            self.proxy()
                 .wait_for_log(&format!("\"{host_if}\""), Duration::from_secs(5))?;
         }
         self.pods.push(Pod {
@@ -264,8 +262,13 @@ impl Cluster {
     pub fn write_pod(&self, name: &str, app: &str, state: PodState) -> Result<()> {
         let pod = self.pod(name);
         let deletion = match state {
-            PodState::Ready => String::new(),
+            PodState::Ready | PodState::NotReady => String::new(),
             PodState::Terminating => "\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"".to_owned(),
+        };
+        let ready = if state == PodState::NotReady {
+            "False"
+        } else {
+            "True"
         };
         let yaml = format!(
             "apiVersion: v1
@@ -290,7 +293,7 @@ status:
   - ip: {ip6}
   conditions:
   - type: Ready
-    status: \"True\"
+    status: \"{ready}\"
 ",
             node = pod.node + 1,
             ip = pod.ip,

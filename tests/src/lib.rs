@@ -343,6 +343,11 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// The log lines read so far (by [`Proxy::wait_for_log`]).
+    pub fn log_lines(&self) -> &[String] {
+        &self.lines
+    }
+
     /// Waits until the proxy logs a line containing `needle`.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + timeout;

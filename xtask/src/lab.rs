@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use proxy_lab::{command_in, create_netns, delete_netns, ip_in, netns_with_prefix, run};
+use proxy_lab::{
+    cgroup2_mount, command_in, create_netns, delete_netns, ip_in, netns_with_prefix, run,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{cargo, setup, workspace_root};
@@ -102,8 +104,13 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         LabCommand::Exec { target, command } => {
             let lab = Lab::load(name)?;
             let ns = lab.netns_of(&target)?;
-            let status = command_in(&ns, &command[0])
-                .args(&command[1..])
+            // Joins the lab's cgroup first, so a node's own connections to Services go through
+            // the proxy's socket hooks like any host process's.
+            let cgroup = lab_cgroup(name)?;
+            let status = command_in(&ns, "sh")
+                .args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+                .arg(&cgroup)
+                .args(&command)
                 .status()
                 .with_context(|| format!("running {command:?} in {target}"))?;
             std::process::exit(status.code().unwrap_or(1));
@@ -163,6 +170,16 @@ pub fn down(name: &str) {
         }
     }
     let _ = std::fs::remove_dir_all(state_dir(name));
+    // Its processes died with the namespaces; an empty cgroup is removed with rmdir.
+    if let Ok(cgroup) = lab_cgroup(name) {
+        let _ = std::fs::remove_dir(cgroup);
+    }
+}
+
+/// The lab's own cgroup: the proxies attach their socket hooks (host-originated traffic) there,
+/// never to the machine's root cgroup, and `lab exec` runs commands inside it.
+fn lab_cgroup(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(cgroup2_mount()?.join(format!("kube-ebpf-proxy-lab-{name}")))
 }
 
 fn state_dir(name: &str) -> PathBuf {
@@ -327,6 +344,9 @@ impl Lab {
                 })?;
             }
         }
+        let cgroup = lab_cgroup(name)?;
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating the lab's cgroup {}", cgroup.display()))?;
         lab.build_network(nodes)?;
         lab.write_nodes()?;
         lab.sync_pods()?;
@@ -674,6 +694,7 @@ impl Lab {
 
     fn start_proxy(&self, node: &NodeInfo) -> anyhow::Result<()> {
         let manifests = self.manifests_dir().to_string_lossy().into_owned();
+        let cgroup = lab_cgroup(&self.name)?.to_string_lossy().into_owned();
         let args: Vec<String> = [
             "run",
             "--bpf-pin-path",
@@ -684,6 +705,8 @@ impl Lab {
             &node.name,
             "--cluster-cidr",
             CLUSTER_CIDR,
+            "--cgroup-path",
+            &cgroup,
         ]
         .iter()
         .map(|s| (*s).to_owned())

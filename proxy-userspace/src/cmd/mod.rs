@@ -74,6 +74,29 @@ pub async fn start_source(
     Ok((rx, task))
 }
 
+/// The source's first complete snapshot and what the model makes of it (`plan`, `trace`).
+pub struct Computed {
+    pub snapshot: Arc<ClusterSnapshot>,
+    pub model_config: proxy_userspace::model::ModelConfig,
+    pub state: proxy_userspace::model::DesiredState,
+}
+
+/// Resolves the flags, takes one snapshot from the source and computes the desired state.
+pub async fn compute_once(flags: &ProxyFlags) -> anyhow::Result<Computed> {
+    let config = resolve(flags)?;
+    let (mut rx, source) = start_source(&config).await?;
+    let snapshot = first_snapshot(&mut rx).await;
+    source.abort();
+    let snapshot = snapshot?;
+    let model_config = config.model_config(snapshot.node.as_ref(), &local_addresses()?);
+    let state = proxy_userspace::model::compute(&snapshot, &model_config);
+    Ok(Computed {
+        snapshot,
+        model_config,
+        state,
+    })
+}
+
 /// Waits for the first complete snapshot.
 pub async fn first_snapshot(
     rx: &mut watch::Receiver<Arc<ClusterSnapshot>>,

@@ -13,12 +13,9 @@ pub struct PlanArgs {
 }
 
 pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let config = super::resolve(&args.proxy)?;
-    let (mut rx, source) = super::start_source(&config).await?;
-    let snapshot = super::first_snapshot(&mut rx).await?;
-    source.abort();
-    let model_config = config.model_config(snapshot.node.as_ref(), &super::local_addresses()?);
-    let state = model::compute(&snapshot, &model_config);
+    let super::Computed {
+        snapshot, state, ..
+    } = super::compute_once(&args.proxy).await?;
     if args.output == OutputFormat::Text {
         for a in &snapshot.allocations {
             println!("allocated {} {} = {}", a.object, a.field, a.value);

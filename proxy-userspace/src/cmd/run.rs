@@ -315,6 +315,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failures_seen = std::collections::HashMap::new();
+    let mut node_seen = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -326,8 +327,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 health.queued_update();
                 metrics.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
-                if let Some(node) = &snapshot.node {
-                    health.sync_node(node);
+                match &snapshot.node {
+                    Some(node) => {
+                        health.sync_node(node);
+                        node_seen = true;
+                    }
+                    // Only a Node that existed can be deleted; a source with no Node object at
+                    // all (a manifests folder without one) keeps the node eligible.
+                    None if node_seen => health.node_deleted(),
+                    None => {}
                 }
                 if let Err(error) = syncer.sync(&snapshot, &mut maps) {
                     tracing::error!("sync failed: {error:#}");

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use proxy_userspace::config::ProxyFlags;
 use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResult};
-use proxy_userspace::model;
 use proxy_userspace::reconcile::Reconciler;
 
 use super::program::{
@@ -106,12 +105,11 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let mut maps = Maps::open(pin_path)?;
         run_trace(&args, proto, &loaded, &mut maps)?
     } else {
-        let config = super::resolve(&args.proxy)?;
-        let (mut rx, source) = super::start_source(&config).await?;
-        let snapshot = super::first_snapshot(&mut rx).await?;
-        source.abort();
-        let model_config = config.model_config(snapshot.node.as_ref(), &super::local_addresses()?);
-        let state = model::compute(&snapshot, &model_config);
+        let super::Computed {
+            model_config,
+            state,
+            ..
+        } = super::compute_once(&args.proxy).await?;
         for diagnostic in &state.diagnostics {
             tracing::warn!("{}: {}", diagnostic.object, diagnostic.message);
         }

@@ -56,6 +56,39 @@ pub fn tc_interfaces() -> Result<Vec<String>, AttachError> {
     Ok(names)
 }
 
+/// Whether `name` carries Ethernet frames (`ARPHRD_ETHER`): the tc program reads the
+/// ethertype at offset 12 and the IP header at 14. Layer-3 devices (tun, WireGuard, IP tunnels)
+/// hand it bare IP packets, which it would misparse. Asked with `SIOCGIFHWADDR` on a socket of
+/// this network namespace (sysfs may show another namespace, see [`tc_interfaces`]).
+fn is_ethernet(name: &str) -> bool {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked and owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        // No socket to ask through: keep the previous behaviour (attach).
+        return true;
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero ifreq is valid; the name is copied in bounded by IFNAMSIZ - 1 so it
+    // stays NUL-terminated; the ioctl writes only into the ifreq.
+    unsafe {
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in request
+            .ifr_name
+            .iter_mut()
+            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+        {
+            *dst = libc::c_char::from_ne_bytes([src]);
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut request) < 0 {
+            // Gone already: nothing to attach to.
+            return false;
+        }
+        request.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER
+    }
+}
+
 /// `--interfaces`: which interface names get the tc program. Patterns are names with `*`
 /// wildcards; a leading `!` excludes. With no include pattern every interface is included;
 /// loopback never is.
@@ -113,6 +146,8 @@ pub struct Attachments {
     /// Attached interface names (sorted).
     pub interfaces: Vec<String>,
     links: BTreeMap<String, SchedClassifierLinkId>,
+    /// Non-Ethernet interfaces already reported (warned about once).
+    skipped: Vec<String>,
 }
 
 fn tc_program(loaded: &mut Loaded) -> Result<&mut SchedClassifier, AttachError> {
@@ -185,6 +220,18 @@ impl Attachments {
         let wanted: Vec<String> = tc_interfaces()?
             .into_iter()
             .filter(|n| filter.matches(n))
+            .filter(|n| {
+                let ethernet = is_ethernet(n);
+                if !ethernet && !self.skipped.contains(n) {
+                    tracing::warn!(
+                        interface = n.as_str(),
+                        "not an Ethernet interface: the tc program (which parses Ethernet \
+                         frames) is not attached"
+                    );
+                    self.skipped.push(n.clone());
+                }
+                ethernet
+            })
             .collect();
         let gone: Vec<String> = self
             .links

@@ -9,6 +9,8 @@ use aya::maps::MapData;
 
 /// `BPF_MAP_LOOKUP_BATCH` in `enum bpf_cmd`.
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// `ENOTSUPP` of include/linux/errno.h, which some kernels return from the bpf syscall.
+const KERNEL_ENOTSUPP: i32 = 524;
 /// Entries asked for per call; grown when a hash bucket holds more (ENOSPC).
 const FIRST_BATCH: usize = 4096;
 
@@ -76,11 +78,12 @@ where
                 .copied()
                 .zip(values[..filled].iter().copied()),
         );
-        match error.as_ref().and_then(std::io::Error::raw_os_error) {
-            None => {
-                in_token = out_token;
-                first = false;
-            }
+        let Some(error) = error else {
+            in_token = out_token;
+            first = false;
+            continue;
+        };
+        match error.raw_os_error() {
             // The walk is complete.
             Some(libc::ENOENT) => return Ok(Some(entries)),
             // One bucket holds more entries than a batch: retry it with room for them.
@@ -89,8 +92,10 @@ where
                 keys.resize_with(batch_len, K::default);
                 values.resize_with(batch_len, V::default);
             }
-            Some(libc::EINVAL | libc::ENOTSUP) if first => return Ok(None),
-            Some(_) => return Err(error.expect("an errno came from this error")),
+            // No such command (before 5.6) or not for this map type (EOPNOTSUPP, or the
+            // kernel-internal ENOTSUPP older kernels leak).
+            Some(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP) if first => return Ok(None),
+            _ => return Err(error),
         }
     }
 }

@@ -91,20 +91,6 @@ fn reply_key(key: &CtKey, value: &CtValue) -> CtKey {
     }
 }
 
-/// The key of the forward entry that belongs to reply entry `key → value`.
-fn forward_key(key: &CtKey, value: &CtValue) -> CtKey {
-    let snat = value.flags & CT_F_SNAT != 0;
-    CtKey {
-        src: if snat { value.nat_src } else { key.dst },
-        dst: value.nat_dst,
-        sport: if snat { value.nat_sport } else { key.dport },
-        dport: value.nat_dport,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
-}
-
 /// Decides which entries of a conntrack snapshot are to be deleted at `now_ns`. Pure, so the
 /// policy is tested without a kernel.
 pub fn expired_keys(
@@ -122,7 +108,7 @@ pub fn expired_keys(
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
         let partner_key = if is_reply {
-            forward_key(key, value)
+            key.forward_of_reply(value)
         } else {
             reply_key(key, value)
         };
@@ -215,7 +201,7 @@ mod tests {
             last_seen_ns: last_seen_s * SEC,
             ..CtValue::default()
         };
-        assert_eq!(forward_key(&reply_key, &reply), original);
+        assert_eq!(reply_key.forward_of_reply(&reply), original);
         [(original, forward), (reply_key, reply)]
     }
 

@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use ipnet::IpNet;
 use proxy_common::{
     AFFINITY_MAP, Addr, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, CONFIG_MAP,
-    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, LOCAL_CIDR_PREFIX_BASE, LOCAL_CIDRS_MAP,
-    LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICE_CIDRS_MAP, SERVICES_MAP,
+    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, IPPROTO_UDP, LOCAL_CIDR_PREFIX_BASE,
+    LOCAL_CIDRS_MAP, LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICE_CIDRS_MAP, SERVICES_MAP,
     SOURCE_RANGES_MAP, ServiceKey, ServiceValue, SourceRangeData, VIPS_MAP, VipKey, VipValue,
 };
 
@@ -359,10 +359,10 @@ impl Maps {
         deleted(self.conntrack.remove(key), CONNTRACK_MAP)
     }
 
-    /// Deletes every conntrack entry (both directions) of flows to backend `id`: kube-proxy's
+    /// Deletes the conntrack entries (both directions) of UDP flows to backend `id`: kube-proxy's
     /// cleanup of stale UDP flows when an endpoint goes away, so UDP clients that keep their
-    /// socket are not blackholed; TCP flows would re-balance anyway, this frees them at once.
-    /// Returns the number of entries deleted.
+    /// socket are not blackholed. TCP and SCTP flows are left to end on their own, as kube-proxy
+    /// leaves them. Returns the number of entries deleted.
     pub fn cleanup_flows_to_backend(&mut self, id: u32) -> Result<usize, MapsError> {
         self.cleanup_flows_to_backends(&std::collections::HashSet::from([id]))
     }
@@ -379,7 +379,9 @@ impl Maps {
         let stale: Vec<CtKey> = self
             .conntrack_entries()?
             .into_iter()
-            .filter(|(_, v)| ids.contains(&v.backend_id))
+            // kube-proxy's stale-endpoint cleanup is for UDP only: TCP and SCTP connections keep
+            // their endpoint until they end.
+            .filter(|(k, v)| k.proto == IPPROTO_UDP && ids.contains(&v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for key in &stale {

@@ -735,7 +735,10 @@ fn service_port_state(
                     .any(|e| (e.addr, e.port) == (ep.endpoint.addr, ep.endpoint.port))
             })
     };
-    let draining_endpoints = select(candidates, |ep| ep.endpoint.serving && !in_a_set(ep));
+    // kube-proxy only ever deletes the conntrack entries of UDP flows, and only to endpoints
+    // that stopped serving; every other established flow keeps its endpoint.
+    let keeps_flows = |ep: &EndpointInfo| ep.endpoint.serving || name.protocol != Protocol::Udp;
+    let draining_endpoints = select(candidates, |ep| keeps_flows(ep) && !in_a_set(ep));
     ServicePortState {
         name,
         family,

@@ -148,6 +148,13 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
         );
         render_endpoints(out, "cluster", &port.cluster_endpoints);
     }
+    if !port.draining_endpoints.is_empty() {
+        render_endpoints(
+            out,
+            "established connections only (draining)",
+            &port.draining_endpoints,
+        );
+    }
 }
 
 fn render_frontend(out: &mut String, frontend: &Frontend) {

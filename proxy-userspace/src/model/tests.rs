@@ -662,7 +662,7 @@ fn endpoints_ports_and_conditions() {
             absent: vec![],
         },
         Case {
-            name: "serving terminating endpoints beside ready ones are draining: no new flows, backends kept",
+            name: "endpoints out of every set whose flows kube-proxy keeps are draining: no new flows, backends kept",
             config: unchanged,
             objects: vec![
                 svc(
@@ -680,10 +680,27 @@ fn endpoints_ports_and_conditions() {
                         terminating("10.244.2.3", "node-b", false)
                     ]),
                 ),
+                svc(
+                    "drain-udp",
+                    json!({"clusterIP": "10.96.0.25", "ports": [{"port": 80, "protocol": "UDP"}]}),
+                ),
+                slice(
+                    "drain-udp-1",
+                    "drain-udp",
+                    "IPv4",
+                    json!([{"name": "", "port": 8080, "protocol": "UDP"}]),
+                    json!([
+                        ready("10.244.2.1", "node-b"),
+                        terminating("10.244.2.2", "node-b", true),
+                        terminating("10.244.2.3", "node-b", false)
+                    ]),
+                ),
             ],
             expect: vec![
                 "default/drain TCP v4 internal=10.244.2.1:8080 external=10.244.2.1:8080 cluster=10.244.2.1:8080",
-                "default/drain TCP v4 draining=10.244.2.2:8080",
+                // TCP flows outlive serving too; UDP flows to a non-serving endpoint are cleaned.
+                "default/drain TCP v4 draining=10.244.2.2:8080,10.244.2.3:8080",
+                "default/drain-udp UDP v4 draining=10.244.2.2:8080",
             ],
             absent: vec![],
         },
@@ -1381,8 +1398,13 @@ fn plan_renders_text_and_json() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     assert!(
-        !text.contains("10.244.2.5"),
-        "terminating endpoint must not be planned while a ready one exists:\n{text}"
+        text.contains("  established connections only (draining) endpoints:\n    10.244.2.5:8080"),
+        "a terminating endpoint beside a ready one is listed as draining:\n{text}"
+    );
+    assert_eq!(
+        text.matches("10.244.2.5").count(),
+        1,
+        "a terminating endpoint must get no new connections while a ready one exists:\n{text}"
     );
     let json: Value = serde_json::to_value(&state).unwrap();
     assert_eq!(json["servicePorts"][2]["name"]["name"], "web");

@@ -175,10 +175,10 @@ pub struct ServicePortState {
     pub external_endpoints: Vec<Endpoint>,
     /// The Cluster-policy set (`EndpointSet::Cluster`).
     pub cluster_endpoints: Vec<Endpoint>,
-    /// Serving endpoints in none of the sets above (terminating while ready ones exist): no
-    /// new connection goes to them, but established connections keep them until they stop
-    /// serving or go away (kube-proxy leaves those flows alone), so the dataplane keeps their
-    /// backends.
+    /// Endpoints in none of the sets above whose established flows kube-proxy leaves alone:
+    /// serving ones (terminating while ready ones exist), and for TCP and SCTP also those that
+    /// stopped serving (kube-proxy cleans only UDP flows to endpoints that stop serving). No
+    /// new connection goes to them; the dataplane keeps their backends for the flows it has.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining_endpoints: Vec<Endpoint>,
     /// sessionAffinity ClientIP timeout in seconds; `None` without affinity.
