@@ -408,30 +408,11 @@ impl ServiceHealthServer {
 
 #[cfg(test)]
 mod tests {
+    use proxy_lab::http_get as get;
     use serde_json::json;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::model::{Endpoint, IpFamily, Protocol, ServicePortName, ServicePortState};
-
-    /// A raw HTTP/1.1 GET; returns (status, headers lowercased, body).
-    async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-        let mut stream =
-            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-                .await
-                .expect("connect in time")
-                .expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-            .await
-            .expect("response in time")
-            .unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").expect("a full response");
-        let status = head[9..12].parse().unwrap();
-        (status, head.to_lowercase(), body.to_owned())
-    }
 
     async fn proxy_server(timeout: Duration) -> (Arc<ProxyHealth>, SocketAddr, JoinHandle<()>) {
         let health = ProxyHealth::new(timeout);

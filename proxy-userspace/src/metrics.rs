@@ -481,7 +481,7 @@ pub async fn serve_metrics(
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use proxy_lab::http_get as get;
 
     use super::*;
     use crate::model::{Action, Actions, Endpoint, EndpointSet, Frontend, FrontendKind, Protocol};
@@ -715,25 +715,6 @@ mod tests {
                 "{name}: IPv6"
             );
         }
-    }
-
-    /// A raw HTTP/1.1 GET; returns (status, headers lowercased, body).
-    async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-        let mut stream =
-            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-                .await
-                .expect("connect in time")
-                .expect("connect");
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-            .await
-            .expect("response in time")
-            .unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").expect("a full response");
-        let status = head[9..12].parse().unwrap();
-        (status, head.to_lowercase(), body.to_owned())
     }
 
     /// Serves `metrics` on an ephemeral loopback port.

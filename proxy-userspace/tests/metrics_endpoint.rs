@@ -4,36 +4,17 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use proxy_common::{ConfigValue, IPPROTO_TCP, IPPROTO_UDP};
 use proxy_lab::PinDir;
+use proxy_lab::http_get as get;
 use proxy_userspace::dataplane::{self, MapSizes, Maps, addr_from_ip, packet, run_tc_program};
 use proxy_userspace::metrics::{ProxyMetrics, serve_metrics};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const TC_ACT_OK: u32 = 0;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// A raw HTTP/1.1 GET; returns (status, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a full response");
-    (head[9..12].parse().unwrap(), body.to_owned())
 }
 
 /// The value of the sample line `series` (name and labels exactly as exposed), as written.
@@ -97,7 +78,7 @@ async fn metrics_expose_the_kernel_counters_and_programmed_entries() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(serve_metrics(listener, metrics));
-    let (status, body) = get(addr, "/metrics").await;
+    let (status, _, body) = get(addr, "/metrics").await;
     server.abort();
     assert_eq!(status, 200, "{body}");
 

@@ -249,6 +249,30 @@ impl Drop for PinDir {
     }
 }
 
+/// A raw HTTP/1.1 GET to a server under test (health, metrics): (status, head lowercased,
+/// body). Connecting and reading are each bounded to 5 s.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let bound = Duration::from_secs(5);
+    let mut stream = tokio::time::timeout(bound, tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut response = String::new();
+    tokio::time::timeout(bound, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a full response");
+    let status = head[9..12].parse().expect("a status code");
+    (status, head.to_lowercase(), body.to_owned())
+}
+
 /// A manifests folder for a proxy under test (`--manifests`), removed on drop.
 pub struct ManifestsDir {
     path: PathBuf,
