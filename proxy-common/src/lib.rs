@@ -200,6 +200,22 @@ pub struct CtKey {
 }
 
 impl CtKey {
+    /// For a forward entry's key (`self`) and value, the key of the flow's reply entry: the
+    /// tuple the backend's replies carry.
+    #[inline(always)]
+    pub fn reply_of_forward(&self, forward: &CtValue) -> CtKey {
+        let snat = forward.flags & CT_F_SNAT != 0;
+        CtKey {
+            src: forward.nat_dst,
+            dst: if snat { forward.nat_src } else { self.src },
+            sport: forward.nat_dport,
+            dport: if snat { forward.nat_sport } else { self.sport },
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
     /// For a reply entry's key (`self`) and value, the key of the flow's forward entry: the
     /// kernel marks the forward entry when replies flow, and the GC expires a flow by it.
     #[inline(always)]

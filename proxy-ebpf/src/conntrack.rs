@@ -165,19 +165,3 @@ pub fn touch(entry: &mut CtValue, flow: &Flow, is_reply: bool) {
         entry.state = CT_STATE_ESTABLISHED;
     }
 }
-
-/// The reply entry's key for forward entry `forward` of `flow` (the tuple the backend's replies
-/// carry).
-#[inline(always)]
-pub fn reply_key_of_forward(flow: &Flow, forward: &CtValue) -> CtKey {
-    let snat = forward.flags & CT_F_SNAT != 0;
-    CtKey {
-        src: forward.nat_dst,
-        dst: if snat { forward.nat_src } else { flow.src },
-        sport: forward.nat_dport,
-        dport: if snat { forward.nat_sport } else { flow.sport },
-        proto: flow.proto,
-        family: flow.family,
-        _pad: [0; 2],
-    }
-}

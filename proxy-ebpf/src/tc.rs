@@ -58,7 +58,8 @@ const NOT_KNOWN: i32 = i32::MIN;
 fn known_flow(ctx: &TcContext) -> i32 {
     let Some(scratch) = scratch() else { return OK };
     let flow = &scratch.flow;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&conntrack::key(flow)) {
+    let key = conntrack::key(flow);
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
         let entry = unsafe { &mut *entry };
         if entry.flags & CT_F_REPLY != 0 {
@@ -84,7 +85,7 @@ fn known_flow(ctx: &TcContext) -> i32 {
             return rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)));
         }
         // Re-balanced below: the old reply entry would only linger until the GC.
-        let _ = CONNTRACK.remove(&conntrack::reply_key_of_forward(flow, entry));
+        let _ = CONNTRACK.remove(&key.reply_of_forward(entry));
         count(Counter::StaleBackendFlows);
     }
     NOT_KNOWN

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proxy_common::{
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtKey, CtValue,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtKey, CtValue,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -77,20 +77,6 @@ pub fn monotonic_now_ns() -> u64 {
         + u64::try_from(now.tv_nsec()).unwrap_or(0)
 }
 
-/// The key of the reply entry that belongs to forward entry `key → value`.
-fn reply_key(key: &CtKey, value: &CtValue) -> CtKey {
-    let snat = value.flags & CT_F_SNAT != 0;
-    CtKey {
-        src: value.nat_dst,
-        dst: if snat { value.nat_src } else { key.src },
-        sport: value.nat_dport,
-        dport: if snat { value.nat_sport } else { key.sport },
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
-}
-
 /// Decides which entries of a conntrack snapshot are to be deleted at `now_ns`. Pure, so the
 /// policy is tested without a kernel.
 pub fn expired_keys(
@@ -110,7 +96,7 @@ pub fn expired_keys(
         let partner_key = if is_reply {
             key.forward_of_reply(value)
         } else {
-            reply_key(key, value)
+            key.reply_of_forward(value)
         };
         let partner = by_key.get(&partner_key);
         let (forward, last_seen) = match (is_reply, partner) {
@@ -191,7 +177,7 @@ mod tests {
             last_seen_ns: last_seen_s * SEC,
             ..CtValue::default()
         };
-        let reply_key = reply_key(&original, &forward);
+        let reply_key = original.reply_of_forward(&forward);
         let reply = CtValue {
             nat_dst: original.dst,
             nat_dport: original.dport,
