@@ -11,32 +11,26 @@ use proxy_common::{
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::model::{DesiredState, LocalTrafficDetector, ModelConfig};
 use proxy_userspace::reconcile::{Reconciler, SyncReport};
+use proxy_userspace::source::manifests::PortRange;
 
 /// `run`'s default SNAT source ports: above Linux's ephemeral range (32768-60999) and outside
 /// the NodePort range, so masqueraded flows never take a port a local socket was given.
-pub const DEFAULT_SNAT_PORTS: &str = "61000-65535";
-
-/// The SNAT port range flag's value, `MIN-MAX`.
-pub fn parse_port_range(range: &str) -> anyhow::Result<(u16, u16)> {
-    let (min, max) = range
-        .split_once('-')
-        .with_context(|| format!("--snat-ports {range}: expected MIN-MAX"))?;
-    let (min, max): (u16, u16) = (min.trim().parse()?, max.trim().parse()?);
-    anyhow::ensure!(min > 0 && min <= max, "--snat-ports {range}: empty range");
-    Ok((min, max))
-}
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
+    first: 61000,
+    last: 65535,
+};
 
 /// The dataplane part of the CONFIG map (this network namespace, SNAT ports, kernel debug
 /// logging), written once after loading.
 pub fn program_dataplane_config(
     maps: &mut Maps,
-    snat_ports: (u16, u16),
+    snat_ports: PortRange,
     debug: bool,
 ) -> anyhow::Result<()> {
     let cookie = dataplane::netns_cookie()?;
     maps.update_config(|config| {
         config.netns_cookie = cookie;
-        (config.snat_port_min, config.snat_port_max) = snat_ports;
+        (config.snat_port_min, config.snat_port_max) = (snat_ports.first, snat_ports.last);
         if debug {
             config.flags |= CONFIG_F_DEBUG;
         } else {

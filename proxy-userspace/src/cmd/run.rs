@@ -15,10 +15,11 @@ use proxy_userspace::metrics::{self, ProxyMetrics};
 use proxy_userspace::model::{self, LocalTrafficDetector};
 use proxy_userspace::reconcile::Reconciler;
 use proxy_userspace::source::ClusterSnapshot;
+use proxy_userspace::source::manifests::PortRange;
+use std::str::FromStr as _;
 
 use super::program::{
-    DEFAULT_SNAT_PORTS, parse_port_range, program_dataplane_config, program_local_ifindexes,
-    program_state,
+    DEFAULT_SNAT_PORTS, program_dataplane_config, program_local_ifindexes, program_state,
 };
 
 #[derive(clap::Args)]
@@ -47,8 +48,8 @@ pub struct DataplaneFlags {
     /// SNAT source port range MIN-MAX. The default lies above Linux's ephemeral range
     /// (32768-60999) and outside the NodePort range, so masqueraded flows never take a port a
     /// local socket was given; reserve it (net.ipv4.ip_local_reserved_ports) if you move it.
-    #[arg(long, default_value = DEFAULT_SNAT_PORTS)]
-    pub snat_ports: String,
+    #[arg(long, default_value_t = DEFAULT_SNAT_PORTS, value_parser = PortRange::from_str)]
+    pub snat_ports: PortRange,
     /// Log every new flow's decision from the kernel (aya-log).
     #[arg(long)]
     pub bpf_debug: bool,
@@ -84,11 +85,7 @@ fn start_dataplane(
     let mut loaded =
         dataplane::load_with_sizes(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
-    program_dataplane_config(
-        &mut maps,
-        parse_port_range(&flags.snat_ports)?,
-        flags.bpf_debug,
-    )?;
+    program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug)?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }

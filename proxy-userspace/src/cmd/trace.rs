@@ -15,8 +15,7 @@ use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResul
 use proxy_userspace::reconcile::Reconciler;
 
 use super::program::{
-    DEFAULT_SNAT_PORTS, parse_port_range, program_dataplane_config, program_local_ifindexes,
-    program_state,
+    DEFAULT_SNAT_PORTS, program_dataplane_config, program_local_ifindexes, program_state,
 };
 
 #[derive(clap::Args)]
@@ -122,7 +121,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let loaded = dataplane::load_with_sizes(pin_dir.path(), &sizes)
             .context("loading the dataplane into private maps")?;
         let mut maps = Maps::open(pin_dir.path())?;
-        program_dataplane_config(&mut maps, parse_port_range(DEFAULT_SNAT_PORTS)?, false)?;
+        program_dataplane_config(&mut maps, DEFAULT_SNAT_PORTS, false)?;
         let mut reconciler = Reconciler::resume(&maps).context("reading the fresh maps")?;
         let report = program_state(&mut maps, &mut reconciler, &model_config, &state)?;
         if !report.errors.is_empty() {
