@@ -676,6 +676,16 @@ impl Drop for LineServer {
     }
 }
 
+/// A connection from `ns` to a line Service at `vip`, kept open across `ask`s.
+fn connect_lines(ns: &Netns, vip: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
+    ns.enter(move || {
+        let stream = TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        Ok(BufReader::new(stream))
+    })
+    .unwrap()
+}
+
 /// Sends a line on an established connection and reads the answering pod's name.
 fn ask(stream: &mut BufReader<TcpStream>) -> String {
     stream
@@ -710,16 +720,8 @@ fn terminating_endpoints_keep_established_connections_and_are_the_fallback() {
     wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "lines", |t| {
         t.verdict == "DNAT"
     });
-    let mut stream = cluster
-        .pod("toolbox")
-        .netns
-        .enter(move || {
-            let stream = TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?;
-            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-            Ok::<_, std::io::Error>(BufReader::new(stream))
-        })
-        .unwrap()
-        .expect("connect to the Service");
+    let mut stream =
+        connect_lines(&cluster.pod("toolbox").netns, vip).expect("connect to the Service");
     let first = ask(&mut stream);
     let other = if first == "a" { "b" } else { "a" };
     let (first_ip, other_ip) = if first == "a" {
@@ -748,16 +750,8 @@ fn terminating_endpoints_keep_established_connections_and_are_the_fallback() {
         );
     }
     for _ in 0..10 {
-        let answer = cluster
-            .pod("toolbox")
-            .netns
-            .enter(move || {
-                let mut stream = BufReader::new(TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?);
-                stream.get_ref().set_read_timeout(Some(ANSWER_TIMEOUT))?;
-                Ok::<_, std::io::Error>(ask(&mut stream))
-            })
-            .unwrap()
-            .expect("a new connection");
+        let answer =
+            ask(&mut connect_lines(&cluster.pod("toolbox").netns, vip).expect("a new connection"));
         assert_eq!(answer, other, "new connections go to the ready pod");
     }
     // Every endpoint terminating: kube-proxy falls back to the serving terminating ones.
@@ -1188,16 +1182,8 @@ fn a_restarted_proxy_rewrites_nothing_and_established_connections_continue() {
     wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "lines", |t| {
         t.verdict == "DNAT"
     });
-    let mut stream = cluster
-        .pod("toolbox")
-        .netns
-        .enter(move || {
-            let stream = TcpStream::connect_timeout(&vip, ANSWER_TIMEOUT)?;
-            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-            Ok::<_, std::io::Error>(BufReader::new(stream))
-        })
-        .unwrap()
-        .expect("connect to the Service");
+    let mut stream =
+        connect_lines(&cluster.pod("toolbox").netns, vip).expect("connect to the Service");
     let first = ask(&mut stream);
     let proxy = cluster.restart_proxy().unwrap();
     proxy
@@ -1219,28 +1205,9 @@ fn a_restarted_proxy_rewrites_nothing_and_established_connections_continue() {
 
 /// `GET /` on `target` from `ns`: the status line's code and the body.
 fn http_get(ns: &Netns, target: SocketAddr) -> (u16, String) {
-    let response = ns
-        .enter(move || {
-            use std::io::Read as _;
-            let mut stream = TcpStream::connect_timeout(&target, ANSWER_TIMEOUT)?;
-            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-            stream.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok::<_, std::io::Error>(response)
-        })
+    proxy_lab::http_get_in(ns.name(), target, ANSWER_TIMEOUT)
         .unwrap()
-        .unwrap_or_else(|e| panic!("GET http://{target}/: {e}"));
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (code, body)
+        .unwrap_or_else(|e| panic!("GET http://{target}/: {e}"))
 }
 
 #[test]
@@ -1348,14 +1315,7 @@ fn an_endpoint_failing_readiness_keeps_its_tcp_connections_but_not_its_udp_flows
         |t| t.endpoints.len() == 2,
     );
     let toolbox_ns = &cluster.pod("toolbox").netns;
-    let mut stream = toolbox_ns
-        .enter(move || {
-            let stream = TcpStream::connect_timeout(&tcp_vip, ANSWER_TIMEOUT)?;
-            stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-            Ok::<_, std::io::Error>(BufReader::new(stream))
-        })
-        .unwrap()
-        .expect("connect to the Service");
+    let mut stream = connect_lines(toolbox_ns, tcp_vip).expect("connect to the Service");
     let tcp_pod = ask(&mut stream);
     let ask_udp = |socket: &UdpSocket| {
         socket.send(b"ping").expect("send");

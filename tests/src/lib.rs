@@ -249,6 +249,43 @@ impl Drop for PinDir {
     }
 }
 
+/// `GET /` to `target` from inside the named namespace: the status code and the body, or the
+/// connection's error (refused, timed out — what a client there would see). Connecting and
+/// reading are each bounded by `timeout`.
+pub fn http_get_in(
+    netns: &str,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<std::io::Result<(u16, String)>> {
+    enter(netns, move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            target.ip()
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("no status line in {response:?}"),
+                )
+            })?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Ok((code, body))
+    })
+}
+
 /// A raw HTTP/1.1 GET to a server under test (health, metrics): (status, head lowercased,
 /// body). Connecting and reading are each bounded to 5 s.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {

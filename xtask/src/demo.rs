@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Service;
 
-use crate::lab::{self, CLIENT_IP, Lab, OUTSIDER_IP, http_get};
+use crate::lab::{self, CLIENT_IP, Lab, OUTSIDER_IP};
 use crate::{setup, workspace_root};
+use proxy_lab::http_get_in;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -70,8 +71,8 @@ impl std::fmt::Display for Reply {
 }
 
 fn request(netns: &str, addr: IpAddr, port: u16) -> anyhow::Result<Reply> {
-    Ok(match http_get(netns, addr, port, TIMEOUT)? {
-        Ok(body) => {
+    Ok(match http_get_in(netns, (addr, port).into(), TIMEOUT)? {
+        Ok((_, body)) => {
             let field = |k: &str| {
                 body.split_whitespace()
                     .find_map(|w| w.strip_prefix(k))

@@ -17,7 +17,7 @@
 //! also cleans up after a crashed `lab up`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -870,31 +870,4 @@ fn write_list(path: &Path, items: &[serde_json::Value]) -> anyhow::Result<()> {
         .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// An HTTP GET from inside `netns` to `addr:port`: the body (pod name and client address the
-/// pod saw), or the error (refused, timed out).
-pub fn http_get(
-    netns: &str,
-    addr: IpAddr,
-    port: u16,
-    timeout: Duration,
-) -> anyhow::Result<std::io::Result<String>> {
-    Ok(proxy_lab::enter(netns, move || {
-        use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect_timeout(&(addr, port).into(), timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .trim()
-            .to_owned())
-    })?)
 }
