@@ -203,21 +203,14 @@ fn typed<T>(
 where
     T: serde::de::DeserializeOwned + serde::Serialize,
 {
-    let object: T = match T::deserialize(value) {
-        Ok(object) => object,
-        Err(error) => {
-            diagnostics.push(diagnostic(
-                object_name,
-                origin,
-                format!("invalid object: {error}"),
-            ));
-            return None;
-        }
-    };
     // k8s-openapi ignores unknown fields when deserializing; serializing the typed object back
     // and comparing keys finds them.
-    let round_trip = match serde_json::to_value(&object) {
-        Ok(round_trip) => round_trip,
+    let parsed = T::deserialize(value).and_then(|object| {
+        let round_trip = serde_json::to_value(&object)?;
+        Ok((object, round_trip))
+    });
+    let (object, round_trip) = match parsed {
+        Ok(parsed) => parsed,
         Err(error) => {
             diagnostics.push(diagnostic(
                 object_name,
