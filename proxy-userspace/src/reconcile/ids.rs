@@ -16,27 +16,56 @@ fn identity(b: &Backend) -> BackendIdentity {
     (b.addr, b.port, b.proto, b.family)
 }
 
-#[derive(Debug, Default)]
+/// Ids from 1 up, handed out lowest free first (0 is never an id, so a zeroed slot points
+/// nowhere). Every operation is O(log n): a large first sync must not be quadratic.
+#[derive(Debug)]
 struct Pool {
-    used: BTreeSet<u32>,
+    /// Every id at or above `next` is free, except those in `claimed_ahead`.
+    next: u32,
+    /// Released ids below `next`.
+    free: BTreeSet<u32>,
+    /// Ids at or above `next` taken by `claim` (recovered after a restart).
+    claimed_ahead: BTreeSet<u32>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            next: 1,
+            free: BTreeSet::new(),
+            claimed_ahead: BTreeSet::new(),
+        }
+    }
 }
 
 impl Pool {
-    /// Lowest free id ≥ 1 (0 is never an id, so a zeroed slot points nowhere).
     fn allocate(&mut self) -> u32 {
-        let mut candidate = 1;
-        for &id in &self.used {
-            if id != candidate {
-                break;
-            }
-            candidate += 1;
+        if let Some(id) = self.free.pop_first() {
+            return id;
         }
-        self.used.insert(candidate);
-        candidate
+        while self.claimed_ahead.remove(&self.next) {
+            self.next += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        id
     }
 
+    /// Takes `id` if it is free; false if it was already used (or is 0).
     fn claim(&mut self, id: u32) -> bool {
-        id != 0 && self.used.insert(id)
+        match id {
+            0 => false,
+            id if id >= self.next => self.claimed_ahead.insert(id),
+            id => self.free.remove(&id),
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if id >= self.next {
+            self.claimed_ahead.remove(&id);
+        } else if id != 0 {
+            self.free.insert(id);
+        }
     }
 }
 
@@ -48,6 +77,8 @@ pub struct Ids {
     service_pool: Pool,
     seen_backends: HashSet<BackendIdentity>,
     seen_services: HashSet<(ServicePortName, IpFamily)>,
+    /// Service ids read back from the maps after a restart that no service port took yet.
+    recovered_services: HashSet<u32>,
 }
 
 impl Ids {
@@ -61,7 +92,9 @@ impl Ids {
             }
         }
         for value in programmed.services.iter().filter(|(k, _)| k.slot == 0) {
-            ids.service_pool.claim(value.1.id);
+            if ids.service_pool.claim(value.1.id) {
+                ids.recovered_services.insert(value.1.id);
+            }
         }
         ids
     }
@@ -78,7 +111,7 @@ impl Ids {
         self.backends.retain(|k, id| {
             let keep = seen_b.contains(k);
             if !keep {
-                pool.used.remove(id);
+                pool.release(*id);
             }
             keep
         });
@@ -86,13 +119,14 @@ impl Ids {
         self.services.retain(|k, id| {
             let keep = seen_s.contains(k);
             if !keep {
-                pool.used.remove(id);
+                pool.release(*id);
             }
             keep
         });
         // Service ids recovered from the maps but claimed by nobody this generation are free.
-        let claimed: HashSet<u32> = self.services.values().copied().collect();
-        self.service_pool.used.retain(|id| claimed.contains(id));
+        for id in self.recovered_services.drain() {
+            self.service_pool.release(id);
+        }
     }
 
     pub(super) fn backend(&mut self, backend: &Backend) -> u32 {
@@ -119,20 +153,58 @@ impl Ids {
         if let Some(&id) = self.services.get(&key) {
             return id;
         }
-        let taken: HashSet<u32> = self.services.values().copied().collect();
-        let recovered = frontend_keys
+        // The id its frontends already carry, unless another service port has it: one recovered
+        // after a restart and not taken yet, or one that is free.
+        let mut recovered = None;
+        for id in frontend_keys
             .iter()
             .filter_map(|k| previous.services.get(k))
             .map(|v| v.id)
-            .find(|id| *id != 0 && !taken.contains(id));
-        let id = match recovered {
-            Some(id) => {
-                self.service_pool.used.insert(id);
-                id
+        {
+            if self.recovered_services.remove(&id) || self.service_pool.claim(id) {
+                recovered = Some(id);
+                break;
             }
-            None => self.service_pool.allocate(),
-        };
+        }
+        let id = recovered.unwrap_or_else(|| self.service_pool.allocate());
         self.services.insert(key, id);
         id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pool;
+
+    #[test]
+    fn the_pool_hands_out_the_lowest_free_id() {
+        let mut pool = Pool::default();
+        assert_eq!(
+            (pool.allocate(), pool.allocate(), pool.allocate()),
+            (1, 2, 3)
+        );
+        pool.release(2);
+        assert_eq!(pool.allocate(), 2, "a released id is reused first");
+        // Ids read back after a restart, ahead of what was handed out.
+        assert!(pool.claim(5));
+        assert!(!pool.claim(5), "an id is claimed once");
+        assert!(!pool.claim(0), "0 is never an id");
+        assert_eq!(
+            (pool.allocate(), pool.allocate()),
+            (4, 6),
+            "claimed ids are skipped"
+        );
+        pool.release(5);
+        pool.release(1);
+        assert_eq!(
+            (pool.allocate(), pool.allocate(), pool.allocate()),
+            (1, 5, 7)
+        );
+        assert!(pool.claim(9));
+        pool.release(9);
+        assert_eq!(
+            (pool.allocate(), pool.allocate(), pool.allocate()),
+            (8, 9, 10)
+        );
     }
 }
