@@ -19,6 +19,10 @@ use proxy_userspace::dataplane::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OTHER);
 
 /// A loaded dataplane with small maps pinned in a directory of its own.
@@ -542,7 +546,8 @@ fn an_established_tcp_flow_keeps_its_backend_when_the_backend_is_gone() {
     fx.maps.delete_backend(101).unwrap();
     let replacement = sa("10.1.0.9:8080");
     fx.service(2, frontend, IPPROTO_TCP, &[replacement], |_| {});
-    let (_, out) = fx.run(&frame);
+    let data = packet::build_with_tcp_flags(client, frontend, IPPROTO_TCP, TCP_ACK, b"x");
+    let (_, out) = fx.run(&data);
     assert_eq!(
         packet::summarize(&out).unwrap().dst,
         backend,
@@ -693,9 +698,9 @@ fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
     let defaults = dataplane::CtTimeouts::default();
     let stats = dataplane::collect_garbage(&mut fx.maps, &defaults).unwrap();
     assert_eq!((stats.scanned, stats.expired), (4, 0), "fresh flows stay");
-    // An unreplied UDP flow expires after udp_unreplied; TCP (new) keeps its 2 minutes.
+    // An unreplied UDP flow expires after udpTimeout; TCP (SYN_SENT) keeps its 2 minutes.
     let short_udp = dataplane::CtTimeouts {
-        udp_unreplied: std::time::Duration::ZERO,
+        udp: std::time::Duration::ZERO,
         ..defaults
     };
     let stats = dataplane::collect_garbage(&mut fx.maps, &short_udp).unwrap();
