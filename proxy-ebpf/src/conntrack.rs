@@ -91,12 +91,20 @@ enum Reuse {
     LastResort,
 }
 
+/// How long a reply entry may lack its forward entry while another CPU creates the flow.
+const CREATING_NS: u64 = 1_000_000_000;
+
 #[inline(always)]
 fn reuse_of(reply_key: &CtKey, reply: &CtValue, now: u64) -> Reuse {
     let forward_key = reply_key.forward_of_reply(reply);
     // SAFETY: copied out immediately.
     let Some(forward) = (unsafe { CONNTRACK.get(&forward_key) }).copied() else {
-        return Reuse::Safe;
+        // Evicted, unless the flow is being created right now.
+        return if now.saturating_sub(reply.created_ns) < CREATING_NS {
+            Reuse::Never
+        } else {
+            Reuse::Safe
+        };
     };
     if !ct_state_closed(forward.state) {
         return Reuse::Never;
@@ -163,49 +171,62 @@ fn reserve_snat_port(
         }
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    // Network-order ports of the first closed flows seen, 0 for none.
-    let (mut safe, mut last_resort) = (0u16, 0u16);
+    // Network-order port of the first flow seen whose backend may hold the tuple, 0 for none.
+    let mut last_resort = 0u16;
     for i in 0..probes {
         let port = port_at(i);
         let candidate = reply_key(flow, backend, &Endpoint { addr: *node, port });
         // SAFETY: copied out immediately.
-        match unsafe { CONNTRACK.get(&candidate) }.copied() {
-            None => match reserve(&candidate, value) {
-                Reserve::Taken => return port,
-                Reserve::Busy => {}
-                Reserve::Failed => {
-                    count(Counter::CtMapFull);
-                    return 0;
-                }
-            },
+        let reused = match unsafe { CONNTRACK.get(&candidate) }.copied() {
+            None => false,
             Some(existing) => match reuse_of(&candidate, &existing, now) {
-                Reuse::Safe if safe == 0 => safe = port,
-                Reuse::LastResort if last_resort == 0 => last_resort = port,
-                _ => {}
+                Reuse::Safe => {
+                    take_over(&candidate, &existing);
+                    true
+                }
+                Reuse::LastResort => {
+                    if last_resort == 0 {
+                        last_resort = port;
+                    }
+                    continue;
+                }
+                Reuse::Never => continue,
             },
+        };
+        match reserve(&candidate, value) {
+            Reserve::Taken => {
+                if reused {
+                    count(Counter::SnatPortsReused);
+                }
+                return port;
+            }
+            // Another CPU was faster: try the next candidate.
+            Reserve::Busy => {}
+            Reserve::Failed => {
+                count(Counter::CtMapFull);
+                return 0;
+            }
         }
     }
-    let closed = if safe != 0 { safe } else { last_resort };
-    if closed != 0 {
+    if last_resort != 0 {
         let candidate = reply_key(
             flow,
             backend,
             &Endpoint {
                 addr: *node,
-                port: closed,
+                port: last_resort,
             },
         );
         // SAFETY: copied out immediately.
         if let Some(existing) = unsafe { CONNTRACK.get(&candidate) }.copied()
             && reuse_of(&candidate, &existing, now) != Reuse::Never
         {
-            let _ = CONNTRACK.remove(&candidate.forward_of_reply(&existing));
-            let _ = CONNTRACK.remove(&candidate);
+            take_over(&candidate, &existing);
         }
         match reserve(&candidate, value) {
             Reserve::Taken => {
                 count(Counter::SnatPortsReused);
-                return closed;
+                return last_resort;
             }
             Reserve::Busy => {}
             Reserve::Failed => {
@@ -216,6 +237,13 @@ fn reserve_snat_port(
     }
     count(Counter::SnatExhausted);
     0
+}
+
+/// Forgets the closed flow holding a SNAT port, given its reply entry.
+#[inline(always)]
+fn take_over(reply_key: &CtKey, reply: &CtValue) {
+    let _ = CONNTRACK.remove(&reply_key.forward_of_reply(reply));
+    let _ = CONNTRACK.remove(reply_key);
 }
 
 /// Creates the reply entry, then the forward entry, for a new flow; a masqueraded flow

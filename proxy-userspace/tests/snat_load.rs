@@ -129,7 +129,7 @@ struct Lab {
     _server: Server,
     client: Netns,
     _pod: Netns,
-    _node: Netns,
+    node: Netns,
     pins: PinDir,
     _manifests: ManifestsDir,
 }
@@ -166,6 +166,9 @@ impl Lab {
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.all.rp_filter=0",
             "net.ipv4.conf.default.rp_filter=0",
+            // Ephemeral ports over both the NodePort and the SNAT range: the proxy must keep
+            // the node's own sockets off them.
+            "net.ipv4.ip_local_port_range=20000 65535",
         ] {
             node.sysctl(setting).unwrap();
         }
@@ -199,7 +202,7 @@ impl Lab {
             _server: server,
             client,
             _pod: pod,
-            _node: node,
+            node,
             pins,
             _manifests: manifests,
         }
@@ -232,6 +235,16 @@ fn connection(target: SocketAddr) -> std::io::Result<()> {
 #[test]
 fn fifty_thousand_masqueraded_connections_through_one_node_port_all_succeed() {
     let lab = Lab::new();
+    let reserved = run(lab
+        .node
+        .command("sysctl")
+        .args(["-n", "net.ipv4.ip_local_reserved_ports"]))
+    .unwrap();
+    assert_eq!(
+        reserved.trim(),
+        "30000-32767,61000-65535",
+        "the NodePort and SNAT ranges are reserved from the node's ephemeral ports"
+    );
     let target: SocketAddr = ([10, 0, 0, 1], NODE_PORT).into();
     let next = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));

@@ -273,6 +273,12 @@ impl Syncer {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = super::resolve(&args.proxy)?;
+    for line in dataplane::reserve_local_ports(&[
+        ("SNAT port range (--snat-ports)", args.dataplane.snat_ports),
+        ("NodePort range", config.service_node_port_range),
+    ])? {
+        tracing::info!("{line}");
+    }
     let (mut loaded, mut maps, mut attachments, filter) = start_dataplane(&args.dataplane)?;
     let health = ProxyHealth::new(config.health_timeout());
     if let Some(addr) = config.healthz_bind_address {

@@ -7,6 +7,7 @@ mod batch;
 mod counters;
 mod gc;
 mod loader;
+mod local_ports;
 mod maps;
 pub mod packet;
 mod programmed;
@@ -19,6 +20,7 @@ pub use attach::{
 pub use counters::{CountersError, read_counters};
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
+pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};
