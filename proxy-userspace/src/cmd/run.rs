@@ -314,7 +314,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (mut snapshots, source) = super::start_source(&syncer.config).await?;
     let mut links = spawn_link_watcher()?;
-    let timeouts = dataplane::CtTimeouts::default();
+    let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failures_seen = std::collections::HashMap::new();

@@ -70,6 +70,21 @@ impl Default for CtTimeouts {
 }
 
 impl CtTimeouts {
+    /// The table with kube-proxy's `conntrack` settings applied: a zero keeps the kernel's
+    /// default, as kube-proxy then leaves the sysctl alone (`nf_conntrack_tcp_timeout_established`
+    /// is 5 days, `…_close_wait` 60 s).
+    pub fn with_kube_proxy(settings: &crate::config::ConntrackTimeouts) -> Self {
+        let defaults = Self::default();
+        let or = |value: Duration, kernel: Duration| if value.is_zero() { kernel } else { value };
+        Self {
+            tcp_established: or(settings.tcp_established, Duration::from_hours(24 * 5)),
+            tcp_close_wait: or(settings.tcp_close_wait, Duration::from_mins(1)),
+            udp: or(settings.udp, defaults.udp),
+            udp_stream: or(settings.udp_stream, defaults.udp_stream),
+            ..defaults
+        }
+    }
+
     /// The idle timeout of a flow whose forward entry is `forward` (it holds the flow's state).
     pub fn for_flow(&self, proto: u8, forward: &CtValue) -> Duration {
         let replied = forward.flags & CT_F_SEEN_REPLY != 0;
@@ -284,6 +299,27 @@ mod tests {
             );
             assert_eq!(stats.orphans, 0);
         }
+    }
+
+    #[test]
+    fn kube_proxy_settings_replace_their_rows_and_zero_keeps_the_kernel_default() {
+        let settings = crate::config::ConntrackTimeouts::default();
+        assert_eq!(
+            CtTimeouts::with_kube_proxy(&settings),
+            CtTimeouts::default()
+        );
+        let zero = crate::config::ConntrackTimeouts {
+            tcp_established: Duration::ZERO,
+            tcp_close_wait: Duration::ZERO,
+            udp: Duration::from_secs(7),
+            udp_stream: Duration::ZERO,
+        };
+        let t = CtTimeouts::with_kube_proxy(&zero);
+        assert_eq!(t.tcp_established, Duration::from_hours(120));
+        assert_eq!(t.tcp_close_wait, Duration::from_mins(1));
+        assert_eq!(t.udp, Duration::from_secs(7));
+        assert_eq!(t.udp_stream, Duration::from_mins(2));
+        assert_eq!(t.tcp_time_wait, CtTimeouts::default().tcp_time_wait);
     }
 
     #[test]
