@@ -130,6 +130,25 @@ pub fn monotonic_now_ns() -> u64 {
         + u64::try_from(now.tv_nsec()).unwrap_or(0)
 }
 
+/// The key of the entry for the other direction of the flow `key`/`value` belongs to.
+fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
+    if value.flags & CT_F_REPLY != 0 {
+        key.forward_of_reply(value)
+    } else {
+        key.reply_of_forward(value)
+    }
+}
+
+/// Entries of a conntrack snapshot whose other direction is missing: what the full LRU map
+/// evicted (an estimate: a flow being created has one entry for an instant too).
+pub fn orphan_entries(entries: &[(CtKey, CtValue)]) -> usize {
+    let keys: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+    entries
+        .iter()
+        .filter(|(k, v)| !keys.contains(&partner_key(k, v)))
+        .count()
+}
+
 /// Decides which entries of a conntrack snapshot are to be deleted at `now_ns`. Pure, so the
 /// policy is tested without a kernel.
 pub fn expired_keys(
@@ -146,12 +165,7 @@ pub fn expired_keys(
     };
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
-        let partner_key = if is_reply {
-            key.forward_of_reply(value)
-        } else {
-            key.reply_of_forward(value)
-        };
-        let partner = by_key.get(&partner_key);
+        let partner = by_key.get(&partner_key(key, value));
         let (forward, last_seen) = match (is_reply, partner) {
             (false, partner) => (
                 *value,
@@ -335,5 +349,7 @@ mod tests {
         let (doomed, stats) = expired_keys(&[(rk, reply)], |_| true, now, &t);
         assert!(doomed.is_empty());
         assert_eq!(stats.orphans, 1);
+        assert_eq!(orphan_entries(&[(rk, reply)]), 1);
+        assert_eq!(orphan_entries(&[(fk, forward), (rk, reply)]), 0);
     }
 }

@@ -18,7 +18,7 @@ pub use attach::{
     AttachError, Attachments, InterfaceFilter, attach_socket_hooks, cgroup2_root, tc_interfaces,
 };
 pub use counters::{CountersError, read_counters};
-pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
+pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
