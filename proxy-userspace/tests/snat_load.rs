@@ -2,13 +2,13 @@
 //! backend than the SNAT range has ports, through the real `kube-ebpf-proxy run` on a real
 //! manifests folder. Ports of closed flows must be free again at once.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use proxy_lab::load::{Load, run_load};
 use proxy_lab::{ManifestsDir, Netns, PinDir, Proxy, run, unique_name, veth};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
@@ -216,22 +216,6 @@ impl Lab {
     }
 }
 
-/// One short connection: connect, read the server's line, close first (a normal FIN close).
-fn connection(target: SocketAddr) -> std::io::Result<()> {
-    use std::io::BufRead as _;
-    let stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
-    if answer.starts_with("pod0 10.0.0.1") {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "unexpected answer {answer:?} (want pod0, masqueraded to the node address)"
-        )))
-    }
-}
-
 #[test]
 fn fifty_thousand_masqueraded_connections_through_one_node_port_all_succeed() {
     let lab = Lab::new();
@@ -245,52 +229,39 @@ fn fifty_thousand_masqueraded_connections_through_one_node_port_all_succeed() {
         "30000-32767,61000-65535",
         "the NodePort and SNAT ranges are reserved from the node's ephemeral ports"
     );
-    let target: SocketAddr = ([10, 0, 0, 1], NODE_PORT).into();
-    let next = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let started = Instant::now();
-    let threads: Vec<_> = (0..CLIENT_THREADS)
-        .map(|_| {
-            let (next, failures) = (next.clone(), failures.clone());
-            lab.client
-                .spawn(move || {
-                    while started.elapsed() < BOUND {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= CONNECTIONS {
-                            break;
-                        }
-                        if let Err(e) = connection(target) {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("connection {i}: {e}"));
-                        }
-                    }
-                })
-                .unwrap()
-        })
-        .collect();
-    for thread in threads {
-        thread.join().unwrap();
-    }
-    let elapsed = started.elapsed();
-    let done = next.load(Ordering::Relaxed).min(CONNECTIONS);
-    let failures = failures.lock().unwrap();
+    // Each connection reads the server's line and closes first (a normal FIN close).
+    let load = Load {
+        target: ([10, 0, 0, 1], NODE_PORT).into(),
+        count: CONNECTIONS,
+        parallel: CLIENT_THREADS,
+        bound: BOUND,
+        timeout: Duration::from_secs(3),
+        request: Vec::new(),
+    };
+    let report = run_load(&load, |work| lab.client.spawn(work)).unwrap();
     let stats = lab.stats();
     eprintln!(
-        "{done} connections in {elapsed:?} ({:.0}/s), {} failed\n{stats}",
-        done as f64 / elapsed.as_secs_f64(),
-        failures.len()
+        "{} connections in {:?} ({:.0}/s), {} failed\n{stats}",
+        report.done,
+        report.elapsed,
+        report.rate(),
+        report.failures.len()
     );
     assert!(
-        failures.is_empty(),
-        "{} of {done} connections failed, first: {:?}\n{stats}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
+        report.failures.is_empty(),
+        "{} of {} connections failed, first: {:?}\n{stats}",
+        report.failures.len(),
+        report.done,
+        &report.failures[..report.failures.len().min(5)]
     );
     assert_eq!(
-        done, CONNECTIONS,
+        report.done, CONNECTIONS,
         "not all connections ran within {BOUND:?}"
+    );
+    assert_eq!(
+        report.answers,
+        vec![("pod0 10.0.0.1".to_owned(), CONNECTIONS)],
+        "every answer from the backend, masqueraded to the node address"
     );
     let counter = |name: &str| -> u64 {
         stats

@@ -93,13 +93,13 @@ impl CtTimeouts {
                 CT_STATE_SYN_SENT => self.tcp_syn_sent,
                 CT_STATE_SYN_RECV => self.tcp_syn_recv,
                 CT_STATE_ESTABLISHED if !replied => self.tcp_unacknowledged,
-                CT_STATE_ESTABLISHED => self.tcp_established,
                 CT_STATE_FIN_WAIT => self.tcp_fin_wait,
                 CT_STATE_CLOSE_WAIT => self.tcp_close_wait,
                 CT_STATE_LAST_ACK => self.tcp_last_ack,
                 CT_STATE_TIME_WAIT => self.tcp_time_wait,
                 CT_STATE_CLOSE => self.tcp_close,
-                // A state this version does not know (pins of a newer layout): keep it long.
+                // ESTABLISHED, and a state this version does not know (pins of a newer
+                // layout): kept long.
                 _ => self.tcp_established,
             },
             IPPROTO_UDP if forward.state == CT_STATE_ESTABLISHED => self.udp_stream,
