@@ -190,6 +190,11 @@ impl Cluster {
         }
     }
 
+    /// Replaces the flags given to [`Cluster::start_with`] for the next starts.
+    pub fn set_proxy_flags(&mut self, proxy_flags: &[&str]) {
+        self.proxy_flags = proxy_flags.iter().map(|f| (*f).to_owned()).collect();
+    }
+
     /// Starts the proxy on node1 (after [`Cluster::stop_proxy`]) on the same pins.
     pub fn start_proxy(&mut self) -> Result<&mut Proxy> {
         let proxy = self.launch_proxy()?;

@@ -193,8 +193,19 @@ pub fn links_dir(pin_path: &Path) -> PathBuf {
     pin_path.join("links")
 }
 
+/// Prefix of the tc links' pin names; the interface name follows, escaped (bpffs refuses names
+/// with a dot, which interface names such as VLANs' `eth0.100` may have).
+const TC_LINK_PREFIX: &str = "tc-ingress-";
+
 fn tc_link_pin(links: &Path, interface: &str) -> PathBuf {
-    links.join(format!("tc-ingress-{interface}"))
+    let escaped = interface.replace('%', "%25").replace('.', "%2e");
+    links.join(format!("{TC_LINK_PREFIX}{escaped}"))
+}
+
+/// The interface a tc link pin name is for.
+fn tc_link_interface(pin_name: &str) -> Option<String> {
+    let escaped = pin_name.strip_prefix(TC_LINK_PREFIX)?;
+    Some(escaped.replace("%2e", ".").replace("%25", "%"))
 }
 
 /// Removes this proxy's clsact filter from `interface`; `false` when there was none.
@@ -420,10 +431,10 @@ impl Attachments {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(interface) = name.strip_prefix("tc-ingress-")
-                && !wanted.iter().any(|w| w == interface)
+            if let Some(interface) = tc_link_interface(&name)
+                && !wanted.contains(&interface)
             {
-                left.push(interface.to_owned());
+                left.push(interface);
             }
         }
         if self.mode == TcAttachMode::Netlink {
@@ -543,7 +554,7 @@ pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), Attac
             }
         })?;
         let pin = links.join(format!("cgroup-{name}"));
-        let fresh = links.join(format!("cgroup-{name}.new"));
+        let fresh = links.join(format!("new-cgroup-{name}"));
         unpin(&fresh)?;
         link.pin(&fresh).map_err(|source| AttachError::Pin {
             path: fresh.clone(),
@@ -560,6 +571,17 @@ pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), Attac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tc_link_pins_name_their_interface() {
+        for interface in ["eth0", "eth0.100", "a%2eb", "veth.%"] {
+            let pin = tc_link_pin(Path::new("/links"), interface);
+            let name = pin.file_name().unwrap().to_str().unwrap();
+            assert!(!name.contains('.'), "{name}: bpffs refuses dots");
+            assert_eq!(tc_link_interface(name).as_deref(), Some(interface));
+        }
+        assert_eq!(tc_link_interface("cgroup-sock_connect4"), None);
+    }
 
     #[test]
     fn interface_filter_table() {
