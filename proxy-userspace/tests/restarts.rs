@@ -590,7 +590,7 @@ fn rewrite_pins_as_layout1(pins: &Path) -> usize {
     ))
     .expect("layout-1 conntrack layout");
     let mut flows = 0;
-    for entry in current.iter() {
+    for entry in &current {
         let (key, value) = entry.expect("read a flow");
         layout1
             .insert(key, to_layout1(&value), 0)

@@ -1,7 +1,7 @@
 //! The kernel side as the controller sees it: loading the embedded programs, pinning their maps,
 //! attaching them to interfaces and cgroups (attachments that outlive the process), migrating
-//! pins of an older map layout, removing it all (`cleanup`), the typed map API, conntrack GC and the packet
-//! tracer.
+//! pins of an older map layout, removing it all (`cleanup`), the typed map API, conntrack GC and
+//! the packet tracer.
 
 mod attach;
 mod batch;
