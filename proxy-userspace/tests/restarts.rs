@@ -696,7 +696,7 @@ fn host_reaches_cluster_ip(cluster: &Cluster) -> bool {
 }
 
 #[test]
-fn programs_stay_attached_without_a_proxy_and_cleanup_removes_everything() {
+fn programs_stay_attached_without_a_proxy_pins_follow_interfaces_and_cleanup_removes_everything() {
     let (mut cluster, _servers) = restart_cluster(&["--tc-attach", "netlink"]);
     let interfaces = node1_interfaces(&cluster);
     cluster.stop_proxy(Signal::SIGTERM);
@@ -715,6 +715,33 @@ fn programs_stay_attached_without_a_proxy_and_cleanup_removes_everything() {
     for interface in &interfaces {
         assert_eq!(tc_programs(&cluster, interface), (1, 0), "{interface}");
     }
+    // An interface that goes away while no proxy runs: the next proxy removes its pins.
+    cluster.nodes[0]
+        .ip(&["link", "add", "kx0", "type", "veth", "peer", "name", "kx1"])
+        .expect("add a veth pair to node1");
+    cluster.nodes[0]
+        .ip(&["link", "set", "kx0", "up"])
+        .expect("set kx0 up");
+    let extra = ["tc-ingress-kx0".to_owned(), "tc-ingress-kx1".to_owned()];
+    let deadline = Instant::now() + UPDATE_BOUND;
+    while !extra.iter().all(|l| pinned_links(&cluster).contains(l)) {
+        assert!(
+            Instant::now() < deadline,
+            "the new interfaces' links are pinned: {:?}",
+            pinned_links(&cluster)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.stop_proxy(Signal::SIGKILL);
+    cluster.nodes[0]
+        .ip(&["link", "del", "kx0"])
+        .expect("delete the veth pair");
+    cluster.start_proxy().expect("the proxy starts again");
+    assert!(
+        !extra.iter().any(|l| pinned_links(&cluster).contains(l)),
+        "the links of interfaces that went away are unpinned: {:?}",
+        pinned_links(&cluster)
+    );
     cluster.stop_proxy(Signal::SIGKILL);
     assert!(!pinned_links(&cluster).is_empty());
     let out = cluster

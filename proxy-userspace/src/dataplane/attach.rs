@@ -411,17 +411,19 @@ impl Attachments {
         Ok((added, gone))
     }
 
-    /// Interfaces an earlier proxy attached to that are not wanted now: pinned links of
-    /// interfaces gone or deselected, and our filter on present but deselected interfaces.
+    /// Interfaces an earlier proxy may have attached to that are not wanted now: pinned links of
+    /// interfaces gone or deselected, and every present but deselected interface (for a filter).
     fn left_behind(
         &self,
         present: &[String],
         wanted: &[String],
     ) -> Result<Vec<String>, AttachError> {
-        let mut left = Vec::new();
-        let entries = match std::fs::read_dir(&self.links) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(left),
+        let pinned: Vec<String> = match std::fs::read_dir(&self.links) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| tc_link_interface(&e.file_name().to_string_lossy()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => {
                 return Err(AttachError::LinksDir {
                     path: self.links.clone(),
@@ -429,22 +431,14 @@ impl Attachments {
                 });
             }
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(interface) = tc_link_interface(&name)
-                && !wanted.contains(&interface)
-            {
-                left.push(interface);
-            }
-        }
-        if self.mode == TcAttachMode::Netlink {
-            let unpinned: Vec<String> = present
-                .iter()
-                .filter(|n| !wanted.contains(n) && !left.contains(n))
-                .cloned()
-                .collect();
-            left.extend(unpinned);
-        }
+        let mut left: Vec<String> = pinned.into_iter().filter(|n| !wanted.contains(n)).collect();
+        // Our filter may be on any present interface (netlink mode, or before a switch to TCX).
+        let unpinned: Vec<String> = present
+            .iter()
+            .filter(|n| !wanted.contains(n) && !left.contains(n))
+            .cloned()
+            .collect();
+        left.extend(unpinned);
         Ok(left)
     }
 }
