@@ -8,8 +8,9 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    Addr, CT_F_REPLY, CT_F_SNAT, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT, Counter, CtKey, CtValue,
-    IPPROTO_SCTP, IPPROTO_TCP, TCP_ACK, TCP_SYN, ct_advance, ct_state_closed, ct_state_closing,
+    Addr, CT_F_REPLY, CT_F_REPLY_CLOSED_FIRST, CT_F_SNAT, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT,
+    CT_STATE_TIME_WAIT, Counter, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, TCP_ACK, TCP_SYN,
+    ct_advance, ct_state_closed, ct_state_closing,
 };
 
 use crate::{
@@ -72,15 +73,49 @@ pub fn remove_flow(forward_key: &CtKey, forward: &CtValue) {
     let _ = CONNTRACK.remove(forward_key);
 }
 
-/// Where an existing reply entry's flow stands for SNAT port allocation.
+/// Linux's `TCP_TIMEWAIT_LEN`: how long a backend that closed first keeps the tuple.
+const BACKEND_TIME_WAIT_NS: u64 = 60_000_000_000;
+
+/// How an existing reply entry's SNAT port may be taken by a new flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reuse {
+    /// The flow is live.
+    Never,
+    /// The flow is over and nobody holds the tuple: the client closed first (the backend's
+    /// socket is gone after the last ACK), a RST ended it, or its forward entry was evicted.
+    Safe,
+    /// The flow is over but the backend closed first and may still hold the tuple in TIME_WAIT:
+    /// a SYN from another client on it is refused when its timestamp looks old (per-connection
+    /// timestamp offsets make that one time in four), so such ports are the last resort, as
+    /// netfilter's NAT takes over TIME_WAIT tuples only when nothing else is free.
+    LastResort,
+}
+
+/// How long a reply entry may lack its forward entry while another CPU creates the flow.
+const CREATING_NS: u64 = 1_000_000_000;
+
 #[inline(always)]
-fn reusable(reply_key: &CtKey, reply: &CtValue) -> bool {
+fn reuse_of(reply_key: &CtKey, reply: &CtValue, now: u64) -> Reuse {
     let forward_key = reply_key.forward_of_reply(reply);
     // SAFETY: copied out immediately.
-    match unsafe { CONNTRACK.get(&forward_key) } {
-        Some(forward) => ct_state_closed(forward.state),
-        // The forward entry was evicted: the reply entry can serve no packet any more.
-        None => true,
+    let Some(forward) = (unsafe { CONNTRACK.get(&forward_key) }).copied() else {
+        // Evicted, unless the flow is being created right now.
+        return if now.saturating_sub(reply.created_ns) < CREATING_NS {
+            Reuse::Never
+        } else {
+            Reuse::Safe
+        };
+    };
+    if !ct_state_closed(forward.state) {
+        return Reuse::Never;
+    }
+    let backend_time_wait = forward.state == CT_STATE_TIME_WAIT
+        && forward.flags & CT_F_REPLY_CLOSED_FIRST != 0
+        && now.saturating_sub(forward.last_seen_ns) < BACKEND_TIME_WAIT_NS;
+    if backend_time_wait {
+        Reuse::LastResort
+    } else {
+        Reuse::Safe
     }
 }
 
@@ -108,8 +143,7 @@ fn reserve(key: &CtKey, value: &CtValue) -> Reserve {
 
 /// Takes a source port in `[min, max]` (host order) for a masqueraded flow by inserting its reply
 /// entry `value` with `BPF_NOEXIST`, so no two flows ever share a reply tuple. Free ports are
-/// preferred; failing those, a port whose flow is closed (TIME_WAIT, RST) is taken over, as
-/// netfilter reopens such tuples. A port another CPU takes meanwhile is a collision, and the next
+/// preferred; failing those, a port whose flow is over is taken over (see [`Reuse`]). A port another CPU takes meanwhile is a collision, and the next
 /// candidate is tried. SCTP keeps its port (rewriting it needs a CRC32c update). Returns the port
 /// in network byte order, 0 for none (never a valid port; an `Option` would leave an undefined
 /// payload the verifier rejects).
@@ -136,48 +170,63 @@ fn reserve_snat_port(
             ((u32::from(min) + (start + i) % range) as u16).to_be()
         }
     };
-    // Network-order port of the first closed flow seen, 0 for none.
-    let mut closed = 0u16;
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Network-order port of the first flow seen whose backend may hold the tuple, 0 for none.
+    let mut last_resort = 0u16;
     for i in 0..probes {
         let port = port_at(i);
         let candidate = reply_key(flow, backend, &Endpoint { addr: *node, port });
         // SAFETY: copied out immediately.
-        match unsafe { CONNTRACK.get(&candidate) }.copied() {
-            None => match reserve(&candidate, value) {
-                Reserve::Taken => return port,
-                Reserve::Busy => {}
-                Reserve::Failed => {
-                    count(Counter::CtMapFull);
-                    return 0;
+        let reused = match unsafe { CONNTRACK.get(&candidate) }.copied() {
+            None => false,
+            Some(existing) => match reuse_of(&candidate, &existing, now) {
+                Reuse::Safe => {
+                    take_over(&candidate, &existing);
+                    true
                 }
+                Reuse::LastResort => {
+                    if last_resort == 0 {
+                        last_resort = port;
+                    }
+                    continue;
+                }
+                Reuse::Never => continue,
             },
-            Some(existing) => {
-                if closed == 0 && reusable(&candidate, &existing) {
-                    closed = port;
+        };
+        match reserve(&candidate, value) {
+            Reserve::Taken => {
+                if reused {
+                    count(Counter::SnatPortsReused);
                 }
+                return port;
+            }
+            // Another CPU was faster: try the next candidate.
+            Reserve::Busy => {}
+            Reserve::Failed => {
+                count(Counter::CtMapFull);
+                return 0;
             }
         }
     }
-    if closed != 0 {
+    if last_resort != 0 {
         let candidate = reply_key(
             flow,
             backend,
             &Endpoint {
                 addr: *node,
-                port: closed,
+                port: last_resort,
             },
         );
         // SAFETY: copied out immediately.
         if let Some(existing) = unsafe { CONNTRACK.get(&candidate) }.copied()
-            && reusable(&candidate, &existing)
+            && reuse_of(&candidate, &existing, now) != Reuse::Never
         {
-            let _ = CONNTRACK.remove(&candidate.forward_of_reply(&existing));
-            let _ = CONNTRACK.remove(&candidate);
+            take_over(&candidate, &existing);
         }
         match reserve(&candidate, value) {
             Reserve::Taken => {
                 count(Counter::SnatPortsReused);
-                return closed;
+                return last_resort;
             }
             Reserve::Busy => {}
             Reserve::Failed => {
@@ -188,6 +237,13 @@ fn reserve_snat_port(
     }
     count(Counter::SnatExhausted);
     0
+}
+
+/// Forgets the closed flow holding a SNAT port, given its reply entry.
+#[inline(always)]
+fn take_over(reply_key: &CtKey, reply: &CtValue) {
+    let _ = CONNTRACK.remove(&reply_key.forward_of_reply(reply));
+    let _ = CONNTRACK.remove(reply_key);
 }
 
 /// Creates the reply entry, then the forward entry, for a new flow; a masqueraded flow

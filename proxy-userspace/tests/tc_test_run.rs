@@ -1190,3 +1190,37 @@ fn common_key(frontend: SocketAddr, proto: u8, slot: u16) -> proxy_common::Servi
         _pad: 0,
     }
 }
+
+#[test]
+fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
+    let mut fx = Fixture::new();
+    fx.maps
+        .update_config(|c| {
+            c.snat_port_min = 30000;
+            c.snat_port_max = 30001;
+        })
+        .unwrap();
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let first = sa("10.0.0.2:40000");
+    let (_, node, _) = fx.tcp(first, frontend, TCP_SYN);
+    fx.tcp(backend, node, TCP_SYN | TCP_ACK);
+    fx.tcp(first, frontend, TCP_ACK);
+    // The backend closes first: it keeps the tuple in TIME_WAIT for a minute.
+    fx.tcp(backend, node, TCP_FIN | TCP_ACK);
+    fx.tcp(first, frontend, TCP_FIN | TCP_ACK);
+    fx.tcp(backend, node, TCP_ACK);
+    assert_eq!(fx.forward_entry(first).unwrap().state, CT_STATE_TIME_WAIT);
+    // The other port is free: taken, whatever the probe's random start.
+    let (code, second_node, _) = fx.tcp(sa("10.0.0.2:40001"), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert_ne!(second_node.port(), node.port());
+    assert_eq!(fx.counter("snat_ports_reused"), 0);
+    // Nothing else left: the backend-TIME_WAIT port rather than no port at all.
+    let (code, third_node, _) = fx.tcp(sa("10.0.0.2:40002"), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(third_node.port(), node.port());
+    assert_eq!(fx.counter("snat_ports_reused"), 1);
+}

@@ -308,6 +308,12 @@ impl Syncer {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = super::resolve(&args.proxy)?;
+    for line in dataplane::reserve_local_ports(&[
+        ("SNAT port range (--snat-ports)", args.dataplane.snat_ports),
+        ("NodePort range", config.service_node_port_range),
+    ])? {
+        tracing::info!("{line}");
+    }
     // Ordering for a restart without a gap: the maps first (the pinned ones adopted, an older
     // layout migrated), then a complete sync from the source, and only then the programs
     // switched, so a new program never runs over maps that are not programmed yet. Until then

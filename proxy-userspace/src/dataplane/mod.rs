@@ -9,6 +9,7 @@ mod cleanup;
 mod counters;
 mod gc;
 mod loader;
+mod local_ports;
 mod maps;
 pub mod migrate;
 pub mod packet;
@@ -26,6 +27,7 @@ pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
 pub use loader::{
     LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
 };
+pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};
