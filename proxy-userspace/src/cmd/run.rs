@@ -162,11 +162,13 @@ fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
 }
 
 /// Counters of conditions an operator must hear about (the kernel can only count them).
-const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
+const FAILURE_COUNTERS: [proxy_common::Counter; 5] = [
     proxy_common::Counter::CtMapFull,
     proxy_common::Counter::SnatExhausted,
     proxy_common::Counter::NoSnatAddress,
     proxy_common::Counter::SctpPortRewrite,
+    // Live flows evicted from the full conntrack map: raise --conntrack-max.
+    proxy_common::Counter::CtForwardMissing,
 ];
 
 /// Logs the failure counters that grew since the last call.
@@ -378,7 +380,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "initial sync programmed"
     );
     let mut links = spawn_link_watcher()?;
-    let timeouts = dataplane::CtTimeouts::default();
+    let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut failures_seen = std::collections::HashMap::new();
     loop {

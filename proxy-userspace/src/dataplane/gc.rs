@@ -70,6 +70,21 @@ impl Default for CtTimeouts {
 }
 
 impl CtTimeouts {
+    /// The table with kube-proxy's `conntrack` settings applied: a zero keeps the kernel's
+    /// default, as kube-proxy then leaves the sysctl alone (`nf_conntrack_tcp_timeout_established`
+    /// is 5 days, `…_close_wait` 60 s).
+    pub fn with_kube_proxy(settings: &crate::config::ConntrackTimeouts) -> Self {
+        let defaults = Self::default();
+        let or = |value: Duration, kernel: Duration| if value.is_zero() { kernel } else { value };
+        Self {
+            tcp_established: or(settings.tcp_established, Duration::from_hours(24 * 5)),
+            tcp_close_wait: or(settings.tcp_close_wait, Duration::from_mins(1)),
+            udp: or(settings.udp, defaults.udp),
+            udp_stream: or(settings.udp_stream, defaults.udp_stream),
+            ..defaults
+        }
+    }
+
     /// The idle timeout of a flow whose forward entry is `forward` (it holds the flow's state).
     pub fn for_flow(&self, proto: u8, forward: &CtValue) -> Duration {
         let replied = forward.flags & CT_F_SEEN_REPLY != 0;
@@ -115,6 +130,25 @@ pub fn monotonic_now_ns() -> u64 {
         + u64::try_from(now.tv_nsec()).unwrap_or(0)
 }
 
+/// The key of the entry for the other direction of the flow `key`/`value` belongs to.
+fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
+    if value.flags & CT_F_REPLY != 0 {
+        key.forward_of_reply(value)
+    } else {
+        key.reply_of_forward(value)
+    }
+}
+
+/// Entries of a conntrack snapshot whose other direction is missing: what the full LRU map
+/// evicted (an estimate: a flow being created has one entry for an instant too).
+pub fn orphan_entries(entries: &[(CtKey, CtValue)]) -> usize {
+    let keys: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+    entries
+        .iter()
+        .filter(|(k, v)| !keys.contains(&partner_key(k, v)))
+        .count()
+}
+
 /// Decides which entries of a conntrack snapshot are to be deleted at `now_ns`. Pure, so the
 /// policy is tested without a kernel.
 pub fn expired_keys(
@@ -131,12 +165,7 @@ pub fn expired_keys(
     };
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
-        let partner_key = if is_reply {
-            key.forward_of_reply(value)
-        } else {
-            key.reply_of_forward(value)
-        };
-        let partner = by_key.get(&partner_key);
+        let partner = by_key.get(&partner_key(key, value));
         let (forward, last_seen) = match (is_reply, partner) {
             (false, partner) => (
                 *value,
@@ -287,6 +316,27 @@ mod tests {
     }
 
     #[test]
+    fn kube_proxy_settings_replace_their_rows_and_zero_keeps_the_kernel_default() {
+        let settings = crate::config::ConntrackTimeouts::default();
+        assert_eq!(
+            CtTimeouts::with_kube_proxy(&settings),
+            CtTimeouts::default()
+        );
+        let zero = crate::config::ConntrackTimeouts {
+            tcp_established: Duration::ZERO,
+            tcp_close_wait: Duration::ZERO,
+            udp: Duration::from_secs(7),
+            udp_stream: Duration::ZERO,
+        };
+        let t = CtTimeouts::with_kube_proxy(&zero);
+        assert_eq!(t.tcp_established, Duration::from_hours(120));
+        assert_eq!(t.tcp_close_wait, Duration::from_mins(1));
+        assert_eq!(t.udp, Duration::from_secs(7));
+        assert_eq!(t.udp_stream, Duration::from_mins(2));
+        assert_eq!(t.tcp_time_wait, CtTimeouts::default().tcp_time_wait);
+    }
+
+    #[test]
     fn a_reply_refreshes_its_flow_and_an_orphan_is_counted() {
         let t = CtTimeouts::default();
         let now = 200_000 * SEC;
@@ -299,5 +349,7 @@ mod tests {
         let (doomed, stats) = expired_keys(&[(rk, reply)], |_| true, now, &t);
         assert!(doomed.is_empty());
         assert_eq!(stats.orphans, 1);
+        assert_eq!(orphan_entries(&[(rk, reply)]), 1);
+        assert_eq!(orphan_entries(&[(fk, forward), (rk, reply)]), 0);
     }
 }

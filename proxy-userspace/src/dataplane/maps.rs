@@ -365,6 +365,14 @@ impl Maps {
         }
     }
 
+    /// The conntrack map's size (its fill is `conntrack_entries().len()` of this).
+    pub fn conntrack_max_entries(&self) -> Result<u32, MapsError> {
+        aya::maps::IterableMap::map(&self.conntrack)
+            .info()
+            .map(|info| info.max_entries())
+            .map_err(access("read the info of", CONNTRACK_MAP))
+    }
+
     pub fn delete_conntrack(&mut self, key: &CtKey) -> Result<(), MapsError> {
         deleted(self.conntrack.remove(key), CONNTRACK_MAP)
     }

@@ -23,7 +23,7 @@ pub use attach::{
 };
 pub use cleanup::{Cleaned, CleanupError, cleanup};
 pub use counters::{CountersError, read_counters};
-pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
+pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{
     LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
 };
