@@ -18,7 +18,7 @@ use proxy_common::{
     CT_STATE_ESTABLISHED, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CtKey, CtValue, MAP_LAYOUT_VERSION,
 };
 use proxy_lab::cluster::{Cluster, NODE_IPS, SERVER_PORT};
-use proxy_lab::{LineServer, Netns};
+use proxy_lab::{LineServer, Netns, ask};
 use proxy_userspace::dataplane::migrate::CtValueV1;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
@@ -612,20 +612,6 @@ fn open_lines(ns: &Netns, target: SocketAddr) -> BufReader<TcpStream> {
         .unwrap_or_else(|e| panic!("connect to {target} from {}: {e}", ns.name()));
     ask(&mut stream);
     stream
-}
-
-/// Sends a line and reads the answering pod's name: data both ways.
-fn ask(stream: &mut BufReader<TcpStream>) -> String {
-    stream
-        .get_mut()
-        .write_all(b"who\n")
-        .expect("send on the established connection");
-    let mut line = String::new();
-    stream
-        .read_line(&mut line)
-        .expect("answer on the established connection");
-    assert!(!line.is_empty(), "the connection was closed");
-    line.trim().to_owned()
 }
 
 #[test]

@@ -5,13 +5,13 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::BufReader;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proxy_lab::cluster::{CLIENT_IP, Cluster, OUTSIDER_IP, PodState, nft_ruleset, node_ip};
-use proxy_lab::{LineServer, Netns, tcp_request, udp_request};
+use proxy_lab::{LineServer, Netns, ask, tcp_request, udp_request};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
 /// How long an answered request may take.
@@ -612,19 +612,6 @@ fn connect_lines(ns: &Netns, vip: SocketAddr) -> std::io::Result<BufReader<TcpSt
         Ok(BufReader::new(stream))
     })
     .unwrap()
-}
-
-/// Sends a line on an established connection and reads the answering pod's name.
-fn ask(stream: &mut BufReader<TcpStream>) -> String {
-    stream
-        .get_mut()
-        .write_all(b"who\n")
-        .expect("send on the established connection");
-    let mut line = String::new();
-    stream
-        .read_line(&mut line)
-        .expect("answer on the established connection");
-    line.trim().to_owned()
 }
 
 #[test]

@@ -749,6 +749,19 @@ fn serve_lines(stream: std::net::TcpStream, name: &str, stop: &AtomicBool) {
     }
 }
 
+/// Sends a line on an established connection to a [`LineServer`] and reads the answering pod's
+/// name: data both ways (panics if the connection broke: a test fixture).
+pub fn ask(stream: &mut BufReader<std::net::TcpStream>) -> String {
+    std::io::Write::write_all(stream.get_mut(), b"who\n")
+        .expect("send on the established connection");
+    let mut line = String::new();
+    stream
+        .read_line(&mut line)
+        .expect("answer on the established connection");
+    assert!(!line.is_empty(), "the connection was closed");
+    line.trim().to_owned()
+}
+
 impl Drop for LineServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
