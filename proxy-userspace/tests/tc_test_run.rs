@@ -1213,3 +1213,47 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     assert_eq!(third_node.port(), node.port());
     assert_eq!(fx.counter("snat_ports_reused"), 1);
 }
+
+#[test]
+fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let mut fx = Fixture::new();
+    // Eight ports for two CPUs opening and resetting flows as fast as they can: the same ports
+    // are raced for all the time, through the free and the reuse paths.
+    let (_, frontend, _) = fx.masqueraded_service(30007);
+    let owners: Mutex<HashMap<u16, u16>> = Mutex::new(HashMap::new());
+    let fx = &fx;
+    std::thread::scope(|scope| {
+        for thread in 0..2u8 {
+            let owners = &owners;
+            scope.spawn(move || {
+                for i in 0..3000u16 {
+                    let client = SocketAddr::new(IpAddr::from([10, 0, thread, 2]), 10_000 + i);
+                    let (code, node, _) = fx.tcp(client, frontend, TCP_SYN);
+                    assert_eq!(code, TC_ACT_OK, "thread {thread} flow {i}: a free port");
+                    let previous = owners
+                        .lock()
+                        .unwrap()
+                        .insert(node.port(), u16::from(thread) * 10_000 + i);
+                    assert_eq!(
+                        previous,
+                        None,
+                        "port {} given to a second live flow",
+                        node.port()
+                    );
+                    // Released before the RST makes the port reusable by the other CPU.
+                    owners.lock().unwrap().remove(&node.port());
+                    fx.tcp(client, frontend, TCP_RST | TCP_ACK);
+                }
+            });
+        }
+    });
+    assert_eq!(fx.counter("ct_map_full"), 0);
+    assert_eq!(fx.counter("snat_exhausted"), 0);
+    eprintln!(
+        "collisions {} reused {}",
+        fx.counter("snat_collisions"),
+        fx.counter("snat_ports_reused")
+    );
+}
