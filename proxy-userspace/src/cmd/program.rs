@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 use proxy_common::{
-    CONFIG_F_DEBUG, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4,
-    addr_from_ip,
+    CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CONFIG_F_DEBUG, DETECT_LOCAL_CIDR,
+    DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4, addr_from_ip,
 };
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::model::{DesiredState, LocalTrafficDetector, ModelConfig};
@@ -31,13 +31,8 @@ pub fn program_dataplane_config(
     maps.update_config(|config| {
         config.netns_cookie = cookie;
         (config.snat_port_min, config.snat_port_max) = (snat_ports.first, snat_ports.last);
-        if debug {
-            config.flags |= CONFIG_F_DEBUG;
-        } else {
-            config.flags &= !CONFIG_F_DEBUG;
-        }
     })?;
-    Ok(())
+    set_config_flag(maps, CONFIG_F_DEBUG, debug)
 }
 
 /// Programs `state`: the node part of CONFIG, then every Service entry through the reconciler
@@ -49,7 +44,28 @@ pub fn program_state(
     state: &DesiredState,
 ) -> anyhow::Result<SyncReport> {
     program_node_config(maps, model_config, state)?;
-    Ok(reconciler.sync(state, maps))
+    // A ClusterIP outside the service CIDRs needs the VIPS lookup for every destination: turn it
+    // on before such a ClusterIP is written, off only once the CIDRs covering them are.
+    let outside = state.address_rules.cluster_ips_outside_service_cidrs();
+    if outside {
+        set_config_flag(maps, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, true)?;
+    }
+    let report = reconciler.sync(state, maps);
+    if !outside {
+        set_config_flag(maps, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, false)?;
+    }
+    Ok(report)
+}
+
+fn set_config_flag(maps: &mut Maps, flag: u32, on: bool) -> anyhow::Result<()> {
+    maps.update_config(|config| {
+        if on {
+            config.flags |= flag;
+        } else {
+            config.flags &= !flag;
+        }
+    })?;
+    Ok(())
 }
 
 /// The node part of the CONFIG map: masquerade addresses and the local-traffic detector mode.
