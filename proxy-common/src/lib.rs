@@ -507,6 +507,9 @@ pub const CONFIG_F_DEBUG: u32 = 1 << 0;
 /// a destination outside them may still be one (`VIPS` must be asked). When clear, traffic
 /// that matches no frontend and no service CIDR pays one LPM lookup and passes.
 pub const CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS: u32 = 1 << 1;
+/// `ConfigValue::flags`: deliver translated packets straight to the next hop's device (FIB
+/// lookup, then redirect), so the node's netfilter and rp_filter never see them.
+pub const CONFIG_F_FAST_PATH: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -597,10 +600,16 @@ pub enum Counter {
     /// passed, as the drop applies to new connections only (one opened before the range was
     /// known keeps working).
     ServiceCidrNotNew = 30,
+    /// Translated packets delivered by the fast path (FIB lookup, then redirect to the next
+    /// hop's device), bypassing the node's netfilter and rp_filter.
+    FastPathRedirects = 31,
+    /// Translated packets the FIB lookup sent to the stack (local destination, no route,
+    /// fragmentation needed, TTL expiring): delivered as without the fast path.
+    FastPathFallbacks = 32,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 31] = [
+    pub const ALL: [Counter; 33] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -632,6 +641,8 @@ impl Counter {
         Counter::AffinityStale,
         Counter::CtForwardMissing,
         Counter::ServiceCidrNotNew,
+        Counter::FastPathRedirects,
+        Counter::FastPathFallbacks,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -667,6 +678,8 @@ impl Counter {
             Counter::AffinityStale => "affinity_stale",
             Counter::CtForwardMissing => "ct_forward_missing",
             Counter::ServiceCidrNotNew => "service_cidr_not_new",
+            Counter::FastPathRedirects => "fast_path_redirects",
+            Counter::FastPathFallbacks => "fast_path_fallbacks",
         }
     }
 }

@@ -11,7 +11,9 @@ use proxy_common::{
 };
 
 use crate::{
-    conntrack, icmp,
+    conntrack,
+    fastpath::{TRANSLATED, delivered},
+    icmp,
     maps::{CONNTRACK, VIPS, config, count},
     nat::{self, Endpoint, Target},
     parse::{self, Parsed, scratch},
@@ -29,7 +31,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
     match parse::parse(ctx) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return Ok(icmp::translate_error(ctx)),
+        Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx))),
         Parsed::Echo => {
             return match echo() {
                 NewFlow::Reject(family) => Ok(reject(ctx, family)),
@@ -40,11 +42,11 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     }
     let verdict = known_flow(ctx);
     if verdict != NOT_KNOWN {
-        return Ok(verdict);
+        return Ok(delivered(ctx, verdict));
     }
     Ok(match new_flow(ctx) {
         NewFlow::Reject(family) => reject(ctx, family),
-        NewFlow::Verdict(verdict) => verdict,
+        NewFlow::Verdict(verdict) => delivered(ctx, verdict),
     })
 }
 
@@ -108,7 +110,7 @@ enum NewFlow {
 #[inline(always)]
 fn rewritten(result: Result<(), ()>) -> i32 {
     // A failed helper may have left the packet half-written: never deliver it.
-    if result.is_ok() { OK } else { SHOT }
+    if result.is_ok() { TRANSLATED } else { SHOT }
 }
 
 #[inline(never)]

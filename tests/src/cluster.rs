@@ -145,6 +145,9 @@ impl Cluster {
                 &NODE_IPS[0].to_string(),
             ])?;
         }
+        for node in &nodes {
+            crate::host::Protections::apply_from_env(node)?;
+        }
         let nft_before = nft_ruleset(&nodes[0])?;
         let manifests = ManifestsDir::new()?;
         manifests.write("nodes.yaml", &nodes_yaml())?;
