@@ -33,6 +33,7 @@ fn rbac_grants_list_and_watch_of_what_the_source_watches() {
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("", "nodes"),
+        ("networking.k8s.io", "servicecidrs"),
     ] {
         let granted = |verb: &str| {
             rules.iter().any(|r| {

@@ -6,12 +6,12 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    AffinityBackendKey, CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT,
-    CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV,
-    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue, CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY,
-    SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES,
-    ServiceValue, VIP_F_CLUSTER_IP,
+    AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
+    CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
+    CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -770,6 +770,115 @@ fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
     let sum = packet::internet_checksum(&icmp, seed);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     packet::frame(src, dst, proto, &icmp)
+}
+
+#[test]
+fn service_cidr_drop_is_for_new_connections_and_cluster_ips_outside_need_the_config_flag() {
+    let mut fx = Fixture::new();
+    let client = sa("10.0.0.2:40000");
+    // A k3s-like cluster: the service range is 10.43.0.0/16; one ClusterIP (as a cluster
+    // without ServiceCIDR objects would allocate) lies outside it.
+    fx.maps
+        .add_service_cidr("10.43.0.0/16".parse().unwrap())
+        .unwrap();
+    fx.maps
+        .upsert_vip("10.43.0.10".parse().unwrap(), VIP_F_CLUSTER_IP)
+        .unwrap();
+    fx.maps
+        .upsert_vip("10.96.0.10".parse().unwrap(), VIP_F_CLUSTER_IP)
+        .unwrap();
+    // (destination, TCP flags or UDP, config flag, expected verdict, what)
+    let udp = 0;
+    let cases: [(&str, u8, bool, u32, &str); 9] = [
+        (
+            "10.43.0.77:80",
+            TCP_SYN,
+            false,
+            TC_ACT_SHOT,
+            "SYN to an unallocated address",
+        ),
+        (
+            "10.43.0.77:53",
+            udp,
+            false,
+            TC_ACT_SHOT,
+            "UDP to an unallocated address",
+        ),
+        (
+            "10.43.0.77:80",
+            TCP_ACK,
+            false,
+            TC_ACT_OK,
+            "a connection that predates the rule",
+        ),
+        (
+            "10.43.0.77:80",
+            TCP_SYN | TCP_ACK,
+            false,
+            TC_ACT_OK,
+            "SYN-ACK opens nothing",
+        ),
+        (
+            "10.43.0.10:81",
+            TCP_SYN,
+            false,
+            TC_ACT_REDIRECT,
+            "ClusterIP inside: REJECT",
+        ),
+        (
+            "10.43.0.10:81",
+            TCP_ACK,
+            false,
+            TC_ACT_REDIRECT,
+            "ClusterIP inside, any packet",
+        ),
+        (
+            "10.96.5.5:80",
+            TCP_SYN,
+            false,
+            TC_ACT_OK,
+            "a host outside the service range",
+        ),
+        (
+            "10.96.0.10:81",
+            TCP_SYN,
+            true,
+            TC_ACT_REDIRECT,
+            "ClusterIP outside, flag on",
+        ),
+        (
+            "10.96.5.5:80",
+            TCP_SYN,
+            true,
+            TC_ACT_OK,
+            "flag on: other hosts still pass",
+        ),
+    ];
+    for (dst, flags, outside, verdict, what) in cases {
+        fx.maps
+            .update_config(|c| {
+                c.flags = if outside {
+                    CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS
+                } else {
+                    0
+                };
+            })
+            .unwrap();
+        let proto = if flags == udp {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_TCP
+        };
+        let frame = packet::build_with_tcp_flags(client, sa(dst), proto, flags, b"");
+        let (code, out) = fx.run(&frame);
+        assert_eq!(code, verdict, "{what}: {dst}");
+        if verdict == TC_ACT_OK {
+            assert_eq!(out, frame, "{what}: untouched");
+        }
+    }
+    assert_eq!(fx.counter("service_cidr_not_new"), 2);
+    assert_eq!(fx.counter("vip_drops"), 2);
+    assert_eq!(fx.counter("vip_rejects"), 3);
 }
 
 #[test]

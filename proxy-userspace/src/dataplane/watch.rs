@@ -10,8 +10,6 @@ use std::time::Duration;
 pub enum WatchError {
     #[error("opening a NETLINK_ROUTE socket for link events: {0}")]
     Socket(std::io::Error),
-    #[error("setting net.ipv4.conf.all.accept_local: {0}")]
-    Sysctl(std::io::Error),
     #[error("reading the cookie of this network namespace (SO_NETNS_COOKIE): {0}")]
     NetnsCookie(std::io::Error),
 }
@@ -116,13 +114,4 @@ pub fn netns_cookie() -> Result<u64, WatchError> {
         return Err(WatchError::NetnsCookie(std::io::Error::last_os_error()));
     }
     Ok(cookie)
-}
-
-/// Lets the IPv4 stack of this network namespace accept packets whose source is one of its own
-/// addresses. A masqueraded packet leaves tc ingress with the node address as its source and
-/// must then be forwarded to the backend; without `accept_local` the kernel drops it as a
-/// martian. (IPv6 has no such check.) Like kube-proxy's own sysctls (route_localnet), this is
-/// set by the proxy for the namespace it runs in.
-pub fn accept_local_sources() -> Result<(), WatchError> {
-    std::fs::write("/proc/sys/net/ipv4/conf/all/accept_local", "1").map_err(WatchError::Sysctl)
 }
