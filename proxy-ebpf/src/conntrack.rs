@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, Counter, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP,
+    CT_STATE_NEW, Counter, CtKey, CtValue, IPPROTO_TCP,
 };
 
 use crate::{
@@ -47,12 +47,11 @@ fn reply_key(flow: &Flow, backend: &Endpoint, client: &Endpoint) -> CtKey {
 }
 
 /// A source port in `[min, max]` (host order) for which no reply entry exists yet, so the
-/// masqueraded flow's replies cannot be confused with another flow's. SCTP keeps its port
-/// (rewriting it needs a CRC32c update). Returns the port in network byte order, 0 for none
+/// masqueraded flow's replies cannot be confused with another flow's. Returns the port in network byte order, 0 for none
 /// (never a valid port; an `Option` would leave an undefined payload the verifier rejects).
 #[inline(always)]
 pub fn pick_snat_port(flow: &Flow, backend: &Endpoint, node: &Addr, min: u16, max: u16) -> u16 {
-    if flow.proto == IPPROTO_SCTP || min == 0 || max < min {
+    if min == 0 || max < min {
         let candidate = Endpoint {
             addr: *node,
             port: flow.sport,

@@ -3,14 +3,15 @@
 //! CHECKSUM_COMPLETE and only touch the pseudo-header part for CHECKSUM_PARTIAL).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
-use proxy_common::{Addr, Counter, FAMILY_IPV4};
+use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_SCTP};
 
 use crate::{
     maps::count,
     parse::{Flow, IPV4_CSUM_OFF, L4Csum},
+    sctp,
 };
 
 /// An address and port a packet's source or destination becomes.
@@ -134,7 +135,13 @@ pub fn replace_port(
         return Ok(());
     }
     let fail = |_| count(Counter::RewriteFailures);
-    ctx.store(off, &new, 0).map_err(fail)?;
+    // Without an inet checksum to compensate the change (SCTP), `skb->csum` is updated.
+    let store_flags = if matches!(csum, L4Csum::None) {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
+    ctx.store(off, &new, store_flags).map_err(fail)?;
     if let Some((l4, flags)) = l4_flags(csum, false, 2) {
         ctx.l4_csum_replace(l4, u64::from(old), u64::from(new), flags)
             .map_err(fail)?;
@@ -178,6 +185,21 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -
             )?;
         }
         replace_port(ctx, flow.l4_off, flow.sport, src.port, flow.l4_csum())?;
+    }
+    if flow.proto == IPPROTO_SCTP {
+        let sport = if new_src.set {
+            new_src.endpoint.port
+        } else {
+            flow.sport
+        };
+        let dport = if new_dst.set {
+            new_dst.endpoint.port
+        } else {
+            flow.dport
+        };
+        if (sport, dport) != (flow.sport, flow.dport) {
+            sctp::ports_rewritten(sport, dport);
+        }
     }
     Ok(())
 }

@@ -151,11 +151,10 @@ fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
 }
 
 /// Counters of conditions an operator must hear about (the kernel can only count them).
-const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
+const FAILURE_COUNTERS: [proxy_common::Counter; 3] = [
     proxy_common::Counter::CtMapFull,
     proxy_common::Counter::SnatExhausted,
     proxy_common::Counter::NoSnatAddress,
-    proxy_common::Counter::SctpPortRewrite,
 ];
 
 /// Logs the failure counters that grew since the last call.

@@ -56,6 +56,27 @@ fn ip_octets(ip: IpAddr) -> Vec<u8> {
     }
 }
 
+/// SCTP's CRC32c (Castagnoli).
+const SCTP_CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+/// Offset of the CRC32c in the SCTP common header.
+const SCTP_CHECKSUM_OFF: usize = 8;
+
+/// The CRC32c of an SCTP packet (common header and chunks) with its checksum field taken as
+/// zero, as the packet carries it (little-endian, RFC 9260 appendix A).
+pub fn sctp_checksum(sctp: &[u8]) -> [u8; 4] {
+    let mut digest = SCTP_CRC.digest();
+    digest.update(&sctp[..SCTP_CHECKSUM_OFF]);
+    digest.update(&[0; 4]);
+    digest.update(&sctp[SCTP_CHECKSUM_OFF + 4..]);
+    digest.finalize().to_le_bytes()
+}
+
+/// Writes the CRC32c of the SCTP packet `sctp` (at least a common header) into it.
+pub fn set_sctp_checksum(sctp: &mut [u8]) {
+    let sum = sctp_checksum(sctp);
+    sctp[SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4].copy_from_slice(&sum);
+}
+
 /// Offset of the L4 checksum inside an L4 header, for protocols with a pseudo header.
 fn l4_csum_offset(proto: u8) -> Option<usize> {
     match proto {
@@ -67,7 +88,7 @@ fn l4_csum_offset(proto: u8) -> Option<usize> {
 }
 
 /// A first packet from `src` to `dst`: a TCP SYN, a UDP datagram carrying `payload`, or an SCTP
-/// common header with an empty chunk. Checksums are valid.
+/// packet with one chunk carrying `payload` (padded). Checksums are valid.
 pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&src.port().to_be_bytes());
@@ -87,8 +108,13 @@ pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec
             l4.extend_from_slice(payload);
         }
         _ => {
-            l4.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // tag, CRC32c (not checked here)
-            l4.extend_from_slice(&[0, 0, 0, 4]); // an empty DATA-less chunk header
+            l4.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // verification tag, CRC32c
+            // A chunk of an unassigned type whose high bits say "skip it" (RFC 9260 3.2).
+            l4.extend_from_slice(&[0xbf, 0]);
+            l4.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(payload);
+            l4.resize(l4.len().next_multiple_of(4), 0);
+            set_sctp_checksum(&mut l4);
         }
     }
     if let Some(off) = l4_csum_offset(proto) {
@@ -135,7 +161,8 @@ pub struct Summary {
     pub icmp: Option<(u8, u8)>,
     /// For ICMP errors: the quoted packet's source and destination.
     pub quoted: Option<(SocketAddr, SocketAddr)>,
-    /// IPv4 header and L4 checksums are valid (a zero UDP checksum on IPv4 counts as valid).
+    /// IPv4 header and L4 checksums are valid (a zero UDP checksum on IPv4 counts as valid; so
+    /// does a zero SCTP CRC32c, which stands for one its sender offloaded).
     pub checksums_ok: bool,
     pub eth_src: [u8; 6],
     pub eth_dst: [u8; 6],
@@ -195,6 +222,10 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         p if l4_csum_offset(p).is_some() => {
             checksums_ok &= internet_checksum(l4, pseudo_sum(src, dst, proto, l4.len())) == 0;
         }
+        IPPROTO_SCTP => {
+            let stored = l4.get(SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4)?;
+            checksums_ok &= stored == [0; 4] || stored == sctp_checksum(l4);
+        }
         _ => {}
     }
     let (icmp, quoted, (sport, dport)) = if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 {
@@ -232,10 +263,12 @@ mod tests {
             ("10.0.0.1:1234", "10.96.0.10:53", IPPROTO_UDP),
             ("[fd00::1]:1234", "[fd00:96::10]:80", IPPROTO_TCP),
             ("[fd00::1]:1234", "[fd00:96::10]:53", IPPROTO_UDP),
+            ("10.0.0.1:1234", "10.96.0.10:3868", IPPROTO_SCTP),
+            ("[fd00::1]:1234", "[fd00:96::10]:3868", IPPROTO_SCTP),
         ];
         for (src, dst, proto) in cases {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-            let mut frame = build(src, dst, proto, b"hi");
+            let mut frame = build(src, dst, proto, b"hi!!");
             let summary = summarize(&frame).unwrap();
             assert_eq!((summary.src, summary.dst, summary.proto), (src, dst, proto));
             assert!(summary.checksums_ok, "{src} -> {dst} proto {proto}");

@@ -445,13 +445,13 @@ fn service_types_and_skip_rules() {
             absent: vec!["diag"],
         },
         Case {
-            name: "SCTP whose targetPort differs is reported by name: the dataplane refuses it",
+            name: "SCTP is translated like TCP whatever the ports: ClusterIP and NodePort to another targetPort",
             config: unchanged,
             objects: vec![
                 svc(
                     "sig",
-                    json!({"clusterIP": "10.96.0.15", "ports": [
-                    {"name": "sig", "port": 3868, "targetPort": 3869, "protocol": "SCTP"}]}),
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.15", "ports": [
+                    {"name": "sig", "port": 3868, "targetPort": 3869, "nodePort": 30868, "protocol": "SCTP"}]}),
                 ),
                 slice(
                     "sig-1",
@@ -462,10 +462,11 @@ fn service_types_and_skip_rules() {
                 ),
             ],
             expect: vec![
-                "default/sig:sig SCTP v4 ClusterIP 10.96.0.15:3868 pod=reject node=reject other=reject",
-                "diag Service default/sig: SCTP ClusterIP 10.96.0.15:3868 to endpoint port 3869: rewriting an SCTP port is not supported (CRC32c), such connections are refused; use targetPort equal to the port",
+                "default/sig:sig SCTP v4 ClusterIP 10.96.0.15:3868 pod=fwd(policy) node=fwd(policy,masq) other=fwd(policy,masq)",
+                "default/sig:sig SCTP v4 NodePort 192.168.0.10:30868 pod=fwd(policy,masq) node=fwd(policy,masq) other=fwd(policy,masq)",
+                "default/sig:sig SCTP v4 internal=10.244.2.5:3869 external=10.244.2.5:3869 cluster=10.244.2.5:3869",
             ],
-            absent: vec![],
+            absent: vec!["diag", "reject"],
         },
         Case {
             name: "invalid values are diagnostics naming the object; the rest is still planned",
