@@ -95,6 +95,29 @@ pub fn port_rewrite_delta(old_ports: [u8; 4], new_ports: [u8; 4], sctp_len: u16)
     multiply(u32::from_le_bytes(diff), advance)
 }
 
+/// Offset of the CRC32c in the SCTP common header (after the two ports and the tag).
+pub const SCTP_CHECKSUM_OFF: usize = 8;
+
+/// The CRC32c of an SCTP packet (common header and chunks) with its checksum field taken as
+/// zero, in the byte order the packet carries it.
+#[cfg(feature = "user")]
+#[must_use]
+pub fn sctp_checksum(sctp: &[u8]) -> [u8; 4] {
+    const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+    let mut digest = CASTAGNOLI.digest();
+    digest.update(&sctp[..SCTP_CHECKSUM_OFF]);
+    digest.update(&[0; 4]);
+    digest.update(&sctp[SCTP_CHECKSUM_OFF + 4..]);
+    digest.finalize().to_le_bytes()
+}
+
+/// Writes the CRC32c of the SCTP packet `sctp` (at least a common header) into it.
+#[cfg(feature = "user")]
+pub fn set_sctp_checksum(sctp: &mut [u8]) {
+    let sum = sctp_checksum(sctp);
+    sctp[SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4].copy_from_slice(&sum);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,12 +9,12 @@ use aya_ebpf::{
     bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use proxy_common::{Counter, crc32c};
+use proxy_common::{
+    Counter,
+    crc32c::{self, SCTP_CHECKSUM_OFF},
+};
 
 use crate::{maps::count, parse::scratch};
-
-/// Offset of the CRC32c in the SCTP common header (after the two ports and the tag).
-const CHECKSUM_OFF: usize = 8;
 
 /// A port rewrite of the current packet whose CRC32c is still to be updated.
 #[derive(Clone, Copy)]
@@ -54,7 +54,7 @@ pub fn finish(ctx: &TcContext, verdict: i32) -> i32 {
         return verdict;
     }
     let flow = &scratch.flow;
-    let off = flow.l4_off + CHECKSUM_OFF;
+    let off = flow.l4_off + SCTP_CHECKSUM_OFF;
     let Ok(stored) = ctx.load::<[u8; 4]>(off) else {
         count(Counter::RewriteFailures);
         return TC_ACT_SHOT as i32;

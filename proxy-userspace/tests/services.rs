@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_lab::cluster::{CLIENT_IP, Cluster, OUTSIDER_IP, PodState, nft_ruleset, node_ip};
+use proxy_lab::sctp::sctp_request;
 use proxy_lab::{Netns, tcp_request, udp_request};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
@@ -41,6 +42,7 @@ fn service(name: &str, spec: &str) -> String {
 enum Proto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Proto {
@@ -48,6 +50,7 @@ impl Proto {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Sctp => "sctp",
         }
     }
 }
@@ -62,6 +65,7 @@ fn request(
     let answer = match proto {
         Proto::Tcp => tcp_request(ns, target, timeout),
         Proto::Udp => udp_request(ns, target, timeout),
+        Proto::Sctp => sctp_request(ns, target, timeout),
     }
     .expect("enter the client namespace")?;
     let (name, seen) = answer
@@ -306,6 +310,50 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
         nft_ruleset(&cluster.nodes[0]).unwrap(),
         cluster.nft_before,
         "the proxy creates no nftables rule"
+    );
+}
+
+/// SCTP whose targetPort differs from its port, through a ClusterIP and through a NodePort: real
+/// associations (handshake, DATA, SACK; every CRC32c checked by the receiving peer) reach both
+/// pods, with port rewrites both ways and the NodePort's masquerade port.
+#[test]
+fn sctp_associations_through_a_cluster_ip_and_a_node_port_to_another_port() {
+    let (cluster, pods, toolbox) = web_cluster();
+    cluster
+        .manifests
+        .write(
+            "sig.yaml",
+            &service(
+                "sig",
+                &format!(
+                    "  type: NodePort\n  clusterIP: 10.96.0.30\n{WEB_SELECTOR}  ports:\n  - name: sig\n    protocol: SCTP\n    port: 3868\n    targetPort: 8080\n    nodePort: 30868\n"
+                ),
+            ),
+        )
+        .unwrap();
+    let cluster_ip = v4(10, 96, 0, 30, 3868);
+    let node = node_ip(0, false);
+    let node_port = SocketAddr::new(node, 30868);
+    let client = IpAddr::V4(CLIENT_IP);
+    wait_programmed(
+        &cluster,
+        toolbox,
+        cluster_ip,
+        Proto::Sctp,
+        "pod",
+        "sig",
+        |t| t.verdict == "DNAT",
+    );
+    let toolbox_ns = &cluster.pod("toolbox").netns;
+    assert_answers(toolbox_ns, cluster_ip, Proto::Sctp, &["a", "b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, cluster_ip, Proto::Sctp, "pod"),
+        dnat(&pods, false)
+    );
+    assert_answers(&cluster.client, node_port, Proto::Sctp, &["a", "b"], node);
+    assert_eq!(
+        trace(&cluster, false, client, node_port, Proto::Sctp, "external"),
+        dnat(&pods, true)
     );
 }
 

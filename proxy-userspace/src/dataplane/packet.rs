@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use proxy_common::crc32c::{SCTP_CHECKSUM_OFF, sctp_checksum, set_sctp_checksum};
 use proxy_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -54,27 +55,6 @@ fn ip_octets(ip: IpAddr) -> Vec<u8> {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
-}
-
-/// SCTP's CRC32c (Castagnoli).
-const SCTP_CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
-/// Offset of the CRC32c in the SCTP common header.
-const SCTP_CHECKSUM_OFF: usize = 8;
-
-/// The CRC32c of an SCTP packet (common header and chunks) with its checksum field taken as
-/// zero, as the packet carries it (little-endian, RFC 9260 appendix A).
-pub fn sctp_checksum(sctp: &[u8]) -> [u8; 4] {
-    let mut digest = SCTP_CRC.digest();
-    digest.update(&sctp[..SCTP_CHECKSUM_OFF]);
-    digest.update(&[0; 4]);
-    digest.update(&sctp[SCTP_CHECKSUM_OFF + 4..]);
-    digest.finalize().to_le_bytes()
-}
-
-/// Writes the CRC32c of the SCTP packet `sctp` (at least a common header) into it.
-pub fn set_sctp_checksum(sctp: &mut [u8]) {
-    let sum = sctp_checksum(sctp);
-    sctp[SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4].copy_from_slice(&sum);
 }
 
 /// Offset of the L4 checksum inside an L4 header, for protocols with a pseudo header.
