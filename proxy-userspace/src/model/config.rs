@@ -99,7 +99,9 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// Where health check NodePorts listen (kube-proxy's `ServiceHealthServer`): the NodePort
-    /// addresses, or 0.0.0.0 when `--nodeport-addresses` matches every address.
+    /// addresses, or `::` (dual-stack: every address of both families, as Go's "0.0.0.0"
+    /// listener kube-proxy opens) when `--nodeport-addresses` matches every address of a
+    /// family.
     pub fn health_check_listen_ips(&self) -> Vec<IpAddr> {
         let matches_all = |family: IpFamily| {
             let of_family: Vec<&IpNet> = self
@@ -112,7 +114,7 @@ impl ModelConfig {
                 || (of_family.is_empty() && !self.nodeport_addresses.primary)
         };
         if matches_all(IpFamily::IPv4) || matches_all(IpFamily::IPv6) {
-            return vec![IpAddr::from([0, 0, 0, 0])];
+            return vec![IpAddr::from([0u16; 8])];
         }
         [IpFamily::IPv4, IpFamily::IPv6]
             .into_iter()
@@ -239,12 +241,12 @@ mod tests {
                 ips(&["192.168.1.10", "fd00::10"]),
             ),
             (
-                "a CIDR of one family only: the other family matches everything",
+                "a CIDR of one family only: the other family matches everything (dual-stack)",
                 NodePortAddresses {
                     primary: false,
                     cidrs: nets(&["10.0.0.0/8"]),
                 },
-                ips(&["0.0.0.0"]),
+                ips(&["::"]),
             ),
             (
                 "CIDRs of both families: the matching addresses",
