@@ -720,11 +720,13 @@ fn drop_conflicting_frontends(
     diagnostics: &mut Vec<Diagnostic>,
 ) {
     let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortName> = BTreeMap::new();
+    // kube-proxy consults its service-ips map (ClusterIPs, externalIPs, LoadBalancer IPs)
+    // before its nodeports chain: a NodePort on an address and port one of those has loses.
     let priority = [
         FrontendKind::ClusterIp,
-        FrontendKind::NodePort,
         FrontendKind::LoadBalancer,
         FrontendKind::ExternalIp,
+        FrontendKind::NodePort,
     ];
     for kind in priority {
         for state in service_ports.iter_mut() {

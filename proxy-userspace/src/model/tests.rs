@@ -1239,27 +1239,50 @@ fn masquerade_reject_and_drop() {
 
 #[test]
 fn conflicting_frontends() {
-    run(vec![Case {
-        name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name, and a ClusterIP always wins",
-        config: unchanged,
-        objects: vec![
-            svc(
-                "z-dns",
-                json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
-            ),
-            svc(
-                "a-thief",
-                json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
+    run(vec![
+        Case {
+            name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name, and a ClusterIP always wins",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "z-dns",
+                    json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
+                ),
+                svc(
+                    "a-thief",
+                    json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
                                    "ports": [{"port": 53, "protocol": "UDP"}, {"name": "tcp", "port": 53}]}),
-            ),
-        ],
-        expect: vec![
-            "default/z-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "default/a-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "diag Service default/a-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/z-dns port \"\"; skipped",
-        ],
-        absent: vec!["default/a-thief UDP v4 ExternalIP"],
-    }]);
+                ),
+            ],
+            expect: vec![
+                "default/z-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
+                "default/a-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
+                "diag Service default/a-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/z-dns port \"\"; skipped",
+            ],
+            absent: vec!["default/a-thief UDP v4 ExternalIP"],
+        },
+        Case {
+            name: "an externalIP on a node address and port wins over a NodePort there (kube-proxy's service-ips map comes before its nodeports chain)",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "a-np",
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.72",
+                       "ports": [{"port": 80, "nodePort": 30080}]}),
+                ),
+                svc(
+                    "z-ext",
+                    json!({"clusterIP": "10.96.0.73", "externalIPs": ["192.168.0.10"],
+                       "ports": [{"port": 30080}]}),
+                ),
+            ],
+            expect: vec![
+                "default/z-ext TCP v4 ExternalIP 192.168.0.10:30080 pod=reject node=reject other=reject",
+                "diag Service default/a-np: NodePort frontend 192.168.0.10:30080/TCP is already Service default/z-ext port \"\"; skipped",
+            ],
+            absent: vec!["default/a-np TCP v4 NodePort 192.168.0.10:30080"],
+        },
+    ]);
 }
 
 #[test]
