@@ -1424,4 +1424,224 @@ mod tests {
             ]
         );
     }
+
+    /// Admits `candidates` after `history`, returning the admitted Services and diagnostics.
+    fn read(
+        history: &mut History,
+        candidates: Vec<Candidate>,
+    ) -> (BTreeMap<ObjectKey, Service>, Vec<String>) {
+        let mut diagnostics = Vec::new();
+        let admitted = admit(
+            candidates,
+            &settings(&["10.96.0.0/12"]),
+            history,
+            &mut diagnostics,
+            &mut Vec::new(),
+        );
+        let messages = diagnostics
+            .iter()
+            .map(|d| format!("{}: {}", d.object, d.message))
+            .collect();
+        (admitted, messages)
+    }
+
+    fn created_at(mut candidate: Candidate, seconds: u64) -> Candidate {
+        candidate.created = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        candidate
+    }
+
+    fn with_status_ip(mut candidate: Candidate, ip: &str) -> Candidate {
+        candidate.service.status = serde_json::from_value(serde_json::json!(
+            {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        ))
+        .unwrap();
+        candidate
+    }
+
+    #[test]
+    fn what_an_admitted_service_holds_no_later_object_takes() {
+        let web = || {
+            with_status_ip(
+                candidate(
+                    "web",
+                    &serde_json::json!({"type": "LoadBalancer", "externalIPs": ["198.51.100.5"],
+                        "ports": [{"port": 80}]}),
+                ),
+                "198.51.100.6",
+            )
+        };
+        let mut history = History::default();
+        let (first, messages) = read(&mut history, vec![web()]);
+        assert!(messages.is_empty(), "{messages:?}");
+        let held = spec_of(&first, "web").clone();
+        let cluster_ip = held.cluster_ip.clone().unwrap();
+        let node_port = held.ports.as_ref().unwrap()[0].node_port.unwrap();
+        // Impostors whose names sort first, each claiming one thing web holds, in files older
+        // than web's: none takes it.
+        let impostors = vec![
+            candidate(
+                "aa-ip",
+                &serde_json::json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+            ),
+            candidate(
+                "ab-np",
+                &serde_json::json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]}),
+            ),
+            candidate(
+                "ac-ext",
+                &serde_json::json!({"externalIPs": ["198.51.100.5"], "ports": [{"port": 80}]}),
+            ),
+            with_status_ip(
+                candidate(
+                    "ad-lb",
+                    &serde_json::json!({"type": "LoadBalancer", "ports": [{"port": 80}]}),
+                ),
+                "198.51.100.6",
+            ),
+        ];
+        let mut candidates: Vec<Candidate> =
+            impostors.into_iter().map(|c| created_at(c, 0)).collect();
+        candidates.push(created_at(web(), 100));
+        let (second, messages) = read(&mut history, candidates);
+        assert_eq!(
+            spec_of(&second, "web"),
+            &held,
+            "web keeps everything it holds"
+        );
+        assert_eq!(second.len(), 1, "every impostor is refused: {messages:?}");
+        for (name, field) in [
+            ("aa-ip", format!("spec.clusterIPs {cluster_ip} is already allocated to Service default/web")),
+            ("ab-np", format!("NodePort {node_port} is already allocated to Service default/web")),
+            ("ac-ext", "spec.externalIPs 198.51.100.5 port 80/TCP is already served by Service default/web".to_owned()),
+            ("ad-lb", "status.loadBalancer.ingress[].ip 198.51.100.6 port 80/TCP is already served by Service default/web".to_owned()),
+        ] {
+            let want = format!("Service default/{name}: {name}.yaml: {field}");
+            assert!(messages.contains(&want), "{want:?} in {messages:?}");
+        }
+        // A broken edit of web is refused and web stays as admitted.
+        let broken = candidate(
+            "web",
+            &serde_json::json!({"type": "LoadBalancer", "ports": [{"port": 0}]}),
+        );
+        let (third, messages) = read(&mut history, vec![broken]);
+        assert_eq!(spec_of(&third, "web"), &held);
+        assert!(
+            messages.iter().any(|m| m
+                .contains("this change is refused; the Service stays as admitted from web.yaml")),
+            "{messages:?}"
+        );
+        // Deleted, web releases what it held.
+        let (_, _) = read(&mut history, Vec::new());
+        let (fourth, messages) = read(
+            &mut history,
+            vec![candidate(
+                "aa-ip",
+                &serde_json::json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+            )],
+        );
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(
+            spec_of(&fourth, "aa-ip").cluster_ip.as_deref(),
+            Some(cluster_ip.as_str())
+        );
+    }
+
+    #[test]
+    fn a_folder_read_from_scratch_admits_the_oldest_file_first() {
+        let claim = |name: &str| {
+            candidate(
+                name,
+                &serde_json::json!({"clusterIP": "10.96.0.40", "ports": [{"port": 80}]}),
+            )
+        };
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![
+                created_at(claim("a-new"), 200),
+                created_at(claim("z-old"), 100),
+            ],
+        );
+        assert!(admitted.keys().all(|k| k.name == "z-old"), "{admitted:?}");
+        assert_eq!(
+            messages,
+            [
+                "Service default/a-new: a-new.yaml: spec.clusterIPs 10.96.0.40 is already allocated to Service default/z-old"
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_on_one_port_share_a_node_port() {
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![candidate(
+                "dns",
+                &serde_json::json!({"type": "NodePort", "ports": [
+                    {"name": "dns-udp", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                    {"name": "other", "port": 54, "protocol": "TCP"}]}),
+            )],
+        );
+        assert!(messages.is_empty(), "{messages:?}");
+        let ports = spec_of(&admitted, "dns").ports.clone().unwrap();
+        assert_eq!(ports[0].node_port, ports[1].node_port);
+        assert_ne!(ports[0].node_port, ports[2].node_port);
+    }
+
+    #[test]
+    fn names_are_validated_like_the_api_server() {
+        let port = serde_json::json!({"ports": [{"port": 80}]});
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![
+                candidate("UPPER", &port),
+                candidate("bad_name", &port),
+                candidate("1starts-with-digit", &port),
+                candidate(
+                    "bad-port-name",
+                    &serde_json::json!({"ports": [{"name": "Http", "port": 80}]}),
+                ),
+                candidate(
+                    "policy",
+                    &serde_json::json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Nearest"}),
+                ),
+                candidate(
+                    "families",
+                    &serde_json::json!({"ports": [{"port": 80}], "ipFamilies": ["IPv4", "IPv4"]}),
+                ),
+                candidate("fine-name-1", &port),
+            ],
+        );
+        assert_eq!(
+            admitted.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["fine-name-1"]
+        );
+        for (name, needle) in [
+            (
+                "UPPER",
+                "metadata.name \"UPPER\" is not a valid Service name",
+            ),
+            (
+                "bad_name",
+                "metadata.name \"bad_name\" is not a valid Service name",
+            ),
+            ("1starts-with-digit", "is not a valid Service name"),
+            (
+                "bad-port-name",
+                "spec.ports[0].name \"Http\" is not a DNS-1123 label",
+            ),
+            (
+                "policy",
+                "spec.externalTrafficPolicy \"Nearest\" is not one of Cluster, Local",
+            ),
+            ("families", "spec.ipFamilies[1] \"IPv4\" is listed twice"),
+        ] {
+            assert!(
+                messages.iter().any(|m| m
+                    .starts_with(&format!("Service default/{name}: {name}.yaml: "))
+                    && m.contains(needle)),
+                "{name}: {needle:?} in {messages:?}"
+            );
+        }
+    }
 }
