@@ -357,6 +357,274 @@ fn sctp_associations_through_a_cluster_ip_and_a_node_port_to_another_port() {
     );
 }
 
+/// The six working Services of the bad-files test: (file name, YAML, frontends to check).
+fn working_services() -> Vec<(String, String, Vec<(SocketAddr, Proto)>)> {
+    let lb_status = |ip: &str| format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n");
+    let port = |extra: &str| {
+        format!("{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n{extra}")
+    };
+    vec![
+        (
+            "w-cip.yaml".to_owned(),
+            service("w-cip", &format!("  clusterIP: 10.96.0.40\n{}", port(""))),
+            vec![(v4(10, 96, 0, 40, 80), Proto::Tcp)],
+        ),
+        (
+            "w-udp.yaml".to_owned(),
+            service(
+                "w-udp",
+                &format!(
+                    "  clusterIP: 10.96.0.41\n{WEB_SELECTOR}  ports:\n  - port: 53\n    targetPort: 8080\n    protocol: UDP\n"
+                ),
+            ),
+            vec![(v4(10, 96, 0, 41, 53), Proto::Udp)],
+        ),
+        (
+            "w-np.yaml".to_owned(),
+            service(
+                "w-np",
+                &format!(
+                    "  type: NodePort\n  clusterIP: 10.96.0.42\n{}",
+                    port("    nodePort: 30090\n")
+                ),
+            ),
+            vec![
+                (v4(10, 96, 0, 42, 80), Proto::Tcp),
+                (SocketAddr::new(node_ip(0, false), 30090), Proto::Tcp),
+            ],
+        ),
+        (
+            "w-ext.yaml".to_owned(),
+            service(
+                "w-ext",
+                &format!(
+                    "  clusterIP: 10.96.0.43\n  externalIPs:\n  - 198.51.100.43\n{}",
+                    port("")
+                ),
+            ),
+            vec![(v4(198, 51, 100, 43, 80), Proto::Tcp)],
+        ),
+        (
+            "w-lb.yaml".to_owned(),
+            format!(
+                "{}{}",
+                service(
+                    "w-lb",
+                    &format!(
+                        "  type: LoadBalancer\n  clusterIP: 10.96.0.44\n{}",
+                        port("    nodePort: 30091\n")
+                    ),
+                ),
+                lb_status("198.51.100.44")
+            ),
+            vec![
+                (v4(198, 51, 100, 44, 80), Proto::Tcp),
+                (SocketAddr::new(node_ip(0, false), 30091), Proto::Tcp),
+            ],
+        ),
+        (
+            "w-dyn.yaml".to_owned(),
+            // Allocated by the proxy (ClusterIP and NodePort): found by the test below.
+            service("w-dyn", &format!("  type: NodePort\n{}", port(""))),
+            Vec::new(),
+        ),
+    ]
+}
+
+/// A small deterministic generator (xorshift) for the bad files.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// 1,000 bad files for the working Services' folder: 250 impostors (copies under new file names
+/// claiming a ClusterIP, NodePort, externalIP or LoadBalancer IP a working Service holds, some
+/// under the same object name, all selecting another pod), bit flips, truncations, invalid
+/// ports, addresses and names.
+fn bad_files(
+    good: &[(String, String, Vec<(SocketAddr, Proto)>)],
+    held: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut files = Vec::new();
+    for i in 0..1000 {
+        let (_, original, _) = &good[noise.below(good.len())];
+        let content = match i % 8 {
+            // Impostors: another endpoint (app: remote), a name that sorts first or the same
+            // name, and one of the held values.
+            0 | 1 => {
+                let (field, value) = &held[noise.below(held.len())];
+                let name = if i % 16 == 0 {
+                    "w-cip".to_owned()
+                } else {
+                    format!("a-imp-{i}")
+                };
+                let body = match *field {
+                    "clusterIP" => format!(
+                        "  clusterIP: {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+                    ),
+                    "nodePort" => format!(
+                        "  type: NodePort\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {value}\n"
+                    ),
+                    "externalIP" => format!(
+                        "  externalIPs:\n  - {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+                    ),
+                    _ => format!(
+                        "  type: LoadBalancer\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+                    ),
+                };
+                let status = if *field == "lbIP" {
+                    format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {value}\n")
+                } else {
+                    String::new()
+                };
+                format!("{}{status}", service(&name, &body))
+            }
+            2 | 3 => {
+                let mut bytes = original.clone().into_bytes();
+                for _ in 0..=noise.below(3) {
+                    let at = noise.below(bytes.len());
+                    bytes[at] ^= 1 << noise.below(7);
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            4 => original[..noise.below(original.len())].to_owned(),
+            5 => service(
+                &format!("bad-port-{i}"),
+                &format!(
+                    "{WEB_SELECTOR}  ports:\n  - port: {}\n",
+                    [0, 70000, -1][noise.below(3)]
+                ),
+            ),
+            6 => service(
+                &format!("bad-ip-{i}"),
+                &format!(
+                    "  clusterIP: 10.96.0.{}\n{WEB_SELECTOR}  ports:\n  - port: 80\n",
+                    256 + i
+                ),
+            ),
+            _ => service(
+                ["UPPER", "bad_name", "-dash"][noise.below(3)],
+                &format!("{WEB_SELECTOR}  ports:\n  - port: 80\n"),
+            ),
+        };
+        files.push((format!("bad-{i:04}.yaml"), content));
+    }
+    files
+}
+
+/// A running proxy serving six working Services; 1,000 bad files appear beside them: every
+/// working Service keeps exactly its frontends (the kernel's maps, read by `trace`) and answers
+/// real connections from its own pods, never from the impostors' pod.
+#[test]
+fn a_thousand_bad_files_beside_working_services_take_nothing_from_them() {
+    let (mut cluster, pods, _) = web_cluster();
+    cluster.add_pod("r", 1, 20, "remote").unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    cluster
+        .client
+        .ip(&[
+            "route",
+            "add",
+            "10.96.0.0/16",
+            "via",
+            &node_ip(0, false).to_string(),
+        ])
+        .unwrap();
+    let mut good = working_services();
+    for (file, content, _) in &good {
+        cluster.manifests.write(file, content).unwrap();
+    }
+    wait_programmed(
+        &cluster,
+        client,
+        v4(198, 51, 100, 44, 80),
+        Proto::Tcp,
+        "external",
+        "w-lb",
+        |t| t.verdict == "DNAT",
+    );
+    // w-dyn's allocated ClusterIP and NodePort, as `plan` reads the same folder.
+    let plan = cluster
+        .proxy_command(&[vec!["plan".to_owned()], cluster.source_flags()].concat())
+        .expect("plan");
+    let allocated = |field: &str| -> String {
+        let prefix = format!("allocated Service default/w-dyn {field}");
+        plan.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.rsplit(" = ").next())
+            .unwrap_or_else(|| panic!("{prefix} in {plan}"))
+            .trim()
+            .to_owned()
+    };
+    let dyn_ip: IpAddr = allocated("spec.clusterIPs[0]").parse().unwrap();
+    let dyn_port: u16 = allocated("spec.ports[0].nodePort").parse().unwrap();
+    good[5].2 = vec![
+        (SocketAddr::new(dyn_ip, 80), Proto::Tcp),
+        (SocketAddr::new(node_ip(0, false), dyn_port), Proto::Tcp),
+    ];
+    wait_programmed(
+        &cluster,
+        client,
+        good[5].2[1].0,
+        Proto::Tcp,
+        "external",
+        "w-dyn",
+        |t| t.verdict == "DNAT",
+    );
+    let held = [
+        ("clusterIP", "10.96.0.40".to_owned()),
+        ("clusterIP", dyn_ip.to_string()),
+        ("nodePort", "30090".to_owned()),
+        ("nodePort", dyn_port.to_string()),
+        ("externalIP", "198.51.100.43".to_owned()),
+        ("lbIP", "198.51.100.44".to_owned()),
+    ];
+    for (file, content) in bad_files(&good, &held) {
+        cluster.manifests.write(&file, &content).unwrap();
+    }
+    // A last good file: once it is programmed, the folder with every bad file has been read.
+    cluster
+        .manifests
+        .write("z-sentinel.yaml", &service("z-sentinel", &format!("  clusterIP: 10.96.0.49\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n")))
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        v4(10, 96, 0, 49, 80),
+        Proto::Tcp,
+        "external",
+        "z-sentinel",
+        |t| t.verdict == "DNAT",
+    );
+    for (file, _, frontends) in &good {
+        for (target, proto) in frontends {
+            assert_eq!(
+                trace(&cluster, true, client, *target, *proto, "external"),
+                dnat(&pods, true),
+                "{file}: {target} in the kernel after the bad files"
+            );
+            assert_answers(
+                &cluster.client,
+                *target,
+                *proto,
+                &["a", "b"],
+                node_ip(0, false),
+            );
+        }
+    }
+}
+
 #[test]
 fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
     let (cluster, pods, _) = web_cluster();
