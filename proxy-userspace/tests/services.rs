@@ -357,8 +357,11 @@ fn sctp_associations_through_a_cluster_ip_and_a_node_port_to_another_port() {
     );
 }
 
-/// The six working Services of the bad-files test: (file name, YAML, frontends to check).
-fn working_services() -> Vec<(String, String, Vec<(SocketAddr, Proto)>)> {
+/// A working Service of the bad-files test: file name, YAML, frontends to check.
+type Working = (String, String, Vec<(SocketAddr, Proto)>);
+
+/// The six working Services of the bad-files test.
+fn working_services() -> Vec<Working> {
     let lb_status = |ip: &str| format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n");
     let port = |extra: &str| {
         format!("{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n{extra}")
@@ -451,10 +454,7 @@ impl Noise {
 /// claiming a ClusterIP, NodePort, externalIP or LoadBalancer IP a working Service holds, some
 /// under the same object name, all selecting another pod), bit flips, truncations, invalid
 /// ports, addresses and names.
-fn bad_files(
-    good: &[(String, String, Vec<(SocketAddr, Proto)>)],
-    held: &[(&str, String)],
-) -> Vec<(String, String)> {
+fn bad_files(good: &[Working], held: &[(&str, String)]) -> Vec<(String, String)> {
     let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
     let mut files = Vec::new();
     for i in 0..1000 {
@@ -479,9 +479,7 @@ fn bad_files(
                     "externalIP" => format!(
                         "  externalIPs:\n  - {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
                     ),
-                    _ => format!(
-                        "  type: LoadBalancer\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
-                    ),
+                    _ => "  type: LoadBalancer\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n".to_owned(),
                 };
                 let status = if *field == "lbIP" {
                     format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {value}\n")

@@ -14,6 +14,7 @@
 //! spec lists no containers.
 
 mod admit;
+mod hints;
 mod parse;
 mod slices;
 
