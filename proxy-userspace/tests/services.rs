@@ -623,6 +623,70 @@ fn a_thousand_bad_files_beside_working_services_take_nothing_from_them() {
     }
 }
 
+/// NodePorts follow the node's addresses live (netlink address events), as a keepalived VIP
+/// needs: an address added inside `--nodeport-addresses` serves the NodePort at once, without
+/// any Service changing, and stops when the address goes.
+#[test]
+fn node_ports_follow_addresses_added_to_the_node() {
+    let mut cluster = Cluster::start_with_flags(
+        Path::new(BINARY),
+        &["--nodeport-addresses", "198.18.0.0/24"],
+    )
+    .expect("start the cluster");
+    cluster.add_pod("a", 0, 10, "web").unwrap();
+    cluster
+        .manifests
+        .write(
+            "np.yaml",
+            &service(
+                "np",
+                &format!("  type: NodePort\n  clusterIP: 10.96.0.60\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: 30060\n"),
+            ),
+        )
+        .unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    let node_port = SocketAddr::new(node_ip(0, false), 30060);
+    wait_programmed(
+        &cluster,
+        client,
+        node_port,
+        Proto::Tcp,
+        "external",
+        "np",
+        |t| t.verdict == "DNAT",
+    );
+    let vip = v4(198, 18, 0, 99, 30060);
+    assert_ne!(
+        trace(&cluster, true, client, vip, Proto::Tcp, "external").verdict,
+        "DNAT"
+    );
+    cluster.nodes[0]
+        .ip(&["addr", "add", "198.18.0.99/24", "dev", "eth0"])
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        vip,
+        Proto::Tcp,
+        "external",
+        "the added address",
+        |t| t.verdict == "DNAT",
+    );
+    assert_answers(&cluster.client, vip, Proto::Tcp, &["a"], node_ip(0, false));
+    cluster.nodes[0]
+        .ip(&["addr", "del", "198.18.0.99/24", "dev", "eth0"])
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        vip,
+        Proto::Tcp,
+        "external",
+        "the removed address",
+        |t| t.verdict != "DNAT",
+    );
+}
+
 #[test]
 fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
     let (cluster, pods, _) = web_cluster();

@@ -72,6 +72,8 @@ pub struct Cluster {
     pub manifests: ManifestsDir,
     pub pin_dir: PinDir,
     binary: PathBuf,
+    /// Flags the proxy gets besides the source flags and its cgroup.
+    proxy_flags: Vec<String>,
     next_interface: u32,
     /// node1's `nft list ruleset` before the proxy started.
     pub nft_before: String,
@@ -80,6 +82,11 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the network, writes the Node objects and starts the proxy on node1.
     pub fn start(binary: &Path) -> Result<Self> {
+        Self::start_with_flags(binary, &[])
+    }
+
+    /// [`Cluster::start`], the proxy also getting `proxy_flags` (e.g. `--nodeport-addresses`).
+    pub fn start_with_flags(binary: &Path, proxy_flags: &[&str]) -> Result<Self> {
         let net = Netns::new("net")?;
         // No multicast snooping: IPv6 neighbour discovery must not depend on MLD timing.
         net.ip(&[
@@ -153,6 +160,7 @@ impl Cluster {
             manifests,
             pin_dir,
             binary: binary.to_owned(),
+            proxy_flags: proxy_flags.iter().map(|f| (*f).to_owned()).collect(),
             next_interface: 0,
             nft_before,
         };
@@ -164,6 +172,7 @@ impl Cluster {
         let mut args = self.source_flags();
         args.push("--cgroup-path".to_owned());
         args.push(self.cgroup.path().to_string_lossy().into_owned());
+        args.extend(self.proxy_flags.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proxy::start(&self.binary, &self.nodes[0], &self.pin_dir, &args)
     }
