@@ -1343,6 +1343,92 @@ fn host_originated_connections_reach_the_service_endpoints() {
     );
 }
 
+/// The node's own connections to LoadBalancer IPs with loadBalancerSourceRanges: the socket
+/// hooks decide (the node's address inside the ranges connects, outside is dropped, as
+/// kube-proxy's firewall check on output), and `trace --from node` says what they do.
+#[test]
+fn trace_from_node_agrees_with_the_nodes_own_connections_to_load_balancers() {
+    let (cluster, pods, _) = web_cluster();
+    let lb = |name: &str, n: u8, range: &str| {
+        format!(
+            "{}status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{n}\n",
+            service(
+                name,
+                &format!(
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.{n}\n  loadBalancerSourceRanges:\n  - {range}\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n"
+                )
+            )
+        )
+    };
+    cluster
+        .manifests
+        .write("lb-in.yaml", &lb("lb-in", 61, "198.18.0.0/24"))
+        .unwrap();
+    cluster
+        .manifests
+        .write("lb-out.yaml", &lb("lb-out", 62, "203.0.113.0/25"))
+        .unwrap();
+    let node = node_ip(0, false);
+    wait_programmed(
+        &cluster,
+        node,
+        v4(198, 51, 100, 62, 80),
+        Proto::Tcp,
+        "node",
+        "lb-out",
+        |t| t.verdict != "PASS",
+    );
+    // Inside the ranges: the node connects, and trace agrees.
+    let mut names = BTreeSet::new();
+    for _ in 0..MAX_REQUESTS {
+        let out = cluster
+            .node_shell("exec 3<>/dev/tcp/198.51.100.61/80 && cat <&3")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node to lb-in: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        names.insert(answer.split_once(' ').expect("NAME CLIENT").0.to_owned());
+        if names.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(
+        trace(
+            &cluster,
+            false,
+            node,
+            v4(198, 51, 100, 61, 80),
+            Proto::Tcp,
+            "node"
+        ),
+        dnat(&pods, true)
+    );
+    // Outside the ranges: no connection, and trace says DROP.
+    let out = cluster
+        .node_shell("timeout 1 bash -c 'exec 3<>/dev/tcp/198.51.100.62/80 && cat <&3'")
+        .unwrap();
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "node to lb-out must not connect: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        trace(
+            &cluster,
+            false,
+            node,
+            v4(198, 51, 100, 62, 80),
+            Proto::Tcp,
+            "node"
+        ),
+        verdict("DROP")
+    );
+}
+
 #[test]
 fn trace_explains_a_from_class_the_kernel_would_not_agree_with() {
     let (cluster, _, toolbox) = web_cluster();

@@ -6,9 +6,9 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
-    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
+    ConfigValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -917,5 +917,25 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     );
     assert!(
         dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
+    );
+    // Without a detector no source is a pod: --from pod traces the source as the program
+    // classifies it (external: dropped here) and says so.
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_NONE)
+        .unwrap();
+    let undetected = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(client.ip(), TraceFrom::Pod),
+    )
+    .unwrap();
+    assert_eq!(undetected.verdict, Verdict::Drop, "classified as external");
+    assert!(
+        undetected
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("without a local-traffic detector")),
+        "{:?}",
+        undetected.note
     );
 }
