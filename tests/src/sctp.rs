@@ -156,31 +156,37 @@ pub struct SctpServer {
 const SERVER_POLL: Duration = Duration::from_millis(50);
 
 impl SctpServer {
+    /// Serves inside `ns` (the threads enter it).
     pub fn start(ns: &Netns, name: &str, port: u16) -> Result<Self> {
+        Self::start_with(
+            name,
+            port,
+            &format!("SCTP port {port} in {}", ns.name()),
+            |serve| ns.spawn(serve),
+        )
+    }
+
+    /// Serves in the calling thread's namespace (the lab's pod server runs inside its pod).
+    pub fn start_here(name: &str, port: u16) -> Result<Self> {
+        Self::start_with(name, port, &format!("SCTP port {port}"), |serve| {
+            Ok(std::thread::spawn(serve))
+        })
+    }
+
+    fn start_with(
+        name: &str,
+        port: u16,
+        place: &str,
+        spawn: impl Fn(Box<dyn FnOnce() + Send>) -> Result<std::thread::JoinHandle<()>>,
+    ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
         let mut threads = Vec::new();
         for family in [IpAddr::from([0u8; 4]), IpAddr::from([0u16; 8])] {
             let (stop, name, ready) = (stop.clone(), name.to_owned(), ready_tx.clone());
-            threads.push(ns.spawn(move || {
-                let socket = match raw_socket(family) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                let mut associations = HashMap::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(packet) = receive(&socket, Instant::now() + SERVER_POLL) else {
-                        continue;
-                    };
-                    if packet.dport == port {
-                        let _ = answer(&socket, &name, port, &packet, &mut associations);
-                    }
-                }
-            })?);
+            threads.push(spawn(Box::new(move || {
+                serve(family, &name, port, &stop, &ready);
+            }))?);
         }
         let server = Self { stop, threads };
         for _ in 0..2 {
@@ -188,11 +194,38 @@ impl SctpServer {
                 .recv_timeout(Duration::from_secs(5))
                 .map_err(|_| LabError::Proxy(format!("SCTP server {name} did not start")))?;
             started.map_err(|source| LabError::Io {
-                path: format!("SCTP port {port} in {}", ns.name()).into(),
+                path: place.into(),
                 source,
             })?;
         }
         Ok(server)
+    }
+}
+
+/// One family's server loop, until `stop`.
+fn serve(
+    family: IpAddr,
+    name: &str,
+    port: u16,
+    stop: &AtomicBool,
+    ready: &mpsc::Sender<std::io::Result<()>>,
+) {
+    let socket = match raw_socket(family) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut associations = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(packet) = receive(&socket, Instant::now() + SERVER_POLL) else {
+            continue;
+        };
+        if packet.dport == port {
+            let _ = answer(&socket, name, port, &packet, &mut associations);
+        }
     }
 }
 
@@ -282,74 +315,86 @@ fn state_cookie(init_ack: &[u8]) -> Option<&[u8]> {
     None
 }
 
-/// Source ports for client associations: distinct across the tests of one process.
-static NEXT_PORT: AtomicU16 = AtomicU16::new(41_000);
+/// Source ports for client associations: distinct across the associations of one process,
+/// and (from its process id) likely distinct from another process's.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
-/// One SCTP association with an [`SctpServer`] from inside `ns` through `target`, from a fresh
-/// source port: the server's answer, or why it failed (`TimedOut`: no answer; `InvalidData`: a
-/// reply with a wrong CRC32c or from the wrong address or port).
+fn next_port() -> u16 {
+    const FIRST: u16 = 41_000;
+    const SPAN: u16 = 20_000;
+    let start = FIRST + (std::process::id() % u32::from(SPAN)) as u16;
+    let _ = NEXT_PORT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    FIRST + (port - FIRST) % SPAN
+}
+
+/// One SCTP association with an [`SctpServer`] from inside `ns` through `target` (see
+/// [`sctp_exchange`]).
 pub fn sctp_request(
     ns: &Netns,
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<std::io::Result<String>> {
-    ns.enter(move || {
-        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let socket = raw_socket(target.ip())?;
-        let deadline = Instant::now() + timeout;
-        let tag = 0xc11e_0000 | u32::from(port);
-        let expect = |want: u8| -> std::io::Result<Packet> {
-            loop {
-                let packet = receive(&socket, deadline)?;
-                if packet.dport != port {
-                    continue; // another association's packet
-                }
-                if (packet.peer, packet.sport) != (target.ip(), target.port()) || packet.tag != tag
-                {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "chunk {} from {}:{} tag {:#x}, expected from {target} tag {tag:#x}",
-                            packet.chunk, packet.peer, packet.sport, packet.tag
-                        ),
-                    ));
-                }
-                if packet.chunk == want {
-                    return Ok(packet);
-                }
+    ns.enter(move || sctp_exchange(target, timeout))
+}
+
+/// One SCTP association with an [`SctpServer`] through `target`, from the calling thread's
+/// namespace and a fresh source port: the server's answer, or why it failed (`TimedOut`: no
+/// answer; `InvalidData`: a reply with a wrong CRC32c or from the wrong address or port).
+pub fn sctp_exchange(target: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let port = next_port();
+    let socket = raw_socket(target.ip())?;
+    let deadline = Instant::now() + timeout;
+    let tag = 0xc11e_0000 | u32::from(port);
+    let expect = |want: u8| -> std::io::Result<Packet> {
+        loop {
+            let packet = receive(&socket, deadline)?;
+            if packet.dport != port {
+                continue; // another association's packet
             }
-        };
-        send(
-            &socket,
-            target.ip(),
-            &build(port, target.port(), 0, INIT, 0, &init_value(tag)),
-        )?;
-        let init_ack = expect(INIT_ACK)?;
-        let malformed =
-            || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed INIT ACK");
-        let server_tag = u32::from_be_bytes(
-            init_ack
-                .value
-                .get(..4)
-                .ok_or_else(malformed)?
-                .try_into()
-                .map_err(|_| malformed())?,
-        );
-        let cookie = state_cookie(&init_ack.value).ok_or_else(malformed)?;
-        send(
-            &socket,
-            target.ip(),
-            &build(port, target.port(), server_tag, COOKIE_ECHO, 0, cookie),
-        )?;
-        expect(COOKIE_ACK)?;
-        let data = data_value(1, b"hello");
-        send(
-            &socket,
-            target.ip(),
-            &build(port, target.port(), server_tag, DATA, 0x03, &data),
-        )?;
-        expect(SACK)?;
-        let answer = expect(DATA)?;
-        Ok(String::from_utf8_lossy(answer.value.get(12..).unwrap_or_default()).into_owned())
-    })
+            if (packet.peer, packet.sport) != (target.ip(), target.port()) || packet.tag != tag {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "chunk {} from {}:{} tag {:#x}, expected from {target} tag {tag:#x}",
+                        packet.chunk, packet.peer, packet.sport, packet.tag
+                    ),
+                ));
+            }
+            if packet.chunk == want {
+                return Ok(packet);
+            }
+        }
+    };
+    send(
+        &socket,
+        target.ip(),
+        &build(port, target.port(), 0, INIT, 0, &init_value(tag)),
+    )?;
+    let init_ack = expect(INIT_ACK)?;
+    let malformed = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed INIT ACK");
+    let server_tag = u32::from_be_bytes(
+        init_ack
+            .value
+            .get(..4)
+            .ok_or_else(malformed)?
+            .try_into()
+            .map_err(|_| malformed())?,
+    );
+    let cookie = state_cookie(&init_ack.value).ok_or_else(malformed)?;
+    send(
+        &socket,
+        target.ip(),
+        &build(port, target.port(), server_tag, COOKIE_ECHO, 0, cookie),
+    )?;
+    expect(COOKIE_ACK)?;
+    let data = data_value(1, b"hello");
+    send(
+        &socket,
+        target.ip(),
+        &build(port, target.port(), server_tag, DATA, 0x03, &data),
+    )?;
+    expect(SACK)?;
+    let answer = expect(DATA)?;
+    Ok(String::from_utf8_lossy(answer.value.get(12..).unwrap_or_default()).into_owned())
 }

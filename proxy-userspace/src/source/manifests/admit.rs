@@ -124,7 +124,9 @@ pub fn admit(
     for (key, (_, service)) in &history.admitted {
         pools.hold(key, service);
     }
-    let mut reserved = Vec::new();
+    // One Service at a time, as the API server creates them: an older Service's allocated
+    // values are taken before a newer one asks for them explicitly.
+    let mut admitted = BTreeMap::new();
     for mut candidate in candidates {
         let previous = history.admitted.get(&candidate.key);
         let spec = candidate
@@ -135,7 +137,7 @@ pub fn admit(
         let carried = previous.map_or_else(Vec::new, |(_, old)| carry_over(old, spec));
         let outcome = validate(&candidate.service)
             .and_then(|()| pools.reserve_explicit(&candidate, settings, diagnostics));
-        match outcome {
+        let candidate = match outcome {
             Ok(()) => {
                 let object = object_name(&candidate.key);
                 allocations.extend(carried.into_iter().map(|(field, value)| Allocation {
@@ -143,7 +145,7 @@ pub fn admit(
                     field,
                     value,
                 }));
-                reserved.push(candidate);
+                candidate
             }
             Err(reason) => {
                 diagnostics.push(diagnostic(
@@ -152,25 +154,22 @@ pub fn admit(
                     reason,
                 ));
                 // The API server refuses the update: the stored version stays.
-                if let Some((origin, service)) = previous {
-                    diagnostics.push(diagnostic(
-                        object_name(&candidate.key),
-                        &candidate.origin,
-                        format!(
-                            "this change is refused; the Service stays as admitted from {origin}"
-                        ),
-                    ));
-                    reserved.push(Candidate {
-                        origin: origin.clone(),
-                        service: service.clone(),
-                        ..candidate
-                    });
+                let Some((origin, service)) = previous else {
+                    continue;
+                };
+                diagnostics.push(diagnostic(
+                    object_name(&candidate.key),
+                    &candidate.origin,
+                    format!("this change is refused; the Service stays as admitted from {origin}"),
+                ));
+                Candidate {
+                    origin: origin.clone(),
+                    service: service.clone(),
+                    ..candidate
                 }
             }
-        }
-    }
-    let mut admitted = BTreeMap::new();
-    for mut candidate in reserved {
+        };
+        let mut candidate = candidate;
         match pools.allocate_missing(&candidate.key, &mut candidate.service, allocations) {
             Ok(()) => {
                 if !history.rank.contains_key(&candidate.key) {
@@ -1310,9 +1309,8 @@ mod tests {
     }
 
     #[test]
-    fn explicit_values_and_allocation_do_not_collide() {
+    fn creation_order_decides_between_an_allocation_and_an_explicit_claim() {
         let settings = settings(&["10.96.0.0/12"]);
-        // Whatever "a" would get by hash, an explicit claim of it by "b" wins and "a" moves on.
         let (alone, _, _) = run(
             vec![candidate(
                 "a",
@@ -1321,14 +1319,16 @@ mod tests {
             &settings,
         );
         let taken = spec_of(&alone, "a").cluster_ip.clone().unwrap();
+        let claim = || {
+            candidate(
+                "b",
+                &serde_json::json!({"clusterIP": taken, "ports": [{"port": 80}]}),
+            )
+        };
+        let dynamic = || candidate("a", &serde_json::json!({"ports": [{"port": 80}]}));
+        // b created first: its explicit claim is honoured and a gets another address.
         let (both, diagnostics, allocations) = run(
-            vec![
-                candidate("a", &serde_json::json!({"ports": [{"port": 80}]})),
-                candidate(
-                    "b",
-                    &serde_json::json!({"clusterIP": taken, "ports": [{"port": 80}]}),
-                ),
-            ],
+            vec![created_at(dynamic(), 200), created_at(claim(), 100)],
             &settings,
         );
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
@@ -1343,6 +1343,21 @@ mod tests {
         assert_eq!(allocations.len(), 1);
         assert_eq!(allocations[0].object, "Service default/a");
         assert_eq!(allocations[0].field, "spec.clusterIPs[0]");
+        // a created first: it keeps what it was allocated and b is refused, as the API server
+        // refuses a Service asking for an allocated address.
+        let (both, diagnostics, _) = run(
+            vec![created_at(dynamic(), 100), created_at(claim(), 200)],
+            &settings,
+        );
+        assert_eq!(
+            spec_of(&both, "a").cluster_ip.as_deref(),
+            Some(taken.as_str())
+        );
+        assert!(!both.keys().any(|k| k.name == "b"));
+        assert_eq!(
+            diagnostics[0].message,
+            format!("b.yaml: spec.clusterIPs {taken} is already allocated to Service default/a")
+        );
     }
 
     #[test]
