@@ -6,12 +6,11 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
-use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_SCTP};
+use proxy_common::{Addr, Counter, FAMILY_IPV4};
 
 use crate::{
     maps::count,
     parse::{Flow, IPV4_CSUM_OFF, L4Csum},
-    sctp,
 };
 
 /// An address and port a packet's source or destination becomes.
@@ -32,17 +31,6 @@ pub struct Target {
 }
 
 impl Target {
-    #[inline(always)]
-    pub fn none() -> Self {
-        Self {
-            set: false,
-            endpoint: Endpoint {
-                addr: [0; 4],
-                port: 0,
-            },
-        }
-    }
-
     #[inline(always)]
     pub fn to(endpoint: Endpoint) -> Self {
         Self {
@@ -185,21 +173,6 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -
             )?;
         }
         replace_port(ctx, flow.l4_off, flow.sport, src.port, flow.l4_csum())?;
-    }
-    if flow.proto == IPPROTO_SCTP {
-        let sport = if new_src.set {
-            new_src.endpoint.port
-        } else {
-            flow.sport
-        };
-        let dport = if new_dst.set {
-            new_dst.endpoint.port
-        } else {
-            flow.dport
-        };
-        if (sport, dport) != (flow.sport, flow.dport) {
-            sctp::ports_rewritten(sport, dport);
-        }
     }
     Ok(())
 }

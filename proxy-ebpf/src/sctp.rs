@@ -2,40 +2,20 @@
 //! address rewrite leaves it valid, a port rewrite updates it by the exact difference
 //! (`proxy_common::crc32c`), in both directions of a flow.
 //!
-//! The rewrite only records the new ports; the CRC32c is updated once at the end of the program
-//! (`finish`), from one call site, rather than inside each of the three rewrite paths.
+//! The CRC32c is updated once at the end of the program (`finish`), from one call site, by
+//! comparing the ports the packet leaves with to those it was parsed with, rather than inside
+//! each of the three rewrite paths (each copy would cost the verifier's budget again).
 
 use aya_ebpf::{
     bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
 use proxy_common::{
-    Counter,
+    Counter, IPPROTO_SCTP,
     crc32c::{self, SCTP_CHECKSUM_OFF},
 };
 
 use crate::{maps::count, parse::scratch};
-
-/// A port rewrite of the current packet whose CRC32c is still to be updated.
-#[derive(Clone, Copy)]
-pub struct Pending {
-    pub set: bool,
-    /// The ports the packet now carries, network byte order.
-    pub sport: u16,
-    pub dport: u16,
-}
-
-/// Records that the current (SCTP) packet's ports became `sport` and `dport`.
-#[inline(always)]
-pub fn ports_rewritten(sport: u16, dport: u16) {
-    if let Some(scratch) = scratch() {
-        scratch.sctp = Pending {
-            set: true,
-            sport,
-            dport,
-        };
-    }
-}
 
 /// `verdict`, with the CRC32c of the packet updated if its SCTP ports were rewritten; a drop if
 /// the update failed (the packet's receiver would discard it).
@@ -48,12 +28,19 @@ pub fn finish(ctx: &TcContext, verdict: i32) -> i32 {
     let Some(scratch) = scratch() else {
         return verdict;
     };
-    let pending = scratch.sctp.set;
-    scratch.sctp.set = false;
-    if !pending || verdict != TC_ACT_OK as i32 {
+    let flow = &scratch.flow;
+    if flow.proto != IPPROTO_SCTP || verdict != TC_ACT_OK as i32 {
         return verdict;
     }
-    let flow = &scratch.flow;
+    // The ports the packet leaves with, against those it was parsed with.
+    let Ok(new) = ctx.load::<[u8; 4]>(flow.l4_off) else {
+        count(Counter::RewriteFailures);
+        return TC_ACT_SHOT as i32;
+    };
+    let old = ports(flow.sport, flow.dport);
+    if new == old {
+        return verdict;
+    }
     let off = flow.l4_off + SCTP_CHECKSUM_OFF;
     let Ok(stored) = ctx.load::<[u8; 4]>(off) else {
         count(Counter::RewriteFailures);
@@ -62,8 +49,6 @@ pub fn finish(ctx: &TcContext, verdict: i32) -> i32 {
     if stored == [0; 4] {
         return verdict;
     }
-    let old = ports(flow.sport, flow.dport);
-    let new = ports(scratch.sctp.sport, scratch.sctp.dport);
     let crc = u32::from_le_bytes(stored) ^ crc32c::port_rewrite_delta(old, new, flow.l4_len);
     // RECOMPUTE_CSUM keeps `skb->csum` right for CHECKSUM_COMPLETE packets: nothing else
     // compensates a change of these bytes.
