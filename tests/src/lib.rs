@@ -5,6 +5,9 @@
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
 pub mod cluster;
+pub mod control_plane;
+pub mod kube_cluster;
+pub mod kubelet;
 
 use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
 
+mod control_plane;
 mod demo;
 mod ebpf_build;
 mod lab;
@@ -20,7 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (Debian packages, bpf-linker); fast when all is there.
+    /// Install what is missing (Debian packages, bpf-linker) and build the test control plane
+    /// (etcd, kube-apiserver, kube-controller-manager, kubectl) once per machine; fast when all
+    /// is there.
     Setup,
     /// Build the eBPF object and print its path.
     BuildEbpf,
@@ -41,7 +44,10 @@ pub fn workspace_root() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::setup(),
+        Task::Setup => {
+            setup::setup()?;
+            control_plane::ensure().map(drop)
+        }
         Task::BuildEbpf => {
             setup::setup()?;
             let object = build_ebpf()?;
@@ -82,6 +88,8 @@ fn cargo() -> Command {
 
 fn test() -> anyhow::Result<()> {
     setup::setup()?;
+    // The end-to-end tests run against it (tests/control-plane/).
+    control_plane::ensure()?;
     setup::require_root(
         "the kernel tests (they load eBPF programs and create network namespaces)",
     )?;

@@ -7,6 +7,10 @@
 //! its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
 //! published before both the Services and the EndpointSlices have completed their first list:
 //! consumers treat the first change of the channel as the first complete snapshot.
+//!
+//! The API server refusing a list or watch (403, an RBAC gap) before that first snapshot ends
+//! the source with an error naming what was refused, rather than backing off forever with
+//! nothing programmed; afterwards it is retried like any failure, keeping what is programmed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,11 +38,17 @@ pub fn service_label_selector() -> String {
 }
 
 /// Which reflector an event came from, and whether it changed the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Update {
-    Services { synced: bool },
-    EndpointSlices { synced: bool },
+    Services {
+        synced: bool,
+    },
+    EndpointSlices {
+        synced: bool,
+    },
     Node,
+    /// The API server refused to list or watch a kind: what it said.
+    Forbidden(String),
 }
 
 /// Watches one kind into `writer`, yielding an [`Update`] per event that changed the store
@@ -71,6 +81,13 @@ where
                 Ok(Event::InitDone) => Some(update(true)),
                 // The store does not change until InitDone.
                 Ok(Event::Init | Event::InitApply(_)) => None,
+                Err(
+                    watcher::Error::InitialListFailed(::kube::Error::Api(status))
+                    | watcher::Error::WatchStartFailed(::kube::Error::Api(status)),
+                ) if status.code == 403 => {
+                    tracing::warn!(%kind, %status, "watch forbidden; backing off and re-listing");
+                    Some(Update::Forbidden(format!("{kind}: {}", status.message)))
+                }
                 Err(error) => {
                     tracing::warn!(%kind, %error, "watch failed; backing off and re-listing");
                     None
@@ -99,6 +116,8 @@ where
 
 /// Reflects the cluster into snapshots on `tx` until the task is cancelled. The first snapshot
 /// is sent once Services and EndpointSlices have both been listed; after that, one per change.
+/// Returns (dropping `tx`) when the API server forbids a list or watch before the first snapshot,
+/// after logging what it refused.
 pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<ClusterSnapshot>>) {
     let selector = service_label_selector();
     let (services, services_writer) = reflector::store::<Service>();
@@ -134,6 +153,15 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
             Update::Services { synced } => services_synced |= synced,
             Update::EndpointSlices { synced } => slices_synced |= synced,
             Update::Node => {}
+            Update::Forbidden(refused) => {
+                if !(services_synced && slices_synced) {
+                    tracing::error!(
+                        "the API server forbids what the proxy must watch ({refused}); its identity needs list and watch on services, nodes and discovery.k8s.io endpointslices (the ClusterRole of manifests/kube-ebpf-proxy.yaml)"
+                    );
+                    return;
+                }
+                continue;
+            }
         }
         if !(services_synced && slices_synced) {
             continue;
@@ -466,5 +494,34 @@ mod tests {
                 "b disappeared before the re-list: {published:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_list_before_the_first_snapshot_ends_the_source() {
+        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut routes = route(handle);
+        let client = Client::new(mock, "default");
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+        let source = tokio::spawn(run(client, "node-a".to_owned(), tx));
+        let (_, respond) = next(&mut routes.slices_list, "EndpointSlice list").await;
+        respond.send_response(
+            Response::builder()
+                .status(403)
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    serde_json::to_vec(&json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:kube-system:kube-ebpf-proxy\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope",
+                        "reason": "Forbidden", "code": 403,
+                    }))
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), source)
+            .await
+            .expect("the source ends instead of retrying forever")
+            .unwrap();
+        assert!(rx.changed().await.is_err(), "nothing was published");
     }
 }
