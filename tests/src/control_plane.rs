@@ -316,6 +316,8 @@ impl ControlPlane {
             format!("--service-account-key-file={}", file("sa.pub")),
             format!("--service-account-signing-key-file={}", file("sa.key")),
             format!("--cert-dir={}", file("apiserver-certs")),
+            // The proxy's DaemonSet is privileged, as kube-proxy's is.
+            "--allow-privileged=true".to_owned(),
             "--profiling=false".to_owned(),
         ];
         let runtime = crate::enter(netns, || {
@@ -504,6 +506,69 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A second API server on the same etcd, on the namespace's loopback (`127.0.0.1:6444`),
+    /// e.g. to change objects while the one the nodes use is down; `kubectl` through it is
+    /// [`ControlPlane::kubectl_via`] with the returned kubeconfig. Stopped when the daemon drops.
+    pub fn start_second_apiserver(&self) -> Result<(Daemon, PathBuf)> {
+        let dir = &self.state.0;
+        let mut args: Vec<String> = self
+            .apiserver_args
+            .iter()
+            .filter(|a| {
+                !a.starts_with("--bind-address=")
+                    && !a.starts_with("--advertise-address=")
+                    && !a.starts_with("--secure-port=")
+            })
+            .cloned()
+            .collect();
+        args.extend([
+            "--bind-address=127.0.0.1".to_owned(),
+            "--secure-port=6444".to_owned(),
+            // The default Service's endpoints stay the first API server's.
+            "--endpoint-reconciler-type=none".to_owned(),
+            format!("--cert-dir={}", dir.join("apiserver2-certs").display()),
+        ]);
+        let daemon = Daemon::spawn(
+            &self.netns,
+            "second kube-apiserver",
+            &self.binaries.path("kube-apiserver"),
+            &args,
+            dir.join("kube-apiserver-2.log"),
+        )?;
+        let admin = std::fs::read_to_string(self.admin_kubeconfig())
+            .map_err(io_error(&self.admin_kubeconfig()))?;
+        let kubeconfig = dir.join("admin-second.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            admin.replace(&self.server_url(), "https://127.0.0.1:6444"),
+        )
+        .map_err(io_error(&kubeconfig))?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self
+            .kubectl_via(&kubeconfig, &["get", "--raw", "/readyz"])
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(LabError::Proxy(format!(
+                    "the second kube-apiserver did not become ready within 90 s:\n{}",
+                    daemon.log_tail()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok((daemon, kubeconfig))
+    }
+
+    /// `kubectl ARGS…` with `kubeconfig`, in the control plane's namespace.
+    pub fn kubectl_via(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        crate::run(
+            crate::command_in(&self.netns, self.binaries.path("kubectl"))
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(args),
+        )
+    }
+
     /// Stops the API server (SIGTERM, waited for); etcd and the controller manager keep running.
     pub fn stop_apiserver(&mut self) {
         drop(self.apiserver.take());
@@ -548,6 +613,16 @@ impl ControlPlane {
     /// an error with its stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         crate::run(self.kubectl_command().args(args))
+    }
+
+    /// The kubectl binary.
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.binaries.path("kubectl")
+    }
+
+    /// The namespace the control plane runs in.
+    pub fn netns(&self) -> &str {
+        &self.netns
     }
 
     /// A `kubectl` command with the admin kubeconfig, run in the control plane's namespace.

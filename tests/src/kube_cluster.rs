@@ -21,7 +21,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::control_plane::{Binaries, ControlPlane, SERVICE_CIDR};
-use crate::kubelet::{Kubelet, KubeletNode, connect_pod};
+use crate::kubelet::{Kubelet, KubeletNode, PodServer, connect_pod};
 use crate::{Cgroup, LabError, Netns, PinDir, Proxy, Result, veth};
 
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -37,6 +37,26 @@ pub fn proxy_manifest() -> PathBuf {
 /// Node `index` (0-based): its name and address.
 pub fn node_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 11 + u8::try_from(index).expect("a few nodes"))
+}
+
+/// How a [`KubeCluster`] is built.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// Node 1 is the control-plane node: tainted, the kubelet binds no pods to it (as in kind).
+    pub control_plane_node: bool,
+    pub pod_server: PodServer,
+}
+
+impl ClusterOptions {
+    /// `nodes` nodes that all take pods, which run in-process echo servers.
+    pub fn nodes(nodes: usize) -> Self {
+        Self {
+            nodes,
+            control_plane_node: false,
+            pod_server: PodServer::Echo,
+        }
+    }
 }
 
 /// Fields drop in order: proxies first, then the kubelet's pods, the clients, the control
@@ -60,7 +80,8 @@ pub struct KubeCluster {
 impl KubeCluster {
     /// Builds the network and the control plane, registers `nodes` Node objects, applies the
     /// proxy's manifest, and starts the kubelet and a proxy on every node.
-    pub fn start(proxy_binary: &Path, nodes: usize) -> Result<Self> {
+    pub fn start(proxy_binary: &Path, options: ClusterOptions) -> Result<Self> {
+        let nodes = options.nodes;
         let binaries = Binaries::cached()?;
         let net = Netns::new("net")?;
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
@@ -110,7 +131,7 @@ impl KubeCluster {
                 netns: ns.name().to_owned(),
                 ip: node_ip(i),
                 subnet: u8::try_from(i + 1).expect("a few nodes"),
-                schedulable: true,
+                schedulable: i > 0 || !options.control_plane_node,
             })
             .collect();
         register_nodes(&control_plane, &kubelet_nodes)?;
@@ -122,6 +143,7 @@ impl KubeCluster {
             control_plane.runtime(),
             control_plane.client(),
             kubelet_nodes,
+            options.pod_server,
         );
         let mut cluster = Self {
             proxies: Vec::new(),
@@ -171,6 +193,11 @@ impl KubeCluster {
             "--cgroup-path".to_owned(),
             self.cgroups[node].path().to_string_lossy().into_owned(),
         ]
+    }
+
+    /// The cgroup node `node`'s proxy attaches its socket hooks to.
+    pub fn proxy_cgroup(&self, node: usize) -> &Path {
+        self.cgroups[node].path()
     }
 
     pub fn proxy(&mut self, node: usize) -> &mut Proxy {
@@ -286,6 +313,46 @@ impl KubeCluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Waits (bounded) until the kubelet runs pod `default/name`; its address.
+    pub fn wait_for_pod(&self, name: &str) -> Result<Ipv4Addr> {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            if let Some((_, ip)) = self.kubelet.pod("default", name) {
+                return Ok(ip);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Proxy(format!(
+                    "pod default/{name} is not running after 60 s; running: {:?}",
+                    self.kubelet.running()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `kubectl apply -f -` of `yaml`, retried (bounded by `timeout`) while the API server
+    /// refuses it (e.g. a ClusterIP in a ServiceCIDR that is not ready yet).
+    pub fn apply_until_accepted(&self, yaml: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.apply(yaml) {
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Reports pod `default/name` ready or not, as its readiness probe would.
+    pub fn set_pod_ready(&self, name: &str, ready: bool) -> Result<()> {
+        self.control_plane
+            .block_on(self.kubelet.set_ready("default", name, ready))
+            .map_err(|e| {
+                LabError::Proxy(format!("reporting pod default/{name} ready={ready}: {e}"))
+            })
     }
 
     /// Names of the pods running with label `app=APP`.

@@ -31,9 +31,34 @@ pub struct KubeletNode {
     pub schedulable: bool,
 }
 
+/// What a pod runs on its containers' ports.
+#[derive(Clone, Debug)]
+pub enum PodServer {
+    /// In-process [`EchoServer`]s (TCP and UDP: `NAME PEER_IP` on connect), for tests.
+    Echo,
+    /// The `lab-server` binary at this path (HTTP and UDP: `pod=NAME client=IP:PORT`), so
+    /// `curl` works against the pods.
+    LabServer(std::path::PathBuf),
+}
+
+/// A running pod's servers (stopped on drop).
+enum Servers {
+    Echo(#[allow(dead_code, reason = "held until the pod goes")] Vec<EchoServer>),
+    Process(std::process::Child),
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if let Self::Process(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A pod the kubelet runs: its servers stop before its namespace goes.
 struct LocalPod {
-    _servers: Vec<EchoServer>,
+    _servers: Servers,
     _netns: Netns,
     node: usize,
     ip: Ipv4Addr,
@@ -56,6 +81,12 @@ pub struct Kubelet {
     nodes: Arc<Vec<KubeletNode>>,
 }
 
+/// What the kubelet task needs for every pod.
+struct Config {
+    nodes: Arc<Vec<KubeletNode>>,
+    server: PodServer,
+}
+
 fn key(pod: &Pod) -> String {
     format!(
         "{}/{}",
@@ -70,11 +101,16 @@ impl Kubelet {
         runtime: &tokio::runtime::Runtime,
         client: kube::Client,
         nodes: Vec<KubeletNode>,
+        server: PodServer,
     ) -> Self {
         let state = Arc::new(Mutex::new(State::default()));
         let nodes = Arc::new(nodes);
         let task = {
-            let (state, nodes, client) = (state.clone(), nodes.clone(), client.clone());
+            let config = Config {
+                nodes: nodes.clone(),
+                server,
+            };
+            let (state, client) = (state.clone(), client.clone());
             runtime.spawn(async move {
                 let pods =
                     watcher::watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
@@ -83,7 +119,7 @@ impl Kubelet {
                 while let Some(event) = pods.next().await {
                     match event {
                         Ok(Event::Apply(pod) | Event::InitApply(pod)) => {
-                            if let Err(error) = sync_pod(&client, &state, &nodes, &pod).await {
+                            if let Err(error) = sync_pod(&client, &state, &config, &pod).await {
                                 eprintln!("kubelet: pod {}: {error}", key(&pod));
                             }
                         }
@@ -124,9 +160,14 @@ impl Kubelet {
             .collect()
     }
 
-    /// Reports pod `namespace/name` ready or not (as its readiness probe would), through the
-    /// API; the servers keep running either way.
-    pub async fn set_ready(&self, namespace: &str, name: &str, ready: bool) -> kube::Result<()> {
+    /// Reports pod `namespace/name` ready or not (as its readiness probe would) through the
+    /// API, when the returned future runs; the servers keep running either way.
+    pub fn set_ready(
+        &self,
+        namespace: &str,
+        name: &str,
+        ready: bool,
+    ) -> impl std::future::Future<Output = kube::Result<()>> + Send + 'static {
         if let Some(pod) = self
             .state
             .lock()
@@ -137,13 +178,16 @@ impl Kubelet {
             pod.ready = ready;
         }
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(ready_patch(ready)),
-        )
-        .await
-        .map(drop)
+        let name = name.to_owned();
+        async move {
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(ready_patch(ready)),
+            )
+            .await
+            .map(drop)
+        }
     }
 }
 
@@ -177,9 +221,10 @@ fn is_ready(pod: &Pod) -> bool {
 async fn sync_pod(
     client: &kube::Client,
     state: &Arc<Mutex<State>>,
-    nodes: &[KubeletNode],
+    config: &Config,
     pod: &Pod,
 ) -> std::result::Result<(), String> {
+    let nodes = config.nodes.as_slice();
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api = Api::<Pod>::namespaced(client.clone(), &namespace);
@@ -231,7 +276,8 @@ async fn sync_pod(
         if let Some(found) = existing {
             found
         } else {
-            let local = run_pod(state, &nodes[node], node, pod).map_err(|e| e.to_string())?;
+            let local = run_pod(state, &nodes[node], node, pod, &config.server)
+                .map_err(|e| e.to_string())?;
             let ip = local.ip;
             state
                 .lock()
@@ -270,12 +316,13 @@ fn schedule(state: &Arc<Mutex<State>>, nodes: &[KubeletNode]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// Creates the pod's namespace on `node` with an address and echo servers on its ports.
+/// Creates the pod's namespace on `node` with an address and servers on its ports.
 fn run_pod(
     state: &Arc<Mutex<State>>,
     node: &KubeletNode,
     index: usize,
     pod: &Pod,
+    server: &PodServer,
 ) -> Result<LocalPod> {
     let (host, interface) = {
         let mut state = state.lock().expect("kubelet state");
@@ -299,10 +346,27 @@ fn run_pod(
         .collect();
     ports.sort_unstable();
     ports.dedup();
-    let servers = ports
-        .into_iter()
-        .map(|port| EchoServer::start(&netns, &name, port))
-        .collect::<Result<_>>()?;
+    let servers = match server {
+        PodServer::Echo => Servers::Echo(
+            ports
+                .into_iter()
+                .map(|port| EchoServer::start(&netns, &name, port))
+                .collect::<Result<_>>()?,
+        ),
+        PodServer::LabServer(binary) => {
+            let mut cmd = netns.command(binary);
+            cmd.arg("--name").arg(&name);
+            for port in ports {
+                cmd.arg("--port").arg(port.to_string());
+            }
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            Servers::Process(cmd.spawn().map_err(|source| crate::LabError::Spawn {
+                command: format!("{cmd:?}"),
+                source,
+            })?)
+        }
+    };
     Ok(LocalPod {
         _servers: servers,
         _netns: netns,

@@ -88,7 +88,7 @@ pub fn ensure() -> anyhow::Result<Binaries> {
     std::fs::rename(&partial, &dir)
         .with_context(|| format!("moving {} to {}", partial.display(), dir.display()))?;
     println!(
-        "setup: control plane built in {:.1} minutes (cold Go build; later runs reuse {})",
+        "setup: control plane built in {:.1} minutes (later runs reuse {})",
         started.elapsed().as_secs_f64() / 60.0,
         dir.display()
     );

@@ -3,6 +3,7 @@
 mod control_plane;
 mod demo;
 mod ebpf_build;
+mod kube_lab;
 mod lab;
 mod setup;
 
