@@ -432,10 +432,18 @@ subjects:
         .unwrap();
     let pin_dir = proxy_lab::PinDir::new();
     let mut args = cluster.proxy_args(0, &kubeconfig);
-    args.extend([
-        "--bpf-pin-path".to_owned(),
-        pin_dir.path().to_string_lossy().into_owned(),
-    ]);
+    // Beside node1's own proxy: other health and metrics ports.
+    args.extend(
+        [
+            "--bpf-pin-path",
+            &pin_dir.path().to_string_lossy(),
+            "--healthz-bind-address",
+            "127.0.0.1:10266",
+            "--metrics-bind-address",
+            "",
+        ]
+        .map(str::to_owned),
+    );
     let started = std::time::Instant::now();
     let out = cluster.nodes[0]
         .command("timeout")
