@@ -594,7 +594,8 @@ ports:
             &cluster.toolbox,
             at(new_ip, 80),
             5,
-            Duration::from_secs(20),
+            // Seconds, not the half minute of a 30 s retry cap.
+            Duration::from_secs(12),
             |pods| pods == ["backend-a"],
         )
         .unwrap();

@@ -514,11 +514,7 @@ impl ControlPlane {
         let mut args: Vec<String> = self
             .apiserver_args
             .iter()
-            .filter(|a| {
-                !a.starts_with("--bind-address=")
-                    && !a.starts_with("--advertise-address=")
-                    && !a.starts_with("--secure-port=")
-            })
+            .filter(|a| !a.starts_with("--bind-address=") && !a.starts_with("--secure-port="))
             .cloned()
             .collect();
         args.extend([
@@ -528,7 +524,7 @@ impl ControlPlane {
             "--endpoint-reconciler-type=none".to_owned(),
             format!("--cert-dir={}", dir.join("apiserver2-certs").display()),
         ]);
-        let daemon = Daemon::spawn(
+        let mut daemon = Daemon::spawn(
             &self.netns,
             "second kube-apiserver",
             &self.binaries.path("kube-apiserver"),
@@ -548,7 +544,7 @@ impl ControlPlane {
             .kubectl_via(&kubeconfig, &["get", "--raw", "/readyz"])
             .is_err()
         {
-            if Instant::now() > deadline {
+            if daemon.child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
                 return Err(LabError::Proxy(format!(
                     "the second kube-apiserver did not become ready within 90 s:\n{}",
                     daemon.log_tail()

@@ -2,9 +2,9 @@
 //!
 //! Services and EndpointSlices are watched with kube-proxy's label selector
 //! (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`), this node's
-//! Node with the field selector `metadata.name=<hostname>`. A failed watch backs off
-//! (kube-runtime's default backoff) and re-lists; the reflector store only swaps in a re-list at
-//! its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
+//! Node with the field selector `metadata.name=<hostname>`. A failed watch backs off (800 ms
+//! doubling up to 5 s, [`RetryDelay`]) and re-lists; the reflector store only swaps in a re-list
+//! at its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
 //! published before both the Services and the EndpointSlices have completed their first list:
 //! consumers treat the first change of the channel as the first complete snapshot.
 //!
@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::kube::runtime::WatchStreamExt;
 use ::kube::runtime::reflector::{self, Store};
@@ -35,6 +36,42 @@ pub fn service_label_selector() -> String {
         .map(|label| format!("!{label}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// How long a failed list or watch waits before it is tried again: 800 ms, doubling up to 5 s,
+/// back to 800 ms after any success. client-go's reflector starts the same way but waits up
+/// to 30 s; after the API server has been away for minutes, the proxy must see the changes
+/// made meanwhile within seconds of its return, not half a minute later.
+#[derive(Clone, Debug)]
+struct RetryDelay {
+    next: Duration,
+}
+
+impl RetryDelay {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for RetryDelay {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for RetryDelay {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl ::kube::runtime::utils::Backoff for RetryDelay {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// Which reflector an event came from, and whether it changed the store.
@@ -70,7 +107,7 @@ where
 {
     let kind = <K as Resource>::kind(&()).into_owned();
     watcher::watcher(api, config)
-        .default_backoff()
+        .backoff(RetryDelay::default())
         // Server-side-apply bookkeeping is never read and is often the bulk of an object; every
         // snapshot clones the stores.
         .modify(|object: &mut K| object.meta_mut().managed_fields = None)
@@ -190,7 +227,6 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
 mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
     use ::kube::client::Body;
     use http::{Request, Response};
@@ -494,6 +530,16 @@ mod tests {
                 "b disappeared before the re-list: {published:?}"
             );
         }
+    }
+
+    #[test]
+    fn retries_double_from_800_ms_up_to_5_s_and_start_over_after_a_success() {
+        use ::kube::runtime::utils::Backoff as _;
+        let mut delays = RetryDelay::default();
+        let first: Vec<u128> = delays.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(first, [800, 1600, 3200, 5000, 5000, 5000]);
+        delays.reset();
+        assert_eq!(delays.next(), Some(Duration::from_millis(800)));
     }
 
     #[tokio::test]
