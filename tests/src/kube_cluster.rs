@@ -9,8 +9,9 @@
 //!   the namespace's loopback.
 //! - node i at 198.18.0.1i, pod CIDR 198.19.i.0/24, routes to the other nodes' pod CIDRs,
 //!   running `kube-ebpf-proxy run --kubeconfig …` (socket hooks on its own cgroup).
-//! - `toolbox`: a pod namespace on node1 at [`TOOLBOX_IP`] that no Service selects, to call
-//!   Services from; `client`: an external client at 203.0.113.10 on the node link.
+//! - `toolbox`: a pod namespace on the first node that takes pods, at 198.19.N.250, that no
+//!   Service selects, to call Services from; `client`: an external client at 203.0.113.10 on
+//!   the node link.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,6 @@ use crate::{Cgroup, LabError, Netns, PinDir, Proxy, Result, veth};
 
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-pub const TOOLBOX_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 250);
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
 
 /// The manifest whose ServiceAccount and ClusterRole the proxies run with.
@@ -119,7 +119,15 @@ impl KubeCluster {
         attach_to_bridge(&net, "cl", &client, &format!("{CLIENT_IP}/24"))?;
         client.ip(&["route", "add", "198.18.0.0/24", "dev", "eth0"])?;
         let toolbox = Netns::new("tb")?;
-        connect_pod(node_netns[0].name(), 1, "ktoolbox", &toolbox, TOOLBOX_IP)?;
+        let toolbox_node = usize::from(options.control_plane_node && nodes > 1);
+        let subnet = u8::try_from(toolbox_node + 1).expect("a few nodes");
+        connect_pod(
+            node_netns[toolbox_node].name(),
+            subnet,
+            "ktoolbox",
+            &toolbox,
+            Ipv4Addr::new(198, 19, subnet, 250),
+        )?;
 
         let control_plane =
             ControlPlane::start(&binaries, control_plane_netns.name(), CONTROL_PLANE_IP)?;

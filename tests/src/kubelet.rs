@@ -69,6 +69,9 @@ struct LocalPod {
 struct State {
     /// By `namespace/name`.
     pods: BTreeMap<String, LocalPod>,
+    /// The node of every pod bound (by the kubelet or anyone), by `namespace/name`: what
+    /// scheduling spreads over.
+    bound: BTreeMap<String, usize>,
     next_host: BTreeMap<usize, u8>,
     next_interface: u32,
 }
@@ -124,7 +127,9 @@ impl Kubelet {
                             }
                         }
                         Ok(Event::Delete(pod)) => {
-                            state.lock().expect("kubelet state").pods.remove(&key(&pod));
+                            let mut state = state.lock().expect("kubelet state");
+                            state.pods.remove(&key(&pod));
+                            state.bound.remove(&key(&pod));
                         }
                         Ok(Event::Init | Event::InitDone) => {}
                         Err(error) => eprintln!("kubelet: watching pods: {error}"),
@@ -180,13 +185,12 @@ impl Kubelet {
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
         let name = name.to_owned();
         async move {
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(ready_patch(ready)),
-            )
-            .await
-            .map(drop)
+            let pod = api.get(&name).await?;
+            let mut patch = ready_patch(ready);
+            patch["status"]["containerStatuses"] = container_statuses(&pod, ready);
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map(drop)
         }
     }
 }
@@ -208,6 +212,25 @@ fn ready_patch(ready: bool) -> serde_json::Value {
         {"type": "ContainersReady", "status": status},
         {"type": "Ready", "status": status},
     ]}})
+}
+
+/// Every container running (and ready or not), as `kubectl get pods` counts them.
+fn container_statuses(pod: &Pod, ready: bool) -> serde_json::Value {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "image": c.image.clone().unwrap_or_default(),
+                "imageID": "",
+                "ready": ready,
+                "started": true,
+                "restartCount": 0,
+                "state": {"running": {}},
+            })
+        })
+        .collect()
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -247,6 +270,11 @@ async fn sync_pod(
     }
     let Some(node_name) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         let node = schedule(state, nodes).ok_or("no schedulable lab node")?;
+        state
+            .lock()
+            .expect("kubelet state")
+            .bound
+            .insert(key.clone(), node);
         let binding = json!({
             "apiVersion": "v1",
             "kind": "Binding",
@@ -266,6 +294,11 @@ async fn sync_pod(
     let Some(node) = nodes.iter().position(|n| n.name == node_name) else {
         return Ok(());
     };
+    state
+        .lock()
+        .expect("kubelet state")
+        .bound
+        .insert(key.clone(), node);
     let (ip, ready) = {
         let existing = state
             .lock()
@@ -299,6 +332,7 @@ async fn sync_pod(
     status.insert("hostIPs".into(), json!([{"ip": node_ip}]));
     status.insert("podIP".into(), json!(ip.to_string()));
     status.insert("podIPs".into(), json!([{"ip": ip.to_string()}]));
+    status.insert("containerStatuses".into(), container_statuses(pod, ready));
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(|e| format!("reporting status: {e}"))?;
@@ -312,7 +346,7 @@ fn schedule(state: &Arc<Mutex<State>>, nodes: &[KubeletNode]) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(_, n)| n.schedulable)
-        .min_by_key(|(i, _)| state.pods.values().filter(|p| p.node == *i).count())
+        .min_by_key(|(i, _)| state.bound.values().filter(|n| *n == i).count())
         .map(|(i, _)| i)
 }
 
