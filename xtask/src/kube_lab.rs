@@ -176,3 +176,13 @@ pub fn status_args() -> Vec<String> {
     .map(str::to_owned)
     .to_vec()
 }
+
+/// `kubectl ARGS…` against the lab's API server: its stdout, or an error with its stderr.
+pub fn kubectl_output(info: &ClusterInfo, args: &[&str]) -> anyhow::Result<String> {
+    Ok(proxy_lab::run(
+        command_in(&info.control_plane_netns, &info.kubectl)
+            .arg("--kubeconfig")
+            .arg(&info.kubeconfig)
+            .args(args),
+    )?)
+}

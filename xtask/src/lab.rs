@@ -271,7 +271,7 @@ fn lab_cgroup(name: &str) -> anyhow::Result<PathBuf> {
     Ok(cgroup2_mount()?.join(format!("kube-ebpf-proxy-lab-{name}")))
 }
 
-fn state_dir(name: &str) -> PathBuf {
+pub fn state_dir(name: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 

@@ -115,6 +115,13 @@ fn test() -> anyhow::Result<()> {
     demo::demo(&demo::DemoArgs {
         check: true,
         keep: false,
+        control_plane: false,
+    })?;
+    println!("test: cargo xtask demo --control-plane --check");
+    demo::demo(&demo::DemoArgs {
+        check: true,
+        keep: false,
+        control_plane: true,
     })?;
     println!("test: all checks passed");
     Ok(())
