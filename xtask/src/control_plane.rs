@@ -37,7 +37,7 @@ pub fn ensure() -> anyhow::Result<Binaries> {
     }
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
     println!(
-        "setup: building the test control plane (kubernetes {}, etcd {}) with Go into {}; a cold build takes about half an hour on 2 cores",
+        "setup: building the test control plane (kubernetes {}, etcd {}) with Go into {}; a cold build (empty Go caches) takes about 20 minutes on a busy 2-core machine",
         versions.kubernetes,
         versions.etcd,
         dir.display()
