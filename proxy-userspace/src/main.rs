@@ -33,6 +33,16 @@ enum Command {
     /// Services of the source flags (programmed into private maps, as `run` would) or a running
     /// proxy's pinned maps (`--bpf-pin-path`), and print what the kernel would do.
     Trace(cmd::trace::TraceArgs),
+    /// Remove every program, link, map and pin the proxy owns (kube-proxy's `--cleanup`):
+    /// stopping the proxy leaves them in place so the next start takes over without a gap.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// Directory on bpffs where the proxy pinned its maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
+    bpf_pin_path: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -65,9 +75,26 @@ async fn main() -> anyhow::Result<()> {
             println!("programmed_frontends {frontends}");
             println!("programmed_backend_slots {}", services.len() - frontends);
             println!("programmed_backends {}", maps.backend_entries()?.len());
-            println!("conntrack_entries {}", maps.conntrack_entries()?.len());
+            let conntrack = maps.conntrack_entries()?;
+            println!("conntrack_entries {}", conntrack.len());
+            println!("conntrack_max_entries {}", maps.conntrack_max_entries()?);
+            println!(
+                "conntrack_orphan_entries {}",
+                dataplane::orphan_entries(&conntrack)
+            );
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,
+        Command::Cleanup(args) => {
+            let cleaned = dataplane::cleanup(&args.bpf_pin_path)?;
+            tracing::info!(
+                links = cleaned.links,
+                filters = ?cleaned.filters,
+                pins = cleaned.pins,
+                pin_path = %args.bpf_pin_path.display(),
+                "cleaned up"
+            );
+            Ok(())
+        }
     }
 }
