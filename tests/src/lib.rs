@@ -5,7 +5,10 @@
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
 pub mod cluster;
+pub mod control_plane;
 pub mod host;
+pub mod kube_cluster;
+pub mod kubelet;
 pub mod load;
 pub mod sctp;
 

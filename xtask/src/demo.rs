@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Service;
 
 use crate::lab::{self, CLIENT_IP, Lab, OUTSIDER_IP};
-use crate::{setup, workspace_root};
+use crate::{kube_lab, setup, workspace_root};
 use proxy_lab::http_get_in;
 
 #[derive(clap::Args)]
@@ -27,6 +27,10 @@ pub struct DemoArgs {
     /// Run on nodes with a host firewall (conntrack INVALID dropped) and strict rp_filter.
     #[arg(long)]
     pub host_firewall: bool,
+    /// Run the tutorial on a real control plane (etcd, kube-apiserver,
+    /// kube-controller-manager, built by `cargo xtask setup`), applied with kubectl.
+    #[arg(long)]
+    pub control_plane: bool,
 }
 
 /// The demo's labs are named `kepdemo-<pid>`: two demos (two checkouts' test runs) on one
@@ -190,7 +194,18 @@ fn wait_for(
     port: u16,
     done: impl Fn(&Reply) -> bool,
 ) -> anyhow::Result<Reply> {
-    let deadline = Instant::now() + PROPAGATION;
+    wait_for_within(netns, addr, port, PROPAGATION, done)
+}
+
+/// Retries `request` until `done` holds or `timeout` passes; returns the last reply.
+fn wait_for_within(
+    netns: &str,
+    addr: IpAddr,
+    port: u16,
+    timeout: Duration,
+    done: impl Fn(&Reply) -> bool,
+) -> anyhow::Result<Reply> {
+    let deadline = Instant::now() + timeout;
     loop {
         let reply = request(netns, addr, port)?;
         if done(&reply) || Instant::now() > deadline {
@@ -271,6 +286,9 @@ fn find(
 
 pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     setup::require_root("the demo (it loads eBPF programs and creates network namespaces)")?;
+    if args.control_plane {
+        return demo_control_plane(args);
+    }
     let started = Instant::now();
     let dir = workspace_root().join("examples/hostname");
     let svcs = services(&dir)?;
@@ -453,6 +471,145 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
              `cargo xtask lab --name {name} exec client -- curl -s http://{}:{node_port}/`, \
              and `cargo xtask lab --name {name} down` when done",
             worker.ip
+        );
+    }
+    if w.check && !w.failures.is_empty() {
+        bail!("demo check failed:\n- {}", w.failures.join("\n- "));
+    }
+    Ok(())
+}
+
+/// How long the controllers and the lab's kubelet may take to make a change's pods answer.
+const CONTROLLERS: Duration = Duration::from_mins(1);
+
+/// The tutorial on a real control plane: `kubectl apply -f examples/hostname/`, the controllers
+/// make the pods, every node's proxy follows the API server.
+fn demo_control_plane(args: &DemoArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut w = Walkthrough {
+        check: args.check,
+        color: std::io::stdout().is_terminal(),
+        failures: Vec::new(),
+    };
+    w.step("Bringing up a control plane (etcd, kube-apiserver, kube-controller-manager) and 3 nodes (node1 is the control plane), each running the proxy against the API server");
+    crate::control_plane::ensure()?;
+    let name = demo_lab_name();
+    let _guard = LabGuard {
+        name: name.clone(),
+        keep: args.keep,
+    };
+    lab::down(&name);
+    let binaries = lab::build_binaries()?;
+    let info = kube_lab::up(&name, &lab::state_dir(&name), 3, &binaries)?;
+    let toolbox = info.netns["toolbox"].clone();
+    let client = info.netns["client"].clone();
+
+    w.step("kubectl apply -f examples/hostname/");
+    let dir = workspace_root().join("examples/hostname");
+    print!(
+        "{}",
+        kube_lab::kubectl_output(&info, &["apply", "-f", &dir.to_string_lossy()])?
+    );
+    let jsonpath = |service: &str, path: &str| {
+        kube_lab::kubectl_output(
+            &info,
+            &[
+                "get",
+                "service",
+                service,
+                "-o",
+                &format!("jsonpath={{{path}}}"),
+            ],
+        )
+    };
+    let vip: IpAddr = jsonpath("hostname-svc-clusterip", ".spec.clusterIP")?
+        .parse()
+        .context("the ClusterIP kubectl shows")?;
+    let port = 8080;
+
+    w.step("ClusterIP: hostname-svc-clusterip from the toolbox pod spreads over the 3 pods");
+    wait_for_within(&toolbox, vip, port, CONTROLLERS, |r| {
+        matches!(r, Reply::Answer { .. })
+    })?;
+    let deadline = Instant::now() + CONTROLLERS;
+    let mut replies = spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
+    while pods_answering(&replies).len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        replies = spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?;
+    }
+    let pods = pods_answering(&replies);
+    w.expect(
+        pods.len() == 3 && replies.iter().all(|r| matches!(r, Reply::Answer { .. })),
+        &format!("3 distinct pods answered: {pods:?}"),
+    );
+
+    let node_port: u16 = jsonpath("hostname-svc-nodeport", ".spec.ports[0].nodePort")?
+        .parse()
+        .context("the NodePort kubectl shows")?;
+    w.step(&format!(
+        "NodePort: hostname-svc-nodeport ({node_port}, allocated by the API server) answers on every node's address"
+    ));
+    for node in ["node1", "node2", "node3"] {
+        let ip: IpAddr = kube_lab::kubectl_output(
+            &info,
+            &[
+                "get",
+                "node",
+                node,
+                "-o",
+                "jsonpath={.status.addresses[?(@.type==\"InternalIP\")].address}",
+            ],
+        )?
+        .parse()
+        .context("the node address kubectl shows")?;
+        let reply = request(&client, ip, node_port)?;
+        println!("   client -> {node} {ip}:{node_port}: {reply}");
+        w.expect(
+            matches!(reply, Reply::Answer { .. }),
+            &format!("{node} answers on its NodePort"),
+        );
+    }
+
+    for (replicas, what) in [
+        (5, "5 pods answer"),
+        (0, "the ClusterIP refuses connections"),
+        (3, "3 pods answer again"),
+    ] {
+        w.step(&format!(
+            "kubectl scale deployment hostname-deployment --replicas={replicas}: {what}"
+        ));
+        kube_lab::kubectl_output(
+            &info,
+            &[
+                "scale",
+                "deployment",
+                "hostname-deployment",
+                &format!("--replicas={replicas}"),
+            ],
+        )?;
+        if replicas == 0 {
+            let reply =
+                wait_for_within(&toolbox, vip, port, CONTROLLERS, |r| *r == Reply::Refused)?;
+            println!("   toolbox -> {vip}:{port}: {reply}");
+            w.expect(reply == Reply::Refused, "connection refused");
+            continue;
+        }
+        let deadline = Instant::now() + CONTROLLERS;
+        let mut pods = pods_answering(&spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?);
+        while pods.len() != replicas && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            pods = pods_answering(&spread(&toolbox, "the toolbox pod", vip, port, REQUESTS)?);
+        }
+        w.expect(
+            pods.len() == replicas,
+            &format!("{replicas} distinct pods answered: {pods:?}"),
+        );
+    }
+
+    println!("\ndemo finished in {:.1?}", started.elapsed());
+    if args.keep {
+        println!(
+            "the lab is still up: cargo xtask lab --name {name} kubectl -- get pods -o wide; cargo xtask lab --name {name} down"
         );
     }
     if w.check && !w.failures.is_empty() {

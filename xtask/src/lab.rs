@@ -30,7 +30,7 @@ use proxy_lab::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{cargo, setup, workspace_root};
+use crate::{cargo, kube_lab, setup, workspace_root};
 
 pub const DEFAULT_LAB: &str = "keplab";
 pub const CLUSTER_CIDR: &str = "198.19.0.0/16";
@@ -67,6 +67,27 @@ pub enum LabCommand {
         /// INVALID packets in input and forward, and strict rp_filter on every interface.
         #[arg(long)]
         host_firewall: bool,
+        /// Run a real control plane (etcd, kube-apiserver, kube-controller-manager, built by
+        /// `cargo xtask setup`) instead of a manifests folder: objects go in with `lab kubectl`,
+        /// and DIR is applied only when given.
+        #[arg(long)]
+        control_plane: bool,
+    },
+    /// Run kubectl against the lab's API server (`--control-plane` labs), e.g.
+    /// `lab kubectl -- apply -f examples/hostname/`.
+    Kubectl {
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
+    /// The process that holds a `--control-plane` lab (started by `lab up`).
+    #[command(hide = true)]
+    ServeControlPlane {
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        proxy: PathBuf,
+        #[arg(long)]
+        pod_server: PathBuf,
     },
     /// Remove every namespace, process, pinned map and state file of the lab.
     Down,
@@ -97,6 +118,56 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             dir,
             nodes,
             host_firewall,
+            control_plane: true,
+        } => {
+            if host_firewall {
+                bail!("--host-firewall is not available with --control-plane yet");
+            }
+            setup::require_root("the lab (it creates network namespaces and loads eBPF programs)")?;
+            if !(1..=9).contains(&nodes) {
+                bail!("--nodes must be between 1 and 9");
+            }
+            crate::control_plane::ensure()?;
+            down(name);
+            let binaries = build_binaries()?;
+            let info = kube_lab::up(name, &state_dir(name), nodes, &binaries)?;
+            if let Some(dir) = dir {
+                let code = kube_lab::kubectl(
+                    &info,
+                    &[
+                        "apply".to_owned(),
+                        "-f".to_owned(),
+                        dir.to_string_lossy().into_owned(),
+                    ],
+                )?;
+                if code != 0 {
+                    bail!("kubectl apply -f {} failed", dir.display());
+                }
+            }
+            kube_lab::kubectl(&info, &kube_lab::status_args())?;
+            println!(
+                "\nlab is up on a real control plane; try:\n  cargo xtask lab kubectl -- apply -f examples/hostname/\n  cargo xtask lab kubectl -- get service hostname-svc-clusterip\n  cargo xtask lab exec toolbox -- curl -s http://CLUSTER-IP:8080/"
+            );
+            Ok(())
+        }
+        LabCommand::Kubectl { args } => {
+            let Some(info) = kube_lab::load(&state_dir(name)) else {
+                bail!(
+                    "lab {name} is not up with --control-plane; run `cargo xtask lab up --control-plane`"
+                );
+            };
+            std::process::exit(kube_lab::kubectl(&info, &args)?);
+        }
+        LabCommand::ServeControlPlane {
+            nodes,
+            proxy,
+            pod_server,
+        } => kube_lab::serve(&state_dir(name), nodes, &proxy, &pod_server),
+        LabCommand::Up {
+            dir,
+            nodes,
+            host_firewall,
+            control_plane: false,
         } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("examples/hostname"));
             let lab = Lab::up(name, &dir, nodes, host_firewall)?;
@@ -113,17 +184,35 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Status => {
+            if let Some(info) = kube_lab::load(&state_dir(name)) {
+                kube_lab::kubectl(&info, &kube_lab::status_args())?;
+                return Ok(());
+            }
             Lab::load(name)?.print_status();
             Ok(())
         }
         LabCommand::Apply { file } => Lab::load(name)?.apply(&file),
         LabCommand::RestartProxy { node, kill } => Lab::load(name)?.restart_proxy(&node, kill),
         LabCommand::Exec { target, command } => {
-            let lab = Lab::load(name)?;
-            let ns = lab.netns_of(&target)?;
-            // Joins the lab's cgroup first, so a node's own connections to Services go through
-            // the proxy's socket hooks like any host process's.
-            let cgroup = lab_cgroup(name)?;
+            let (ns, cgroup) = if let Some(info) = kube_lab::load(&state_dir(name)) {
+                let Some(ns) = info.netns.get(&target) else {
+                    bail!(
+                        "no {target} in lab {name}: one of {:?}",
+                        info.netns.keys().collect::<Vec<_>>()
+                    );
+                };
+                let cgroup = info
+                    .cgroups
+                    .get(&target)
+                    .cloned()
+                    .unwrap_or(cgroup2_mount()?);
+                (ns.clone(), cgroup)
+            } else {
+                let lab = Lab::load(name)?;
+                // Joins the lab's cgroup first, so a node's own connections to Services go
+                // through the proxy's socket hooks like any host process's.
+                (lab.netns_of(&target)?, lab_cgroup(name)?)
+            };
             let status = command_in(&ns, "sh")
                 .args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
                 .arg(&cgroup)
@@ -175,6 +264,7 @@ pub struct Lab {
 
 /// Removes everything the lab named `name` made, whatever state it is in.
 pub fn down(name: &str) {
+    kube_lab::down(&state_dir(name));
     for ns in netns_with_prefix(&format!("{name}-")).unwrap_or_default() {
         delete_netns(&ns);
     }
@@ -199,7 +289,7 @@ fn lab_cgroup(name: &str) -> anyhow::Result<PathBuf> {
     Ok(cgroup2_mount()?.join(format!("kube-ebpf-proxy-lab-{name}")))
 }
 
-fn state_dir(name: &str) -> PathBuf {
+pub fn state_dir(name: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 

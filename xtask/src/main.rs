@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
 
+mod control_plane;
 mod demo;
 mod ebpf_build;
+mod kube_lab;
 mod lab;
 mod setup;
 
@@ -20,7 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing (Debian packages, bpf-linker); fast when all is there.
+    /// Install what is missing (Debian packages, bpf-linker) and build the test control plane
+    /// (etcd, kube-apiserver, kube-controller-manager, kubectl) once per machine; fast when all
+    /// is there.
     Setup,
     /// Build the eBPF object and print its path.
     BuildEbpf,
@@ -41,7 +45,10 @@ pub fn workspace_root() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Task::Setup => setup::setup(),
+        Task::Setup => {
+            setup::setup()?;
+            control_plane::ensure().map(drop)
+        }
         Task::BuildEbpf => {
             setup::setup()?;
             let object = build_ebpf()?;
@@ -82,6 +89,8 @@ fn cargo() -> Command {
 
 fn test() -> anyhow::Result<()> {
     setup::setup()?;
+    // The end-to-end tests run against it (tests/control-plane/).
+    control_plane::ensure()?;
     setup::require_root(
         "the kernel tests (they load eBPF programs and create network namespaces)",
     )?;
@@ -123,12 +132,21 @@ fn test() -> anyhow::Result<()> {
         check: true,
         keep: false,
         host_firewall: false,
+        control_plane: false,
     })?;
     println!("test: cargo xtask demo --check --host-firewall");
     demo::demo(&demo::DemoArgs {
         check: true,
         keep: false,
         host_firewall: true,
+        control_plane: false,
+    })?;
+    println!("test: cargo xtask demo --control-plane --check");
+    demo::demo(&demo::DemoArgs {
+        check: true,
+        keep: false,
+        host_firewall: false,
+        control_plane: true,
     })?;
     println!("test: all checks passed");
     Ok(())

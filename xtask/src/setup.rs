@@ -8,7 +8,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 /// Debian packages: the eBPF compiler (rustc-web with the `core` sources for build-std), LLVM 22
-/// for bpf-linker, and the tools the namespace lab and tests use.
+/// for bpf-linker, and the tools the namespace lab and tests use. (Go, for the test control
+/// plane, comes with the machine: see xtask/src/control_plane.rs.)
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -19,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "curl",
     "file",
+    // Certificates and keys of the test control plane.
+    "openssl",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

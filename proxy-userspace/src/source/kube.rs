@@ -3,16 +3,21 @@
 //! Services and EndpointSlices are watched with kube-proxy's label selector
 //! (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`), this node's
 //! Node with the field selector `metadata.name=<hostname>`, and every ServiceCIDR (networking.k8s.io/v1,
-//! as kube-proxy's ServiceCIDR informer: the ranges where unallocated addresses are dropped). A failed watch backs off
-//! (kube-runtime's default backoff) and re-lists; the reflector store only swaps in a re-list at
-//! its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
-//! published before both the Services and the EndpointSlices have completed their first list:
-//! consumers treat the first change of the channel as the first complete snapshot. As with
-//! kube-proxy, the ServiceCIDRs are not waited for: their drop rule follows when they are listed
-//! (an API server without the resource only logs the failed watch).
+//! as kube-proxy's ServiceCIDR informer: the ranges where unallocated addresses are dropped). A
+//! failed watch backs off (800 ms doubling up to 5 s, [`RetryDelay`]) and re-lists; the reflector
+//! store only swaps in a re-list at its `InitDone`, so objects deleted while the watch was down
+//! disappear exactly then. Nothing is published before both the Services and the EndpointSlices
+//! have completed their first list: consumers treat the first change of the channel as the first
+//! complete snapshot. As with kube-proxy, the ServiceCIDRs are not waited for: their drop rule
+//! follows when they are listed (an API server without the resource only logs the failed watch).
+//!
+//! The API server refusing a list or watch (403, an RBAC gap) before that first snapshot ends
+//! the source with an error naming what was refused, rather than backing off forever with
+//! nothing programmed; afterwards it is retried like any failure, keeping what is programmed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ::kube::runtime::WatchStreamExt;
 use ::kube::runtime::reflector::{self, Store};
@@ -37,13 +42,58 @@ pub fn service_label_selector() -> String {
         .join(",")
 }
 
+/// How long a failed list or watch waits before it is tried again: 800 ms, doubling up to 5 s,
+/// back to 800 ms after any success. client-go's reflector starts the same way but waits up
+/// to 30 s; after the API server has been away for minutes, the proxy must see the changes
+/// made meanwhile within seconds of its return, not half a minute later.
+#[derive(Clone, Debug)]
+struct RetryDelay {
+    next: Duration,
+}
+
+impl RetryDelay {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for RetryDelay {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for RetryDelay {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl ::kube::runtime::utils::Backoff for RetryDelay {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Which reflector an event came from, and whether it changed the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Update {
-    Services { synced: bool },
-    EndpointSlices { synced: bool },
+    Services {
+        synced: bool,
+    },
+    EndpointSlices {
+        synced: bool,
+    },
     Node,
     ServiceCidrs,
+    /// The API server refused to list or watch `kind`: what it said.
+    Forbidden {
+        kind: String,
+        message: String,
+    },
 }
 
 /// Watches one kind into `writer`, yielding an [`Update`] per event that changed the store
@@ -65,7 +115,7 @@ where
 {
     let kind = <K as Resource>::kind(&()).into_owned();
     watcher::watcher(api, config)
-        .default_backoff()
+        .backoff(RetryDelay::default())
         // Server-side-apply bookkeeping is never read and is often the bulk of an object; every
         // snapshot clones the stores.
         .modify(|object: &mut K| object.meta_mut().managed_fields = None)
@@ -76,6 +126,16 @@ where
                 Ok(Event::InitDone) => Some(update(true)),
                 // The store does not change until InitDone.
                 Ok(Event::Init | Event::InitApply(_)) => None,
+                Err(
+                    watcher::Error::InitialListFailed(::kube::Error::Api(status))
+                    | watcher::Error::WatchStartFailed(::kube::Error::Api(status)),
+                ) if status.code == 403 => {
+                    tracing::warn!(%kind, %status, "watch forbidden; backing off and re-listing");
+                    Some(Update::Forbidden {
+                        kind: kind.clone(),
+                        message: status.message,
+                    })
+                }
                 Err(error) => {
                     tracing::warn!(%kind, %error, "watch failed; backing off and re-listing");
                     None
@@ -104,6 +164,8 @@ where
 
 /// Reflects the cluster into snapshots on `tx` until the task is cancelled. The first snapshot
 /// is sent once Services and EndpointSlices have both been listed; after that, one per change.
+/// Returns (dropping `tx`) when the API server forbids a list or watch before the first snapshot,
+/// after logging what it refused.
 pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<ClusterSnapshot>>) {
     let selector = service_label_selector();
     let (services, services_writer) = reflector::store::<Service>();
@@ -147,6 +209,19 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
             Update::Services { synced } => services_synced |= synced,
             Update::EndpointSlices { synced } => slices_synced |= synced,
             Update::Node | Update::ServiceCidrs => {}
+            // ServiceCIDRs are not waited for (kube-proxy's informer only logs): an identity
+            // without them still programs every Service.
+            Update::Forbidden { kind, .. } if kind == "ServiceCIDR" => continue,
+            Update::Forbidden { kind, message } => {
+                let refused = format!("{kind}: {message}");
+                if !(services_synced && slices_synced) {
+                    tracing::error!(
+                        "the API server forbids what the proxy must watch ({refused}); its identity needs list and watch on services, nodes and discovery.k8s.io endpointslices (the ClusterRole of manifests/kube-ebpf-proxy.yaml)"
+                    );
+                    return;
+                }
+                continue;
+            }
         }
         if !(services_synced && slices_synced) {
             continue;
@@ -176,7 +251,6 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
 mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
     use ::kube::client::Body;
     use http::{Request, Response};
@@ -512,5 +586,44 @@ mod tests {
                 "b disappeared before the re-list: {published:?}"
             );
         }
+    }
+
+    #[test]
+    fn retries_double_from_800_ms_up_to_5_s_and_start_over_after_a_success() {
+        use ::kube::runtime::utils::Backoff as _;
+        let mut delays = RetryDelay::default();
+        let first: Vec<u128> = delays.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(first, [800, 1600, 3200, 5000, 5000, 5000]);
+        delays.reset();
+        assert_eq!(delays.next(), Some(Duration::from_millis(800)));
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_list_before_the_first_snapshot_ends_the_source() {
+        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut routes = route(handle);
+        let client = Client::new(mock, "default");
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+        let source = tokio::spawn(run(client, "node-a".to_owned(), tx));
+        let (_, respond) = next(&mut routes.slices_list, "EndpointSlice list").await;
+        respond.send_response(
+            Response::builder()
+                .status(403)
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    serde_json::to_vec(&json!({
+                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                        "message": "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:kube-system:kube-ebpf-proxy\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope",
+                        "reason": "Forbidden", "code": 403,
+                    }))
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), source)
+            .await
+            .expect("the source ends instead of retrying forever")
+            .unwrap();
+        assert!(rx.changed().await.is_err(), "nothing was published");
     }
 }
