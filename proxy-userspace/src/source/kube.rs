@@ -606,24 +606,55 @@ mod tests {
         let (tx, mut rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
         let source = tokio::spawn(run(client, "node-a".to_owned(), tx));
         let (_, respond) = next(&mut routes.slices_list, "EndpointSlice list").await;
-        respond.send_response(
-            Response::builder()
-                .status(403)
-                .header("content-type", "application/json")
-                .body(Body::from(
-                    serde_json::to_vec(&json!({
-                        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                        "message": "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:kube-system:kube-ebpf-proxy\" cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" at the cluster scope",
-                        "reason": "Forbidden", "code": 403,
-                    }))
-                    .unwrap(),
-                ))
-                .unwrap(),
-        );
+        respond.send_response(forbidden("endpointslices", "discovery.k8s.io"));
         tokio::time::timeout(Duration::from_secs(10), source)
             .await
             .expect("the source ends instead of retrying forever")
             .unwrap();
         assert!(rx.changed().await.is_err(), "nothing was published");
+    }
+
+    /// The API server's 403 for a list of `resource` in `group` by the proxy's identity.
+    fn forbidden(resource: &str, group: &str) -> Response<Body> {
+        Response::builder()
+            .status(403)
+            .header("content-type", "application/json")
+            .body(Body::from(
+                serde_json::to_vec(&json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("{resource}.{group} is forbidden: User \"system:serviceaccount:kube-system:kube-ebpf-proxy\" cannot list resource \"{resource}\" in API group \"{group}\" at the cluster scope"),
+                    "reason": "Forbidden", "code": 403,
+                }))
+                .unwrap(),
+            ))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_service_cidr_list_is_not_waited_for() {
+        let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let mut routes = route(handle);
+        let client = Client::new(mock, "default");
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterSnapshot::default()));
+        let source = tokio::spawn(run(client, "node-a".to_owned(), tx));
+        // An identity with an older ClusterRole: no servicecidrs.
+        let (_, respond) = next(&mut routes.service_cidrs_list, "ServiceCIDR list").await;
+        respond.send_response(forbidden("servicecidrs", "networking.k8s.io"));
+        let (_, respond) = next(&mut routes.services_list, "Service list").await;
+        respond.send_response(json_response(&list(
+            "ServiceList",
+            "10",
+            &[service("a", "8", "10.96.0.10")],
+        )));
+        let (_, respond) = next(&mut routes.slices_list, "EndpointSlice list").await;
+        respond.send_response(json_response(&list(
+            "EndpointSliceList",
+            "10",
+            &[slice("a", "10.0.0.1")],
+        )));
+        let first = wait_for(&mut rx, "both lists", |s| !s.endpoint_slices.is_empty()).await;
+        assert_eq!(names(&first.services), ["a"]);
+        assert!(!source.is_finished(), "the source keeps running");
+        source.abort();
     }
 }
