@@ -1,6 +1,7 @@
 //! The binary's subcommands. Each goes through the same source, model and maps as the others, so
 //! `plan`, `trace` and `run` can never disagree.
 
+pub mod kube_proxy;
 pub mod plan;
 mod program;
 pub mod run;
@@ -52,7 +53,7 @@ pub async fn start_source(
         source::manifests::watch(dir.clone(), config.manifest_settings(), tx)
             .with_context(|| format!("watching manifests in {}", dir.display()))?
     } else {
-        let kube_config = match &config.kubeconfig {
+        let mut kube_config = match &config.kubeconfig {
             Some(path) => {
                 let kubeconfig = kube::config::Kubeconfig::read_from(path)
                     .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -67,6 +68,11 @@ pub async fn start_source(
                 "no --manifests and no Kubernetes configuration (in-cluster or ~/.kube/config)",
             )?,
         };
+        if let Some(master) = &config.master {
+            kube_config.cluster_url = master
+                .parse()
+                .with_context(|| format!("--master {master:?} is not a URL"))?;
+        }
         let client =
             kube::Client::try_from(kube_config).context("creating the API server client")?;
         tokio::spawn(source::kube::run(client, config.hostname.clone(), tx))

@@ -4,6 +4,7 @@
 
 mod attach;
 mod batch;
+mod cleanup;
 mod counters;
 mod gc;
 mod loader;
@@ -16,6 +17,7 @@ mod watch;
 pub use attach::{
     AttachError, Attachments, InterfaceFilter, attach_socket_hooks, cgroup2_root, tc_interfaces,
 };
+pub use cleanup::{CleanupError, CleanupReport, cleanup};
 pub use counters::{CountersError, read_counters};
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
