@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | lab | image`.
 
 mod demo;
 mod ebpf_build;
+mod image;
 mod lab;
 mod setup;
 
@@ -30,6 +31,9 @@ enum Task {
     Demo(demo::DemoArgs),
     /// A mini-cluster of network namespaces running the real proxy.
     Lab(lab::LabArgs),
+    /// Build the release binary and write an OCI image archive of it (FROM scratch), for
+    /// `podman load`, `docker load` or `ctr images import`.
+    Image(image::ImageArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -52,6 +56,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lab(args) => {
             setup::setup()?;
             lab::lab(args)
+        }
+        Task::Image(args) => {
+            setup::setup()?;
+            image::image(&args)
         }
         Task::Demo(args) => {
             setup::setup()?;

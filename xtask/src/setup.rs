@@ -19,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "curl",
     "file",
+    // Reads the image archive `cargo xtask image` writes (its test checks it loads).
+    "skopeo",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
