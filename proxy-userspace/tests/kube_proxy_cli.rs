@@ -296,3 +296,70 @@ fn cleanup_removes_pins_and_attachments_then_exits_0() {
         .unwrap();
     assert!(again.status.success(), "{again:?}");
 }
+
+/// The capabilities `manifests/kube-ebpf-proxy.yaml` adds (Kubernetes names, e.g. `BPF`).
+fn daemonset_capabilities() -> Vec<String> {
+    use serde::Deserialize as _;
+    let manifest = include_str!("../../manifests/kube-ebpf-proxy.yaml");
+    let daemonset = serde_norway::Deserializer::from_str(manifest)
+        .map(|doc| serde_json::Value::deserialize(doc).expect("valid YAML"))
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let security = &daemonset["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    security["capabilities"]["add"]
+        .as_array()
+        .expect("added capabilities")
+        .iter()
+        .map(|cap| cap.as_str().expect("a name").to_owned())
+        .collect()
+}
+
+/// Starts the proxy in `node` as root limited to `caps` (the bounding set, as a container
+/// runtime sets it from `capabilities`); returns whether it programmed its first sync.
+fn starts_with_only(node: &Node, caps: &[String]) -> Result<(), String> {
+    let bounding = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|cap| format!("+{}", cap.to_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec![
+        format!("--bounding-set={bounding}"),
+        "--".to_owned(),
+        BINARY.to_owned(),
+        "--hostname-override=node".to_owned(),
+    ];
+    args.extend(node.lab_flags());
+    let mut proxy = Started::spawn(&node.ns, Path::new("setpriv"), &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if proxy.log().contains("initial sync programmed") {
+            return Ok(());
+        }
+        if let Ok(Some(_)) = proxy.child.try_wait() {
+            return Err(proxy.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "neither synced nor failed in 30 s:\n{}",
+        proxy.log()
+    ))
+}
+
+#[test]
+fn daemonset_capabilities_suffice_and_each_is_needed() {
+    let caps = daemonset_capabilities();
+    assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON"]);
+    let node = Node::new();
+    starts_with_only(&node, &caps).unwrap_or_else(|log| panic!("with {caps:?}:\n{log}"));
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let log = starts_with_only(&node, &fewer)
+            .expect_err(&format!("the proxy must fail without CAP_{missing}"));
+        assert!(
+            log.contains("Error: loading the dataplane"),
+            "{missing}: {log}"
+        );
+    }
+}
