@@ -53,6 +53,10 @@ enum Command {
     /// Services of the source flags (programmed into private maps, as `run` would) or a running
     /// proxy's pinned maps (`--bpf-pin-path`), and print what the kernel would do.
     Trace(cmd::trace::TraceArgs),
+    /// Show what a running proxy's pinned maps hold, in Kubernetes terms: `services`,
+    /// `backends`, `conntrack` (state and time left of each flow) or `affinity`, filterable by
+    /// --service and --address, as text or `-o json`.
+    Inspect(cmd::inspect::InspectArgs),
 }
 
 /// Whether the program was invoked as `kube-proxy` (argv[0]'s file name).
@@ -108,5 +112,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,
+        Command::Inspect(args) => cmd::inspect::inspect(&args),
     }
 }

@@ -1,6 +1,7 @@
 //! The binary's subcommands. Each goes through the same source, model and maps as the others, so
 //! `plan`, `trace` and `run` can never disagree.
 
+pub mod inspect;
 pub mod kube_proxy;
 pub mod plan;
 mod program;

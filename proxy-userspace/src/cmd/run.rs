@@ -185,6 +185,7 @@ fn warn_on_failure_counters(
 /// Everything one sync needs and keeps between syncs.
 struct Syncer {
     config: ProxyConfig,
+    pin_path: PathBuf,
     reconciler: Reconciler,
     health: Arc<ProxyHealth>,
     metrics: Arc<ProxyMetrics>,
@@ -231,6 +232,12 @@ impl Syncer {
         let report = program_state(maps, &mut self.reconciler, &model_config, &state)?;
         for error in &report.errors {
             tracing::error!("{error}");
+        }
+        // For `inspect`: which Service port each programmed service id is.
+        if let Err(error) =
+            dataplane::write_service_names(&self.pin_path, &self.reconciler.service_names(&state))
+        {
+            tracing::warn!("{error}");
         }
         // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
         // clients are not blackholed into a dead endpoint.
@@ -300,6 +307,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
         health: health.clone(),
         metrics: metrics.clone(),
+        pin_path: args.dataplane.bpf_pin_path.clone(),
         config,
         reported: HashSet::new(),
         allocations: HashSet::new(),

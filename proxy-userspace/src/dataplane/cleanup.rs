@@ -95,8 +95,10 @@ fn pinned_objects(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         other => other?,
     };
     for entry in entries {
-        let path = entry?.path();
-        if path.is_dir() {
+        let entry = entry?;
+        let path = entry.path();
+        // Not followed: the service-name links point at names, not files.
+        if entry.file_type()?.is_dir() {
             found.extend(pinned_objects(&path)?);
         } else {
             found.push(path);
