@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
 use proxy_userspace::dataplane::{self, Maps};
+use proxy_userspace::events::{EventPublisher, EventSender};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
 use proxy_userspace::metrics::{self, ProxyMetrics};
 use proxy_userspace::model::{self, LocalTrafficDetector};
@@ -186,6 +187,8 @@ fn warn_on_failure_counters(
 struct Syncer {
     config: ProxyConfig,
     pin_path: PathBuf,
+    /// Kubernetes Events about objects that cannot be programmed (API-server source only).
+    events: Option<EventSender>,
     reconciler: Reconciler,
     health: Arc<ProxyHealth>,
     metrics: Arc<ProxyMetrics>,
@@ -232,6 +235,14 @@ impl Syncer {
         let report = program_state(maps, &mut self.reconciler, &model_config, &state)?;
         for error in &report.errors {
             tracing::error!("{error}");
+        }
+        if let Some(events) = &self.events {
+            let mut problems = state.diagnostics.clone();
+            problems.extend(report.errors.iter().map(|error| model::Diagnostic {
+                object: error.object.clone(),
+                message: format!("not written to the kernel maps: {}", error.source),
+            }));
+            events.report(&problems, snapshot);
         }
         // For `inspect`: which Service port each programmed service id is.
         if let Err(error) =
@@ -308,6 +319,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
         pin_path: args.dataplane.bpf_pin_path.clone(),
+        events: match config.manifests {
+            Some(_) => None,
+            None => Some(EventSender::spawn(EventPublisher::new(
+                super::kube_client(&config).await?,
+                config.hostname.clone(),
+            ))),
+        },
         config,
         reported: HashSet::new(),
         allocations: HashSet::new(),
