@@ -16,7 +16,9 @@ use serde::Deserialize;
 use crate::model::{IpFamily, LocalTrafficDetector, ModelConfig, NodePortAddresses};
 use crate::source::manifests::PortRange;
 
+mod configz;
 mod ignored;
+pub use configz::CONFIGZ_GROUP;
 pub use ignored::IgnoredFlags;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
@@ -1124,6 +1126,33 @@ nftables:
             warnings[0].ends_with("mode \"\": kube-ebpf-proxy programs its eBPF dataplane instead (no iptables, ipvs or nftables rules)"),
             "{warnings:?}"
         );
+    }
+
+    #[test]
+    fn configz_is_the_resolved_configuration_in_kube_proxys_form() {
+        let config = resolve(&["--proxy-mode=nftables"], FILE);
+        let configz = config.configz();
+        let c = &configz[CONFIGZ_GROUP];
+        assert_eq!(c["HostnameOverride"], "node-from-file");
+        assert_eq!(c["Mode"], "nftables");
+        assert_eq!(
+            c["DetectLocal"]["ClusterCIDRs"],
+            json!(["10.244.0.0/16", "fd10::/64"])
+        );
+        assert_eq!(c["DetectLocalMode"], "InterfaceNamePrefix");
+        assert_eq!(c["DetectLocal"]["InterfaceNamePrefix"], "veth");
+        assert_eq!(c["NodePortAddresses"], json!(["primary", "192.168.0.0/16"]));
+        assert_eq!(c["HealthzBindAddress"], "0.0.0.0:20256");
+        assert_eq!(c["MetricsBindAddress"], "127.0.0.1:20249");
+        assert_eq!(c["Linux"]["MasqueradeAll"], true);
+        assert_eq!(c["SyncPeriod"], "45s");
+        assert_eq!(c["MinSyncPeriod"], "500ms");
+        assert_eq!(c["ConfigSyncPeriod"], "1h30m0s");
+        assert_eq!(
+            c["ClientConnection"]["Kubeconfig"],
+            "/var/lib/kube-proxy/kubeconfig.conf"
+        );
+        assert_eq!(c["BindAddress"], "0.0.0.0");
     }
 
     #[test]

@@ -216,6 +216,8 @@ pub struct ProxyMetrics {
     kube_proxy: KubeProxyFamilies,
     /// The service ports of the last recorded sync, to count changes against.
     previous: Mutex<PortStates>,
+    /// What `/configz` serves (kube-proxy's configz registry: `{}` until set).
+    configz: Mutex<serde_json::Value>,
 }
 
 impl ProxyMetrics {
@@ -243,7 +245,13 @@ impl ProxyMetrics {
             registry,
             kube_proxy,
             previous: Mutex::new(PortStates::new()),
+            configz: Mutex::new(serde_json::json!({})),
         })
+    }
+
+    /// Sets what `/configz` serves (see `ProxyConfig::configz`).
+    pub fn set_configz(&self, configz: serde_json::Value) {
+        *self.configz.lock().expect("configz lock") = configz;
     }
 
     /// A change arrived and a sync is queued (kube-proxy's `Sync()`).
@@ -448,6 +456,12 @@ async fn metrics(State(metrics): State<Arc<ProxyMetrics>>) -> Response {
     }
 }
 
+/// kube-proxy's `/configz`: the registered configurations as JSON.
+async fn configz(State(metrics): State<Arc<ProxyMetrics>>) -> Response {
+    let body = metrics.configz.lock().expect("configz lock").to_string();
+    text_response("application/json", body)
+}
+
 async fn proxy_mode() -> Response {
     text_response("text/plain; charset=utf-8", PROXY_MODE.to_owned())
 }
@@ -464,6 +478,7 @@ pub fn router(metrics: Arc<ProxyMetrics>) -> Router {
     Router::new()
         .route("/metrics", get(self::metrics))
         .route("/proxyMode", get(proxy_mode))
+        .route("/configz", get(configz))
         .route("/healthz", get(ping))
         .route("/healthz/ping", get(ping))
         .with_state(metrics)

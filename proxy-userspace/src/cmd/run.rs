@@ -303,6 +303,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(args.dataplane.bpf_pin_path.clone()),
         Some(health.clone()),
     );
+    metrics.set_configz(config.configz());
     if let Some(addr) = config.metrics_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
