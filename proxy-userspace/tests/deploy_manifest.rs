@@ -29,6 +29,24 @@ fn object<T: serde::de::DeserializeOwned>(kind: &str) -> T {
     serde_json::from_value(doc).unwrap_or_else(|e| panic!("{kind}: {e}"))
 }
 
+/// Whether a rule of `rules` grants `verb` on `group`/`resource`.
+fn grants(
+    rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
+    rules.iter().any(|r| {
+        r.api_groups
+            .as_ref()
+            .is_some_and(|g| g.iter().any(|g| g == group))
+            && r.resources
+                .as_ref()
+                .is_some_and(|rs| rs.iter().any(|r| r == resource))
+            && r.verbs.iter().any(|v| v == verb)
+    })
+}
+
 #[test]
 fn rbac_grants_list_and_watch_of_what_the_source_watches() {
     let role: ClusterRole = object("ClusterRole");
@@ -39,19 +57,8 @@ fn rbac_grants_list_and_watch_of_what_the_source_watches() {
         ("discovery.k8s.io", "endpointslices"),
         ("", "nodes"),
     ] {
-        let granted = |verb: &str| {
-            rules.iter().any(|r| {
-                r.api_groups
-                    .as_ref()
-                    .is_some_and(|g| g.iter().any(|g| g == group))
-                    && r.resources
-                        .as_ref()
-                        .is_some_and(|rs| rs.iter().any(|r| r == resource))
-                    && r.verbs.iter().any(|v| v == verb)
-            })
-        };
         assert!(
-            granted("list") && granted("watch"),
+            grants(&rules, group, resource, "list") && grants(&rules, group, resource, "watch"),
             "list and watch of {group}/{resource}"
         );
     }
@@ -59,15 +66,7 @@ fn rbac_grants_list_and_watch_of_what_the_source_watches() {
     for group in ["", "events.k8s.io"] {
         for verb in ["create", "patch"] {
             assert!(
-                rules.iter().any(|r| {
-                    r.api_groups
-                        .as_ref()
-                        .is_some_and(|g| g.iter().any(|g| g == group))
-                        && r.resources
-                            .as_ref()
-                            .is_some_and(|rs| rs.iter().any(|r| r == "events"))
-                        && r.verbs.iter().any(|v| v == verb)
-                }),
+                grants(&rules, group, "events", verb),
                 "{verb} of {group}/events"
             );
         }

@@ -49,13 +49,8 @@ fn strings(value: &Value) -> Vec<&str> {
 
 #[test]
 fn inspect_shows_services_backends_flows_and_affinity_by_name() {
-    let mut cluster = Cluster::start(Path::new(BINARY)).expect("start the cluster");
-    let a = cluster.add_pod("a", 0, 10, "web").expect("pod a").ip;
-    let b = cluster.add_pod("b", 1, 10, "web").expect("pod b").ip;
-    let toolbox = cluster
-        .add_pod("toolbox", 0, 250, "tools")
-        .expect("toolbox")
-        .ip;
+    let (cluster, [a, b], toolbox) =
+        proxy_lab::cluster::start_with_web_pods(Path::new(BINARY)).expect("start the cluster");
     cluster
         .manifests
         .write(

@@ -67,16 +67,7 @@ fn chroot(root: &Path, user: Option<&str>, program: &str) -> String {
 /// nothing else, that the binary runs in it (as root and as nobody), and that skopeo reads it.
 #[test]
 fn image_archive_layout_and_the_binary_runs_inside() {
-    crate::setup::run(crate::cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "proxy-userspace",
-        "--bin",
-        "kube-ebpf-proxy",
-    ]))
-    .unwrap();
-    let binary = workspace_root().join("target/debug/kube-ebpf-proxy");
+    let (binary, _) = crate::lab::build_binaries().unwrap();
     let work = tempfile::tempdir().unwrap();
     let output = work.path().join("image.oci.tar");
     let meta = image_meta(&binary, "kube-ebpf-proxy").unwrap();
