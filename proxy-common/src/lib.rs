@@ -18,6 +18,8 @@
 //!   an unallocated address in them).
 //! - `CONFIG`: one `ConfigValue` (node addresses, SNAT port range, detector mode, debug).
 //! - `COUNTERS`: per-CPU `u64`s indexed by [`Counter`].
+//! - `AFFINITY_BACKENDS`: hash `AffinityBackendKey` → `PRESENT` (affinity re-validation).
+//! - `LAYOUT`: one `u32`, the `MAP_LAYOUT_VERSION` of the pins.
 //! - `SOCK_REVNAT`: LRU hash `SockRevNatKey` → `SockRevNatValue`, written by the socket hooks
 //!   (host socket + backend → the service address the application used).
 //!
@@ -79,6 +81,9 @@ pub const SERVICE_CIDRS_MAP: &str = "SERVICE_CIDRS";
 pub const CONFIG_MAP: &str = "CONFIG";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SOCK_REVNAT_MAP: &str = "SOCK_REVNAT";
+pub const AFFINITY_BACKENDS_MAP: &str = "AFFINITY_BACKENDS";
+/// One `u32`: the `MAP_LAYOUT_VERSION` the pins were written with (0 until the controller set it).
+pub const LAYOUT_MAP: &str = "LAYOUT";
 
 // ---- default sizes (the controller may override with map_max_entries) ----
 /// 100k service ports × (a few frontends) × 2 scopes, plus 10 backend slots each, fits.
@@ -94,6 +99,8 @@ pub const SERVICE_CIDRS_MAX_ENTRIES: u32 = 64;
 /// One entry per (host socket, backend) a socket hook translated, for the reverse translation
 /// of UDP replies and peer names.
 pub const SOCK_REVNAT_MAX_ENTRIES: u32 = 65_536;
+/// One entry per (service port with ClientIP affinity, eligible backend, endpoint set).
+pub const AFFINITY_BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
 
 /// Value stored in `SOURCE_RANGES`, `LOCAL_CIDRS` and `LOCAL_IFINDEXES` (key `u32` ifindex):
 /// presence is what matters, the value is always [`PRESENT`].
@@ -173,18 +180,150 @@ pub struct Backend {
     pub _pad: [u8; 3],
 }
 
-/// TCP connection states tracked by conntrack (enough for timeouts and cleanup).
-pub const CT_STATE_NEW: u8 = 0;
+/// The version of the pinned map layout (names, key and value layouts, meanings of states and
+/// flags). A proxy that finds pins of another version migrates them (see the loader). Version 1
+/// is the unversioned layout of the first release (no `LAYOUT` map, 56-byte `CtValue`, states
+/// NEW/ESTABLISHED/CLOSING).
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+
+/// Conntrack flow states, kept in the forward entry (the flow's authoritative record; the reply
+/// entry only carries what reverse NAT needs). A simplified netfilter TCP state machine
+/// (`nf_conntrack_proto_tcp.c`): the controller's GC expires a flow by its state with the
+/// timeouts table of `dataplane::gc`. UDP and SCTP use `SYN_SENT` (unreplied), `SYN_RECV`
+/// (replied) and `ESTABLISHED` (assured: still active 2 s after its first packet, with a reply).
+pub const CT_STATE_SYN_SENT: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
-pub const CT_STATE_CLOSING: u8 = 2;
+/// One side sent a FIN that the other has not acknowledged yet.
+pub const CT_STATE_FIN_WAIT: u8 = 2;
+/// The SYN was answered (SYN/ACK), the handshake's last ACK not seen yet.
+pub const CT_STATE_SYN_RECV: u8 = 3;
+/// Half-closed: one side's FIN was acknowledged, the other side still sends.
+pub const CT_STATE_CLOSE_WAIT: u8 = 4;
+/// Both sides sent a FIN; the ACK of the second is awaited.
+pub const CT_STATE_LAST_ACK: u8 = 5;
+/// Closed by FINs both ways: held briefly for retransmissions, and a SYN reopens it.
+pub const CT_STATE_TIME_WAIT: u8 = 6;
+/// Closed by a RST.
+pub const CT_STATE_CLOSE: u8 = 7;
+
+/// `true` for a flow that is over: a SYN reopens it and its SNAT port may be taken by a new flow.
+#[inline(always)]
+pub fn ct_state_closed(state: u8) -> bool {
+    state == CT_STATE_TIME_WAIT || state == CT_STATE_CLOSE
+}
+
+/// `true` once either side started closing (FIN or RST seen).
+#[inline(always)]
+pub fn ct_state_closing(state: u8) -> bool {
+    matches!(
+        state,
+        CT_STATE_FIN_WAIT
+            | CT_STATE_CLOSE_WAIT
+            | CT_STATE_LAST_ACK
+            | CT_STATE_TIME_WAIT
+            | CT_STATE_CLOSE
+    )
+}
+
+/// TCP header flags the state machine reads.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// UDP and SCTP flows with a reply become "assured" (`CT_STATE_ESTABLISHED`, the long
+/// stream timeout) once still active this long after their first packet, as netfilter's UDP
+/// tracker does.
+pub const CT_ASSURED_AFTER_NS: u64 = 2_000_000_000;
+
+/// The state and flags of a flow's forward entry after one more packet: the one conntrack state
+/// machine, run by the kernel per packet and table-tested in userspace. `is_reply` says the
+/// packet came from the backend; `tcp_flags` is the TCP header's flags byte (0 for other
+/// protocols); `age_ns` is the time since the flow's first packet. A SYN on a closed flow is not
+/// handled here: the program reopens such a flow as a new one before it gets here.
+#[inline(always)]
+pub fn ct_advance(
+    proto: u8,
+    state: u8,
+    flags: u8,
+    is_reply: bool,
+    tcp_flags: u8,
+    age_ns: u64,
+) -> (u8, u8) {
+    let mut flags = flags;
+    if is_reply {
+        flags |= CT_F_SEEN_REPLY;
+    }
+    if proto != IPPROTO_TCP {
+        let state = if flags & CT_F_SEEN_REPLY == 0 {
+            CT_STATE_SYN_SENT
+        } else if state == CT_STATE_ESTABLISHED || age_ns >= CT_ASSURED_AFTER_NS {
+            CT_STATE_ESTABLISHED
+        } else {
+            CT_STATE_SYN_RECV
+        };
+        return (state, flags);
+    }
+    if tcp_flags & TCP_RST != 0 {
+        return (CT_STATE_CLOSE, flags);
+    }
+    if ct_state_closed(state) {
+        // Retransmissions of the close: the flow stays closed (no RST-then-data resurrection).
+        return (state, flags);
+    }
+    let syn = tcp_flags & TCP_SYN != 0;
+    let fin = tcp_flags & TCP_FIN != 0;
+    let mut state = match state {
+        CT_STATE_SYN_SENT if is_reply && syn => CT_STATE_SYN_RECV,
+        // A reply without SYN (simultaneous open, or the handshake's SYN/ACK lost from view):
+        // the flow is up.
+        CT_STATE_SYN_SENT if is_reply => CT_STATE_ESTABLISHED,
+        CT_STATE_SYN_RECV if !is_reply && !syn => CT_STATE_ESTABLISHED,
+        other => other,
+    };
+    let (own_fin, other_fin) = if is_reply {
+        (CT_F_FIN_REPLY, CT_F_FIN_ORIGINAL)
+    } else {
+        (CT_F_FIN_ORIGINAL, CT_F_FIN_REPLY)
+    };
+    if fin {
+        if flags & (CT_F_FIN_ORIGINAL | CT_F_FIN_REPLY) == 0 {
+            flags |= own_fin;
+            if is_reply {
+                flags |= CT_F_REPLY_CLOSED_FIRST;
+            }
+            state = CT_STATE_FIN_WAIT;
+        } else if flags & own_fin == 0 {
+            flags |= own_fin;
+            state = CT_STATE_LAST_ACK;
+        }
+        return (state, flags);
+    }
+    // From here on a packet without FIN: does it acknowledge the last FIN?
+    let from_first_closer = (flags & CT_F_REPLY_CLOSED_FIRST != 0) == is_reply;
+    state = match state {
+        // The side that has not closed acknowledges the FIN and goes on sending: half-closed.
+        CT_STATE_FIN_WAIT if flags & own_fin == 0 && flags & other_fin != 0 => CT_STATE_CLOSE_WAIT,
+        // The first closer acknowledges the second FIN.
+        CT_STATE_LAST_ACK if from_first_closer => CT_STATE_TIME_WAIT,
+        other => other,
+    };
+    (state, flags)
+}
 
 /// Conntrack entry flags.
 /// This entry is for the reply direction (backend → client).
 pub const CT_F_REPLY: u8 = 1 << 0;
 /// The flow is masqueraded (source rewritten to the node address).
 pub const CT_F_SNAT: u8 = 1 << 1;
-/// A reply has been seen (UDP "assured").
+/// A reply has been seen (forward entry).
 pub const CT_F_SEEN_REPLY: u8 = 1 << 2;
+/// A FIN was seen from the client (forward entry).
+pub const CT_F_FIN_ORIGINAL: u8 = 1 << 3;
+/// A FIN was seen from the backend (forward entry).
+pub const CT_F_FIN_REPLY: u8 = 1 << 4;
+/// The backend sent the first FIN (forward entry): the final ACK comes from it.
+pub const CT_F_REPLY_CLOSED_FIRST: u8 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -246,13 +385,16 @@ pub struct CtValue {
     pub nat_sport: u16,
     pub backend_id: u32,
     pub service_id: u32,
-    /// `CT_STATE_*`.
+    /// `CT_STATE_*` (forward entry; a reply entry keeps the state it was created with).
     pub state: u8,
     /// `CT_F_*`.
     pub flags: u8,
     pub _pad: [u8; 2],
-    /// `bpf_ktime_get_ns` of the last packet (the controller's GC expires by protocol timeouts).
+    /// `bpf_ktime_get_ns` of the last packet in either direction (the reply path stamps the
+    /// forward entry too); the controller's GC expires by state.
     pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` of the flow's first packet (UDP "assured" after 2 s).
+    pub created_ns: u64,
 }
 
 #[repr(C)]
@@ -271,6 +413,22 @@ pub struct AffinityValue {
     pub backend_id: u32,
     pub _pad: u32,
     pub last_used_ns: u64,
+}
+
+/// `AFFINITY_BACKENDS` key: `backend_id` is an eligible endpoint of the service port
+/// `service_id` in the endpoint set an affinity entry of `scope` was made in; an affinity entry
+/// is honoured only while its key is present. Written only for services with ClientIP affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityBackendKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// `SCOPE_POLICY` or `SCOPE_CLUSTER`.
+    pub scope: u8,
+    /// 1 for the external frontends' policy set (externalTrafficPolicy), 0 for the ClusterIP's
+    /// (internalTrafficPolicy) and for `SCOPE_CLUSTER`.
+    pub external: u8,
+    pub _pad: [u8; 2],
 }
 
 /// LPM data for `SOURCE_RANGES`: prefix length counts from the start of this struct, so a rule
@@ -421,10 +579,20 @@ pub enum Counter {
     SockConnectRejected = 23,
     /// Host socket recvmsg/getpeername addresses translated back to the frontend.
     SockReplyTranslated = 24,
+    /// A SYN on a closing or closed flow, or on one whose backend is gone: selected anew.
+    CtReopened = 25,
+    /// SNAT ports taken over from a closed flow (TIME_WAIT or RST).
+    SnatPortsReused = 26,
+    /// SNAT ports lost to a concurrent new flow while being reserved: another port was tried.
+    SnatCollisions = 27,
+    /// Affinity entries whose backend is no longer an eligible endpoint: a new choice was made.
+    AffinityStale = 28,
+    /// Reply packets whose flow's forward entry was gone (evicted from the full LRU map).
+    CtForwardMissing = 29,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 25] = [
+    pub const ALL: [Counter; 30] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -450,6 +618,11 @@ impl Counter {
         Counter::SockConnectTranslated,
         Counter::SockConnectRejected,
         Counter::SockReplyTranslated,
+        Counter::CtReopened,
+        Counter::SnatPortsReused,
+        Counter::SnatCollisions,
+        Counter::AffinityStale,
+        Counter::CtForwardMissing,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -479,6 +652,11 @@ impl Counter {
             Counter::SockConnectTranslated => "sock_connect_translated",
             Counter::SockConnectRejected => "sock_connect_rejected",
             Counter::SockReplyTranslated => "sock_reply_translated",
+            Counter::CtReopened => "ct_reopened",
+            Counter::SnatPortsReused => "snat_ports_reused",
+            Counter::SnatCollisions => "snat_collisions",
+            Counter::AffinityStale => "affinity_stale",
+            Counter::CtForwardMissing => "ct_forward_missing",
         }
     }
 }
@@ -504,6 +682,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConfigValue {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
+    unsafe impl aya::Pod for super::AffinityBackendKey {}
 }
 
 #[cfg(test)]
@@ -518,7 +697,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<AffinityKey>(), 24);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<SourceRangeData>(), 20);
@@ -528,6 +707,135 @@ mod tests {
         assert_eq!(size_of::<ConfigValue>(), 56);
         assert_eq!(size_of::<SockRevNatKey>(), 32);
         assert_eq!(size_of::<SockRevNatValue>(), 24);
+        assert_eq!(size_of::<AffinityBackendKey>(), 12);
+    }
+
+    /// Runs a packet sequence through [`ct_advance`] from a new flow; each step is
+    /// (from the backend, TCP flags, expected state after it).
+    fn walk(proto: u8, steps: &[(bool, u8, u8)]) {
+        let (mut state, mut flags) = (CT_STATE_SYN_SENT, 0);
+        for (i, &(is_reply, tcp_flags, expected)) in steps.iter().enumerate() {
+            (state, flags) = ct_advance(proto, state, flags, is_reply, tcp_flags, 0);
+            assert_eq!(state, expected, "step {i} of {steps:?}");
+        }
+    }
+
+    #[test]
+    fn tcp_state_machine_follows_netfilter() {
+        const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+        const FIN_ACK: u8 = TCP_FIN | TCP_ACK;
+        const RST_ACK: u8 = TCP_RST | TCP_ACK;
+        let (orig, reply) = (false, true);
+        // Handshake, client closes first (separate ACK then FIN from the backend).
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, SYN_ACK, CT_STATE_SYN_RECV),
+                (orig, TCP_ACK, CT_STATE_ESTABLISHED),
+                (reply, TCP_ACK, CT_STATE_ESTABLISHED),
+                (orig, FIN_ACK, CT_STATE_FIN_WAIT),
+                (reply, TCP_ACK, CT_STATE_CLOSE_WAIT),
+                (reply, TCP_ACK, CT_STATE_CLOSE_WAIT),
+                (reply, FIN_ACK, CT_STATE_LAST_ACK),
+                (reply, FIN_ACK, CT_STATE_LAST_ACK),
+                (orig, TCP_ACK, CT_STATE_TIME_WAIT),
+                (orig, TCP_ACK, CT_STATE_TIME_WAIT),
+            ],
+        );
+        // The backend closes first with FIN/ACK answered by FIN/ACK.
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, SYN_ACK, CT_STATE_SYN_RECV),
+                (orig, TCP_ACK, CT_STATE_ESTABLISHED),
+                (reply, FIN_ACK, CT_STATE_FIN_WAIT),
+                (orig, FIN_ACK, CT_STATE_LAST_ACK),
+                // The client's packets do not acknowledge its own FIN…
+                (orig, TCP_ACK, CT_STATE_LAST_ACK),
+                // …the backend's final ACK does.
+                (reply, TCP_ACK, CT_STATE_TIME_WAIT),
+            ],
+        );
+        // A FIN is retransmitted: nothing changes.
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, SYN_ACK, CT_STATE_SYN_RECV),
+                (orig, TCP_ACK, CT_STATE_ESTABLISHED),
+                (orig, FIN_ACK, CT_STATE_FIN_WAIT),
+                (orig, FIN_ACK, CT_STATE_FIN_WAIT),
+            ],
+        );
+        // RST, then data still in flight either way: the flow stays closed.
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, SYN_ACK, CT_STATE_SYN_RECV),
+                (orig, TCP_ACK, CT_STATE_ESTABLISHED),
+                (reply, RST_ACK, CT_STATE_CLOSE),
+                (orig, TCP_ACK, CT_STATE_CLOSE),
+                (reply, TCP_ACK, CT_STATE_CLOSE),
+                (orig, FIN_ACK, CT_STATE_CLOSE),
+            ],
+        );
+        // A SYN answered with RST (port closed on the backend).
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, RST_ACK, CT_STATE_CLOSE),
+            ],
+        );
+        // A RST during the close.
+        walk(
+            IPPROTO_TCP,
+            &[
+                (orig, TCP_SYN, CT_STATE_SYN_SENT),
+                (reply, SYN_ACK, CT_STATE_SYN_RECV),
+                (orig, TCP_ACK, CT_STATE_ESTABLISHED),
+                (orig, FIN_ACK, CT_STATE_FIN_WAIT),
+                (reply, TCP_RST, CT_STATE_CLOSE),
+            ],
+        );
+        for state in [CT_STATE_TIME_WAIT, CT_STATE_CLOSE] {
+            assert!(ct_state_closed(state) && ct_state_closing(state));
+        }
+        for state in [CT_STATE_SYN_SENT, CT_STATE_SYN_RECV, CT_STATE_ESTABLISHED] {
+            assert!(!ct_state_closing(state));
+        }
+    }
+
+    #[test]
+    fn udp_is_unreplied_replied_then_assured() {
+        let (state, flags) = ct_advance(IPPROTO_UDP, CT_STATE_SYN_SENT, 0, false, 0, 0);
+        assert_eq!((state, flags & CT_F_SEEN_REPLY), (CT_STATE_SYN_SENT, 0));
+        // Requests alone never make a flow replied, however long it lasts.
+        let (state, _) = ct_advance(
+            IPPROTO_UDP,
+            state,
+            flags,
+            false,
+            0,
+            10 * CT_ASSURED_AFTER_NS,
+        );
+        assert_eq!(state, CT_STATE_SYN_SENT);
+        let (state, flags) = ct_advance(IPPROTO_UDP, state, flags, true, 0, 1_000);
+        assert_eq!(
+            (state, flags & CT_F_SEEN_REPLY),
+            (CT_STATE_SYN_RECV, CT_F_SEEN_REPLY)
+        );
+        let (state, flags) =
+            ct_advance(IPPROTO_UDP, state, flags, false, 0, CT_ASSURED_AFTER_NS - 1);
+        assert_eq!(state, CT_STATE_SYN_RECV);
+        let (state, flags) = ct_advance(IPPROTO_UDP, state, flags, false, 0, CT_ASSURED_AFTER_NS);
+        assert_eq!(state, CT_STATE_ESTABLISHED, "assured");
+        let (state, _) = ct_advance(IPPROTO_UDP, state, flags, true, 0, 0);
+        assert_eq!(state, CT_STATE_ESTABLISHED, "assured stays assured");
     }
 
     #[test]

@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, Backend,
-    CONNTRACK_MAX_ENTRIES, COUNTER_SLOTS, ConfigValue, Counter, CtKey, CtValue,
-    LOCAL_CIDRS_MAX_ENTRIES, LOCAL_IFINDEXES_MAX_ENTRIES, LocalCidrData, SERVICE_CIDRS_MAX_ENTRIES,
-    SERVICES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeData, VIPS_MAX_ENTRIES, VipKey,
-    VipValue,
+    AFFINITY_BACKENDS_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityBackendKey, AffinityKey,
+    AffinityValue, BACKENDS_MAX_ENTRIES, Backend, CONNTRACK_MAX_ENTRIES, COUNTER_SLOTS,
+    ConfigValue, Counter, CtKey, CtValue, LOCAL_CIDRS_MAX_ENTRIES, LOCAL_IFINDEXES_MAX_ENTRIES,
+    LocalCidrData, SERVICE_CIDRS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_REVNAT_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SourceRangeData, VIPS_MAX_ENTRIES, VipKey, VipValue,
 };
 
 /// The controller-written hash maps allocate entries as they are written: preallocating the
@@ -36,6 +36,14 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_
 #[map(name = "AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+#[map(name = "AFFINITY_BACKENDS")]
+pub static AFFINITY_BACKENDS: HashMap<AffinityBackendKey, u32> =
+    HashMap::pinned(AFFINITY_BACKENDS_MAX_ENTRIES, ON_DEMAND);
+
+/// Written by the controller only; the programs never read it.
+#[map(name = "LAYOUT")]
+pub static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "SOURCE_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeData, u32> =

@@ -32,17 +32,6 @@ pub struct Target {
 
 impl Target {
     #[inline(always)]
-    pub fn none() -> Self {
-        Self {
-            set: false,
-            endpoint: Endpoint {
-                addr: [0; 4],
-                port: 0,
-            },
-        }
-    }
-
-    #[inline(always)]
     pub fn to(endpoint: Endpoint) -> Self {
         Self {
             set: true,

@@ -18,9 +18,6 @@ pub const IPV6_HLEN: usize = 40;
 /// Offset of the IPv4 header checksum.
 pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 
-pub const TCP_FLAG_FIN: u8 = 0x01;
-pub const TCP_FLAG_RST: u8 = 0x04;
-
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Ipv4Hdr {

@@ -4,13 +4,15 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use aya_ebpf::maps::{LpmTrie, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    Addr, AffinityKey, AffinityValue, Backend, ConfigValue, Counter, DETECT_LOCAL_CIDR,
-    DETECT_LOCAL_IFINDEX, FAMILY_IPV4, LOCAL_CIDR_PREFIX_BASE, LocalCidrData, SCOPE_CLUSTER,
-    SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, ServiceKey, ServiceValue, SourceRangeData,
+    Addr, AffinityBackendKey, AffinityKey, AffinityValue, Backend, ConfigValue, Counter,
+    DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, FAMILY_IPV4, LOCAL_CIDR_PREFIX_BASE, LocalCidrData,
+    SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_EXTERNAL, ServiceKey,
+    ServiceValue, SourceRangeData,
 };
 
 use crate::maps::{
-    AFFINITY, BACKENDS, LOCAL_CIDRS, LOCAL_IFINDEXES, SERVICE_CIDRS, SERVICES, SOURCE_RANGES, count,
+    AFFINITY, AFFINITY_BACKENDS, BACKENDS, LOCAL_CIDRS, LOCAL_IFINDEXES, SERVICE_CIDRS, SERVICES,
+    SOURCE_RANGES, count,
 };
 
 /// The slot-0 entry of a frontend in `scope`.
@@ -153,15 +155,19 @@ pub fn decide(
         family,
         _pad: [0; 2],
     };
-    if svc.affinity_timeout != 0 {
-        if let Some(remembered) = AFFINITY.get_ptr_mut(&affinity_key) {
-            // SAFETY: the entry stays valid for this program run (LRU maps free with RCU).
-            let remembered = unsafe { &mut *remembered };
-            let timeout_ns = u64::from(svc.affinity_timeout) * 1_000_000_000;
-            if now.saturating_sub(remembered.last_used_ns) <= timeout_ns {
-                let id = remembered.backend_id;
-                // SAFETY: copied out immediately.
-                if let Some(backend) = unsafe { BACKENDS.get(&id) }.copied() {
+    if svc.affinity_timeout != 0
+        && let Some(remembered) = AFFINITY.get_ptr_mut(&affinity_key)
+    {
+        // SAFETY: the entry stays valid for this program run (LRU maps free with RCU).
+        let remembered = unsafe { &mut *remembered };
+        let timeout_ns = u64::from(svc.affinity_timeout) * 1_000_000_000;
+        let id = remembered.backend_id;
+        if now.saturating_sub(remembered.last_used_ns) <= timeout_ns {
+            // Honoured only while the backend is still an eligible endpoint of this set: a
+            // terminating pod or a switched selector sends the client to a new choice.
+            // SAFETY: copied out immediately.
+            match unsafe { BACKENDS.get(&id) }.copied() {
+                Some(backend) if eligible(svc, scope, id) => {
                     remembered.last_used_ns = now;
                     count(Counter::AffinityHits);
                     return Decision {
@@ -170,6 +176,7 @@ pub fn decide(
                         backend,
                     };
                 }
+                _ => count(Counter::AffinityStale),
             }
         }
     }
@@ -207,6 +214,20 @@ pub fn decide(
         backend_id,
         backend,
     }
+}
+
+/// Is `backend_id` in the endpoint set `scope` of the service entry `svc` selects from?
+#[inline(always)]
+fn eligible(svc: &ServiceValue, scope: u8, backend_id: u32) -> bool {
+    let key = AffinityBackendKey {
+        service_id: svc.id,
+        backend_id,
+        scope,
+        external: u8::from(scope == SCOPE_POLICY && svc.flags & SVC_F_EXTERNAL != 0),
+        _pad: [0; 2],
+    };
+    // SAFETY: presence check only.
+    unsafe { AFFINITY_BACKENDS.get(&key) }.is_some()
 }
 
 /// `true` when a backend id still names a backend (flows to a deleted backend re-balance).

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use proxy_common::{
-    CONFIG_F_DEBUG, CT_F_REPLY, CT_F_SNAT, Counter, IPPROTO_SCTP, IPPROTO_UDP, SVC_F_SOURCE_RANGES,
+    CONFIG_F_DEBUG, CT_F_SNAT, Counter, IPPROTO_SCTP, IPPROTO_UDP, SVC_F_SOURCE_RANGES,
     VIP_F_CLUSTER_IP, VipKey,
 };
 
@@ -59,36 +59,43 @@ fn known_flow(ctx: &TcContext) -> i32 {
     let Some(scratch) = scratch() else { return OK };
     let flow = &scratch.flow;
     let key = conntrack::key(flow);
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
-        let entry = unsafe { &mut *entry };
-        if entry.flags & CT_F_REPLY != 0 {
-            return reply(ctx);
-        }
-        // kube-proxy never touches TCP or SCTP conntrack: an established connection keeps its
-        // endpoint when the endpoint or the Service goes away (the pod, if gone, resets it). Only
-        // a UDP flow whose backend is gone is balanced again, so its client is not blackholed.
-        if flow.proto != IPPROTO_UDP || service::backend_exists(entry.backend_id) {
-            conntrack::touch(entry, flow, false);
-            let new_src = Target::when(
-                entry.flags & CT_F_SNAT != 0,
-                Endpoint {
-                    addr: entry.nat_src,
-                    port: entry.nat_sport,
-                },
-            );
-            let new_dst = Endpoint {
-                addr: entry.nat_dst,
-                port: entry.nat_dport,
-            };
-            count(Counter::CtForwardHits);
-            return rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)));
-        }
-        // Re-balanced below: the old reply entry would only linger until the GC.
-        let _ = CONNTRACK.remove(&key.reply_of_forward(entry));
-        count(Counter::StaleBackendFlows);
+    let Some(entry) = CONNTRACK.get_ptr_mut(&key) else {
+        return NOT_KNOWN;
+    };
+    // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
+    let entry = unsafe { &mut *entry };
+    if conntrack::is_reply_entry(entry) {
+        return reply(ctx);
     }
-    NOT_KNOWN
+    let backend_exists = service::backend_exists(entry.backend_id);
+    if conntrack::is_opening_syn(flow) && conntrack::reopens(entry, backend_exists) {
+        // The client reuses the tuple for a new connection: select again.
+        conntrack::remove_flow(&key, entry);
+        count(Counter::CtReopened);
+        return NOT_KNOWN;
+    }
+    // kube-proxy never touches TCP or SCTP conntrack: an established connection keeps its
+    // endpoint when the endpoint or the Service goes away (the pod, if gone, resets it). Only
+    // a UDP flow whose backend is gone is balanced again, so its client is not blackholed.
+    if flow.proto == IPPROTO_UDP && !backend_exists {
+        conntrack::remove_flow(&key, entry);
+        count(Counter::StaleBackendFlows);
+        return NOT_KNOWN;
+    }
+    conntrack::touch(entry, flow, false);
+    let new_src = Target::when(
+        entry.flags & CT_F_SNAT != 0,
+        Endpoint {
+            addr: entry.nat_src,
+            port: entry.nat_sport,
+        },
+    );
+    let new_dst = Endpoint {
+        addr: entry.nat_dst,
+        port: entry.nat_dport,
+    };
+    count(Counter::CtForwardHits);
+    rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)))
 }
 
 /// What `new_flow` decided; a REJECT is built by the caller so that the reply builder's frame
@@ -114,13 +121,13 @@ fn reply(ctx: &TcContext) -> i32 {
     };
     // SAFETY: as above.
     let entry = unsafe { &mut *entry };
-    conntrack::touch(entry, flow, true);
-    let forward = key.forward_of_reply(entry);
-    if let Some(forward) = CONNTRACK.get_ptr_mut(&forward) {
+    conntrack::stamp(entry);
+    // The forward entry holds the flow's state: replies advance it too.
+    match CONNTRACK.get_ptr_mut(&key.forward_of_reply(entry)) {
         // SAFETY: as above.
-        let forward = unsafe { &mut *forward };
-        forward.flags |= proxy_common::CT_F_SEEN_REPLY;
-        forward.state = entry.state;
+        Some(forward) => conntrack::touch(unsafe { &mut *forward }, flow, true),
+        // Evicted by the full LRU map: replies still flow, the client's next packet is new.
+        None => count(Counter::CtForwardMissing),
     }
     let new_src = Endpoint {
         addr: entry.nat_dst,
@@ -194,25 +201,29 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     // Hairpin: a pod reaching itself through the service must see the node as the peer, or
     // it would answer itself directly and the client would never match the reply.
     let masquerade = svc.masquerade_classes & (1 << class) != 0 || backend.addr == flow.src;
-    let snat = if masquerade {
-        let node = service::node_addr(cfg, flow.family);
-        if node == [0; 4] {
-            count(Counter::NoSnatAddress);
-            return NewFlow::Verdict(SHOT);
-        }
-        let port =
-            conntrack::pick_snat_port(flow, &target, &node, cfg.snat_port_min, cfg.snat_port_max);
-        if port == 0 {
-            return NewFlow::Verdict(SHOT);
-        }
-        Target::to(Endpoint { addr: node, port })
-    } else {
-        Target::none()
-    };
-    let snat_ref = if snat.set { Some(&snat.endpoint) } else { None };
-    if conntrack::create(flow, &target, snat_ref, backend_id, svc.id).is_err() {
+    let node = service::node_addr(cfg, flow.family);
+    if masquerade && node == [0; 4] {
+        count(Counter::NoSnatAddress);
         return NewFlow::Verdict(SHOT);
     }
+    let Ok(snat_port) = conntrack::create(
+        flow,
+        &target,
+        masquerade,
+        &node,
+        (cfg.snat_port_min, cfg.snat_port_max),
+        backend_id,
+        svc.id,
+    ) else {
+        return NewFlow::Verdict(SHOT);
+    };
+    let snat = Target::when(
+        masquerade,
+        Endpoint {
+            addr: node,
+            port: snat_port,
+        },
+    );
     if cfg.flags & CONFIG_F_DEBUG != 0 {
         info!(
             ctx,

@@ -145,6 +145,19 @@ pub struct ProxyFlags {
     /// folder (watched) instead of an API server.
     #[arg(long, value_name = "DIR")]
     pub manifests: Option<PathBuf>,
+    /// Idle timeout of established TCP flows; 0 keeps the kernel's (5 days). [default: 24h0m0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle timeout of half-closed TCP flows (CLOSE_WAIT); 0 keeps the kernel's (60 s).
+    /// [default: 1h0m0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle timeout of UDP flows that are not assured; 0 keeps the kernel's (30 s). [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout of assured UDP flows; 0 keeps the kernel's (120 s). [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Option<Duration>,
     /// Overrides this node's primary IP (for its family; the masquerade source and `primary`
     /// NodePort address). 0.0.0.0 and :: leave it to the Node object.
     #[arg(long, value_name = "IP")]
@@ -194,6 +207,7 @@ pub struct ProxyConfig {
     pub mode: String,
     /// `--master`: the API server URL overriding the kubeconfig's.
     pub master: Option<String>,
+    pub conntrack: ConntrackTimeouts,
 }
 
 /// The proxy modes kube-proxy accepts on Linux (`""` picks its default). kube-ebpf-proxy
@@ -214,6 +228,28 @@ fn check_mode(setting: &'static str, mode: &str) -> Result<String, ConfigError> 
         "{setting} {mode:?}: kube-ebpf-proxy programs its eBPF dataplane instead (no iptables, \
          ipvs or nftables rules)"
     ))
+}
+
+/// kube-proxy's `conntrack` timeouts; zero means "the kernel's default", as kube-proxy leaves
+/// the sysctl alone then. The dataplane's conntrack applies them (`dataplane::CtTimeouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackTimeouts {
+    pub tcp_established: Duration,
+    pub tcp_close_wait: Duration,
+    pub udp: Duration,
+    pub udp_stream: Duration,
+}
+
+impl Default for ConntrackTimeouts {
+    /// kube-proxy's defaults (`SetDefaults_KubeProxyConfiguration`).
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_hours(24),
+            tcp_close_wait: Duration::from_hours(1),
+            udp: Duration::ZERO,
+            udp_stream: Duration::ZERO,
+        }
+    }
 }
 
 /// The parts of `KubeProxyConfiguration` as the file spells them. Every known field is listed
@@ -245,7 +281,7 @@ struct FileConfig {
     cluster_cidr: Option<String>,
     node_port_addresses: Option<Vec<String>>,
     oom_score_adj: Option<i32>,
-    conntrack: Option<serde_json::Map<String, serde_json::Value>>,
+    conntrack: Option<ConntrackConfig>,
     config_sync_period: Option<String>,
     port_range: Option<String>,
     windows_run_as_service: Option<bool>,
@@ -280,6 +316,18 @@ struct NftablesConfig {
     masquerade_all: Option<bool>,
     sync_period: Option<String>,
     min_sync_period: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConntrackConfig {
+    max_per_core: Option<i64>,
+    min: Option<i64>,
+    tcp_established_timeout: Option<String>,
+    tcp_close_wait_timeout: Option<String>,
+    tcp_be_liberal: Option<bool>,
+    udp_timeout: Option<String>,
+    udp_stream_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -519,11 +567,21 @@ fn parse_file(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Conf
     {
         unsupported("nftables.masqueradeBit", "no packet marks are used");
     }
-    for (field, block) in [
-        ("ipvs", &file.ipvs),
-        ("winkernel", &file.winkernel),
-        ("conntrack", &file.conntrack),
-    ] {
+    if let Some(conntrack) = &file.conntrack {
+        if conntrack.max_per_core.is_some() || conntrack.min.is_some() {
+            unsupported(
+                "conntrack.maxPerCore/conntrack.min",
+                "size the dataplane's conntrack map with --conntrack-max",
+            );
+        }
+        if conntrack.tcp_be_liberal == Some(true) {
+            unsupported(
+                "conntrack.tcpBeLiberal",
+                "the dataplane's conntrack never marks out-of-window packets invalid",
+            );
+        }
+    }
+    for (field, block) in [("ipvs", &file.ipvs), ("winkernel", &file.winkernel)] {
         if block.as_ref().is_some_and(|block| !block.is_empty()) {
             unsupported(field, "kube-ebpf-proxy keeps its own connection tracking");
         }
@@ -701,6 +759,44 @@ impl ProxyFlags {
         let master = self.master.clone().filter(|url| !url.is_empty());
         let service_cidrs =
             parse_cidr_pair("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
+        let conntrack_file = file.conntrack.unwrap_or_default();
+        let timeout = |flag: Option<Duration>,
+                       setting: &'static str,
+                       text: Option<&String>,
+                       default: Duration| {
+            match (flag, text) {
+                (Some(value), _) => Ok(value),
+                (None, Some(text)) => duration_setting(setting, text),
+                (None, None) => Ok(default),
+            }
+        };
+        let defaults = ConntrackTimeouts::default();
+        let conntrack = ConntrackTimeouts {
+            tcp_established: timeout(
+                self.conntrack_tcp_timeout_established,
+                "conntrack.tcpEstablishedTimeout",
+                conntrack_file.tcp_established_timeout.as_ref(),
+                defaults.tcp_established,
+            )?,
+            tcp_close_wait: timeout(
+                self.conntrack_tcp_timeout_close_wait,
+                "conntrack.tcpCloseWaitTimeout",
+                conntrack_file.tcp_close_wait_timeout.as_ref(),
+                defaults.tcp_close_wait,
+            )?,
+            udp: timeout(
+                self.conntrack_udp_timeout,
+                "conntrack.udpTimeout",
+                conntrack_file.udp_timeout.as_ref(),
+                defaults.udp,
+            )?,
+            udp_stream: timeout(
+                self.conntrack_udp_timeout_stream,
+                "conntrack.udpStreamTimeout",
+                conntrack_file.udp_stream_timeout.as_ref(),
+                defaults.udp_stream,
+            )?,
+        };
         Ok(ProxyConfig {
             hostname,
             bind_address,
@@ -721,6 +817,7 @@ impl ProxyFlags {
             manifests: self.manifests.clone(),
             mode,
             master,
+            conntrack,
         })
     }
 }
@@ -1072,6 +1169,44 @@ nftables:
     }
 
     #[test]
+    fn conntrack_timeouts_come_from_the_file_then_the_flags_with_kube_proxy_defaults() {
+        let defaults = resolve(&[], "conntrack:\n  maxPerCore: null\n  min: null\n");
+        assert_eq!(defaults.conntrack, ConntrackTimeouts::default());
+        assert_eq!(defaults.conntrack.tcp_established, Duration::from_hours(24));
+        let text = "conntrack:\n  tcpEstablishedTimeout: 2h0m0s\n  tcpCloseWaitTimeout: 0s\n  udpTimeout: 10s\n  udpStreamTimeout: 3m\n";
+        let config = resolve(&[], text);
+        assert_eq!(
+            config.conntrack,
+            ConntrackTimeouts {
+                tcp_established: Duration::from_hours(2),
+                tcp_close_wait: Duration::ZERO,
+                udp: Duration::from_secs(10),
+                udp_stream: Duration::from_mins(3),
+            }
+        );
+        let config = resolve(
+            &[
+                "--conntrack-tcp-timeout-established=30m",
+                "--conntrack-udp-timeout=5s",
+            ],
+            text,
+        );
+        assert_eq!(config.conntrack.tcp_established, Duration::from_mins(30));
+        assert_eq!(config.conntrack.udp, Duration::from_secs(5));
+        assert_eq!(config.conntrack.udp_stream, Duration::from_mins(3));
+        let (bad, _) = file("conntrack:\n  udpTimeout: soon\n").unwrap();
+        let error = flags(&[]).merge(bad, || "h".to_owned()).unwrap_err();
+        assert!(
+            error.to_string().contains("conntrack.udpTimeout"),
+            "{error}"
+        );
+        assert!(
+            file("conntrack:\n  udpTimeOut: 1s\n").is_err(),
+            "typos name the field"
+        );
+    }
+
+    #[test]
     fn unsupported_fields_are_warnings() {
         let (_, warnings) = file(
             "mode: ipvs\nipvs:\n  scheduler: rr\nconntrack:\n  maxPerCore: 32768\nfeatureGates:\n  Foo: true\niptables:\n  masqueradeBit: 14\n",
@@ -1080,7 +1215,7 @@ nftables:
         let joined = warnings.join("\n");
         for field in [
             "ipvs",
-            "conntrack",
+            "conntrack.maxPerCore/conntrack.min",
             "featureGates",
             "iptables.masqueradeBit",
         ] {

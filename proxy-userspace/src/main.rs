@@ -108,7 +108,13 @@ async fn main() -> anyhow::Result<()> {
             println!("programmed_frontends {frontends}");
             println!("programmed_backend_slots {}", services.len() - frontends);
             println!("programmed_backends {}", maps.backend_entries()?.len());
-            println!("conntrack_entries {}", maps.conntrack_entries()?.len());
+            let conntrack = maps.conntrack_entries()?;
+            println!("conntrack_entries {}", conntrack.len());
+            println!("conntrack_max_entries {}", maps.conntrack_max_entries()?);
+            println!(
+                "conntrack_orphan_entries {}",
+                dataplane::orphan_entries(&conntrack)
+            );
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,

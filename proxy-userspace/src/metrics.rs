@@ -9,7 +9,9 @@
 //!   over CPUs, one series per counter (one family, so `sum by (counter)`/`rate` work across
 //!   them and a new kernel counter needs no new metric name);
 //! - `kube_ebpf_proxy_frontends`, `kube_ebpf_proxy_backends`, `kube_ebpf_proxy_conntrack_entries`:
-//!   what is programmed in the kernel right now.
+//!   what is programmed in the kernel right now; `kube_ebpf_proxy_conntrack_max_entries` (the
+//!   fill is entries over this) and `kube_ebpf_proxy_conntrack_orphan_entries` (half flows: an
+//!   estimate of LRU evictions, with the `ct_forward_missing` counter).
 //!
 //! kube-proxy runs one proxier per IP family and labels most families with `ip_family`; one
 //! sync here programs both families' maps at once, so a sync is recorded under both labels, as
@@ -395,7 +397,21 @@ impl DataplaneCollector {
                 .count()
         });
         let backends = maps.backend_entries().map(|entries| entries.len());
-        let conntrack = maps.conntrack_entries().map(|entries| entries.len());
+        let conntrack_entries = maps.conntrack_entries();
+        let conntrack = conntrack_entries
+            .as_ref()
+            .map(Vec::len)
+            .map_err(ToString::to_string);
+        let orphans = conntrack_entries
+            .as_ref()
+            .map(|entries| dataplane::orphan_entries(entries))
+            .map_err(ToString::to_string);
+        let conntrack_max = maps
+            .conntrack_max_entries()
+            .map(|max| max as usize)
+            .map_err(|e| e.to_string());
+        let frontends = frontends.map_err(|e| e.to_string());
+        let backends = backends.map_err(|e| e.to_string());
         for (name, help, count) in [
             (
                 "kube_ebpf_proxy_frontends",
@@ -411,6 +427,16 @@ impl DataplaneCollector {
                 "kube_ebpf_proxy_conntrack_entries",
                 "Entries in the dataplane's conntrack map",
                 conntrack,
+            ),
+            (
+                "kube_ebpf_proxy_conntrack_max_entries",
+                "Size of the dataplane's conntrack map (an LRU map: when full, the least recently used flows are evicted)",
+                conntrack_max,
+            ),
+            (
+                "kube_ebpf_proxy_conntrack_orphan_entries",
+                "Conntrack entries whose other direction is missing: an estimate of the flows the full map evicted",
+                orphans,
             ),
         ] {
             match count {

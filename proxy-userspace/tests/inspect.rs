@@ -177,7 +177,10 @@ fn inspect_shows_services_backends_flows_and_affinity_by_name() {
     }
     let udp = flows.iter().find(|f| f["protocol"] == "UDP").unwrap();
     assert_eq!(udp["replied"], true);
-    assert_eq!(udp["state"], "ESTABLISHED", "{udp}");
+    assert!(
+        udp["state"] == "REPLIED" || udp["state"] == "ASSURED",
+        "{udp}"
+    );
     let left = udp["expiresInSeconds"].as_u64().unwrap();
     assert!(
         (100..=120).contains(&left),

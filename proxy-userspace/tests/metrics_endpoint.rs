@@ -70,8 +70,15 @@ async fn metrics_expose_the_kernel_counters_and_programmed_entries() {
     )
     .expect("BPF_PROG_TEST_RUN");
     assert_eq!(code, TC_ACT_OK);
-    let conntrack = maps.conntrack_entries().unwrap().len();
-    assert!(conntrack > 0, "the flow is tracked");
+    let entries = maps.conntrack_entries().unwrap();
+    assert_eq!(entries.len(), 2, "the flow is tracked, both directions");
+    // The LRU map evicts one direction of it.
+    let (evicted, _) = entries
+        .iter()
+        .find(|(_, v)| v.flags & proxy_common::CT_F_REPLY != 0)
+        .unwrap();
+    maps.delete_conntrack(evicted).unwrap();
+    let conntrack = 1;
     let kernel_counters = dataplane::read_counters(pins.path()).unwrap();
 
     let metrics = ProxyMetrics::new(Some(pins.path().to_path_buf()), None);
@@ -87,6 +94,8 @@ async fn metrics_expose_the_kernel_counters_and_programmed_entries() {
         "# TYPE kube_ebpf_proxy_frontends gauge",
         "# TYPE kube_ebpf_proxy_backends gauge",
         "# TYPE kube_ebpf_proxy_conntrack_entries gauge",
+        "# TYPE kube_ebpf_proxy_conntrack_max_entries gauge",
+        "# TYPE kube_ebpf_proxy_conntrack_orphan_entries gauge",
     ] {
         assert!(
             body.lines().any(|l| l == line),
@@ -98,6 +107,14 @@ async fn metrics_expose_the_kernel_counters_and_programmed_entries() {
     assert_eq!(
         sample(&body, "kube_ebpf_proxy_conntrack_entries"),
         conntrack.to_string()
+    );
+    assert_eq!(
+        sample(&body, "kube_ebpf_proxy_conntrack_max_entries"),
+        "1024"
+    );
+    assert_eq!(
+        sample(&body, "kube_ebpf_proxy_conntrack_orphan_entries"),
+        "1"
     );
     assert_eq!(
         sample(

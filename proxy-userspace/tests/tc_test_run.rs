@@ -6,9 +6,12 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    ConfigValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_CLUSTER, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
-    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
+    AffinityBackendKey, CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT,
+    CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV,
+    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue, CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY,
+    SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES,
+    ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -19,6 +22,10 @@ use proxy_userspace::dataplane::{
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OTHER);
 
 /// A loaded dataplane with small maps pinned in a directory of its own.
@@ -542,7 +549,8 @@ fn an_established_tcp_flow_keeps_its_backend_when_the_backend_is_gone() {
     fx.maps.delete_backend(101).unwrap();
     let replacement = sa("10.1.0.9:8080");
     fx.service(2, frontend, IPPROTO_TCP, &[replacement], |_| {});
-    let (_, out) = fx.run(&frame);
+    let data = packet::build_with_tcp_flags(client, frontend, IPPROTO_TCP, TCP_ACK, b"x");
+    let (_, out) = fx.run(&data);
     assert_eq!(
         packet::summarize(&out).unwrap().dst,
         backend,
@@ -693,9 +701,9 @@ fn garbage_collection_expires_idle_flows_in_the_kernel_map() {
     let defaults = dataplane::CtTimeouts::default();
     let stats = dataplane::collect_garbage(&mut fx.maps, &defaults).unwrap();
     assert_eq!((stats.scanned, stats.expired), (4, 0), "fresh flows stay");
-    // An unreplied UDP flow expires after udp_unreplied; TCP (new) keeps its 2 minutes.
+    // An unreplied UDP flow expires after udpTimeout; TCP (SYN_SENT) keeps its 2 minutes.
     let short_udp = dataplane::CtTimeouts {
-        udp_unreplied: std::time::Duration::ZERO,
+        udp: std::time::Duration::ZERO,
         ..defaults
     };
     let stats = dataplane::collect_garbage(&mut fx.maps, &short_udp).unwrap();
@@ -881,4 +889,338 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     assert!(
         dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
     );
+}
+
+// ---- conntrack lifetimes: one case per transition of the state machine ----
+
+impl Fixture {
+    /// One counter of the dataplane, summed over CPUs.
+    fn counter(&self, name: &str) -> u64 {
+        dataplane::read_counters(self.pins.path())
+            .unwrap()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+            .1
+    }
+
+    /// The forward entry (the flow's state) of the flow from `client`.
+    fn forward_entry(&self, client: SocketAddr) -> Option<CtValue> {
+        let (addr, _) = addr_from_ip(client.ip());
+        self.maps
+            .conntrack_entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, v)| {
+                v.flags & CT_F_REPLY == 0 && k.src == addr && k.sport == client.port().to_be()
+            })
+            .map(|(_, v)| v)
+    }
+
+    /// Sends a TCP segment with `flags` and returns (verdict, source, destination) after NAT.
+    fn tcp(&self, from: SocketAddr, to: SocketAddr, flags: u8) -> (u32, SocketAddr, SocketAddr) {
+        let (code, out) = self.run(&packet::build_with_tcp_flags(
+            from,
+            to,
+            IPPROTO_TCP,
+            flags,
+            b"",
+        ));
+        let s = packet::summarize(&out).unwrap();
+        (code, s.src, s.dst)
+    }
+}
+
+#[test]
+fn a_syn_reopens_a_closing_flow_but_not_an_established_one() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    assert_eq!(fx.tcp(client, frontend, TCP_SYN).2, backend);
+    fx.tcp(backend, client, TCP_SYN | TCP_ACK);
+    fx.tcp(client, frontend, TCP_ACK);
+    assert_eq!(
+        fx.forward_entry(client).unwrap().state,
+        CT_STATE_ESTABLISHED
+    );
+    // The Service moves to another endpoint; the old one still exists (terminating).
+    let successor = sa("10.1.0.9:8080");
+    fx.service(2, frontend, IPPROTO_TCP, &[successor], |_| {});
+    // A retransmitted SYN of an established flow keeps its endpoint.
+    assert_eq!(fx.tcp(client, frontend, TCP_SYN).2, backend);
+    assert_eq!(fx.counter("ct_reopened"), 0);
+    // The client closes; a SYN on the tuple is a new connection, balanced anew.
+    fx.tcp(client, frontend, TCP_FIN | TCP_ACK);
+    assert_eq!(fx.forward_entry(client).unwrap().state, CT_STATE_FIN_WAIT);
+    assert_eq!(fx.tcp(client, frontend, TCP_SYN).2, successor);
+    assert_eq!(fx.counter("ct_reopened"), 1);
+    let reopened = fx.forward_entry(client).unwrap();
+    assert_eq!(
+        (reopened.state, reopened.backend_id),
+        (CT_STATE_SYN_SENT, 201)
+    );
+    // Only the new flow's two entries are left.
+    assert_eq!(fx.maps.conntrack_entries().unwrap().len(), 2);
+    // A SYN on a flow whose backend is gone reopens it too.
+    fx.maps.delete_backend(201).unwrap();
+    fx.service(3, frontend, IPPROTO_TCP, &[backend], |_| {});
+    assert_eq!(fx.tcp(client, frontend, TCP_SYN).2, backend);
+    assert_eq!(fx.counter("ct_reopened"), 2);
+}
+
+#[test]
+fn rst_then_in_flight_data_leaves_the_flow_closed_with_the_short_timeout() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+    fx.tcp(client, frontend, TCP_SYN);
+    fx.tcp(backend, client, TCP_SYN | TCP_ACK);
+    fx.tcp(client, frontend, TCP_ACK);
+    let (_, src, dst) = fx.tcp(backend, client, TCP_RST | TCP_ACK);
+    assert_eq!(
+        (src, dst),
+        (frontend, client),
+        "the RST is reverse-translated"
+    );
+    // Data still in flight both ways is translated, and the flow stays closed.
+    assert_eq!(fx.tcp(client, frontend, TCP_ACK).2, backend);
+    assert_eq!(fx.tcp(backend, client, TCP_ACK).1, frontend);
+    assert_eq!(fx.forward_entry(client).unwrap().state, CT_STATE_CLOSE);
+    // Closed flows go after `tcp_close` (10 s), not after the 24 h of an established one.
+    let defaults = dataplane::CtTimeouts::default();
+    let stats = dataplane::collect_garbage(&mut fx.maps, &defaults).unwrap();
+    assert_eq!(stats.expired, 0);
+    let closed_now = dataplane::CtTimeouts {
+        tcp_close: std::time::Duration::ZERO,
+        ..defaults
+    };
+    let stats = dataplane::collect_garbage(&mut fx.maps, &closed_now).unwrap();
+    assert_eq!(stats.expired, 2);
+    assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+#[test]
+fn fin_both_ways_then_the_last_ack_frees_the_snat_port_for_the_next_flow() {
+    let mut fx = Fixture::new();
+    // One SNAT port: the second masqueraded flow can only have it once the first is over.
+    fx.maps
+        .update_config(|c| {
+            c.snat_port_min = 30000;
+            c.snat_port_max = 30000;
+        })
+        .unwrap();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let node = sa("192.0.2.1:30000");
+    assert_eq!(
+        fx.tcp(client, frontend, TCP_SYN),
+        (TC_ACT_OK, node, backend)
+    );
+    fx.tcp(backend, node, TCP_SYN | TCP_ACK);
+    fx.tcp(client, frontend, TCP_ACK);
+    let second = sa("10.0.0.3:40001");
+    let (code, _, _) = fx.tcp(second, frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_SHOT, "the only port is held by a live flow");
+    assert_eq!(
+        (fx.counter("snat_exhausted"), fx.counter("ct_map_full")),
+        (1, 0)
+    );
+    // The client closes first; the backend acknowledges, then closes; the client's last ACK.
+    let steps = [
+        (true, TCP_FIN | TCP_ACK, CT_STATE_FIN_WAIT),
+        (false, TCP_ACK, CT_STATE_CLOSE_WAIT),
+        (false, TCP_FIN | TCP_ACK, CT_STATE_LAST_ACK),
+        (true, TCP_ACK, CT_STATE_TIME_WAIT),
+    ];
+    for (from_client, flags, state) in steps {
+        let (code, src, dst) = if from_client {
+            fx.tcp(client, frontend, flags)
+        } else {
+            fx.tcp(backend, node, flags)
+        };
+        assert_eq!(code, TC_ACT_OK);
+        if from_client {
+            assert_eq!((src, dst), (node, backend));
+        } else {
+            assert_eq!((src, dst), (frontend, client));
+        }
+        assert_eq!(fx.forward_entry(client).unwrap().state, state, "{flags:#x}");
+    }
+    // The closed flow's port goes to the next flow at once, and the old flow is forgotten.
+    assert_eq!(
+        fx.tcp(second, frontend, TCP_SYN),
+        (TC_ACT_OK, node, backend)
+    );
+    assert_eq!(fx.counter("snat_ports_reused"), 1);
+    assert!(fx.forward_entry(client).is_none());
+    let (_, src, dst) = fx.tcp(backend, node, TCP_SYN | TCP_ACK);
+    assert_eq!(
+        (src, dst),
+        (frontend, second),
+        "replies reach the new client"
+    );
+}
+
+#[test]
+fn snat_ports_held_by_live_flows_are_skipped_and_never_counted_as_map_full() {
+    let mut fx = Fixture::new();
+    fx.maps
+        .update_config(|c| {
+            c.snat_port_min = 30000;
+            c.snat_port_max = 30001;
+        })
+        .unwrap();
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let mut ports = Vec::new();
+    for i in 0..2u16 {
+        let (code, src, _) = fx.tcp(sa(&format!("10.0.0.2:{}", 40000 + i)), frontend, TCP_SYN);
+        assert_eq!(code, TC_ACT_OK);
+        ports.push(src.port());
+    }
+    ports.sort_unstable();
+    assert_eq!(ports, [30000, 30001], "two flows, two distinct ports");
+    let (code, _, _) = fx.tcp(sa("10.0.0.2:40002"), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_SHOT);
+    assert_eq!(fx.counter("ct_map_full"), 0);
+    assert_eq!(fx.counter("snat_exhausted"), 1);
+}
+
+#[test]
+fn udp_is_assured_only_after_a_reply_and_two_seconds() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+    let request = packet::build(client, frontend, IPPROTO_UDP, b"q");
+    fx.run(&request);
+    fx.run(&request);
+    let entry = fx.forward_entry(client).unwrap();
+    assert_eq!(
+        (entry.state, entry.flags & CT_F_SEEN_REPLY),
+        (CT_STATE_SYN_SENT, 0)
+    );
+    fx.run(&packet::build(backend, client, IPPROTO_UDP, b"a"));
+    assert_eq!(fx.forward_entry(client).unwrap().state, CT_STATE_SYN_RECV);
+    // Replied, and still active 2 s after its first packet: assured (udpStreamTimeout).
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    fx.run(&request);
+    assert_eq!(
+        fx.forward_entry(client).unwrap().state,
+        CT_STATE_ESTABLISHED
+    );
+    let short = dataplane::CtTimeouts {
+        udp: std::time::Duration::ZERO,
+        ..dataplane::CtTimeouts::default()
+    };
+    let stats = dataplane::collect_garbage(&mut fx.maps, &short).unwrap();
+    assert_eq!(stats.expired, 0, "assured flows keep the stream timeout");
+}
+
+#[test]
+fn affinity_to_an_endpoint_that_left_the_service_is_not_honoured() {
+    let mut fx = Fixture::new();
+    let (client, frontend, _) = addresses(false);
+    let backends = [sa("10.1.0.5:8080"), sa("10.1.0.6:8080")];
+    fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
+        v.affinity_timeout = 10_800;
+    });
+    let from = |port: u16| SocketAddr::new(client.ip(), port);
+    let first = fx.tcp(from(40000), frontend, TCP_SYN).2;
+    assert_eq!(fx.tcp(from(40001), frontend, TCP_SYN).2, first);
+    // The remembered endpoint starts terminating: it leaves the slots and is no longer
+    // eligible, but still exists as a backend (its established flows keep it).
+    let (left, stays) = if first == backends[0] {
+        (101, backends[1])
+    } else {
+        (102, backends[0])
+    };
+    fx.maps
+        .delete_affinity_backend(&AffinityBackendKey {
+            service_id: 1,
+            backend_id: left,
+            scope: SCOPE_POLICY,
+            external: 0,
+            _pad: [0; 2],
+        })
+        .unwrap();
+    let stays_id = if left == 101 { 102 } else { 101 };
+    fx.maps
+        .upsert_service_entry(
+            &common_key(frontend, IPPROTO_TCP, 1),
+            &ServiceValue {
+                id: stays_id,
+                ..ServiceValue::default()
+            },
+        )
+        .unwrap();
+    fx.maps
+        .upsert_service_entry(
+            &common_key(frontend, IPPROTO_TCP, 0),
+            &ServiceValue {
+                id: 1,
+                count: 1,
+                affinity_timeout: 10_800,
+                ..ServiceValue::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(fx.tcp(from(40002), frontend, TCP_SYN).2, stays);
+    assert_eq!(fx.counter("affinity_stale"), 1);
+    // The new choice is remembered.
+    assert_eq!(fx.tcp(from(40003), frontend, TCP_SYN).2, stays);
+    assert_eq!(fx.counter("affinity_stale"), 1);
+    // The established flow to the endpoint that left keeps it.
+    assert_eq!(fx.tcp(from(40000), frontend, TCP_ACK).2, first);
+}
+
+/// The policy-scope `SERVICES` key of `frontend` at `slot`.
+fn common_key(frontend: SocketAddr, proto: u8, slot: u16) -> proxy_common::ServiceKey {
+    let (addr, family) = addr_from_ip(frontend.ip());
+    proxy_common::ServiceKey {
+        addr,
+        port: frontend.port().to_be(),
+        proto,
+        scope: SCOPE_POLICY,
+        slot,
+        family,
+        _pad: 0,
+    }
+}
+
+#[test]
+fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
+    let mut fx = Fixture::new();
+    fx.maps
+        .update_config(|c| {
+            c.snat_port_min = 30000;
+            c.snat_port_max = 30001;
+        })
+        .unwrap();
+    let (_, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+        v.masquerade_classes = ALL_CLASSES;
+    });
+    let first = sa("10.0.0.2:40000");
+    let (_, node, _) = fx.tcp(first, frontend, TCP_SYN);
+    fx.tcp(backend, node, TCP_SYN | TCP_ACK);
+    fx.tcp(first, frontend, TCP_ACK);
+    // The backend closes first: it keeps the tuple in TIME_WAIT for a minute.
+    fx.tcp(backend, node, TCP_FIN | TCP_ACK);
+    fx.tcp(first, frontend, TCP_FIN | TCP_ACK);
+    fx.tcp(backend, node, TCP_ACK);
+    assert_eq!(fx.forward_entry(first).unwrap().state, CT_STATE_TIME_WAIT);
+    // The other port is free: taken, whatever the probe's random start.
+    let (code, second_node, _) = fx.tcp(sa("10.0.0.2:40001"), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert_ne!(second_node.port(), node.port());
+    assert_eq!(fx.counter("snat_ports_reused"), 0);
+    // Nothing else left: the backend-TIME_WAIT port rather than no port at all.
+    let (code, third_node, _) = fx.tcp(sa("10.0.0.2:40002"), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(third_node.port(), node.port());
+    assert_eq!(fx.counter("snat_ports_reused"), 1);
 }

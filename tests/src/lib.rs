@@ -5,6 +5,7 @@
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
 pub mod cluster;
+pub mod load;
 
 use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use proxy_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, CT_F_REPLY, CT_F_SEEN_REPLY, CT_F_SNAT,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue,
+    CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
+    CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, CtKey, CtValue,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 use proxy_userspace::dataplane::{self, Maps, ip_from_addr};
 use serde::Serialize;
@@ -212,16 +213,33 @@ fn actions(value: &ServiceValue) -> BTreeMap<&'static str, String> {
 }
 
 /// A flow's idle timeout: the one place `inspect` asks the conntrack timeouts table, the same
-/// table the garbage collector expires flows by.
+/// table the garbage collector of a proxy with kube-proxy's default `conntrack` settings
+/// expires flows by.
 fn flow_timeout(proto: u8, forward: &CtValue) -> Duration {
-    dataplane::CtTimeouts::default().for_flow(proto, forward)
+    dataplane::CtTimeouts::with_kube_proxy(&proxy_userspace::config::ConntrackTimeouts::default())
+        .for_flow(proto, forward)
 }
 
-fn conntrack_state(forward: &CtValue) -> &'static str {
+/// The conntrack state as netfilter names it (`conntrack -L`): TCP states, and for UDP and
+/// SCTP whether the flow is unreplied, replied, or assured.
+fn conntrack_state(proto: u8, forward: &CtValue) -> &'static str {
+    if proto != IPPROTO_TCP {
+        return match forward.state {
+            CT_STATE_ESTABLISHED => "ASSURED",
+            _ if forward.flags & CT_F_SEEN_REPLY != 0 => "REPLIED",
+            _ => "UNREPLIED",
+        };
+    }
     match forward.state {
+        CT_STATE_SYN_SENT => "SYN_SENT",
+        CT_STATE_SYN_RECV => "SYN_RECV",
         CT_STATE_ESTABLISHED => "ESTABLISHED",
-        CT_STATE_CLOSING => "CLOSING",
-        _ => "NEW",
+        CT_STATE_FIN_WAIT => "FIN_WAIT",
+        CT_STATE_CLOSE_WAIT => "CLOSE_WAIT",
+        CT_STATE_LAST_ACK => "LAST_ACK",
+        CT_STATE_TIME_WAIT => "TIME_WAIT",
+        CT_STATE_CLOSE => "CLOSE",
+        _ => "UNKNOWN",
     }
 }
 
@@ -391,7 +409,7 @@ fn conntrack(snapshot: &Snapshot, entries: &[(CtKey, CtValue)], filter: &Filter)
                 frontend: endpoint(&key.dst, key.family, key.dport),
                 backend: endpoint(&forward.nat_dst, key.family, forward.nat_dport),
                 masquerade: snat.then(|| endpoint(&forward.nat_src, key.family, forward.nat_sport)),
-                state: conntrack_state(forward),
+                state: conntrack_state(key.proto, forward),
                 replied: forward.flags & CT_F_SEEN_REPLY != 0,
                 idle_seconds: idle.as_secs(),
                 expires_in_seconds: timeout.saturating_sub(idle).as_secs(),

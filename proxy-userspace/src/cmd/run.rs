@@ -152,11 +152,13 @@ fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
 }
 
 /// Counters of conditions an operator must hear about (the kernel can only count them).
-const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
+const FAILURE_COUNTERS: [proxy_common::Counter; 5] = [
     proxy_common::Counter::CtMapFull,
     proxy_common::Counter::SnatExhausted,
     proxy_common::Counter::NoSnatAddress,
     proxy_common::Counter::SctpPortRewrite,
+    // Live flows evicted from the full conntrack map: raise --conntrack-max.
+    proxy_common::Counter::CtForwardMissing,
 ];
 
 /// Logs the failure counters that grew since the last call.
@@ -291,6 +293,12 @@ impl Syncer {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = super::resolve(&args.proxy)?;
+    for line in dataplane::reserve_local_ports(&[
+        ("SNAT port range (--snat-ports)", args.dataplane.snat_ports),
+        ("NodePort range", config.service_node_port_range),
+    ])? {
+        tracing::info!("{line}");
+    }
     let (mut loaded, mut maps, mut attachments, filter) = start_dataplane(&args.dataplane)?;
     let health = ProxyHealth::new(config.health_timeout());
     if let Some(addr) = config.healthz_bind_address {
@@ -335,7 +343,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (mut snapshots, source) = super::start_source(&syncer.config).await?;
     let mut links = spawn_link_watcher()?;
-    let timeouts = dataplane::CtTimeouts::default();
+    let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failures_seen = std::collections::HashMap::new();

@@ -30,7 +30,7 @@ const fn flag(name: &'static str, kind: Kind, why: &'static str) -> Ignored {
 const NO_MARKS: &str = "the eBPF dataplane uses no packet marks";
 const IPVS: &str = "there are no IPVS rules; the eBPF dataplane is used instead";
 const OWN_CONNTRACK: &str =
-    "the eBPF dataplane keeps its own connection tracking (see --conntrack-max, --gc-interval)";
+    "the eBPF dataplane keeps its own connection tracking (see --conntrack-max)";
 const LOGGING: &str = "logging is configured with RUST_LOG";
 const CLIENT: &str = "kube-rs client defaults are used";
 
@@ -85,19 +85,7 @@ const IGNORED: &[Ignored] = &[
     ),
     flag("conntrack-max-per-core", Kind::Value, OWN_CONNTRACK),
     flag("conntrack-min", Kind::Value, OWN_CONNTRACK),
-    flag(
-        "conntrack-tcp-timeout-established",
-        Kind::Value,
-        OWN_CONNTRACK,
-    ),
-    flag(
-        "conntrack-tcp-timeout-close-wait",
-        Kind::Value,
-        OWN_CONNTRACK,
-    ),
     flag("conntrack-tcp-be-liberal", Kind::Bool, OWN_CONNTRACK),
-    flag("conntrack-udp-timeout", Kind::Value, OWN_CONNTRACK),
-    flag("conntrack-udp-timeout-stream", Kind::Value, OWN_CONNTRACK),
     flag(
         "healthz-port",
         Kind::Value,
@@ -242,7 +230,7 @@ mod tests {
                  instead",
                 "--conntrack-max-per-core=131072 is accepted for kube-proxy compatibility but \
                  ignored: the eBPF dataplane keeps its own connection tracking (see \
-                 --conntrack-max, --gc-interval)",
+                 --conntrack-max)",
                 "--v=2 is accepted for kube-proxy compatibility but ignored: logging is \
                  configured with RUST_LOG",
                 "--logtostderr=false is accepted for kube-proxy compatibility but ignored: \

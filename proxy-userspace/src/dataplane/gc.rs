@@ -5,57 +5,107 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proxy_common::{
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CtKey, CtValue,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT,
+    CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use super::maps::{Maps, MapsError};
 
-/// Per-protocol idle timeouts.
+/// Idle timeouts by protocol and state: the one table of conntrack lifetimes. The values are
+/// netfilter's defaults (`nf_conntrack_proto_{tcp,udp,sctp}.c`) except where kube-proxy sets
+/// them (its `conntrack` configuration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtTimeouts {
+    /// `nf_conntrack_tcp_timeout_syn_sent`: 120 s (a SYN never answered).
+    pub tcp_syn_sent: Duration,
+    /// `nf_conntrack_tcp_timeout_syn_recv`: 60 s (SYN/ACK seen, handshake unfinished).
+    pub tcp_syn_recv: Duration,
     /// kube-proxy `conntrack.tcpEstablishedTimeout`: 24 h.
     pub tcp_established: Duration,
-    /// kube-proxy `conntrack.tcpCloseWaitTimeout`: 1 h.
-    pub tcp_closing: Duration,
-    /// A TCP flow that never got a reply (the kernel's SYN_SENT timeout, 2 min).
-    pub tcp_new: Duration,
-    /// kube-proxy `conntrack.udpTimeout`: 30 s for a flow that saw no reply…
-    pub udp_unreplied: Duration,
-    /// …and `conntrack.udpStreamTimeout`: 120 s once it did.
-    pub udp_replied: Duration,
-    /// SCTP and anything else (the kernel's SCTP established timeout is 5 days; flows that
-    /// idle this long are gone in practice).
-    pub other: Duration,
+    /// `nf_conntrack_tcp_timeout_unacknowledged`: 300 s (established but never answered: a
+    /// flow picked up mid-stream whose backend stays silent).
+    pub tcp_unacknowledged: Duration,
+    /// `nf_conntrack_tcp_timeout_fin_wait`: 120 s.
+    pub tcp_fin_wait: Duration,
+    /// kube-proxy `conntrack.tcpCloseWaitTimeout`: 1 h (half-closed connections).
+    pub tcp_close_wait: Duration,
+    /// `nf_conntrack_tcp_timeout_last_ack`: 30 s.
+    pub tcp_last_ack: Duration,
+    /// `nf_conntrack_tcp_timeout_time_wait`: 120 s. A SYN reopens the tuple earlier, and its
+    /// SNAT port may be taken over at once.
+    pub tcp_time_wait: Duration,
+    /// `nf_conntrack_tcp_timeout_close`: 10 s (closed by a RST).
+    pub tcp_close: Duration,
+    /// kube-proxy `conntrack.udpTimeout` (`nf_conntrack_udp_timeout`): 30 s for a flow that is
+    /// not assured (no reply, or replied within its first 2 s only)…
+    pub udp: Duration,
+    /// …and `conntrack.udpStreamTimeout` (`nf_conntrack_udp_timeout_stream`): 120 s once assured.
+    pub udp_stream: Duration,
+    /// `nf_conntrack_sctp_timeout_cookie_wait`-like: 3 s for an association never answered is
+    /// netfilter's; 30 s here, as the SCTP handshake is not parsed (INIT retransmissions).
+    pub sctp_unreplied: Duration,
+    /// `nf_conntrack_sctp_timeout_established`: 210 s (heartbeats every 30 s keep it alive).
+    pub sctp_established: Duration,
 }
 
 impl Default for CtTimeouts {
     fn default() -> Self {
         Self {
+            tcp_syn_sent: Duration::from_mins(2),
+            tcp_syn_recv: Duration::from_mins(1),
             tcp_established: Duration::from_hours(24),
-            tcp_closing: Duration::from_hours(1),
-            tcp_new: Duration::from_mins(2),
-            udp_unreplied: Duration::from_secs(30),
-            udp_replied: Duration::from_mins(2),
-            other: Duration::from_hours(24),
+            tcp_unacknowledged: Duration::from_mins(5),
+            tcp_fin_wait: Duration::from_mins(2),
+            tcp_close_wait: Duration::from_hours(1),
+            tcp_last_ack: Duration::from_secs(30),
+            tcp_time_wait: Duration::from_mins(2),
+            tcp_close: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_mins(2),
+            sctp_unreplied: Duration::from_secs(30),
+            sctp_established: Duration::from_secs(210),
         }
     }
 }
 
 impl CtTimeouts {
-    /// The idle timeout of a flow whose forward entry is `forward` (the reply entry's state
-    /// and flags are mirrored into it by the kernel program).
+    /// The table with kube-proxy's `conntrack` settings applied: a zero keeps the kernel's
+    /// default, as kube-proxy then leaves the sysctl alone (`nf_conntrack_tcp_timeout_established`
+    /// is 5 days, `…_close_wait` 60 s).
+    pub fn with_kube_proxy(settings: &crate::config::ConntrackTimeouts) -> Self {
+        let defaults = Self::default();
+        let or = |value: Duration, kernel: Duration| if value.is_zero() { kernel } else { value };
+        Self {
+            tcp_established: or(settings.tcp_established, Duration::from_hours(24 * 5)),
+            tcp_close_wait: or(settings.tcp_close_wait, Duration::from_mins(1)),
+            udp: or(settings.udp, defaults.udp),
+            udp_stream: or(settings.udp_stream, defaults.udp_stream),
+            ..defaults
+        }
+    }
+
+    /// The idle timeout of a flow whose forward entry is `forward` (it holds the flow's state).
     pub fn for_flow(&self, proto: u8, forward: &CtValue) -> Duration {
         let replied = forward.flags & CT_F_SEEN_REPLY != 0;
         match proto {
             IPPROTO_TCP => match forward.state {
-                CT_STATE_CLOSING => self.tcp_closing,
-                CT_STATE_ESTABLISHED => self.tcp_established,
-                _ => self.tcp_new,
+                CT_STATE_SYN_SENT => self.tcp_syn_sent,
+                CT_STATE_SYN_RECV => self.tcp_syn_recv,
+                CT_STATE_ESTABLISHED if !replied => self.tcp_unacknowledged,
+                CT_STATE_FIN_WAIT => self.tcp_fin_wait,
+                CT_STATE_CLOSE_WAIT => self.tcp_close_wait,
+                CT_STATE_LAST_ACK => self.tcp_last_ack,
+                CT_STATE_TIME_WAIT => self.tcp_time_wait,
+                CT_STATE_CLOSE => self.tcp_close,
+                // ESTABLISHED, and a state this version does not know (pins of a newer
+                // layout): kept long.
+                _ => self.tcp_established,
             },
-            IPPROTO_UDP if replied => self.udp_replied,
-            IPPROTO_UDP => self.udp_unreplied,
-            _ => self.other,
+            IPPROTO_UDP if forward.state == CT_STATE_ESTABLISHED => self.udp_stream,
+            IPPROTO_UDP => self.udp,
+            IPPROTO_SCTP if replied => self.sctp_established,
+            _ => self.sctp_unreplied,
         }
     }
 }
@@ -67,6 +117,9 @@ pub struct GcStats {
     pub expired: usize,
     /// UDP/SCTP entries deleted because their backend no longer exists.
     pub stale_backend: usize,
+    /// Entries whose partner (the other direction's entry) is missing: what the full LRU map
+    /// evicted (an estimate: a flow being created has one entry for an instant too).
+    pub orphans: usize,
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` stamps entries with.
@@ -75,6 +128,25 @@ pub fn monotonic_now_ns() -> u64 {
         .expect("CLOCK_MONOTONIC is always available on Linux");
     u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000
         + u64::try_from(now.tv_nsec()).unwrap_or(0)
+}
+
+/// The key of the entry for the other direction of the flow `key`/`value` belongs to.
+fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
+    if value.flags & CT_F_REPLY != 0 {
+        key.forward_of_reply(value)
+    } else {
+        key.reply_of_forward(value)
+    }
+}
+
+/// Entries of a conntrack snapshot whose other direction is missing: what the full LRU map
+/// evicted (an estimate: a flow being created has one entry for an instant too).
+pub fn orphan_entries(entries: &[(CtKey, CtValue)]) -> usize {
+    let keys: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+    entries
+        .iter()
+        .filter(|(k, v)| !keys.contains(&partner_key(k, v)))
+        .count()
 }
 
 /// Decides which entries of a conntrack snapshot are to be deleted at `now_ns`. Pure, so the
@@ -93,12 +165,7 @@ pub fn expired_keys(
     };
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
-        let partner_key = if is_reply {
-            key.forward_of_reply(value)
-        } else {
-            key.reply_of_forward(value)
-        };
-        let partner = by_key.get(&partner_key);
+        let partner = by_key.get(&partner_key(key, value));
         let (forward, last_seen) = match (is_reply, partner) {
             (false, partner) => (
                 *value,
@@ -110,6 +177,9 @@ pub fn expired_keys(
             // An orphaned reply entry (its forward entry was evicted): its own state decides.
             (true, None) => (*value, value.last_seen_ns),
         };
+        if partner.is_none() {
+            stats.orphans += 1;
+        }
         let connectionless = matches!(key.proto, IPPROTO_UDP | IPPROTO_SCTP);
         if connectionless && !backend_exists(value.backend_id) {
             doomed.push(*key);
@@ -148,7 +218,7 @@ pub fn collect_garbage(maps: &mut Maps, timeouts: &CtTimeouts) -> Result<GcStats
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::{CT_STATE_NEW, FAMILY_IPV4};
+    use proxy_common::FAMILY_IPV4;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -192,90 +262,94 @@ mod tests {
     }
 
     #[test]
-    fn expiry_follows_kube_proxy_timeouts() {
+    fn expiry_follows_the_timeouts_table() {
+        const R: u8 = CT_F_SEEN_REPLY;
+        const H: u64 = 3600;
         let t = CtTimeouts::default();
         // (proto, state, flags, idle seconds, backend exists, expired)
+        #[rustfmt::skip]
         let cases: &[(u8, u8, u8, u64, bool, bool)] = &[
-            (IPPROTO_UDP, CT_STATE_NEW, 0, 29, true, false),
-            (IPPROTO_UDP, CT_STATE_NEW, 0, 31, true, true),
-            (
-                IPPROTO_UDP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                31,
-                true,
-                false,
-            ),
-            (
-                IPPROTO_UDP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                121,
-                true,
-                true,
-            ),
-            (
-                IPPROTO_UDP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                1,
-                false,
-                true,
-            ),
-            (IPPROTO_TCP, CT_STATE_NEW, 0, 119, true, false),
-            (IPPROTO_TCP, CT_STATE_NEW, 0, 121, true, true),
-            (
-                IPPROTO_TCP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                23 * 3600,
-                true,
-                false,
-            ),
-            (
-                IPPROTO_TCP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                25 * 3600,
-                true,
-                true,
-            ),
+            (IPPROTO_UDP, CT_STATE_SYN_SENT, 0, 29, true, false),
+            (IPPROTO_UDP, CT_STATE_SYN_SENT, 0, 31, true, true),
+            // Replied but not assured: still the short timeout.
+            (IPPROTO_UDP, CT_STATE_SYN_RECV, R, 31, true, true),
+            (IPPROTO_UDP, CT_STATE_ESTABLISHED, R, 31, true, false),
+            (IPPROTO_UDP, CT_STATE_ESTABLISHED, R, 121, true, true),
+            (IPPROTO_UDP, CT_STATE_ESTABLISHED, R, 1, false, true),
+            (IPPROTO_TCP, CT_STATE_SYN_SENT, 0, 119, true, false),
+            (IPPROTO_TCP, CT_STATE_SYN_SENT, 0, 121, true, true),
+            (IPPROTO_TCP, CT_STATE_SYN_RECV, R, 59, true, false),
+            (IPPROTO_TCP, CT_STATE_SYN_RECV, R, 61, true, true),
+            (IPPROTO_TCP, CT_STATE_ESTABLISHED, R, 23 * H, true, false),
+            (IPPROTO_TCP, CT_STATE_ESTABLISHED, R, 25 * H, true, true),
+            (IPPROTO_TCP, CT_STATE_ESTABLISHED, 0, 299, true, false),
+            (IPPROTO_TCP, CT_STATE_ESTABLISHED, 0, 301, true, true),
             // TCP flows to a deleted backend are left to re-balance, not deleted here.
-            (
-                IPPROTO_TCP,
-                CT_STATE_ESTABLISHED,
-                CT_F_SEEN_REPLY,
-                1,
-                false,
-                false,
-            ),
-            (
-                IPPROTO_TCP,
-                CT_STATE_CLOSING,
-                CT_F_SEEN_REPLY,
-                3599,
-                true,
-                false,
-            ),
-            (
-                IPPROTO_TCP,
-                CT_STATE_CLOSING,
-                CT_F_SEEN_REPLY,
-                3601,
-                true,
-                true,
-            ),
+            (IPPROTO_TCP, CT_STATE_ESTABLISHED, R, 1, false, false),
+            (IPPROTO_TCP, CT_STATE_FIN_WAIT, R, 119, true, false),
+            (IPPROTO_TCP, CT_STATE_FIN_WAIT, R, 121, true, true),
+            (IPPROTO_TCP, CT_STATE_CLOSE_WAIT, R, H - 1, true, false),
+            (IPPROTO_TCP, CT_STATE_CLOSE_WAIT, R, H + 1, true, true),
+            (IPPROTO_TCP, CT_STATE_LAST_ACK, R, 29, true, false),
+            (IPPROTO_TCP, CT_STATE_LAST_ACK, R, 31, true, true),
+            (IPPROTO_TCP, CT_STATE_TIME_WAIT, R, 119, true, false),
+            (IPPROTO_TCP, CT_STATE_TIME_WAIT, R, 121, true, true),
+            (IPPROTO_TCP, CT_STATE_CLOSE, R, 9, true, false),
+            (IPPROTO_TCP, CT_STATE_CLOSE, R, 11, true, true),
+            (IPPROTO_SCTP, CT_STATE_SYN_SENT, 0, 29, true, false),
+            (IPPROTO_SCTP, CT_STATE_SYN_SENT, 0, 31, true, true),
+            (IPPROTO_SCTP, CT_STATE_ESTABLISHED, R, 209, true, false),
+            (IPPROTO_SCTP, CT_STATE_ESTABLISHED, R, 211, true, true),
         ];
         let now = 200_000 * SEC;
         for &(proto, state, flags, idle, exists, expired) in cases {
             let entries = flow(proto, state, flags, 200_000 - idle, 7);
-            let (doomed, _) = expired_keys(&entries, |_| exists, now, &t);
+            let (doomed, stats) = expired_keys(&entries, |_| exists, now, &t);
             let expected = if expired { 2 } else { 0 };
             assert_eq!(
                 doomed.len(),
                 expected,
                 "proto {proto} state {state} flags {flags} idle {idle}s backend exists {exists}"
             );
+            assert_eq!(stats.orphans, 0);
         }
+    }
+
+    #[test]
+    fn kube_proxy_settings_replace_their_rows_and_zero_keeps_the_kernel_default() {
+        let settings = crate::config::ConntrackTimeouts::default();
+        assert_eq!(
+            CtTimeouts::with_kube_proxy(&settings),
+            CtTimeouts::default()
+        );
+        let zero = crate::config::ConntrackTimeouts {
+            tcp_established: Duration::ZERO,
+            tcp_close_wait: Duration::ZERO,
+            udp: Duration::from_secs(7),
+            udp_stream: Duration::ZERO,
+        };
+        let t = CtTimeouts::with_kube_proxy(&zero);
+        assert_eq!(t.tcp_established, Duration::from_hours(120));
+        assert_eq!(t.tcp_close_wait, Duration::from_mins(1));
+        assert_eq!(t.udp, Duration::from_secs(7));
+        assert_eq!(t.udp_stream, Duration::from_mins(2));
+        assert_eq!(t.tcp_time_wait, CtTimeouts::default().tcp_time_wait);
+    }
+
+    #[test]
+    fn a_reply_refreshes_its_flow_and_an_orphan_is_counted() {
+        let t = CtTimeouts::default();
+        let now = 200_000 * SEC;
+        let [(fk, mut forward), (rk, reply)] =
+            flow(IPPROTO_TCP, CT_STATE_SYN_SENT, 0, 200_000 - 10, 7);
+        // The forward entry is old, its reply entry fresh: the flow lives.
+        forward.last_seen_ns = (200_000 - 500) * SEC;
+        let (doomed, _) = expired_keys(&[(fk, forward), (rk, reply)], |_| true, now, &t);
+        assert!(doomed.is_empty());
+        let (doomed, stats) = expired_keys(&[(rk, reply)], |_| true, now, &t);
+        assert!(doomed.is_empty());
+        assert_eq!(stats.orphans, 1);
+        assert_eq!(orphan_entries(&[(rk, reply)]), 1);
+        assert_eq!(orphan_entries(&[(fk, forward), (rk, reply)]), 0);
     }
 }

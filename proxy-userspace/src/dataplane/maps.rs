@@ -11,10 +11,11 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use ipnet::IpNet;
 use proxy_common::{
-    AFFINITY_MAP, Addr, AffinityKey, AffinityValue, BACKENDS_MAP, Backend, CONFIG_MAP,
-    CONNTRACK_MAP, ConfigValue, CtKey, CtValue, IPPROTO_UDP, LOCAL_CIDR_PREFIX_BASE,
-    LOCAL_CIDRS_MAP, LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT, SERVICE_CIDRS_MAP, SERVICES_MAP,
-    SOURCE_RANGES_MAP, ServiceKey, ServiceValue, SourceRangeData, VIPS_MAP, VipKey, VipValue,
+    AFFINITY_BACKENDS_MAP, AFFINITY_MAP, Addr, AffinityBackendKey, AffinityKey, AffinityValue,
+    BACKENDS_MAP, Backend, CONFIG_MAP, CONNTRACK_MAP, ConfigValue, CtKey, CtValue, IPPROTO_UDP,
+    LOCAL_CIDR_PREFIX_BASE, LOCAL_CIDRS_MAP, LOCAL_IFINDEXES_MAP, LocalCidrData, PRESENT,
+    SERVICE_CIDRS_MAP, SERVICES_MAP, SOURCE_RANGES_MAP, ServiceKey, ServiceValue, SourceRangeData,
+    VIPS_MAP, VipKey, VipValue,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    affinity_backends: HashMap<MapData, AffinityBackendKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeData, u32>,
     local_cidrs: LpmTrie<MapData, LocalCidrData, u32>,
     local_ifindexes: HashMap<MapData, u32, u32>,
@@ -137,6 +139,7 @@ impl Maps {
             backends: open(pin_path, BACKENDS_MAP, Map::HashMap)?,
             conntrack: open(pin_path, CONNTRACK_MAP, Map::LruHashMap)?,
             affinity: open(pin_path, AFFINITY_MAP, Map::LruHashMap)?,
+            affinity_backends: open(pin_path, AFFINITY_BACKENDS_MAP, Map::HashMap)?,
             source_ranges: open(pin_path, SOURCE_RANGES_MAP, Map::LpmTrie)?,
             local_cidrs: open(pin_path, LOCAL_CIDRS_MAP, Map::LpmTrie)?,
             local_ifindexes: open(pin_path, LOCAL_IFINDEXES_MAP, Map::HashMap)?,
@@ -355,6 +358,14 @@ impl Maps {
         }
     }
 
+    /// The conntrack map's size (its fill is `conntrack_entries().len()` of this).
+    pub fn conntrack_max_entries(&self) -> Result<u32, MapsError> {
+        aya::maps::IterableMap::map(&self.conntrack)
+            .info()
+            .map(|info| info.max_entries())
+            .map_err(access("read the info of", CONNTRACK_MAP))
+    }
+
     pub fn delete_conntrack(&mut self, key: &CtKey) -> Result<(), MapsError> {
         deleted(self.conntrack.remove(key), CONNTRACK_MAP)
     }
@@ -398,6 +409,24 @@ impl Maps {
 
     pub fn delete_affinity(&mut self, key: &AffinityKey) -> Result<(), MapsError> {
         deleted(self.affinity.remove(key), AFFINITY_MAP)
+    }
+
+    /// Marks a backend eligible for the affinity entries of a service port's endpoint set.
+    pub fn insert_affinity_backend(&mut self, key: &AffinityBackendKey) -> Result<(), MapsError> {
+        self.affinity_backends
+            .insert(key, PRESENT, 0)
+            .map_err(access("upsert", AFFINITY_BACKENDS_MAP))
+    }
+
+    pub fn delete_affinity_backend(&mut self, key: &AffinityBackendKey) -> Result<(), MapsError> {
+        deleted(self.affinity_backends.remove(key), AFFINITY_BACKENDS_MAP)
+    }
+
+    pub fn affinity_backend_entries(&self) -> Result<Vec<AffinityBackendKey>, MapsError> {
+        Ok(collect(&self.affinity_backends, AFFINITY_BACKENDS_MAP)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
     }
 }
 

@@ -8,6 +8,7 @@ mod cleanup;
 mod counters;
 mod gc;
 mod loader;
+mod local_ports;
 mod maps;
 mod names;
 pub mod packet;
@@ -20,8 +21,9 @@ pub use attach::{
 };
 pub use cleanup::{CleanupError, CleanupReport, cleanup};
 pub use counters::{CountersError, read_counters};
-pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns};
+pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
+pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 pub use names::{NamesError, read_service_names, write_service_names};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};

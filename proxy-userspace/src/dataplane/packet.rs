@@ -66,9 +66,23 @@ fn l4_csum_offset(proto: u8) -> Option<usize> {
     }
 }
 
+/// TCP's SYN flag, what [`build`] sends.
+pub const TCP_SYN: u8 = 0x02;
+
 /// A first packet from `src` to `dst`: a TCP SYN, a UDP datagram carrying `payload`, or an SCTP
 /// common header with an empty chunk. Checksums are valid.
 pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    build_with_tcp_flags(src, dst, proto, TCP_SYN, payload)
+}
+
+/// [`build`] with the TCP header's flags byte set to `tcp_flags` (ignored for UDP and SCTP).
+pub fn build_with_tcp_flags(
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    tcp_flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend_from_slice(&src.port().to_be_bytes());
     l4.extend_from_slice(&dst.port().to_be_bytes());
@@ -76,7 +90,7 @@ pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec
         IPPROTO_TCP => {
             l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+            l4.extend_from_slice(&[0x50, tcp_flags]); // data offset 5
             l4.extend_from_slice(&64240u16.to_be_bytes());
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
             l4.extend_from_slice(payload);

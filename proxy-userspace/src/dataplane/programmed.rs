@@ -55,6 +55,7 @@ impl DataplaneMaps for Maps {
             source_ranges,
             service_cidrs: self.service_cidr_entries()?.into_iter().collect(),
             local_cidrs: self.local_cidr_entries()?.into_iter().collect(),
+            affinity_backends: self.affinity_backend_entries()?.into_iter().collect(),
         })
     }
 
@@ -75,6 +76,8 @@ impl DataplaneMaps for Maps {
             MapChange::DeleteServiceCidr(cidr) => self.delete_service_cidr(cidr),
             MapChange::InsertLocalCidr(cidr) => self.add_local_cidr(cidr),
             MapChange::DeleteLocalCidr(cidr) => self.delete_local_cidr(cidr),
+            MapChange::InsertAffinityBackend(ref key) => self.insert_affinity_backend(key),
+            MapChange::DeleteAffinityBackend(ref key) => self.delete_affinity_backend(key),
         }
     }
 }

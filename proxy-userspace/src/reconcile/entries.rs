@@ -6,10 +6,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_common::{
-    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_EXTERNAL,
-    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue, VIP_F_CLUSTER_IP,
-    VipKey, VipValue, addr_from_ip,
+    AffinityBackendKey, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_EXTERNAL, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    VIP_F_CLUSTER_IP, VipKey, VipValue, addr_from_ip,
 };
 
 use super::ids::Ids;
@@ -36,6 +36,9 @@ pub struct MapEntries {
     pub service_cidrs: HashSet<IpNet>,
     /// The local-traffic detector's CIDRs (cluster CIDR or node pod CIDRs).
     pub local_cidrs: HashSet<IpNet>,
+    /// For service ports with ClientIP affinity: which backends an affinity entry may keep
+    /// sending a client to (the endpoint sets the slots select from).
+    pub affinity_backends: HashSet<AffinityBackendKey>,
 }
 
 pub fn proto_number(protocol: Protocol) -> u8 {
@@ -189,14 +192,42 @@ impl MapEntries {
                 drop_classes,
             };
             self.add_slots(key, entry(policy.len()), policy);
+            if affinity_timeout != 0 {
+                self.add_affinity_backends(
+                    service_id,
+                    SCOPE_POLICY,
+                    frontend.kind.is_external(),
+                    policy,
+                );
+            }
             if cluster_classes != 0 {
                 let cluster_key = ServiceKey {
                     scope: SCOPE_CLUSTER,
                     ..key
                 };
                 self.add_slots(cluster_key, entry(cluster.len()), &cluster);
+                if affinity_timeout != 0 {
+                    self.add_affinity_backends(service_id, SCOPE_CLUSTER, false, &cluster);
+                }
             }
         }
+    }
+
+    fn add_affinity_backends(
+        &mut self,
+        service_id: u32,
+        scope: u8,
+        external: bool,
+        backends: &[u32],
+    ) {
+        self.affinity_backends
+            .extend(backends.iter().map(|&backend_id| AffinityBackendKey {
+                service_id,
+                backend_id,
+                scope,
+                external: u8::from(external),
+                _pad: [0; 2],
+            }));
     }
 
     fn add_slots(&mut self, key: ServiceKey, entry: ServiceValue, backends: &[u32]) {

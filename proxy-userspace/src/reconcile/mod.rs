@@ -14,7 +14,8 @@ pub use ids::Ids;
 use ipnet::IpNet;
 pub use memory::MemoryMaps;
 use proxy_common::{
-    Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue, ip_from_addr,
+    AffinityBackendKey, Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue,
+    ip_from_addr,
 };
 
 use crate::model::DesiredState;
@@ -34,6 +35,8 @@ pub enum MapChange {
     DeleteServiceCidr(IpNet),
     InsertLocalCidr(IpNet),
     DeleteLocalCidr(IpNet),
+    InsertAffinityBackend(AffinityBackendKey),
+    DeleteAffinityBackend(AffinityBackendKey),
 }
 
 /// The maps as the reconciler sees them: the kernel's pinned maps, or memory in tests.
@@ -90,6 +93,12 @@ pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
             .map(|(id, b)| MapChange::UpsertBackend(id, b)),
     );
 
+    changes.extend(
+        desired
+            .affinity_backends
+            .difference(&actual.affinity_backends)
+            .map(|k| MapChange::InsertAffinityBackend(*k)),
+    );
     changes.extend(
         desired
             .source_ranges
@@ -157,6 +166,12 @@ pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
             .source_ranges
             .difference(&desired.source_ranges)
             .map(|r| MapChange::DeleteSourceRange(*r)),
+    );
+    changes.extend(
+        actual
+            .affinity_backends
+            .difference(&desired.affinity_backends)
+            .map(|k| MapChange::DeleteAffinityBackend(*k)),
     );
     let mut gone: Vec<u32> = actual
         .backends
@@ -299,6 +314,10 @@ fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
         MapChange::InsertLocalCidr(c) | MapChange::DeleteLocalCidr(c) => {
             format!("local CIDR {c}")
         }
+        MapChange::InsertAffinityBackend(k) | MapChange::DeleteAffinityBackend(k) => owners
+            .get(&k.service_id)
+            .cloned()
+            .unwrap_or_else(|| format!("service id {}", k.service_id)),
     }
 }
 
@@ -340,6 +359,12 @@ pub fn record(entries: &mut MapEntries, change: &MapChange) {
         }
         MapChange::DeleteLocalCidr(c) => {
             entries.local_cidrs.remove(&c);
+        }
+        MapChange::InsertAffinityBackend(k) => {
+            entries.affinity_backends.insert(k);
+        }
+        MapChange::DeleteAffinityBackend(k) => {
+            entries.affinity_backends.remove(&k);
         }
     }
 }

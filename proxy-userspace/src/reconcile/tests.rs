@@ -491,3 +491,55 @@ fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
         3
     );
 }
+
+#[test]
+fn affinity_backends_follow_the_eligible_endpoints_of_affinity_services_only() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let mut sticky = cluster_ip_service(
+        "sticky",
+        "10.96.0.10",
+        &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
+    );
+    sticky.affinity_timeout_seconds = Some(10_800);
+    let plain = cluster_ip_service("plain", "10.96.0.11", &[("10.244.1.3", 8080)]);
+    let report = reconciler.sync(&state(vec![sticky.clone(), plain.clone()]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let sticky_id = maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].id;
+    let eligible = |maps: &MemoryMaps| -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = maps
+            .entries
+            .affinity_backends
+            .iter()
+            .map(|k| {
+                assert_eq!(
+                    (k.service_id, k.scope, k.external),
+                    (sticky_id, SCOPE_POLICY, 0)
+                );
+                let b = maps.entries.backends[&k.backend_id];
+                ip_from_addr(&b.addr, b.family)
+            })
+            .collect();
+        ips.sort();
+        ips
+    };
+    assert_eq!(eligible(&maps), vec![ip("10.244.1.2"), ip("10.244.2.2")]);
+
+    // One endpoint leaves (terminating, or the selector moved on): it is no longer eligible,
+    // and its eligibility goes before the backend itself.
+    sticky.internal_endpoints.remove(0);
+    maps.log.clear();
+    let report = reconciler.sync(&state(vec![sticky, plain]), &mut maps);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(eligible(&maps), vec![ip("10.244.2.2")]);
+    let ineligible = position(&maps.log, |c| {
+        matches!(c, MapChange::DeleteAffinityBackend(_))
+    });
+    if let Some(backend_gone) = maps
+        .log
+        .iter()
+        .position(|c| matches!(c, MapChange::DeleteBackend(_)))
+    {
+        assert!(ineligible < backend_gone);
+    }
+}

@@ -2,12 +2,15 @@
 
 use std::net::SocketAddr;
 
-use proxy_common::{Backend, SCOPE_POLICY, ServiceKey, ServiceValue};
+use proxy_common::{
+    AffinityBackendKey, Backend, SCOPE_POLICY, SVC_F_EXTERNAL, ServiceKey, ServiceValue,
+};
 use proxy_userspace::dataplane::{Maps, addr_from_ip};
 
 /// Programs `frontend`/`proto` (policy scope) with `backends` (backend ids `id * 100 + 1…`):
 /// backends first, then the slots, then the service entry whose count covers them. `edit`
-/// sets the per-class bits, flags and affinity of the service entry.
+/// sets the per-class bits, flags and affinity of the service entry; with affinity, the
+/// backends are also marked eligible for it, as the reconciler does.
 pub fn program_service(
     maps: &mut Maps,
     id: u32,
@@ -68,6 +71,18 @@ pub fn program_scope(
         ..ServiceValue::default()
     };
     edit(&mut value);
+    if value.affinity_timeout != 0 {
+        for i in 0..backends.len() {
+            maps.insert_affinity_backend(&AffinityBackendKey {
+                service_id: id,
+                backend_id: id * 100 + u32::from(scope) * 50 + i as u32 + 1,
+                scope,
+                external: u8::from(scope == SCOPE_POLICY && value.flags & SVC_F_EXTERNAL != 0),
+                _pad: [0; 2],
+            })
+            .expect("mark the backend eligible for affinity");
+        }
+    }
     maps.upsert_service_entry(&key(0), &value)
         .expect("upsert service entry");
 }
