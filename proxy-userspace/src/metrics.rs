@@ -925,10 +925,26 @@ mod tests {
             let (status, _, body) = get(addr, path).await;
             assert_eq!((status, body.as_str()), (200, "ok"), "{path}");
         }
-        for path in ["/", "/configz", "/livez", "/metrics/extra", "/nope"] {
+        for path in ["/", "/livez", "/metrics/extra", "/nope"] {
             let (status, _, _) = get(addr, path).await;
             assert_eq!(status, 404, "{path}");
         }
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn configz_serves_what_was_set() {
+        let (metrics, addr, task) = serve(ProxyMetrics::new(None, None)).await;
+        let (status, head, body) = get(addr, "/configz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "{}"),
+            "nothing registered yet"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        metrics.set_configz(serde_json::json!({"kubeproxy.config.k8s.io": {"Mode": "ipvs"}}));
+        let (_, _, body) = get(addr, "/configz").await;
+        assert_eq!(body, r#"{"kubeproxy.config.k8s.io":{"Mode":"ipvs"}}"#);
         task.abort();
     }
 
