@@ -1,6 +1,6 @@
 //! `kube-ebpf-proxy inspect services|backends|conntrack|affinity`: what a running proxy's pinned
 //! maps hold, in Kubernetes terms (Service names from the names the proxy records next to its
-//! maps, see `dataplane::write_service_names`), filterable by Service and address.
+//! maps, see `dataplane::ServiceNames`), filterable by Service and address.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

@@ -188,7 +188,8 @@ fn warn_on_failure_counters(
 /// Everything one sync needs and keeps between syncs.
 struct Syncer {
     config: ProxyConfig,
-    pin_path: PathBuf,
+    /// What `inspect` names the programmed service ids with.
+    service_names: dataplane::ServiceNames,
     /// Kubernetes Events about objects that cannot be programmed (API-server source only).
     events: Option<EventSender>,
     reconciler: Reconciler,
@@ -247,8 +248,9 @@ impl Syncer {
             events.report(&problems, snapshot);
         }
         // For `inspect`: which Service port each programmed service id is.
-        if let Err(error) =
-            dataplane::write_service_names(&self.pin_path, &self.reconciler.service_names(&state))
+        if let Err(error) = self
+            .service_names
+            .sync(&self.reconciler.service_names(&state))
         {
             tracing::warn!("{error}");
         }
@@ -327,7 +329,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
         health: health.clone(),
         metrics: metrics.clone(),
-        pin_path: args.dataplane.bpf_pin_path.clone(),
+        service_names: dataplane::ServiceNames::open(&args.dataplane.bpf_pin_path)?,
         events: match config.manifests {
             Some(_) => None,
             None => Some(EventSender::spawn(EventPublisher::new(

@@ -25,6 +25,6 @@ pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entr
 pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
-pub use names::{NamesError, read_service_names, write_service_names};
+pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};

@@ -57,31 +57,50 @@ pub fn read_service_names(pin_path: &Path) -> Result<BTreeMap<u32, String>, Name
     Ok(names)
 }
 
-/// Makes the names under `pin_path` exactly `names`: stale and changed ids removed, new ones
-/// written. Returns how many links were written or removed.
-pub fn write_service_names(
-    pin_path: &Path,
-    names: &BTreeMap<u32, String>,
-) -> Result<usize, NamesError> {
-    let dir = pin_path.join(NAMES_DIR);
-    std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-    let current = read_service_names(pin_path)?;
-    let mut changes = 0;
-    for (id, name) in &current {
-        if names.get(id) != Some(name) {
-            let path = dir.join(id.to_string());
+/// The names under a pin path as the running proxy keeps them: read once when it starts, then
+/// only the ids whose name changed are written or removed (a sync costs no directory walk).
+pub struct ServiceNames {
+    dir: PathBuf,
+    written: BTreeMap<u32, String>,
+}
+
+impl ServiceNames {
+    /// Reads what a previous run recorded under `pin_path` (creating the directory).
+    pub fn open(pin_path: &Path) -> Result<Self, NamesError> {
+        let dir = pin_path.join(NAMES_DIR);
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        Ok(Self {
+            written: read_service_names(pin_path)?,
+            dir,
+        })
+    }
+
+    /// Makes the recorded names exactly `names`: stale and changed ids removed, new ones
+    /// written. Returns how many links were written or removed.
+    pub fn sync(&mut self, names: &BTreeMap<u32, String>) -> Result<usize, NamesError> {
+        let mut changes = 0;
+        let stale: Vec<u32> = self
+            .written
+            .iter()
+            .filter(|(id, name)| names.get(id) != Some(name))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            let path = self.dir.join(id.to_string());
             std::fs::remove_file(&path).map_err(io("removing", &path))?;
+            self.written.remove(&id);
             changes += 1;
         }
-    }
-    for (id, name) in names {
-        if current.get(id) != Some(name) {
-            let path = dir.join(id.to_string());
-            std::os::unix::fs::symlink(name, &path).map_err(io("writing", &path))?;
-            changes += 1;
+        for (id, name) in names {
+            if !self.written.contains_key(id) {
+                let path = self.dir.join(id.to_string());
+                std::os::unix::fs::symlink(name, &path).map_err(io("writing", &path))?;
+                self.written.insert(*id, name.clone());
+                changes += 1;
+            }
         }
+        Ok(changes)
     }
-    Ok(changes)
 }
 
 #[cfg(test)]
@@ -96,19 +115,18 @@ mod tests {
             (1, "default/web:http".to_owned()),
             (2, "kube-system/kube-dns:dns".to_owned()),
         ]);
-        assert_eq!(write_service_names(pins.path(), &first).unwrap(), 2);
+        let mut names = ServiceNames::open(pins.path()).unwrap();
+        assert_eq!(names.sync(&first).unwrap(), 2);
         assert_eq!(read_service_names(pins.path()).unwrap(), first);
-        assert_eq!(
-            write_service_names(pins.path(), &first).unwrap(),
-            0,
-            "unchanged"
-        );
+        assert_eq!(names.sync(&first).unwrap(), 0, "unchanged");
         let second = BTreeMap::from([
             (2, "kube-system/kube-dns:dns-tcp".to_owned()),
             (3, "default/db:".to_owned()),
         ]);
-        // 1 removed, 2 replaced (remove + write), 3 written.
-        assert_eq!(write_service_names(pins.path(), &second).unwrap(), 4);
+        // A restarted proxy starts from what is recorded: 1 removed, 2 replaced (remove and
+        // write), 3 written.
+        let mut restarted = ServiceNames::open(pins.path()).unwrap();
+        assert_eq!(restarted.sync(&second).unwrap(), 4);
         assert_eq!(read_service_names(pins.path()).unwrap(), second);
     }
 }
