@@ -57,6 +57,16 @@ enum Command {
     /// `backends`, `conntrack` (state and time left of each flow) or `affinity`, filterable by
     /// --service and --address, as text or `-o json`.
     Inspect(cmd::inspect::InspectArgs),
+    /// Remove every program, link, map and pin the proxy owns (kube-proxy's `--cleanup`):
+    /// stopping the proxy leaves them in place so the next start takes over without a gap.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// Directory on bpffs where the proxy pinned its maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
+    bpf_pin_path: PathBuf,
 }
 
 /// Whether the program was invoked as `kube-proxy` (argv[0]'s file name).
@@ -119,5 +129,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Trace(args) => cmd::trace::trace(args).await,
         Command::Inspect(args) => cmd::inspect::inspect(&args),
+        Command::Cleanup(args) => cmd::kube_proxy::cleanup(&args.bpf_pin_path),
     }
 }

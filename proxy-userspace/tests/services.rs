@@ -5,15 +5,13 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::BufReader;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use proxy_lab::cluster::{CLIENT_IP, Cluster, OUTSIDER_IP, PodState, nft_ruleset, node_ip};
-use proxy_lab::{Netns, tcp_request, udp_request};
+use proxy_lab::{LineServer, Netns, ask, tcp_request, udp_request};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
 /// How long an answered request may take.
@@ -599,76 +597,6 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
 /// The port of the [`LineServer`]s.
 const LINE_PORT: u16 = 9090;
 
-/// A TCP server that keeps connections open and answers each line with its name.
-struct LineServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl LineServer {
-    fn start(ns: &Netns, name: &str, port: u16) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_flag, name) = (stop.clone(), name.to_owned());
-        let thread = ns
-            .spawn(move || {
-                let listener = std::net::TcpListener::bind(("::", port)).expect("bind");
-                listener.set_nonblocking(true).expect("nonblocking");
-                ready_tx.send(()).expect("ready");
-                let mut connections = Vec::new();
-                while !stop_flag.load(Ordering::Relaxed) {
-                    if let Ok((stream, _)) = listener.accept() {
-                        let (stop_flag, name) = (stop_flag.clone(), name.clone());
-                        connections.push(std::thread::spawn(move || {
-                            serve_lines(stream, &name, &stop_flag);
-                        }));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                for connection in connections {
-                    let _ = connection.join();
-                }
-            })
-            .expect("spawn in the pod");
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("line server started");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-fn serve_lines(stream: TcpStream, name: &str, stop: &AtomicBool) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
-    let mut writer = stream.try_clone().expect("clone the stream");
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    while !stop.load(Ordering::Relaxed) {
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {
-                if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                line.clear();
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-impl Drop for LineServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// A connection from `ns` to a line Service at `vip`, kept open across `ask`s.
 fn connect_lines(ns: &Netns, vip: SocketAddr) -> std::io::Result<BufReader<TcpStream>> {
     ns.enter(move || {
@@ -677,19 +605,6 @@ fn connect_lines(ns: &Netns, vip: SocketAddr) -> std::io::Result<BufReader<TcpSt
         Ok(BufReader::new(stream))
     })
     .unwrap()
-}
-
-/// Sends a line on an established connection and reads the answering pod's name.
-fn ask(stream: &mut BufReader<TcpStream>) -> String {
-    stream
-        .get_mut()
-        .write_all(b"who\n")
-        .expect("send on the established connection");
-    let mut line = String::new();
-    stream
-        .read_line(&mut line)
-        .expect("answer on the established connection");
-    line.trim().to_owned()
 }
 
 #[test]

@@ -917,6 +917,22 @@ impl Fixture {
             .map(|(_, v)| v)
     }
 
+    /// A TCP service (id 1, one backend) masqueraded for every source class, with the SNAT
+    /// ports 30000..=`snat_port_max`; returns (client, frontend, backend).
+    fn masqueraded_service(&mut self, snat_port_max: u16) -> (SocketAddr, SocketAddr, SocketAddr) {
+        self.maps
+            .update_config(|c| {
+                c.snat_port_min = 30000;
+                c.snat_port_max = snat_port_max;
+            })
+            .unwrap();
+        let (client, frontend, backend) = addresses(false);
+        self.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
+            v.masquerade_classes = ALL_CLASSES;
+        });
+        (client, frontend, backend)
+    }
+
     /// Sends a TCP segment with `flags` and returns (verdict, source, destination) after NAT.
     fn tcp(&self, from: SocketAddr, to: SocketAddr, flags: u8) -> (u32, SocketAddr, SocketAddr) {
         let (code, out) = self.run(&packet::build_with_tcp_flags(
@@ -1003,16 +1019,7 @@ fn rst_then_in_flight_data_leaves_the_flow_closed_with_the_short_timeout() {
 fn fin_both_ways_then_the_last_ack_frees_the_snat_port_for_the_next_flow() {
     let mut fx = Fixture::new();
     // One SNAT port: the second masqueraded flow can only have it once the first is over.
-    fx.maps
-        .update_config(|c| {
-            c.snat_port_min = 30000;
-            c.snat_port_max = 30000;
-        })
-        .unwrap();
-    let (client, frontend, backend) = addresses(false);
-    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
-        v.masquerade_classes = ALL_CLASSES;
-    });
+    let (client, frontend, backend) = fx.masqueraded_service(30000);
     let node = sa("192.0.2.1:30000");
     assert_eq!(
         fx.tcp(client, frontend, TCP_SYN),
@@ -1066,16 +1073,7 @@ fn fin_both_ways_then_the_last_ack_frees_the_snat_port_for_the_next_flow() {
 #[test]
 fn snat_ports_held_by_live_flows_are_skipped_and_never_counted_as_map_full() {
     let mut fx = Fixture::new();
-    fx.maps
-        .update_config(|c| {
-            c.snat_port_min = 30000;
-            c.snat_port_max = 30001;
-        })
-        .unwrap();
-    let (_, frontend, backend) = addresses(false);
-    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
-        v.masquerade_classes = ALL_CLASSES;
-    });
+    let (_, frontend, _) = fx.masqueraded_service(30001);
     let mut ports = Vec::new();
     for i in 0..2u16 {
         let (code, src, _) = fx.tcp(sa(&format!("10.0.0.2:{}", 40000 + i)), frontend, TCP_SYN);
@@ -1194,16 +1192,7 @@ fn common_key(frontend: SocketAddr, proto: u8, slot: u16) -> proxy_common::Servi
 #[test]
 fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     let mut fx = Fixture::new();
-    fx.maps
-        .update_config(|c| {
-            c.snat_port_min = 30000;
-            c.snat_port_max = 30001;
-        })
-        .unwrap();
-    let (_, frontend, backend) = addresses(false);
-    fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
-        v.masquerade_classes = ALL_CLASSES;
-    });
+    let (_, frontend, backend) = fx.masqueraded_service(30001);
     let first = sa("10.0.0.2:40000");
     let (_, node, _) = fx.tcp(first, frontend, TCP_SYN);
     fx.tcp(backend, node, TCP_SYN | TCP_ACK);

@@ -58,7 +58,8 @@ pub enum PodState {
     NotReady,
 }
 
-/// Fields drop in order: the proxy first (it detaches), then pods, clients and nodes.
+/// Fields drop in order: the proxy first, then pods, clients and nodes, the pin directory last
+/// (removing its pinned links detaches the programs the proxy leaves attached).
 pub struct Cluster {
     proxy: Option<Proxy>,
     pods: Vec<Pod>,
@@ -73,11 +74,18 @@ pub struct Cluster {
     next_interface: u32,
     /// node1's `nft list ruleset` before the proxy started.
     pub nft_before: String,
+    /// Flags the proxy runs with besides the source's and `--cgroup-path`.
+    proxy_flags: Vec<String>,
 }
 
 impl Cluster {
     /// Builds the network, writes the Node objects and starts the proxy on node1.
     pub fn start(binary: &Path) -> Result<Self> {
+        Self::start_with(binary, &[])
+    }
+
+    /// [`Cluster::start`] with the proxy run with `proxy_flags` too (on every start).
+    pub fn start_with(binary: &Path, proxy_flags: &[&str]) -> Result<Self> {
         let net = Netns::new("net")?;
         // No multicast snooping: IPv6 neighbour discovery must not depend on MLD timing.
         net.ip(&[
@@ -153,6 +161,7 @@ impl Cluster {
             binary: binary.to_owned(),
             next_interface: 0,
             nft_before,
+            proxy_flags: proxy_flags.iter().map(|f| (*f).to_owned()).collect(),
         };
         cluster.proxy = Some(cluster.launch_proxy()?);
         Ok(cluster)
@@ -162,6 +171,7 @@ impl Cluster {
         let mut args = self.source_flags();
         args.push("--cgroup-path".to_owned());
         args.push(self.cgroup.path().to_string_lossy().into_owned());
+        args.extend(self.proxy_flags.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proxy::start(&self.binary, &self.nodes[0], &self.pin_dir, &args)
     }
@@ -171,6 +181,24 @@ impl Cluster {
     pub fn restart_proxy(&mut self) -> Result<&mut Proxy> {
         drop(self.proxy.take());
         Ok(self.proxy.insert(self.launch_proxy()?))
+    }
+
+    /// Stops the proxy with `signal` (SIGTERM or SIGKILL) and leaves node1 without one.
+    pub fn stop_proxy(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(proxy) = self.proxy.take() {
+            proxy.stop(signal);
+        }
+    }
+
+    /// Replaces the flags given to [`Cluster::start_with`] for the next starts.
+    pub fn set_proxy_flags(&mut self, proxy_flags: &[&str]) {
+        self.proxy_flags = proxy_flags.iter().map(|f| (*f).to_owned()).collect();
+    }
+
+    /// Starts the proxy on node1 (after [`Cluster::stop_proxy`]) on the same pins.
+    pub fn start_proxy(&mut self) -> Result<&mut Proxy> {
+        let proxy = self.launch_proxy()?;
+        Ok(self.proxy.insert(proxy))
     }
 
     /// The source flags the proxy runs with (for `trace` and `plan` against the same folder).

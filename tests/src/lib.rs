@@ -11,7 +11,8 @@ use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -434,6 +435,17 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Stops the proxy with `signal` (SIGTERM: a clean stop; SIGKILL: a crash) and waits for it.
+    pub fn stop(mut self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id().cast_signed()),
+            signal,
+        );
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -671,6 +683,90 @@ impl Netns {
                 )));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TCP server that keeps connections open and answers each line with its name.
+pub struct LineServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LineServer {
+    /// Starts the server on `[::]:port` in `ns` (panics if it cannot: a test fixture).
+    pub fn start(ns: &Netns, name: &str, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_flag, name) = (stop.clone(), name.to_owned());
+        let thread = ns
+            .spawn(move || {
+                let listener = std::net::TcpListener::bind(("::", port)).expect("bind");
+                listener.set_nonblocking(true).expect("nonblocking");
+                ready_tx.send(()).expect("ready");
+                let mut connections = Vec::new();
+                while !stop_flag.load(Ordering::Relaxed) {
+                    if let Ok((stream, _)) = listener.accept() {
+                        let (stop_flag, name) = (stop_flag.clone(), name.clone());
+                        connections.push(std::thread::spawn(move || {
+                            serve_lines(stream, &name, &stop_flag);
+                        }));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                for connection in connections {
+                    let _ = connection.join();
+                }
+            })
+            .expect("spawn in the pod");
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("line server started");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn serve_lines(stream: std::net::TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut writer = stream.try_clone().expect("clone the stream");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if std::io::Write::write_all(&mut writer, format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sends a line on an established connection to a [`LineServer`] and reads the answering pod's
+/// name: data both ways (panics if the connection broke: a test fixture).
+pub fn ask(stream: &mut BufReader<std::net::TcpStream>) -> String {
+    std::io::Write::write_all(stream.get_mut(), b"who\n")
+        .expect("send on the established connection");
+    let mut line = String::new();
+    stream
+        .read_line(&mut line)
+        .expect("answer on the established connection");
+    assert!(!line.is_empty(), "the connection was closed");
+    line.trim().to_owned()
+}
+
+impl Drop for LineServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

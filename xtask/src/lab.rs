@@ -70,6 +70,14 @@ pub enum LabCommand {
     Status,
     /// Add or replace a manifest file (e.g. a Deployment with another replica count).
     Apply { file: PathBuf },
+    /// Stop a node's proxy (SIGTERM, or SIGKILL with --kill) and start it again at once, with
+    /// the same pins: the programs stay attached meanwhile, so no connection notices.
+    RestartProxy {
+        /// node1, node2…
+        node: String,
+        #[arg(long)]
+        kill: bool,
+    },
     /// Run a command in a node (node1…), a pod (by name, or `toolbox`), `client` or `outsider`.
     Exec {
         target: String,
@@ -101,6 +109,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Apply { file } => Lab::load(name)?.apply(&file),
+        LabCommand::RestartProxy { node, kill } => Lab::load(name)?.restart_proxy(&node, kill),
         LabCommand::Exec { target, command } => {
             let lab = Lab::load(name)?;
             let ns = lab.netns_of(&target)?;
@@ -719,6 +728,42 @@ impl Lab {
             node.name, node.ip
         );
         Ok(())
+    }
+
+    /// Signals the proxy process of `node` and starts a new one once it is gone.
+    fn restart_proxy(&self, node: &str, kill: bool) -> anyhow::Result<()> {
+        let info = self
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {node} in lab {}", self.name))?;
+        let pids = run(Command::new("ip").args(["netns", "pids", &info.netns]))?;
+        let proxies: Vec<&str> = pids
+            .split_whitespace()
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .is_ok_and(|exe| exe == self.proxy_bin)
+            })
+            .collect();
+        if proxies.is_empty() {
+            bail!("no kube-ebpf-proxy runs on {node}");
+        }
+        let signal = if kill { "-KILL" } else { "-TERM" };
+        for pid in &proxies {
+            run(Command::new("kill").args([signal, pid]))?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while proxies
+            .iter()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        {
+            if Instant::now() > deadline {
+                bail!("the proxy on {node} (pid {proxies:?}) did not exit within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        println!("lab: stopped the proxy on {node} ({signal})");
+        self.start_proxy(info)
     }
 
     /// Copies `file` into the manifests folder and brings pods in line with it.

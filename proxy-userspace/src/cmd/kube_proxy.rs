@@ -55,6 +55,20 @@ fn version_raw() -> String {
     )
 }
 
+/// `--cleanup` and `cleanup`: removes what the proxy owns under `pin_path` and in this network
+/// namespace (`dataplane::cleanup`), and says what.
+pub fn cleanup(pin_path: &std::path::Path) -> anyhow::Result<()> {
+    let cleaned = dataplane::cleanup(pin_path)?;
+    tracing::info!(
+        links = cleaned.links,
+        filters = ?cleaned.filters,
+        pins = cleaned.pins,
+        pin_path = %pin_path.display(),
+        "cleaned up"
+    );
+    Ok(())
+}
+
 /// `--version`, `--cleanup`, or the proxy.
 pub async fn kube_proxy(args: KubeProxyArgs) -> anyhow::Result<()> {
     match args.version {
@@ -69,15 +83,7 @@ pub async fn kube_proxy(args: KubeProxyArgs) -> anyhow::Result<()> {
         Some(VersionFlag::False) | None => {}
     }
     if args.cleanup == Some(true) {
-        let pin_path = &args.run.dataplane.bpf_pin_path;
-        let report = dataplane::cleanup(pin_path)?;
-        tracing::info!(
-            detached_from = ?report.detached,
-            unpinned = report.unpinned.len(),
-            pin_path = %pin_path.display(),
-            "cleaned up"
-        );
-        return Ok(());
+        return cleanup(&args.run.dataplane.bpf_pin_path);
     }
     run(args.run).await
 }

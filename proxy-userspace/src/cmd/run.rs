@@ -66,17 +66,15 @@ pub struct DataplaneFlags {
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     pub gc_interval: u64,
+    /// How the tc program is attached: `tcx` (pinned TCX links, Linux ≥ 6.6), `netlink` (a
+    /// clsact filter at a fixed priority and handle), or `auto` (TCX where the kernel has it).
+    #[arg(long, value_enum, default_value_t = dataplane::TcAttachMode::Auto)]
+    pub tc_attach: dataplane::TcAttachMode,
 }
 
-/// Loads the programs, attaches them, and returns the typed maps.
-fn start_dataplane(
-    flags: &DataplaneFlags,
-) -> anyhow::Result<(
-    dataplane::Loaded,
-    Maps,
-    dataplane::Attachments,
-    dataplane::InterfaceFilter,
-)> {
+/// Loads the programs and the maps (adopting the pinned ones, migrating an older layout) and
+/// returns the typed maps; nothing is attached yet.
+fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, Maps)> {
     let sizes = dataplane::MapSizes {
         conntrack: flags.conntrack_max,
         services: flags.services_max,
@@ -84,25 +82,38 @@ fn start_dataplane(
         ..dataplane::MapSizes::default()
     };
     let mut loaded =
-        dataplane::load_with_sizes(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
+        dataplane::load_migrating(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
     program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug)?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }
     dataplane::accept_local_sources().context("enabling accept_local")?;
-    let filter = dataplane::InterfaceFilter::parse(&flags.interfaces);
-    let mut attachments = dataplane::Attachments::default();
+    Ok((loaded, maps))
+}
+
+/// Puts the programs on the selected interfaces and the cgroup, replacing in place (atomically)
+/// those an earlier proxy left attached, then finishes a layout migration (the old programs no
+/// longer run).
+fn attach_dataplane(
+    flags: &DataplaneFlags,
+    loaded: &mut dataplane::Loaded,
+    filter: &dataplane::InterfaceFilter,
+) -> anyhow::Result<dataplane::Attachments> {
+    let mut attachments = dataplane::Attachments::new(&flags.bpf_pin_path, flags.tc_attach);
     attachments
-        .sync(&mut loaded, &filter)
+        .sync(loaded, filter)
         .context("attaching the tc programs")?;
     let cgroup = match &flags.cgroup_path {
         Some(path) => path.clone(),
         None => dataplane::cgroup2_root()?,
     };
-    dataplane::attach_socket_hooks(&mut loaded, &cgroup).context("attaching the socket hooks")?;
+    dataplane::attach_socket_hooks(loaded, &cgroup).context("attaching the socket hooks")?;
     tracing::info!(interfaces = ?attachments.interfaces, cgroup = %cgroup.display(), pin_path = %flags.bpf_pin_path.display(), "programs attached");
-    Ok((loaded, maps, attachments, filter))
+    loaded
+        .finish_migration()
+        .context("finishing the map layout migration")?;
+    Ok(attachments)
 }
 
 fn spawn_kernel_logger(loaded: &mut dataplane::Loaded) -> anyhow::Result<()> {
@@ -185,6 +196,13 @@ fn warn_on_failure_counters(
     }
 }
 
+/// What one sync programmed.
+#[derive(Clone, Copy, Debug, Default)]
+struct Synced {
+    service_ports: usize,
+    writes: usize,
+}
+
 /// Everything one sync needs and keeps between syncs.
 struct Syncer {
     config: ProxyConfig,
@@ -199,12 +217,13 @@ struct Syncer {
     reported: HashSet<String>,
     allocations: HashSet<String>,
     synced_once: bool,
+    node_seen: bool,
     detector: LocalTrafficDetector,
 }
 
 impl Syncer {
     /// Computes the desired state from `snapshot` and programs it.
-    fn sync(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> anyhow::Result<()> {
+    fn sync(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> anyhow::Result<Synced> {
         let started = Instant::now();
         let local: Vec<IpAddr> = super::local_addresses()?;
         let model_config = self.config.model_config(snapshot.node.as_ref(), &local);
@@ -280,16 +299,32 @@ impl Syncer {
             .synced(&state, started.elapsed(), report.errors.is_empty());
         if self.synced_once {
             tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
-        } else {
-            self.synced_once = true;
-            tracing::info!(
-                service_ports = state.service_ports.len(),
-                writes = report.applied,
-                took = ?started.elapsed(),
-                "initial sync programmed"
-            );
         }
-        Ok(())
+        self.synced_once = true;
+        Ok(Synced {
+            service_ports: state.service_ports.len(),
+            writes: report.applied,
+        })
+    }
+
+    /// Takes one snapshot from the source: node health, then a sync.
+    fn on_snapshot(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> Synced {
+        self.health.queued_update();
+        self.metrics.queued();
+        match &snapshot.node {
+            Some(node) => {
+                self.health.sync_node(node);
+                self.node_seen = true;
+            }
+            // Only a Node that existed can be deleted; a source with no Node object at all (a
+            // manifests folder without one) keeps the node eligible.
+            None if self.node_seen => self.health.node_deleted(),
+            None => {}
+        }
+        self.sync(snapshot, maps).unwrap_or_else(|error| {
+            tracing::error!("sync failed: {error:#}");
+            Synced::default()
+        })
     }
 }
 
@@ -301,7 +336,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ])? {
         tracing::info!("{line}");
     }
-    let (mut loaded, mut maps, mut attachments, filter) = start_dataplane(&args.dataplane)?;
+    // Ordering for a restart without a gap: the maps first (the pinned ones adopted, an older
+    // layout migrated), then a complete sync from the source, and only then the programs
+    // switched, so a new program never runs over maps that are not programmed yet. Until then
+    // the programs an earlier proxy left attached keep serving.
+    let (mut loaded, mut maps) = load_dataplane(&args.dataplane)?;
     let health = ProxyHealth::new(config.health_timeout());
     if let Some(addr) = config.healthz_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -341,15 +380,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reported: HashSet::new(),
         allocations: HashSet::new(),
         synced_once: false,
+        node_seen: false,
         detector: LocalTrafficDetector::None,
     };
     let (mut snapshots, source) = super::start_source(&syncer.config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let started = Instant::now();
+    let first = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        first = super::first_snapshot(&mut snapshots) => Some(first?),
+    };
+    let Some(first) = first else {
+        source.abort();
+        tracing::info!("stopping before the first sync; what is attached and pinned stays");
+        return Ok(());
+    };
+    let synced = syncer.on_snapshot(&first, &mut maps);
+    let filter = dataplane::InterfaceFilter::parse(&args.dataplane.interfaces);
+    let mut attachments = attach_dataplane(&args.dataplane, &mut loaded, &filter)?;
+    if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
+        tracing::warn!("local-traffic detector interfaces: {error:#}");
+    }
+    tracing::info!(
+        service_ports = synced.service_ports,
+        writes = synced.writes,
+        took = ?started.elapsed(),
+        "initial sync programmed"
+    );
     let mut links = spawn_link_watcher()?;
     let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failures_seen = std::collections::HashMap::new();
-    let mut node_seen = false;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -358,22 +420,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if changed.is_err() {
                     anyhow::bail!("the source stopped");
                 }
-                health.queued_update();
-                metrics.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
-                match &snapshot.node {
-                    Some(node) => {
-                        health.sync_node(node);
-                        node_seen = true;
-                    }
-                    // Only a Node that existed can be deleted; a source with no Node object at
-                    // all (a manifests folder without one) keeps the node eligible.
-                    None if node_seen => health.node_deleted(),
-                    None => {}
-                }
-                if let Err(error) = syncer.sync(&snapshot, &mut maps) {
-                    tracing::error!("sync failed: {error:#}");
-                }
+                syncer.on_snapshot(&snapshot, &mut maps);
             }
             Some(()) = links.recv() => {
                 match attachments.sync(&mut loaded, &filter) {
@@ -397,6 +445,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     source.abort();
-    tracing::info!("stopping; pinned maps stay for the next start");
+    tracing::info!(
+        "stopping; the programs stay attached and the maps pinned for the next start \
+         (`kube-ebpf-proxy cleanup` removes them)"
+    );
     Ok(())
 }

@@ -1,9 +1,9 @@
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId,
-};
+use aya::programs::links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
+use aya::util::KernelVersion;
 
 use super::Loaded;
 use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
@@ -40,6 +40,23 @@ pub enum AttachError {
     MountInfo(std::io::Error),
     #[error("listing interfaces: {0}")]
     ListInterfaces(nix::Error),
+    #[error("creating the links directory {path}: {source}")]
+    LinksDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the link of {target}: {source}")]
+    Link { target: String, source: LinkError },
+    #[error("pinning the link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("removing or replacing the pinned link {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Interfaces of the current network namespace the tc programs go on: all but loopback. Listed
@@ -139,15 +156,95 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     true
 }
 
-/// The interfaces the tc ingress program is attached to. aya attaches with TCX links on kernels
-/// ≥ 6.6 and through a clsact qdisc below that.
-#[derive(Default)]
+/// `--tc-attach`: how the tc ingress program goes on an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttachMode {
+    /// TCX links on Linux ≥ 6.6, a clsact filter below.
+    #[default]
+    Auto,
+    /// TCX links (Linux ≥ 6.6), pinned on bpffs.
+    Tcx,
+    /// A clsact filter (netlink) at a fixed priority and handle, replaced in place.
+    Netlink,
+}
+
+impl TcAttachMode {
+    /// `Auto` resolved for the running kernel.
+    fn resolve(self) -> Self {
+        match self {
+            Self::Auto
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
+            {
+                Self::Tcx
+            }
+            Self::Auto => Self::Netlink,
+            mode => mode,
+        }
+    }
+}
+
+/// The clsact filter of netlink mode: a fixed priority and handle, so a restarted proxy (and
+/// `cleanup`) finds its filter and replaces (removes) exactly that one.
+const NETLINK_PRIORITY: u16 = 1;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0xeb);
+
+/// The directory under the pin path holding the pinned links (tc and cgroup).
+pub fn links_dir(pin_path: &Path) -> PathBuf {
+    pin_path.join("links")
+}
+
+/// Prefix of the tc links' pin names; the interface name follows, escaped (bpffs refuses names
+/// with a dot, which interface names such as VLANs' `eth0.100` may have).
+const TC_LINK_PREFIX: &str = "tc-ingress-";
+
+fn tc_link_pin(links: &Path, interface: &str) -> PathBuf {
+    let escaped = interface.replace('%', "%25").replace('.', "%2e");
+    links.join(format!("{TC_LINK_PREFIX}{escaped}"))
+}
+
+/// The interface a tc link pin name is for.
+fn tc_link_interface(pin_name: &str) -> Option<String> {
+    let escaped = pin_name.strip_prefix(TC_LINK_PREFIX)?;
+    Some(escaped.replace("%2e", ".").replace("%25", "%"))
+}
+
+/// Removes this proxy's clsact filter from `interface`; `false` when there was none.
+pub(super) fn remove_netlink_filter(interface: &str) -> bool {
+    SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Ingress,
+        NETLINK_PRIORITY,
+        NETLINK_HANDLE,
+        None,
+    )
+    .is_ok_and(|link| link.detach().is_ok())
+}
+
+/// Removes a pinned link; an absent pin is not an error. The link (and the attachment) goes
+/// with its last reference.
+fn unpin(path: &Path) -> Result<(), AttachError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AttachError::Unpin {
+            path: path.to_owned(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The interfaces the tc ingress program is attached to. Attachments outlive the process: TCX
+/// links are pinned under the pin path's `links/`, clsact filters stay in the kernel. A new
+/// proxy replaces the program of each in place (no moment without one) and removes those of
+/// interfaces no longer selected.
 pub struct Attachments {
     /// Attached interface names (sorted).
     pub interfaces: Vec<String>,
-    links: BTreeMap<String, SchedClassifierLinkId>,
+    mode: TcAttachMode,
+    links: PathBuf,
     /// Non-Ethernet interfaces already reported (warned about once).
     skipped: Vec<String>,
+    /// Whether attachments left by an earlier proxy were looked for.
+    adopted: bool,
 }
 
 fn tc_program(loaded: &mut Loaded) -> Result<&mut SchedClassifier, AttachError> {
@@ -163,62 +260,119 @@ fn tc_program(loaded: &mut Loaded) -> Result<&mut SchedClassifier, AttachError> 
 }
 
 impl Attachments {
-    pub fn attach_all(loaded: &mut Loaded, interfaces: &[String]) -> Result<Self, AttachError> {
-        let mut attached = Self::default();
-        for interface in interfaces {
-            attached.attach(loaded, interface)?;
+    /// No attachment made yet; the pinned links live under `pin_path`.
+    pub fn new(pin_path: &Path, mode: TcAttachMode) -> Self {
+        Self {
+            interfaces: Vec::new(),
+            mode: mode.resolve(),
+            links: links_dir(pin_path),
+            skipped: Vec::new(),
+            adopted: false,
         }
-        Ok(attached)
     }
 
-    /// Attaches the tc ingress program to `interface` (no-op when it already is).
+    /// Puts the tc ingress program on `interface`, replacing the program of an attachment an
+    /// earlier proxy left there (atomically: packets see the old program or the new one).
     pub fn attach(&mut self, loaded: &mut Loaded, interface: &str) -> Result<(), AttachError> {
-        if self.links.contains_key(interface) {
-            return Ok(());
-        }
+        let failed = |source| AttachError::Attach {
+            program: TC_INGRESS,
+            interface: interface.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(&self.links).map_err(|source| AttachError::LinksDir {
+            path: self.links.clone(),
+            source,
+        })?;
         let program = tc_program(loaded)?;
-        // aya picks TCX on kernels >= 6.6 and netlink below; only the latter needs the qdisc.
-        let needs_clsact = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0));
-        if needs_clsact {
-            // An existing clsact qdisc is fine: ours or another tool's.
-            let _ = tc::qdisc_add_clsact(interface);
+        let pin = tc_link_pin(&self.links, interface);
+        match self.mode {
+            TcAttachMode::Tcx => {
+                if !replace_pinned_tcx(program, &pin, interface)? {
+                    let id = program
+                        .attach_with_options(
+                            interface,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .map_err(failed)?;
+                    let link = FdLink::try_from(program.take_link(id).map_err(failed)?).map_err(
+                        |source| AttachError::Link {
+                            target: interface.to_owned(),
+                            source,
+                        },
+                    )?;
+                    link.pin(&pin).map_err(|source| AttachError::Pin {
+                        path: pin.clone(),
+                        source,
+                    })?;
+                }
+                // Switched from netlink mode: the TCX program runs first, the filter goes now.
+                remove_netlink_filter(interface);
+            }
+            TcAttachMode::Netlink | TcAttachMode::Auto => {
+                // An existing clsact qdisc is fine: ours or another tool's.
+                let _ = tc::qdisc_add_clsact(interface);
+                let existing = SchedClassifierLink::attached(
+                    interface,
+                    TcAttachType::Ingress,
+                    NETLINK_PRIORITY,
+                    NETLINK_HANDLE,
+                    None,
+                )
+                .map_err(|e| failed(aya::programs::ProgramError::IOError(e)))?;
+                // Replaces our filter in place when it exists (cls_bpf swaps the program)…
+                let id = match program.attach_to_link(existing) {
+                    Ok(id) => id,
+                    // …and creates it (ENOENT without NLM_F_CREATE) when it does not.
+                    Err(_) => program
+                        .attach_with_options(
+                            interface,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::Netlink(NlOptions {
+                                priority: NETLINK_PRIORITY,
+                                handle: NETLINK_HANDLE,
+                                classid: None,
+                            }),
+                        )
+                        .map_err(failed)?,
+                };
+                // The filter must outlive this process (the next proxy replaces it, `cleanup`
+                // removes it): take it from the program, whose drop would detach it, and
+                // forget it deliberately.
+                std::mem::forget(program.take_link(id).map_err(failed)?);
+                // Switched from TCX mode: its link goes after the filter is in place.
+                unpin(&pin)?;
+            }
         }
-        let link = program
-            .attach(interface, TcAttachType::Ingress)
-            .map_err(|source| AttachError::Attach {
-                program: TC_INGRESS,
-                interface: interface.to_owned(),
-                source,
-            })?;
-        self.links.insert(interface.to_owned(), link);
-        self.interfaces = self.links.keys().cloned().collect();
+        if let Err(at) = self
+            .interfaces
+            .binary_search_by(|n| n.as_str().cmp(interface))
+        {
+            self.interfaces.insert(at, interface.to_owned());
+        }
         Ok(())
     }
 
-    /// Forgets (and detaches, if it still exists) the program on `interface`.
-    pub fn detach(&mut self, loaded: &mut Loaded, interface: &str) -> Result<(), AttachError> {
-        let Some(link) = self.links.remove(interface) else {
-            return Ok(());
-        };
-        self.interfaces = self.links.keys().cloned().collect();
-        let program = tc_program(loaded)?;
-        // An interface that went away took its attachment with it: detaching may fail then.
-        if let Err(error) = program.detach(link) {
-            tracing::debug!(interface, %error, "detach after the interface went away");
-        }
+    /// Removes the program from `interface` (its pinned link or its filter).
+    pub fn detach(&mut self, interface: &str) -> Result<(), AttachError> {
+        self.interfaces.retain(|n| n != interface);
+        unpin(&tc_link_pin(&self.links, interface))?;
+        // An interface that went away took its filter with it.
+        remove_netlink_filter(interface);
         Ok(())
     }
 
     /// Attaches to every current interface `filter` selects and detaches from those that are
-    /// gone or no longer selected. Returns the interfaces attached and detached.
+    /// gone or no longer selected, including, on the first call, those an earlier proxy left.
+    /// Returns the interfaces attached and detached.
     pub fn sync(
         &mut self,
         loaded: &mut Loaded,
         filter: &InterfaceFilter,
     ) -> Result<(Vec<String>, Vec<String>), AttachError> {
-        let wanted: Vec<String> = tc_interfaces()?
-            .into_iter()
+        let present = tc_interfaces()?;
+        let wanted: Vec<String> = present
+            .iter()
             .filter(|n| filter.matches(n))
             .filter(|n| {
                 let ethernet = is_ethernet(n);
@@ -228,28 +382,111 @@ impl Attachments {
                         "not an Ethernet interface: the tc program (which parses Ethernet \
                          frames) is not attached"
                     );
-                    self.skipped.push(n.clone());
+                    self.skipped.push((*n).clone());
                 }
                 ethernet
             })
+            .cloned()
             .collect();
-        let gone: Vec<String> = self
-            .links
-            .keys()
+        let mut gone: Vec<String> = self
+            .interfaces
+            .iter()
             .filter(|n| !wanted.contains(n))
             .cloned()
             .collect();
+        if !self.adopted {
+            self.adopted = true;
+            gone.extend(self.left_behind(&present, &wanted)?);
+        }
         for interface in &gone {
-            self.detach(loaded, interface)?;
+            self.detach(interface)?;
         }
         let mut added = Vec::new();
         for interface in wanted {
-            if !self.links.contains_key(&interface) {
+            if !self.interfaces.contains(&interface) {
                 self.attach(loaded, &interface)?;
                 added.push(interface);
             }
         }
         Ok((added, gone))
+    }
+
+    /// Interfaces an earlier proxy may have attached to that are not wanted now: pinned links of
+    /// interfaces gone or deselected, and every present but deselected interface (for a filter).
+    fn left_behind(
+        &self,
+        present: &[String],
+        wanted: &[String],
+    ) -> Result<Vec<String>, AttachError> {
+        let pinned: Vec<String> = match std::fs::read_dir(&self.links) {
+            Ok(entries) => entries
+                .flatten()
+                .filter_map(|e| tc_link_interface(&e.file_name().to_string_lossy()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(AttachError::LinksDir {
+                    path: self.links.clone(),
+                    source,
+                });
+            }
+        };
+        let mut left: Vec<String> = pinned.into_iter().filter(|n| !wanted.contains(n)).collect();
+        // Our filter may be on any present interface (netlink mode, or before a switch to TCX).
+        let unpinned: Vec<String> = present
+            .iter()
+            .filter(|n| !wanted.contains(n) && !left.contains(n))
+            .cloned()
+            .collect();
+        left.extend(unpinned);
+        Ok(left)
+    }
+}
+
+/// Replaces the program of the TCX link pinned at `pin` (`bpf_link_update`: atomic). `false`
+/// when there is no usable link: none pinned, or one whose interface is gone (the kernel
+/// answers ENOLINK), whose stale pin is then removed.
+fn replace_pinned_tcx(
+    program: &mut SchedClassifier,
+    pin: &Path,
+    interface: &str,
+) -> Result<bool, AttachError> {
+    let pinned = match PinnedLink::from_pin(pin) {
+        Ok(pinned) => pinned,
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(false);
+        }
+        Err(source) => {
+            return Err(AttachError::Link {
+                target: interface.to_owned(),
+                source,
+            });
+        }
+    };
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+        AttachError::Link {
+            target: interface.to_owned(),
+            source,
+        }
+    })?;
+    match program.attach_to_link(link) {
+        Ok(id) => {
+            // The pin holds the link; the descriptor this process got can go.
+            let taken = program
+                .take_link(id)
+                .map_err(|source| AttachError::Attach {
+                    program: TC_INGRESS,
+                    interface: interface.to_owned(),
+                    source,
+                })?;
+            drop(FdLink::try_from(taken));
+            Ok(true)
+        }
+        Err(error) => {
+            tracing::info!(interface, %error, "the pinned tc link is stale: attaching anew");
+            unpin(pin)?;
+            Ok(false)
+        }
     }
 }
 
@@ -269,13 +506,29 @@ pub fn cgroup2_root() -> Result<PathBuf, AttachError> {
 
 /// Attaches the sock_addr programs to the cgroup at `path` with BPF links (Linux ≥ 5.7), which
 /// always coexist with other programs on the same cgroup (the kernel rejects attach flags on
-/// cgroup links, hence `Single`, i.e. no flags). They stay attached as long as `loaded` lives.
+/// cgroup links, hence `Single`, i.e. no flags). Each link is pinned under `links/` and outlives
+/// the process.
+///
+/// aya cannot update a cgroup link's program in place, so a restart attaches the new link and
+/// then renames its pin over the old one, whose link goes with it. For that moment both
+/// programs run; that is harmless: the second hook sees the backend address the first one
+/// wrote and leaves it alone.
 pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), AttachError> {
     let cgroup = std::fs::File::open(path).map_err(|source| AttachError::OpenCgroup {
         path: path.to_owned(),
         source,
     })?;
+    let links = links_dir(&loaded.pin_path);
+    std::fs::create_dir_all(&links).map_err(|source| AttachError::LinksDir {
+        path: links.clone(),
+        source,
+    })?;
     for name in SOCK_ADDR_PROGRAMS {
+        let failed = |source| AttachError::AttachCgroup {
+            program: name,
+            path: path.to_owned(),
+            source,
+        };
         let program: &mut CgroupSockAddr = loaded
             .ebpf
             .program_mut(name)
@@ -285,13 +538,26 @@ pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), Attac
                 program: name,
                 source,
             })?;
-        program
+        let id = program
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| AttachError::AttachCgroup {
-                program: name,
-                path: path.to_owned(),
+            .map_err(failed)?;
+        let link = FdLink::try_from(program.take_link(id).map_err(failed)?).map_err(|source| {
+            AttachError::Link {
+                target: path.display().to_string(),
                 source,
-            })?;
+            }
+        })?;
+        let pin = links.join(format!("cgroup-{name}"));
+        let fresh = links.join(format!("new-cgroup-{name}"));
+        unpin(&fresh)?;
+        link.pin(&fresh).map_err(|source| AttachError::Pin {
+            path: fresh.clone(),
+            source,
+        })?;
+        std::fs::rename(&fresh, &pin).map_err(|source| AttachError::Unpin {
+            path: pin.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -299,6 +565,17 @@ pub fn attach_socket_hooks(loaded: &mut Loaded, path: &Path) -> Result<(), Attac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tc_link_pins_name_their_interface() {
+        for interface in ["eth0", "eth0.100", "a%2eb", "veth.%"] {
+            let pin = tc_link_pin(Path::new("/links"), interface);
+            let name = pin.file_name().unwrap().to_str().unwrap();
+            assert!(!name.contains('.'), "{name}: bpffs refuses dots");
+            assert_eq!(tc_link_interface(name).as_deref(), Some(interface));
+        }
+        assert_eq!(tc_link_interface("cgroup-sock_connect4"), None);
+    }
 
     #[test]
     fn interface_filter_table() {

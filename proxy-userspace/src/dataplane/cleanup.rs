@@ -1,109 +1,63 @@
-//! `--cleanup` (kube-proxy's flag): take away everything the proxy put into the kernel, so the
-//! node is as it was before the proxy ran, then exit.
-//!
-//! What can outlive the proxy process, and how each goes:
-//! - tc filters attached through netlink (clsact, kernels before 6.6) stay on their interface
-//!   after the process exits: they are detached by name on every interface of this network
-//!   namespace;
-//! - everything pinned under the pin path (maps with their conntrack entries, and pinned
-//!   programs and links): the directory tree is removed; an unpinned link that no process holds
-//!   any more is detached by the kernel;
-//! - TCX and cgroup links that are not pinned live only as long as the process that made them,
-//!   so there is nothing left of them to clean.
+//! `kube-ebpf-proxy cleanup` (kube-proxy's `--cleanup`): removes everything the proxy leaves in
+//! the kernel on purpose so the next proxy can take over without a gap.
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::tc::{self, TcAttachType, TcError};
-
-use super::attach::{AttachError, tc_interfaces};
-use super::loader::TC_INGRESS;
+use super::attach::{AttachError, links_dir, remove_netlink_filter, tc_interfaces};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CleanupError {
-    #[error(transparent)]
-    Interfaces(Box<AttachError>),
-    #[error("detaching {program} from interface {interface}: {source}")]
-    Detach {
-        program: &'static str,
-        interface: String,
-        source: TcError,
-    },
-    #[error("removing the pinned objects under {path}: {source}")]
+    #[error("removing the pins under {path}: {source}")]
     Remove {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Interfaces(Box<AttachError>),
 }
 
-/// What [`cleanup`] took away.
+/// What [`cleanup`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CleanupReport {
-    /// Interfaces a netlink-attached tc program was detached from.
-    pub detached: Vec<String>,
-    /// The pinned objects removed (paths under the pin path, sorted).
-    pub unpinned: Vec<PathBuf>,
+pub struct Cleaned {
+    /// Pinned links removed (each detaching its tc or cgroup program).
+    pub links: usize,
+    /// Interfaces of this network namespace whose clsact filter was removed.
+    pub filters: Vec<String>,
+    /// Whether the pin directory (maps, old-layout pins) existed and was removed.
+    pub pins: bool,
 }
 
-/// Removes every program attachment, pinned link and pinned map the proxy owns in this network
-/// namespace under `pin_path`. Safe to run twice: the second run finds nothing.
-pub fn cleanup(pin_path: &Path) -> Result<CleanupReport, CleanupError> {
-    let mut report = CleanupReport::default();
-    let interfaces = tc_interfaces().map_err(|error| CleanupError::Interfaces(Box::new(error)))?;
-    for interface in interfaces {
-        match tc::qdisc_detach_program(&interface, TcAttachType::Ingress, TC_INGRESS) {
-            Ok(()) => report.detached.push(interface),
-            // No filter of ours on it (or no clsact qdisc at all, or it just went away).
-            Err(TcError::IoError(error)) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(TcError::NetlinkError(error)) if is_absent(&error) => {}
-            Err(source) => {
-                return Err(CleanupError::Detach {
-                    program: TC_INGRESS,
-                    interface,
-                    source,
-                });
+/// Removes every program, link, map and pin the proxy owns under `pin_path`, and its clsact
+/// filters on this network namespace's interfaces: pinned links first (their programs detach),
+/// then the filters, then the pin directory with the maps. The programs and maps are freed by
+/// the kernel once nothing holds them. Run it with no proxy running on that pin path.
+pub fn cleanup(pin_path: &Path) -> Result<Cleaned, CleanupError> {
+    let remove_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CleanupError::Remove { path, source }
+    };
+    let mut cleaned = Cleaned::default();
+    let links = links_dir(pin_path);
+    match std::fs::read_dir(&links) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry.map_err(remove_error(&links))?.path();
+                std::fs::remove_file(&path).map_err(remove_error(&path))?;
+                cleaned.links += 1;
             }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(remove_error(&links)(e)),
     }
-    report.unpinned = pinned_objects(pin_path).map_err(|source| CleanupError::Remove {
-        path: pin_path.to_owned(),
-        source,
-    })?;
-    match std::fs::remove_dir_all(pin_path) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        other => other.map_err(|source| CleanupError::Remove {
-            path: pin_path.to_owned(),
-            source,
-        })?,
-    }
-    Ok(report)
-}
-
-/// A netlink error meaning "nothing there": no clsact qdisc (EINVAL/ENOENT) or the interface
-/// is gone (ENODEV).
-fn is_absent(error: &aya::sys::NetlinkError) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)
-    )
-}
-
-/// The files under `dir`, recursively, sorted (none when it does not exist).
-fn pinned_objects(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut found = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-        other => other?,
-    };
-    for entry in entries {
-        let entry = entry?;
-        let path = entry.path();
-        // Not followed: the service-name links point at names, not files.
-        if entry.file_type()?.is_dir() {
-            found.extend(pinned_objects(&path)?);
-        } else {
-            found.push(path);
+    for interface in tc_interfaces().map_err(|e| CleanupError::Interfaces(Box::new(e)))? {
+        if remove_netlink_filter(&interface) {
+            cleaned.filters.push(interface);
         }
     }
-    found.sort();
-    Ok(found)
+    match std::fs::remove_dir_all(pin_path) {
+        Ok(()) => cleaned.pins = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(remove_error(pin_path)(e)),
+    }
+    Ok(cleaned)
 }

@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use aya::programs::{CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
+use super::migrate::{self, PinnedLayout};
+
 /// The eBPF object built by `proxy-userspace/build.rs` (see `xtask/src/ebpf_build.rs`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
@@ -27,6 +29,16 @@ pub enum LoadError {
         path: PathBuf,
         source: Box<aya::EbpfError>,
     },
+    #[error(
+        "the maps pinned under {path} have the older layout version {version}: \
+         `kube-ebpf-proxy run` migrates them"
+    )]
+    OldLayout { path: PathBuf, version: u32 },
+    #[error("migrating the maps pinned under {path}: {source}")]
+    Migrate {
+        path: PathBuf,
+        source: Box<super::migrate::MigrateError>,
+    },
 }
 
 /// The loaded programs and maps; maps are pinned under `pin_path` so a restarted proxy finds
@@ -34,6 +46,33 @@ pub enum LoadError {
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub pin_path: PathBuf,
+    /// Pins of an older layout still being migrated from (see [`Loaded::finish_migration`]).
+    migrating_from: Option<(PathBuf, u32)>,
+}
+
+impl Loaded {
+    /// Finishes a migration once this object's programs have replaced the old ones (the old
+    /// programs no longer write the old maps): copies the conntrack entries they created or
+    /// advanced since the load, then removes the old pins. Returns the entries copied.
+    pub fn finish_migration(&mut self) -> Result<usize, LoadError> {
+        let Some((old, version)) = self.migrating_from.take() else {
+            return Ok(0);
+        };
+        let migrate_error = |source| LoadError::Migrate {
+            path: self.pin_path.clone(),
+            source: Box::new(source),
+        };
+        let copied = migrate::migrate_conntrack(&old, &self.pin_path).map_err(migrate_error)?;
+        migrate::remove_old(&old).map_err(migrate_error)?;
+        tracing::info!(
+            from = version,
+            to = proxy_common::MAP_LAYOUT_VERSION,
+            flows = copied,
+            old = %old.display(),
+            "map layout migration finished; the old pins are removed"
+        );
+        Ok(copied)
+    }
 }
 
 /// Makes sure `pin_path`'s parent is on a bpffs, mounting one at `/sys/fs/bpf` when the machine
@@ -101,13 +140,44 @@ pub fn load(pin_path: &Path) -> Result<Loaded, LoadError> {
 }
 
 /// Loads the embedded object (maps created or reused from `pin_path`, programs verified and
-/// loaded into the kernel, nothing attached yet).
+/// loaded into the kernel, nothing attached yet). Pins of an older map layout are an error
+/// ([`load_migrating`] migrates them).
 pub fn load_with_sizes(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, LoadError> {
+    load_pins(pin_path, sizes, false)
+}
+
+/// [`load_with_sizes`] that migrates pins of an older map layout (see `dataplane::migrate`):
+/// they are moved aside, fresh maps are created and the flows copied into them. The migration
+/// ends with [`Loaded::finish_migration`], after the new programs are attached.
+pub fn load_migrating(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, LoadError> {
+    load_pins(pin_path, sizes, true)
+}
+
+fn load_pins(pin_path: &Path, sizes: &MapSizes, migrate: bool) -> Result<Loaded, LoadError> {
     ensure_bpffs(pin_path)?;
     std::fs::create_dir_all(pin_path).map_err(|source| LoadError::PinDir {
         path: pin_path.to_owned(),
         source,
     })?;
+    let migrate_error = |source| LoadError::Migrate {
+        path: pin_path.to_owned(),
+        source: Box::new(source),
+    };
+    let migrating_from = match migrate::pinned_layout(pin_path).map_err(migrate_error)? {
+        PinnedLayout::Old(version) if migrate => Some((
+            migrate::move_aside(pin_path, version).map_err(migrate_error)?,
+            version,
+        )),
+        PinnedLayout::Old(version) => {
+            return Err(LoadError::OldLayout {
+                path: pin_path.to_owned(),
+                version,
+            });
+        }
+        // A migration interrupted after its pins were moved: it resumes from them.
+        PinnedLayout::Current if migrate => migrate::interrupted(pin_path),
+        PinnedLayout::Current => None,
+    };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
         .map_max_entries(proxy_common::SERVICES_MAP, sizes.services)
@@ -123,9 +193,20 @@ pub fn load_with_sizes(pin_path: &Path, sizes: &MapSizes) -> Result<Loaded, Load
             source: Box::new(source),
         })?;
     load_programs(&mut ebpf)?;
+    if let Some((old, version)) = &migrating_from {
+        let copied = migrate::migrate_from(old, *version, pin_path).map_err(migrate_error)?;
+        tracing::info!(
+            from = version,
+            to = proxy_common::MAP_LAYOUT_VERSION,
+            ?copied,
+            "migrating the pinned maps to the current layout"
+        );
+    }
+    migrate::write_layout(pin_path).map_err(migrate_error)?;
     Ok(Loaded {
         ebpf,
         pin_path: pin_path.to_owned(),
+        migrating_from,
     })
 }
 

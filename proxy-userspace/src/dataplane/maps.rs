@@ -47,7 +47,11 @@ pub struct Maps {
     config: Array<MapData, ConfigValue>,
 }
 
-fn open<T>(pin_path: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<T, MapsError>
+pub(super) fn open<T>(
+    pin_path: &Path,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, MapsError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
@@ -59,7 +63,10 @@ where
     T::try_from(wrap(data)).map_err(|source| MapsError::Open { path, source })
 }
 
-fn access(operation: &'static str, map: &'static str) -> impl FnOnce(MapError) -> MapsError {
+pub(super) fn access(
+    operation: &'static str,
+    map: &'static str,
+) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Access {
         operation,
         map,
@@ -76,7 +83,7 @@ fn deleted(result: Result<(), MapError>, map: &'static str) -> Result<(), MapsEr
     }
 }
 
-fn collect<K: aya::Pod, V: aya::Pod>(
+pub(super) fn collect<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Vec<(K, V)>, MapsError> {

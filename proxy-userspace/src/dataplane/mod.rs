@@ -1,6 +1,7 @@
 //! The kernel side as the controller sees it: loading the embedded programs, pinning their maps,
-//! attaching them to interfaces and cgroups, the typed map API, conntrack GC and the packet
-//! tracer.
+//! attaching them to interfaces and cgroups (attachments that outlive the process), migrating
+//! pins of an older map layout, removing it all (`cleanup`), the typed map API, conntrack GC and
+//! the packet tracer.
 
 mod attach;
 mod batch;
@@ -10,6 +11,7 @@ mod gc;
 mod loader;
 mod local_ports;
 mod maps;
+pub mod migrate;
 mod names;
 pub mod packet;
 mod programmed;
@@ -17,12 +19,15 @@ mod trace;
 mod watch;
 
 pub use attach::{
-    AttachError, Attachments, InterfaceFilter, attach_socket_hooks, cgroup2_root, tc_interfaces,
+    AttachError, Attachments, InterfaceFilter, TcAttachMode, attach_socket_hooks, cgroup2_root,
+    links_dir, tc_interfaces,
 };
-pub use cleanup::{CleanupError, CleanupReport, cleanup};
+pub use cleanup::{Cleaned, CleanupError, cleanup};
 pub use counters::{CountersError, read_counters};
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
-pub use loader::{LoadError, Loaded, MapSizes, ensure_bpffs, load, load_with_sizes};
+pub use loader::{
+    LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
+};
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
