@@ -55,19 +55,21 @@ impl Started {
         std::fs::read_to_string(self.log.path()).expect("the log")
     }
 
-    /// Waits (30 s at most) until kube-proxy's /healthz port in `ns` answers 200.
+    /// Waits (30 s at most) until the proxy has programmed its first sync and kube-proxy's
+    /// /healthz port in `ns` answers 200.
     fn wait_healthy(&mut self, ns: &Netns) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the proxy exited ({status}):\n{}", self.log());
             }
-            let healthy = ns
-                .command("curl")
-                .args(["--silent", "--fail", "--max-time", "2"])
-                .arg("http://127.0.0.1:10256/healthz")
-                .output()
-                .is_ok_and(|out| out.status.success());
+            let healthy = self.log().contains("initial sync programmed")
+                && ns
+                    .command("curl")
+                    .args(["--silent", "--fail", "--max-time", "2"])
+                    .arg("http://127.0.0.1:10256/healthz")
+                    .output()
+                    .is_ok_and(|out| out.status.success());
             if healthy {
                 return;
             }
@@ -210,35 +212,6 @@ fn kops_flags_run_without_a_subcommand_and_warn_once_each() {
     }
 }
 
-/// Attaches the proxy's tc program to `interface` through netlink (a clsact filter, as on
-/// kernels before 6.6), which outlives the process that attached it, reusing the maps pinned
-/// under `pins`.
-fn attach_netlink_filter(ns: &Netns, pins: &Path, interface: &str) {
-    use aya::programs::SchedClassifier;
-    use aya::programs::tc::{self, NlOptions, TcAttachOptions, TcAttachType};
-    let (pins, interface) = (pins.to_owned(), interface.to_owned());
-    ns.enter(move || {
-        let mut loaded = proxy_userspace::dataplane::load(&pins).expect("load");
-        let _ = tc::qdisc_add_clsact(&interface);
-        let program: &mut SchedClassifier = loaded
-            .ebpf
-            .program_mut("tc_ingress")
-            .expect("tc_ingress")
-            .try_into()
-            .expect("a classifier");
-        let link = program
-            .attach_with_options(
-                &interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .expect("netlink attach");
-        // Left attached when the program is dropped, as a crashed older proxy leaves it.
-        std::mem::forget(program.take_link(link).expect("the link"));
-    })
-    .unwrap();
-}
-
 fn ingress_filters(ns: &Netns, interface: &str) -> String {
     run(ns
         .command("tc")
@@ -249,11 +222,15 @@ fn ingress_filters(ns: &Netns, interface: &str) -> String {
 #[test]
 fn cleanup_removes_pins_and_attachments_then_exits_0() {
     let node = Node::new();
+    // A clsact filter (what the proxy uses before Linux 6.6) outlives the proxy, as do the
+    // pinned cgroup links and the maps.
     let proxy = Proxy::start(
         Path::new(BINARY),
         &node.ns,
         &node.pins,
         &[
+            "--tc-attach",
+            "netlink",
             "--cgroup-path",
             node.cgroup.path().to_str().unwrap(),
             "--manifests",
@@ -268,10 +245,9 @@ fn cleanup_removes_pins_and_attachments_then_exits_0() {
         node.pins.path().join("CONNTRACK").exists(),
         "pins outlive the proxy"
     );
-    attach_netlink_filter(&node.ns, node.pins.path(), &node.interface);
     assert!(
         ingress_filters(&node.ns, &node.interface).contains("tc_ingress"),
-        "the netlink filter is attached"
+        "the clsact filter outlives the proxy"
     );
     let pin_flag = format!("--bpf-pin-path={}", node.pins.path().display());
     let out = node
