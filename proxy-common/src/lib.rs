@@ -503,6 +503,13 @@ pub const DETECT_LOCAL_IFINDEX: u8 = 2;
 /// `ConfigValue::flags`: log each new flow's decision through aya-log (off the hot path
 /// unless set).
 pub const CONFIG_F_DEBUG: u32 = 1 << 0;
+/// `ConfigValue::flags`: some allocated ClusterIP lies outside every `SERVICE_CIDRS` entry, so
+/// a destination outside them may still be one (`VIPS` must be asked). When clear, traffic
+/// that matches no frontend and no service CIDR pays one LPM lookup and passes.
+pub const CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS: u32 = 1 << 1;
+/// `ConfigValue::flags`: deliver translated packets straight to the next hop's device (FIB
+/// lookup, then redirect), so the node's netfilter and rp_filter never see them.
+pub const CONFIG_F_FAST_PATH: u32 = 1 << 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -589,10 +596,20 @@ pub enum Counter {
     AffinityStale = 28,
     /// Reply packets whose flow's forward entry was gone (evicted from the full LRU map).
     CtForwardMissing = 29,
+    /// TCP packets without SYN and without a flow to an unallocated service-CIDR address:
+    /// passed, as the drop applies to new connections only (one opened before the range was
+    /// known keeps working).
+    ServiceCidrNotNew = 30,
+    /// Translated packets delivered by the fast path (FIB lookup, then redirect to the next
+    /// hop's device), bypassing the node's netfilter and rp_filter.
+    FastPathRedirects = 31,
+    /// Translated packets the FIB lookup sent to the stack (local destination, no route,
+    /// fragmentation needed, TTL expiring): delivered as without the fast path.
+    FastPathFallbacks = 32,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 33] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -623,6 +640,9 @@ impl Counter {
         Counter::SnatCollisions,
         Counter::AffinityStale,
         Counter::CtForwardMissing,
+        Counter::ServiceCidrNotNew,
+        Counter::FastPathRedirects,
+        Counter::FastPathFallbacks,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -657,6 +677,9 @@ impl Counter {
             Counter::SnatCollisions => "snat_collisions",
             Counter::AffinityStale => "affinity_stale",
             Counter::CtForwardMissing => "ct_forward_missing",
+            Counter::ServiceCidrNotNew => "service_cidr_not_new",
+            Counter::FastPathRedirects => "fast_path_redirects",
+            Counter::FastPathFallbacks => "fast_path_fallbacks",
         }
     }
 }

@@ -57,7 +57,7 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     count(Counter::IcmpErrorsTranslated);
-    TC_ACT_OK as i32
+    crate::fastpath::TRANSLATED
 }
 
 #[inline(always)]

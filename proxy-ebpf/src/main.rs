@@ -6,6 +6,7 @@
 #![no_main]
 
 mod conntrack;
+mod fastpath;
 mod icmp;
 mod maps;
 mod nat;

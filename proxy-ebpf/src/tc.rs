@@ -6,12 +6,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use proxy_common::{
-    CONFIG_F_DEBUG, CT_F_SNAT, Counter, IPPROTO_SCTP, IPPROTO_UDP, SVC_F_SOURCE_RANGES,
-    VIP_F_CLUSTER_IP, VipKey,
+    CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CONFIG_F_DEBUG, CT_F_SNAT, ConfigValue, Counter,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP, VipKey,
 };
 
 use crate::{
-    conntrack, icmp,
+    conntrack,
+    fastpath::{TRANSLATED, delivered},
+    icmp,
     maps::{CONNTRACK, VIPS, config, count},
     nat::{self, Endpoint, Target},
     parse::{self, Parsed, scratch},
@@ -29,7 +31,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
     match parse::parse(ctx) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return Ok(icmp::translate_error(ctx)),
+        Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx))),
         Parsed::Echo => {
             return match echo() {
                 NewFlow::Reject(family) => Ok(reject(ctx, family)),
@@ -40,11 +42,11 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     }
     let verdict = known_flow(ctx);
     if verdict != NOT_KNOWN {
-        return Ok(verdict);
+        return Ok(delivered(ctx, verdict));
     }
     Ok(match new_flow(ctx) {
         NewFlow::Reject(family) => reject(ctx, family),
-        NewFlow::Verdict(verdict) => verdict,
+        NewFlow::Verdict(verdict) => delivered(ctx, verdict),
     })
 }
 
@@ -108,7 +110,7 @@ enum NewFlow {
 #[inline(always)]
 fn rewritten(result: Result<(), ()>) -> i32 {
     // A failed helper may have left the packet half-written: never deliver it.
-    if result.is_ok() { OK } else { SHOT }
+    if result.is_ok() { TRANSLATED } else { SHOT }
 }
 
 #[inline(never)]
@@ -160,7 +162,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         flow.family,
         proxy_common::SCOPE_POLICY,
     ) else {
-        return vip(flow.family, &flow.dst);
+        return vip(cfg, flow.family, &flow.dst, opens_connection(flow));
     };
     // SAFETY: reading the ingress interface of the program's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -238,19 +240,29 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     NewFlow::Verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
 }
 
-/// An echo request: no service answers pings, so only the address rules apply.
+/// An echo request: no service answers pings, so only the address rules apply (an echo
+/// request always starts a new exchange).
 #[inline(never)]
 fn echo() -> NewFlow {
     let Some(scratch) = scratch() else {
         return NewFlow::Verdict(OK);
     };
-    vip(scratch.icmp.family, &scratch.icmp.outer_dst)
+    let Some(cfg) = config() else {
+        return NewFlow::Verdict(OK);
+    };
+    vip(cfg, scratch.icmp.family, &scratch.icmp.outer_dst, true)
 }
 
-/// No frontend matched: REJECT unknown ports of a ClusterIP, DROP the unallocated rest of the
-/// service CIDRs, pass everything else.
+/// No frontend matched: REJECT unknown ports of a ClusterIP, DROP new connections to the
+/// unallocated rest of the service CIDRs, pass everything else. The service CIDRs are asked
+/// first: unless some ClusterIP lies outside them, a destination outside them is no VIP either,
+/// so traffic that matches nothing costs this one lookup.
 #[inline(always)]
-fn vip(family: u8, dst: &proxy_common::Addr) -> NewFlow {
+fn vip(cfg: &ConfigValue, family: u8, dst: &proxy_common::Addr, opening: bool) -> NewFlow {
+    let in_cidr = service::in_service_cidr(family, dst);
+    if !in_cidr && cfg.flags & CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS == 0 {
+        return NewFlow::Verdict(OK);
+    }
     let key = VipKey {
         addr: *dst,
         family,
@@ -262,9 +274,20 @@ fn vip(family: u8, dst: &proxy_common::Addr) -> NewFlow {
         count(Counter::VipRejects);
         return NewFlow::Reject(family);
     }
-    if service::in_service_cidr(family, dst) {
-        count(Counter::VipDrops);
-        return NewFlow::Verdict(SHOT);
+    if !in_cidr {
+        return NewFlow::Verdict(OK);
     }
-    NewFlow::Verdict(OK)
+    if !opening {
+        count(Counter::ServiceCidrNotNew);
+        return NewFlow::Verdict(OK);
+    }
+    count(Counter::VipDrops);
+    NewFlow::Verdict(SHOT)
+}
+
+/// Does this packet, which matched no flow, open a connection? Every packet but a TCP segment
+/// other than an opening SYN (a connection the dataplane never translated: it predates the rule).
+#[inline(always)]
+fn opens_connection(flow: &parse::Flow) -> bool {
+    flow.proto != IPPROTO_TCP || conntrack::is_opening_syn(flow)
 }

@@ -134,9 +134,11 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub config_sync_period: Option<Duration>,
     /// The API server's ClusterIP range(s), comma-separated: the manifests source allocates
-    /// missing ClusterIPs from it and the dataplane drops unallocated addresses in it.
-    #[arg(long, value_name = "CIDRS", default_value = "10.96.0.0/12")]
-    pub service_cluster_ip_range: String,
+    /// missing ClusterIPs from it when the folder has no ServiceCIDR objects. When given, the
+    /// dataplane also drops unallocated addresses in it (besides the ServiceCIDR objects'
+    /// ranges, which are always dropped). [default: 10.96.0.0/12]
+    #[arg(long, value_name = "CIDRS")]
+    pub service_cluster_ip_range: Option<String>,
     /// The API server's NodePort range, FIRST-LAST: the manifests source allocates missing
     /// NodePorts from it.
     #[arg(long, value_name = "RANGE", default_value = "30000-32767", value_parser = PortRange::from_str)]
@@ -199,7 +201,9 @@ pub struct ProxyConfig {
     /// The dataplane's resync period; /healthz fails after twice this without a sync.
     pub sync_period: Duration,
     pub min_sync_period: Duration,
-    pub service_cidrs: Vec<IpNet>,
+    /// `--service-cluster-ip-range` when given explicitly; `None` means the API server's
+    /// default, which only the manifests source's allocation uses.
+    pub service_cluster_ip_range: Option<Vec<IpNet>>,
     pub service_node_port_range: PortRange,
     pub manifests: Option<PathBuf>,
     /// kube-proxy's `mode` as configured ("" when unset); the eBPF dataplane is used whatever
@@ -757,8 +761,11 @@ impl ProxyFlags {
         let mode = self.proxy_mode.clone().or(file.mode).unwrap_or_default();
         check_mode("mode", &mode)?;
         let master = self.master.clone().filter(|url| !url.is_empty());
-        let service_cidrs =
-            parse_cidr_pair("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
+        let service_cluster_ip_range = self
+            .service_cluster_ip_range
+            .as_deref()
+            .map(|text| parse_cidr_pair("--service-cluster-ip-range", text))
+            .transpose()?;
         let conntrack_file = file.conntrack.unwrap_or_default();
         let timeout = |flag: Option<Duration>,
                        setting: &'static str,
@@ -812,7 +819,7 @@ impl ProxyFlags {
             config_sync_period,
             sync_period,
             min_sync_period,
-            service_cidrs,
+            service_cluster_ip_range,
             service_node_port_range: self.service_node_port_range,
             manifests: self.manifests.clone(),
             mode,
@@ -881,8 +888,12 @@ fn node_pod_cidrs(node: &Node) -> Vec<IpNet> {
 impl ProxyConfig {
     /// What the manifests source needs to allocate like the API server would.
     pub fn manifest_settings(&self) -> crate::source::manifests::ManifestSettings {
+        let defaults = crate::source::manifests::ManifestSettings::new(self.hostname.clone());
         crate::source::manifests::ManifestSettings {
-            service_cidrs: self.service_cidrs.clone(),
+            service_cidrs: self
+                .service_cluster_ip_range
+                .clone()
+                .unwrap_or(defaults.service_cidrs),
             node_port_range: self.service_node_port_range,
             hostname: self.hostname.clone(),
         }
@@ -951,7 +962,7 @@ impl ProxyConfig {
             zone,
             local_traffic_detector,
             masquerade_all: self.masquerade_all,
-            service_cidrs: self.service_cidrs.clone(),
+            service_cidrs: self.service_cluster_ip_range.clone().unwrap_or_default(),
         }
     }
 }
@@ -1067,9 +1078,15 @@ nftables:
         );
         assert_eq!(config.config_sync_period, Duration::from_mins(15));
         assert_eq!(config.sync_period, Duration::from_secs(30));
+        assert_eq!(config.service_cluster_ip_range, None);
         assert_eq!(
-            config.service_cidrs,
-            vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]
+            config.manifest_settings().service_cidrs,
+            vec!["10.96.0.0/12".parse::<IpNet>().unwrap()],
+            "the manifests source allocates from the API server's default"
+        );
+        assert!(
+            config.model_config(None, &[]).service_cidrs.is_empty(),
+            "the default range is not dropped"
         );
         assert_eq!(
             config.service_node_port_range,
@@ -1126,7 +1143,15 @@ nftables:
         assert_eq!(config.metrics_bind_address, None, "empty disables metrics");
         assert_eq!(config.kubeconfig, Some(PathBuf::from("/root/.kube/config")));
         assert_eq!(config.config_sync_period, Duration::from_mins(10));
-        assert_eq!(config.service_cidrs.len(), 2);
+        assert_eq!(
+            config.service_cluster_ip_range.as_ref().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            config.model_config(None, &[]).service_cidrs.len(),
+            2,
+            "an explicit range is dropped"
+        );
         assert_eq!(
             config.service_node_port_range,
             PortRange {

@@ -56,6 +56,7 @@ fn rbac_grants_list_and_watch_of_what_the_source_watches() {
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),
         ("", "nodes"),
+        ("networking.k8s.io", "servicecidrs"),
     ] {
         assert!(
             grants(&rules, group, resource, "list") && grants(&rules, group, resource, "watch"),
@@ -165,7 +166,6 @@ fn the_daemonset_is_capabilities_not_privileged_and_rolls_one_node_at_a_time() {
     for (mount, host) in [
         ("/sys/fs/bpf", "/sys/fs/bpf"),
         ("/sys/fs/cgroup", "/sys/fs/cgroup"),
-        ("/host/proc/sys/net", "/proc/sys/net"),
     ] {
         let mounted = container
             .volume_mounts

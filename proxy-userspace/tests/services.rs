@@ -1278,3 +1278,108 @@ fn an_endpoint_failing_readiness_keeps_its_tcp_connections_but_not_its_udp_flows
         "the UDP flow to the unready endpoint was cleaned and moved to a ready one"
     );
 }
+
+/// A k3s-like cluster: its service range is 10.43.0.0/16, declared by a ServiceCIDR object, and
+/// no `--service-cluster-ip-range` is given. Only that range's unallocated addresses are
+/// dropped: a pod still reaches a host at 10.96.5.5 (inside kube's default 10.96.0.0/12).
+#[test]
+fn only_the_service_cidr_objects_ranges_are_dropped() {
+    let mut cluster = cluster();
+    cluster.set_service_cluster_ip_range(None);
+    cluster.restart_proxy().expect("proxy without the flag");
+    let pods = [cluster.add_pod("a", 0, 10, "web").expect("pod a").ip];
+    let toolbox: IpAddr = cluster
+        .add_pod("toolbox", 0, 250, "toolbox")
+        .expect("toolbox")
+        .ip
+        .into();
+    // Hosts routed through node1: 10.96.5.5 (not a service address here) and 10.43.0.77 (an
+    // unallocated service address once the ServiceCIDR exists).
+    let _hosts = [
+        host_behind_node1(&cluster, "hst0", Ipv4Addr::new(10, 96, 5, 5)),
+        host_behind_node1(&cluster, "hst1", Ipv4Addr::new(10, 43, 0, 77)),
+    ];
+    let port = proxy_lab::cluster::SERVER_PORT;
+    let (host, unallocated) = (v4(10, 96, 5, 5, port), v4(10, 43, 0, 77, port));
+    // Without ServiceCIDR objects and without the flag, no address is a service address.
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let client = &cluster.pod("toolbox").netns;
+        assert_answers(client, host, proto, &["host"], toolbox);
+        assert_answers(client, unallocated, proto, &["host"], toolbox);
+    }
+
+    cluster
+        .manifests
+        .write(
+            "service-cidr.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\n\
+             spec:\n  cidrs: [10.43.0.0/16]\n",
+        )
+        .unwrap();
+    cluster
+        .manifests
+        .write(
+            "web.yaml",
+            &service(
+                "web",
+                &format!("  clusterIP: 10.43.0.10\n{WEB_SELECTOR}{TCP_UDP_80}"),
+            ),
+        )
+        .unwrap();
+    let vip = v4(10, 43, 0, 10, 80);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "web", |t| {
+        t.verdict == "DNAT"
+    });
+    wait_programmed(
+        &cluster,
+        toolbox,
+        unallocated,
+        Proto::Tcp,
+        "pod",
+        "the ServiceCIDR",
+        |t| t.verdict == "DROP",
+    );
+    let client = &cluster.pod("toolbox").netns;
+    for proto in [Proto::Tcp, Proto::Udp] {
+        assert_answers(client, vip, proto, &["a"], toolbox);
+        assert_answers(client, host, proto, &["host"], toolbox);
+        assert_dropped(client, unallocated, proto);
+        assert_refused(client, v4(10, 43, 0, 10, 81), proto);
+    }
+    let trace_of = |dst| trace(&cluster, false, toolbox, dst, Proto::Tcp, "pod");
+    assert_eq!(trace_of(unallocated), verdict("DROP"));
+    assert_eq!(trace_of(host), verdict("PASS"));
+    assert_eq!(trace_of(vip), dnat(&pods.map(IpAddr::from), false));
+}
+
+/// A host at `addr` in its own namespace behind node1's interface `ifname` (each its own, so
+/// its answers come from `addr`), serving an [`proxy_lab::EchoServer`] named `host`.
+fn host_behind_node1(
+    cluster: &Cluster,
+    ifname: &str,
+    addr: Ipv4Addr,
+) -> (proxy_lab::EchoServer, Netns) {
+    let netns = Netns::new("host").unwrap();
+    let gateway = "198.19.1.1";
+    proxy_lab::veth(
+        &cluster.nodes[0],
+        ifname,
+        &[&format!("{gateway}/32")],
+        &netns,
+        "eth0",
+        &[&format!("{addr}/32")],
+    )
+    .unwrap();
+    cluster.nodes[0]
+        .ip(&["route", "add", &format!("{addr}/32"), "dev", ifname])
+        .unwrap();
+    netns
+        .ip(&["route", "add", gateway, "dev", "eth0", "scope", "link"])
+        .unwrap();
+    netns
+        .ip(&["route", "add", "default", "via", gateway, "dev", "eth0"])
+        .unwrap();
+    let server =
+        proxy_lab::EchoServer::start(&netns, "host", proxy_lab::cluster::SERVER_PORT).unwrap();
+    (server, netns)
+}

@@ -6,12 +6,12 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
-    AffinityBackendKey, CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT,
-    CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV,
-    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue, CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP,
-    IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY,
-    SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES,
-    ServiceValue, VIP_F_CLUSTER_IP,
+    AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
+    CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
+    CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
+    CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -773,6 +773,115 @@ fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
 }
 
 #[test]
+fn service_cidr_drop_is_for_new_connections_and_cluster_ips_outside_need_the_config_flag() {
+    let mut fx = Fixture::new();
+    let client = sa("10.0.0.2:40000");
+    // A k3s-like cluster: the service range is 10.43.0.0/16; one ClusterIP (as a cluster
+    // without ServiceCIDR objects would allocate) lies outside it.
+    fx.maps
+        .add_service_cidr("10.43.0.0/16".parse().unwrap())
+        .unwrap();
+    fx.maps
+        .upsert_vip("10.43.0.10".parse().unwrap(), VIP_F_CLUSTER_IP)
+        .unwrap();
+    fx.maps
+        .upsert_vip("10.96.0.10".parse().unwrap(), VIP_F_CLUSTER_IP)
+        .unwrap();
+    // (destination, TCP flags or UDP, config flag, expected verdict, what)
+    let udp = 0;
+    let cases: [(&str, u8, bool, u32, &str); 9] = [
+        (
+            "10.43.0.77:80",
+            TCP_SYN,
+            false,
+            TC_ACT_SHOT,
+            "SYN to an unallocated address",
+        ),
+        (
+            "10.43.0.77:53",
+            udp,
+            false,
+            TC_ACT_SHOT,
+            "UDP to an unallocated address",
+        ),
+        (
+            "10.43.0.77:80",
+            TCP_ACK,
+            false,
+            TC_ACT_OK,
+            "a connection that predates the rule",
+        ),
+        (
+            "10.43.0.77:80",
+            TCP_SYN | TCP_ACK,
+            false,
+            TC_ACT_OK,
+            "SYN-ACK opens nothing",
+        ),
+        (
+            "10.43.0.10:81",
+            TCP_SYN,
+            false,
+            TC_ACT_REDIRECT,
+            "ClusterIP inside: REJECT",
+        ),
+        (
+            "10.43.0.10:81",
+            TCP_ACK,
+            false,
+            TC_ACT_REDIRECT,
+            "ClusterIP inside, any packet",
+        ),
+        (
+            "10.96.5.5:80",
+            TCP_SYN,
+            false,
+            TC_ACT_OK,
+            "a host outside the service range",
+        ),
+        (
+            "10.96.0.10:81",
+            TCP_SYN,
+            true,
+            TC_ACT_REDIRECT,
+            "ClusterIP outside, flag on",
+        ),
+        (
+            "10.96.5.5:80",
+            TCP_SYN,
+            true,
+            TC_ACT_OK,
+            "flag on: other hosts still pass",
+        ),
+    ];
+    for (dst, flags, outside, verdict, what) in cases {
+        fx.maps
+            .update_config(|c| {
+                c.flags = if outside {
+                    CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS
+                } else {
+                    0
+                };
+            })
+            .unwrap();
+        let proto = if flags == udp {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_TCP
+        };
+        let frame = packet::build_with_tcp_flags(client, sa(dst), proto, flags, b"");
+        let (code, out) = fx.run(&frame);
+        assert_eq!(code, verdict, "{what}: {dst}");
+        if verdict == TC_ACT_OK {
+            assert_eq!(out, frame, "{what}: untouched");
+        }
+    }
+    assert_eq!(fx.counter("service_cidr_not_new"), 2);
+    assert_eq!(fx.counter("vip_drops"), 2);
+    assert_eq!(fx.counter("vip_rejects"), 3);
+}
+
+#[test]
 fn pings_to_cluster_ips_are_rejected_and_to_unallocated_service_addresses_dropped() {
     for v6 in [false, true] {
         let mut fx = Fixture::new();
@@ -1212,4 +1321,48 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     assert_eq!(code, TC_ACT_OK);
     assert_eq!(third_node.port(), node.port());
     assert_eq!(fx.counter("snat_ports_reused"), 1);
+}
+
+#[test]
+fn concurrent_new_flows_on_two_cpus_never_share_a_snat_port() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let mut fx = Fixture::new();
+    // Eight ports for two CPUs opening and resetting flows as fast as they can: the same ports
+    // are raced for all the time, through the free and the reuse paths.
+    let (_, frontend, _) = fx.masqueraded_service(30007);
+    let owners: Mutex<HashMap<u16, u16>> = Mutex::new(HashMap::new());
+    let fx = &fx;
+    std::thread::scope(|scope| {
+        for thread in 0..2u8 {
+            let owners = &owners;
+            scope.spawn(move || {
+                for i in 0..3000u16 {
+                    let client = SocketAddr::new(IpAddr::from([10, 0, thread, 2]), 10_000 + i);
+                    let (code, node, _) = fx.tcp(client, frontend, TCP_SYN);
+                    assert_eq!(code, TC_ACT_OK, "thread {thread} flow {i}: a free port");
+                    let previous = owners
+                        .lock()
+                        .unwrap()
+                        .insert(node.port(), u16::from(thread) * 10_000 + i);
+                    assert_eq!(
+                        previous,
+                        None,
+                        "port {} given to a second live flow",
+                        node.port()
+                    );
+                    // Released before the RST makes the port reusable by the other CPU.
+                    owners.lock().unwrap().remove(&node.port());
+                    fx.tcp(client, frontend, TCP_RST | TCP_ACK);
+                }
+            });
+        }
+    });
+    assert_eq!(fx.counter("ct_map_full"), 0);
+    assert_eq!(fx.counter("snat_exhausted"), 0);
+    eprintln!(
+        "collisions {} reused {}",
+        fx.counter("snat_collisions"),
+        fx.counter("snat_ports_reused")
+    );
 }

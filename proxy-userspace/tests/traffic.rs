@@ -129,18 +129,13 @@ impl Lab {
             servers.push(EchoServer::start(&pod, &format!("pod{i}"), BACKEND_PORT).unwrap());
             pods.push(pod);
         }
-        for setting in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            // Reverse-translated replies come from a service address no route points back to.
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
+        for setting in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             node.sysctl(setting).unwrap();
         }
         for ns in pods.iter().chain([&node, &client]) {
             ns.wait_ipv6_ready(Duration::from_secs(10)).unwrap();
         }
+        proxy_lab::host::Protections::apply_from_env(&node).unwrap();
         let nft_before = nft_ruleset(&node);
         let pins = PinDir::new();
         // The proxy's source: a cluster of just this node. Its addresses are the masquerade
@@ -261,9 +256,24 @@ fn cluster_ip_tcp_and_udp_reach_every_backend_with_the_client_address_preserved(
         "no nftables rule was created"
     );
     assert!(
-        lab.nft_before.trim().is_empty(),
-        "the node namespace has no ruleset"
+        lab.nft_before.trim().is_empty()
+            || proxy_lab::host::Protections::from_env().unwrap().firewall,
+        "the node namespace has no ruleset but the host firewall's"
     );
+    // Requests and replies both went by the fast path, never by the node's stack.
+    let counters = proxy_userspace::dataplane::read_counters(lab.pins.path()).unwrap();
+    let counter = |name: &str| {
+        counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, value)| *value)
+    };
+    assert!(
+        counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
+        "every translated packet was redirected:\n{}",
+        lab.stats()
+    );
+    assert_eq!(counter("fast_path_fallbacks"), 0, "{}", lab.stats());
 }
 
 #[test]

@@ -76,6 +76,8 @@ pub struct Cluster {
     pub nft_before: String,
     /// Flags the proxy runs with besides the source's and `--cgroup-path`.
     proxy_flags: Vec<String>,
+    /// The source's `--service-cluster-ip-range` (none: the ServiceCIDR objects alone).
+    service_cluster_ip_range: Option<String>,
 }
 
 impl Cluster {
@@ -143,6 +145,9 @@ impl Cluster {
                 &NODE_IPS[0].to_string(),
             ])?;
         }
+        for node in &nodes {
+            crate::host::Protections::apply_from_env(node)?;
+        }
         let nft_before = nft_ruleset(&nodes[0])?;
         let manifests = ManifestsDir::new()?;
         manifests.write("nodes.yaml", &nodes_yaml())?;
@@ -162,6 +167,7 @@ impl Cluster {
             next_interface: 0,
             nft_before,
             proxy_flags: proxy_flags.iter().map(|f| (*f).to_owned()).collect(),
+            service_cluster_ip_range: Some(SERVICE_CIDRS.to_owned()),
         };
         cluster.proxy = Some(cluster.launch_proxy()?);
         Ok(cluster)
@@ -201,21 +207,29 @@ impl Cluster {
         Ok(self.proxy.insert(proxy))
     }
 
+    /// Replaces the source's `--service-cluster-ip-range` ([`SERVICE_CIDRS`] unless changed;
+    /// `None` leaves the flag out) for the next starts.
+    pub fn set_service_cluster_ip_range(&mut self, range: Option<&str>) {
+        self.service_cluster_ip_range = range.map(str::to_owned);
+    }
+
     /// The source flags the proxy runs with (for `trace` and `plan` against the same folder).
     pub fn source_flags(&self) -> Vec<String> {
-        [
+        let mut flags: Vec<String> = [
             "--manifests",
             &self.manifests.path().to_string_lossy(),
             "--hostname-override",
             "node1",
             "--cluster-cidr",
             CLUSTER_CIDRS,
-            "--service-cluster-ip-range",
-            SERVICE_CIDRS,
         ]
         .iter()
         .map(|s| (*s).to_owned())
-        .collect()
+        .collect();
+        if let Some(range) = &self.service_cluster_ip_range {
+            flags.extend(["--service-cluster-ip-range".to_owned(), range.clone()]);
+        }
+        flags
     }
 
     pub fn proxy(&mut self) -> &mut Proxy {

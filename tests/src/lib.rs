@@ -5,6 +5,7 @@
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
 pub mod cluster;
+pub mod host;
 pub mod load;
 
 use std::io::{BufRead as _, BufReader};
@@ -32,6 +33,9 @@ pub enum LabError {
     Setns { name: String, source: nix::Error },
     #[error("{0}")]
     Proxy(String),
+    /// A test setting (environment variable) that makes no sense.
+    #[error("{0}")]
+    Config(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -24,6 +24,9 @@ pub struct DemoArgs {
     /// Leave the lab up afterwards and print how to try more.
     #[arg(long)]
     pub keep: bool,
+    /// Run on nodes with a host firewall (conntrack INVALID dropped) and strict rp_filter.
+    #[arg(long)]
+    pub host_firewall: bool,
 }
 
 /// The demo's labs are named `kepdemo-<pid>`: two demos (two checkouts' test runs) on one
@@ -302,7 +305,7 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         name: name.clone(),
         keep: args.keep,
     };
-    let mut lab = Lab::up(&name, &dir, 3)?;
+    let mut lab = Lab::up(&name, &dir, 3, args.host_firewall)?;
     let worker = lab
         .nodes
         .iter()

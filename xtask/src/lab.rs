@@ -63,6 +63,10 @@ pub enum LabCommand {
         /// Number of nodes (node 1 is the control plane and runs no pods).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Protect every node as hardened hosts are: an nftables table dropping conntrack
+        /// INVALID packets in input and forward, and strict rp_filter on every interface.
+        #[arg(long)]
+        host_firewall: bool,
     },
     /// Remove every namespace, process, pinned map and state file of the lab.
     Down,
@@ -89,9 +93,13 @@ pub enum LabCommand {
 pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     let name = args.name.as_str();
     match args.command {
-        LabCommand::Up { dir, nodes } => {
+        LabCommand::Up {
+            dir,
+            nodes,
+            host_firewall,
+        } => {
             let dir = dir.unwrap_or_else(|| workspace_root().join("examples/hostname"));
-            let lab = Lab::up(name, &dir, nodes)?;
+            let lab = Lab::up(name, &dir, nodes, host_firewall)?;
             lab.print_status();
             println!(
                 "\nlab is up; try: cargo xtask lab exec client -- curl -s http://{}:<a NodePort above>/",
@@ -323,8 +331,9 @@ impl Lab {
             .with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Builds the lab named `name` from the manifests in `dir` with `nodes` nodes.
-    pub fn up(name: &str, dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+    /// Builds the lab named `name` from the manifests in `dir` with `nodes` nodes, protected
+    /// by a host firewall and strict rp_filter with `host_firewall`.
+    pub fn up(name: &str, dir: &Path, nodes: usize, host_firewall: bool) -> anyhow::Result<Self> {
         setup::require_root("the lab (it creates network namespaces and loads eBPF programs)")?;
         if nodes == 0 || nodes > 9 {
             bail!("--nodes must be between 1 and 9");
@@ -357,6 +366,17 @@ impl Lab {
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating the lab's cgroup {}", cgroup.display()))?;
         lab.build_network(nodes)?;
+        if host_firewall {
+            let protections = proxy_lab::host::Protections {
+                firewall: true,
+                rp_filter: true,
+            };
+            for node in &lab.nodes {
+                protections
+                    .apply_in(&node.netns)
+                    .with_context(|| format!("protecting {}", node.name))?;
+            }
+        }
         lab.write_nodes()?;
         lab.sync_pods()?;
         lab.save()?;

@@ -110,10 +110,33 @@ fn test() -> anyhow::Result<()> {
     println!("test: eBPF object {}", object.display());
     println!("test: cargo test --workspace");
     setup::run(cargo().args(["test", "--workspace"]))?;
+    // The namespace Service suites once more on nodes with a host firewall dropping conntrack
+    // INVALID packets and strict reverse-path filtering (proxy_lab::host).
+    println!("test: Service suites on hardened nodes (firewall, rp_filter)");
+    setup::run(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "proxy-userspace",
+                "--test",
+                "services",
+                "--test",
+                "traffic",
+            ])
+            .env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"),
+    )?;
     println!("test: cargo xtask demo --check");
     demo::demo(&demo::DemoArgs {
         check: true,
         keep: false,
+        host_firewall: false,
+    })?;
+    println!("test: cargo xtask demo --check --host-firewall");
+    demo::demo(&demo::DemoArgs {
+        check: true,
+        keep: false,
+        host_firewall: true,
     })?;
     println!("test: all checks passed");
     Ok(())

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 use proxy_common::{
-    CONFIG_F_DEBUG, DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4,
-    addr_from_ip,
+    CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CONFIG_F_DEBUG, CONFIG_F_FAST_PATH,
+    DETECT_LOCAL_CIDR, DETECT_LOCAL_IFINDEX, DETECT_LOCAL_NONE, FAMILY_IPV4, addr_from_ip,
 };
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::model::{DesiredState, LocalTrafficDetector, ModelConfig};
@@ -21,23 +21,20 @@ pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
 };
 
 /// The dataplane part of the CONFIG map (this network namespace, SNAT ports, kernel debug
-/// logging), written once after loading.
+/// logging, fast-path delivery of translated packets), written once after loading.
 pub fn program_dataplane_config(
     maps: &mut Maps,
     snat_ports: PortRange,
     debug: bool,
+    fast_path: bool,
 ) -> anyhow::Result<()> {
     let cookie = dataplane::netns_cookie()?;
     maps.update_config(|config| {
         config.netns_cookie = cookie;
         (config.snat_port_min, config.snat_port_max) = (snat_ports.first, snat_ports.last);
-        if debug {
-            config.flags |= CONFIG_F_DEBUG;
-        } else {
-            config.flags &= !CONFIG_F_DEBUG;
-        }
     })?;
-    Ok(())
+    set_config_flag(maps, CONFIG_F_DEBUG, debug)?;
+    set_config_flag(maps, CONFIG_F_FAST_PATH, fast_path)
 }
 
 /// Programs `state`: the node part of CONFIG, then every Service entry through the reconciler
@@ -49,7 +46,28 @@ pub fn program_state(
     state: &DesiredState,
 ) -> anyhow::Result<SyncReport> {
     program_node_config(maps, model_config, state)?;
-    Ok(reconciler.sync(state, maps))
+    // A ClusterIP outside the service CIDRs needs the VIPS lookup for every destination: turn it
+    // on before such a ClusterIP is written, off only once the CIDRs covering them are.
+    let outside = state.address_rules.cluster_ips_outside_service_cidrs();
+    if outside {
+        set_config_flag(maps, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, true)?;
+    }
+    let report = reconciler.sync(state, maps);
+    if !outside {
+        set_config_flag(maps, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, false)?;
+    }
+    Ok(report)
+}
+
+fn set_config_flag(maps: &mut Maps, flag: u32, on: bool) -> anyhow::Result<()> {
+    maps.update_config(|config| {
+        if on {
+            config.flags |= flag;
+        } else {
+            config.flags &= !flag;
+        }
+    })?;
+    Ok(())
 }
 
 /// The node part of the CONFIG map: masquerade addresses and the local-traffic detector mode.

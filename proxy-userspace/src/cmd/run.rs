@@ -84,11 +84,10 @@ fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, 
     let mut loaded =
         dataplane::load_migrating(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
-    program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug)?;
+    program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug, true)?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }
-    dataplane::accept_local_sources().context("enabling accept_local")?;
     Ok((loaded, maps))
 }
 

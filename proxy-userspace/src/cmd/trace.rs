@@ -121,7 +121,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let loaded = dataplane::load_with_sizes(pin_dir.path(), &sizes)
             .context("loading the dataplane into private maps")?;
         let mut maps = Maps::open(pin_dir.path())?;
-        program_dataplane_config(&mut maps, DEFAULT_SNAT_PORTS, false)?;
+        program_dataplane_config(&mut maps, DEFAULT_SNAT_PORTS, false, false)?;
         let mut reconciler = Reconciler::resume(&maps).context("reading the fresh maps")?;
         let report = program_state(&mut maps, &mut reconciler, &model_config, &state)?;
         if !report.errors.is_empty() {

@@ -32,4 +32,4 @@ pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
-pub use watch::{LinkWatcher, WatchError, accept_local_sources, netns_cookie};
+pub use watch::{LinkWatcher, WatchError, netns_cookie};

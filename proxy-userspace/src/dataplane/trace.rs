@@ -237,7 +237,8 @@ pub fn trace(
             (TC_ACT_REDIRECT, Some(s)) if matches!(s.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) => {
                 Verdict::Reject
             }
-            (TC_ACT_OK, Some(s)) if s.dst != dst => {
+            // Translated: left to the stack, or redirected by the fast path.
+            (TC_ACT_OK | TC_ACT_REDIRECT, Some(s)) if s.dst != dst => {
                 endpoints.insert(s.dst);
                 masquerade |= s.src != src;
                 let (reply_src, _) = addr_from_ip(s.dst.ip());

@@ -4,15 +4,12 @@
 //! always complete).
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("opening a NETLINK_ROUTE socket for link events: {0}")]
     Socket(std::io::Error),
-    #[error("setting net.ipv4.conf.all.accept_local: {0}")]
-    Sysctl(std::io::Error),
     #[error("reading the cookie of this network namespace (SO_NETNS_COOKIE): {0}")]
     NetnsCookie(std::io::Error),
 }
@@ -117,68 +114,4 @@ pub fn netns_cookie() -> Result<u64, WatchError> {
         return Err(WatchError::NetnsCookie(std::io::Error::last_os_error()));
     }
     Ok(cookie)
-}
-
-/// Lets the IPv4 stack of this network namespace accept packets whose source is one of its own
-/// addresses. A masqueraded packet leaves tc ingress with the node address as its source and
-/// must then be forwarded to the backend; without `accept_local` the kernel drops it as a
-/// martian. (IPv6 has no such check.) Like kube-proxy's own sysctls (route_localnet), this is
-/// set by the proxy for the namespace it runs in, and like kube-proxy's `ensureSysctl` it is
-/// written only when it differs. An unprivileged container sees /proc/sys read-only: the
-/// DaemonSet then mounts the host's /proc/sys/net at /host/proc/sys/net (Cilium's layout), which
-/// is written instead. Net sysctls act on the network namespace of the writer, here the host's.
-pub fn accept_local_sources() -> Result<(), WatchError> {
-    ensure_sysctl(
-        &[
-            Path::new("/proc/sys/net/ipv4/conf/all/accept_local"),
-            Path::new("/host/proc/sys/net/ipv4/conf/all/accept_local"),
-        ],
-        "1",
-    )
-}
-
-/// Sets the sysctl file to `value` unless it already holds it, through the first of `paths`
-/// that can be written (the others are mounts of the same setting). The error is the first
-/// path's.
-fn ensure_sysctl(paths: &[&Path], value: &str) -> Result<(), WatchError> {
-    let mut first_error = None;
-    for path in paths {
-        if std::fs::read_to_string(path).is_ok_and(|current| current.trim() == value) {
-            return Ok(());
-        }
-        match std::fs::write(path, value) {
-            Ok(()) => return Ok(()),
-            Err(error) => {
-                first_error.get_or_insert(error);
-            }
-        }
-    }
-    Err(WatchError::Sysctl(first_error.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, "no sysctl path")
-    })))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ensure_sysctl_reads_first_then_writes_the_first_writable_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("no/such/accept_local");
-        let mounted = dir.path().join("accept_local");
-        std::fs::write(&mounted, "0\n").unwrap();
-        ensure_sysctl(&[&missing, &mounted], "1").unwrap();
-        assert_eq!(std::fs::read_to_string(&mounted).unwrap(), "1");
-        // Already set: read, not written (a directory cannot be written, but can be skipped).
-        std::fs::write(&mounted, "1\n").unwrap();
-        ensure_sysctl(&[&mounted, dir.path()], "1").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&mounted).unwrap(),
-            "1\n",
-            "left as it was"
-        );
-        let error = ensure_sysctl(&[&missing], "1").unwrap_err();
-        assert!(error.to_string().contains("accept_local"), "{error}");
-    }
 }

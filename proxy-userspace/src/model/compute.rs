@@ -25,6 +25,11 @@ const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// per-source actions and endpoint sets.
 pub fn compute(snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState {
     let mut diagnostics = snapshot.diagnostics.clone();
+    let service_cidrs = super::service_cidrs::drop_ranges(
+        &snapshot.service_cidrs,
+        &config.service_cidrs,
+        &mut diagnostics,
+    );
     let endpoints_by_service = index_endpoint_slices(snapshot, config, &mut diagnostics);
     let mut service_ports = Vec::new();
     let mut cluster_ips = Vec::new();
@@ -64,7 +69,7 @@ pub fn compute(snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState
     DesiredState {
         service_ports,
         address_rules: AddressRules {
-            service_cidrs: config.service_cidrs.clone(),
+            service_cidrs,
             cluster_ips,
         },
         local_traffic_detector: config.local_traffic_detector.clone(),

@@ -93,7 +93,8 @@ pub struct ModelConfig {
     pub local_traffic_detector: LocalTrafficDetector,
     /// `--masquerade-all`: SNAT all traffic sent to ClusterIPs.
     pub masquerade_all: bool,
-    /// The ranges ClusterIPs are allocated from (unallocated addresses in them are dropped).
+    /// `--service-cluster-ip-range` when given explicitly (empty otherwise): dropped in
+    /// addition to the snapshot's ServiceCIDR objects, as kube-proxy does.
     pub service_cidrs: Vec<IpNet>,
 }
 

@@ -4,6 +4,7 @@
 mod compute;
 mod config;
 mod render;
+mod service_cidrs;
 #[cfg(test)]
 mod tests;
 mod types;

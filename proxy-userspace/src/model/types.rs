@@ -199,6 +199,17 @@ pub struct AddressRules {
     pub cluster_ips: Vec<IpAddr>,
 }
 
+impl AddressRules {
+    /// Is some ClusterIP outside every service CIDR (the dataplane then asks for a ClusterIP
+    /// whatever the destination)? An API server allocates inside its ServiceCIDRs; this happens
+    /// when the proxy does not know them (no ServiceCIDR objects, no explicit flag).
+    pub fn cluster_ips_outside_service_cidrs(&self) -> bool {
+        self.cluster_ips
+            .iter()
+            .any(|ip| !self.service_cidrs.iter().any(|cidr| cidr.contains(ip)))
+    }
+}
+
 /// A problem with one object that the model skipped; everything else is still computed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -2,11 +2,14 @@
 //!
 //! Services and EndpointSlices are watched with kube-proxy's label selector
 //! (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`), this node's
-//! Node with the field selector `metadata.name=<hostname>`. A failed watch backs off
+//! Node with the field selector `metadata.name=<hostname>`, and every ServiceCIDR (networking.k8s.io/v1,
+//! as kube-proxy's ServiceCIDR informer: the ranges where unallocated addresses are dropped). A failed watch backs off
 //! (kube-runtime's default backoff) and re-lists; the reflector store only swaps in a re-list at
 //! its `InitDone`, so objects deleted while the watch was down disappear exactly then. Nothing is
 //! published before both the Services and the EndpointSlices have completed their first list:
-//! consumers treat the first change of the channel as the first complete snapshot.
+//! consumers treat the first change of the channel as the first complete snapshot. As with
+//! kube-proxy, the ServiceCIDRs are not waited for: their drop rule follows when they are listed
+//! (an API server without the resource only logs the failed watch).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use ::kube::{Api, Client, Resource};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
@@ -39,6 +43,7 @@ enum Update {
     Services { synced: bool },
     EndpointSlices { synced: bool },
     Node,
+    ServiceCidrs,
 }
 
 /// Watches one kind into `writer`, yielding an [`Update`] per event that changed the store
@@ -104,6 +109,7 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
+    let (service_cidrs, service_cidrs_writer) = reflector::store::<ServiceCIDR>();
     let updates = futures::stream::select_all([
         reflect(
             Api::<Service>::all(client.clone()),
@@ -120,10 +126,17 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
         )
         .boxed(),
         reflect(
-            Api::<Node>::all(client),
+            Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={hostname}")),
             nodes_writer,
             |_| Update::Node,
+        )
+        .boxed(),
+        reflect(
+            Api::<ServiceCIDR>::all(client),
+            watcher::Config::default(),
+            service_cidrs_writer,
+            |_| Update::ServiceCidrs,
         )
         .boxed(),
     ]);
@@ -133,7 +146,7 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
         match update {
             Update::Services { synced } => services_synced |= synced,
             Update::EndpointSlices { synced } => slices_synced |= synced,
-            Update::Node => {}
+            Update::Node | Update::ServiceCidrs => {}
         }
         if !(services_synced && slices_synced) {
             continue;
@@ -146,6 +159,7 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
                 .into_iter()
                 .find(|node| node.metadata.name.as_deref() == Some(hostname.as_str()))
                 .map(|node| (*node).clone()),
+            service_cidrs: by_key(&service_cidrs),
             diagnostics: Vec::new(),
             allocations: Vec::new(),
         };
@@ -184,6 +198,8 @@ mod tests {
         slices_watch: mpsc::UnboundedReceiver<Exchange>,
         nodes_list: mpsc::UnboundedReceiver<Exchange>,
         nodes_watch: mpsc::UnboundedReceiver<Exchange>,
+        service_cidrs_list: mpsc::UnboundedReceiver<Exchange>,
+        service_cidrs_watch: mpsc::UnboundedReceiver<Exchange>,
     }
 
     fn route(mut handle: Handle<Request<Body>, Response<Body>>) -> Routes {
@@ -193,6 +209,8 @@ mod tests {
         let (slices_watch_tx, slices_watch) = mpsc::unbounded_channel();
         let (nodes_list_tx, nodes_list) = mpsc::unbounded_channel();
         let (nodes_watch_tx, nodes_watch) = mpsc::unbounded_channel();
+        let (service_cidrs_list_tx, service_cidrs_list) = mpsc::unbounded_channel();
+        let (service_cidrs_watch_tx, service_cidrs_watch) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some((request, respond)) = handle.next_request().await {
                 let watch = query(&request).contains("watch=true");
@@ -203,6 +221,8 @@ mod tests {
                     ("/apis/discovery.k8s.io/v1/endpointslices", true) => &slices_watch_tx,
                     ("/api/v1/nodes", false) => &nodes_list_tx,
                     ("/api/v1/nodes", true) => &nodes_watch_tx,
+                    ("/apis/networking.k8s.io/v1/servicecidrs", false) => &service_cidrs_list_tx,
+                    ("/apis/networking.k8s.io/v1/servicecidrs", true) => &service_cidrs_watch_tx,
                     (path, _) => panic!("unexpected request {path}"),
                 };
                 target
@@ -217,6 +237,8 @@ mod tests {
             slices_watch,
             nodes_list,
             nodes_watch,
+            service_cidrs_list,
+            service_cidrs_watch,
         }
     }
 
@@ -269,7 +291,11 @@ mod tests {
 
     fn list(kind: &str, resource_version: &str, items: &[Value]) -> Value {
         json!({
-            "apiVersion": if kind == "EndpointSliceList" { "discovery.k8s.io/v1" } else { "v1" },
+            "apiVersion": match kind {
+                "EndpointSliceList" => "discovery.k8s.io/v1",
+                "ServiceCIDRList" => "networking.k8s.io/v1",
+                _ => "v1",
+            },
             "kind": kind,
             "metadata": {"resourceVersion": resource_version},
             "items": items,
@@ -403,6 +429,26 @@ mod tests {
             s.node.as_ref().and_then(|n| n.metadata.name.as_deref()) == Some("node-a")
         })
         .await;
+
+        // The ServiceCIDRs were not waited for; once listed, they are in the next snapshots.
+        let (_, service_cidrs_list) =
+            next(&mut routes.service_cidrs_list, "ServiceCIDR list").await;
+        service_cidrs_list.send_response(json_response(&list(
+            "ServiceCIDRList",
+            "4",
+            &[
+                json!({"metadata": {"name": "kubernetes", "resourceVersion": "2"},
+                     "spec": {"cidrs": ["10.43.0.0/16"]}}),
+            ],
+        )));
+        let (_service_cidrs_watch_request, _service_cidrs_watch) =
+            next(&mut routes.service_cidrs_watch, "ServiceCIDR watch").await;
+        let listed = wait_for(&mut rx, "the ServiceCIDR", |s| !s.service_cidrs.is_empty()).await;
+        assert_eq!(
+            names(&listed.service_cidrs),
+            ["kubernetes"],
+            "cluster-scoped: no namespace"
+        );
 
         // The watch delivers a change, then expires (410 Gone). Service b is deleted meanwhile:
         // the watch never says so; only the re-list shows it missing.

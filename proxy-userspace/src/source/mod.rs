@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 
 use crate::model::Diagnostic;
 
@@ -32,6 +33,9 @@ pub struct ClusterSnapshot {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// This node's Node object (zone label, addresses, deletion), when known.
     pub node: Option<Node>,
+    /// The cluster's ServiceCIDR objects (networking.k8s.io/v1): the ranges ClusterIPs come
+    /// from, where unallocated addresses are dropped.
+    pub service_cidrs: BTreeMap<ObjectKey, ServiceCIDR>,
     /// Problems with objects the source could not use (file, object and reason).
     pub diagnostics: Vec<Diagnostic>,
     /// Values the source filled in because the objects left them out, as the API server's

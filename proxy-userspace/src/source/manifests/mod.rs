@@ -9,6 +9,12 @@
 //! [`ClusterSnapshot::allocations`]. Every problem is a [`Diagnostic`] naming the file and the
 //! object; the rest of the folder is still used.
 //!
+//! ServiceCIDR objects (networking.k8s.io/v1) are validated as the API server does and published:
+//! the dataplane drops unallocated addresses in them. When the folder has any, missing
+//! ClusterIPs are allocated from them (first of each family, the flag's primary family first),
+//! as an API server with ServiceCIDRs does (its `--service-cluster-ip-range` is then only its
+//! default ServiceCIDR); otherwise from `--service-cluster-ip-range`.
+//!
 //! Deployments and ReplicaSets create no Pods here (Pods come from files, e.g. written by the
 //! lab); their pod templates give the container ports for named targetPorts of Pods whose own
 //! spec lists no containers.
@@ -28,6 +34,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -295,6 +302,58 @@ fn check_slice(slice: &EndpointSlice) -> Result<(), String> {
     Ok(())
 }
 
+/// The API server's validation of a ServiceCIDR: one CIDR, or two of different families, each
+/// in canonical form (no host bits).
+fn check_service_cidr(object: &ServiceCIDR) -> Result<Vec<IpNet>, String> {
+    let texts = object
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.cidrs.clone())
+        .unwrap_or_default();
+    let mut cidrs: Vec<IpNet> = Vec::new();
+    for (index, text) in texts.iter().enumerate() {
+        let cidr: IpNet = text
+            .parse()
+            .map_err(|_| format!("spec.cidrs[{index}] {text:?} is not a CIDR"))?;
+        if cidr.trunc() != cidr {
+            return Err(format!(
+                "spec.cidrs[{index}] {text:?} has host bits set (network address {})",
+                cidr.trunc()
+            ));
+        }
+        cidrs.push(cidr);
+    }
+    match cidrs.as_slice() {
+        [_] => Ok(cidrs),
+        [first, second] if first.addr().is_ipv4() != second.addr().is_ipv4() => Ok(cidrs),
+        _ => Err("spec.cidrs must hold one CIDR, or two of different IP families".to_owned()),
+    }
+}
+
+/// The settings the Services are admitted with: the ServiceCIDR objects' ranges replace the
+/// flag's when there are any (primary family, as the flag says, first).
+fn allocation_settings(
+    settings: &ManifestSettings,
+    service_cidrs: &BTreeMap<ObjectKey, (Vec<IpNet>, ServiceCIDR)>,
+) -> ManifestSettings {
+    let mut ranges: Vec<IpNet> = service_cidrs
+        .values()
+        .flat_map(|(cidrs, _)| cidrs.iter().copied())
+        .collect();
+    if ranges.is_empty() {
+        return settings.clone();
+    }
+    let primary_v4 = settings
+        .service_cidrs
+        .first()
+        .is_none_or(|cidr| cidr.addr().is_ipv4());
+    ranges.sort_by_key(|cidr| cidr.addr().is_ipv4() != primary_v4);
+    ManifestSettings {
+        service_cidrs: ranges,
+        ..settings.clone()
+    }
+}
+
 fn skipped_by_kube_proxy(metadata: &ObjectMeta) -> bool {
     metadata
         .labels
@@ -322,6 +381,7 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
     let mut explicit_slices: Registry<EndpointSlice> = Registry::new("EndpointSlice");
     let mut nodes: Registry<Node> = Registry::new("Node");
     let mut pods: Registry<Pod> = Registry::new("Pod");
+    let mut service_cidrs: Registry<(Vec<IpNet>, ServiceCIDR)> = Registry::new("ServiceCIDR");
     let mut templates = PodTemplates {
         templates: Vec::new(),
     };
@@ -367,6 +427,24 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
                 },
                 None => missing_name(&mut diagnostics, "Pod"),
             },
+            Object::ServiceCidr(mut object) => match key_of(&mut object.metadata, false) {
+                Some(key) => match check_service_cidr(&object) {
+                    Ok(cidrs) => {
+                        service_cidrs.insert(
+                            key,
+                            origin.clone(),
+                            (cidrs, object),
+                            &mut diagnostics,
+                        );
+                    }
+                    Err(reason) => diagnostics.push(diagnostic(
+                        object_name("ServiceCIDR", &key),
+                        &origin,
+                        reason,
+                    )),
+                },
+                None => missing_name(&mut diagnostics, "ServiceCIDR"),
+            },
             Object::Deployment(mut deployment) => {
                 let namespace = deployment
                     .metadata
@@ -409,7 +487,17 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
         })
         .collect();
     let mut allocations = Vec::new();
-    let admitted = admit::admit(candidates, settings, &mut diagnostics, &mut allocations);
+    let service_cidrs: BTreeMap<ObjectKey, (Vec<IpNet>, ServiceCIDR)> = service_cidrs
+        .objects
+        .into_iter()
+        .map(|(key, (_, object))| (key, object))
+        .collect();
+    let admitted = admit::admit(
+        candidates,
+        &allocation_settings(settings, &service_cidrs),
+        &mut diagnostics,
+        &mut allocations,
+    );
 
     let node_objects: BTreeMap<String, Node> = nodes
         .objects
@@ -456,6 +544,10 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
         services,
         endpoint_slices,
         node: node_objects.get(&settings.hostname).cloned(),
+        service_cidrs: service_cidrs
+            .into_iter()
+            .map(|(key, (_, object))| (key, object))
+            .collect(),
         diagnostics,
         allocations,
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -41,6 +42,7 @@ pub enum Object {
     Pod(Pod),
     Deployment(Deployment),
     ReplicaSet(ReplicaSet),
+    ServiceCidr(ServiceCIDR),
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +166,9 @@ fn parse_value(
         ("apps/v1", "ReplicaSet") => {
             typed(&value, origin, &object_name, diagnostics).map(Object::ReplicaSet)
         }
+        ("networking.k8s.io/v1", "ServiceCIDR") => {
+            typed(&value, origin, &object_name, diagnostics).map(Object::ServiceCidr)
+        }
         ("", _) | (_, "") => {
             diagnostics.push(diagnostic(
                 object_name,
@@ -178,7 +183,7 @@ fn parse_value(
                 origin,
                 format!(
                     "unknown kind {kind} ({api_version}): the proxy reads Services, Endpoints, \
-                     EndpointSlices, Nodes, Pods, Deployments and ReplicaSets"
+                     EndpointSlices, Nodes, Pods, Deployments, ReplicaSets and ServiceCIDRs"
                 ),
             ));
             None

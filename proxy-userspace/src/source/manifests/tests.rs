@@ -736,3 +736,57 @@ async fn live_edit_is_published_within_a_second() {
     );
     task.abort();
 }
+
+#[test]
+fn service_cidr_objects_are_validated_published_and_allocated_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cidrs.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: kubernetes\n\
+         spec:\n  cidrs: [10.43.0.0/16]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: sloppy\n\
+         spec:\n  cidrs: [10.44.0.1/16]\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata:\n  name: two-v4\n\
+         spec:\n  cidrs: [10.45.0.0/16, 10.46.0.0/16]\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    // The flag's range (the default 10.96.0.0/12 here) yields to the ServiceCIDRs.
+    let snapshot = load_dir(dir.path(), &ManifestSettings::new("node-a"));
+    let names: Vec<&str> = snapshot
+        .service_cidrs
+        .keys()
+        .map(|k| k.name.as_str())
+        .collect();
+    assert_eq!(names, ["kubernetes"]);
+    let messages: Vec<String> = snapshot
+        .diagnostics
+        .iter()
+        .map(|d| format!("{}: {}", d.object, d.message))
+        .collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages[0].starts_with("ServiceCIDR sloppy: ")
+            && messages[0].ends_with(
+                "spec.cidrs[0] \"10.44.0.1/16\" has host bits set (network address 10.44.0.0/16)"
+            ),
+        "{messages:?}"
+    );
+    assert!(
+        messages[1].starts_with("ServiceCIDR two-v4: ")
+            && messages[1].ends_with("two of different IP families"),
+        "{messages:?}"
+    );
+    let allocated: Vec<&str> = snapshot
+        .allocations
+        .iter()
+        .filter(|a| a.field == "spec.clusterIPs[0]")
+        .map(|a| a.value.as_str())
+        .collect();
+    assert_eq!(allocated.len(), 1);
+    let ip: std::net::IpAddr = allocated[0].parse().unwrap();
+    assert!(
+        "10.43.0.0/16".parse::<IpNet>().unwrap().contains(&ip),
+        "allocated {ip} outside the ServiceCIDR"
+    );
+}
