@@ -29,6 +29,8 @@
 //! loaded object (the proxy, a `trace` run) must have its own.
 #![no_std]
 
+pub mod crc32c;
+
 /// An IPv4 or IPv6 address as four 32-bit words in network byte order. IPv4 uses word 0 and
 /// leaves the rest zero; the family is carried next to it.
 pub type Addr = [u32; 4];
@@ -572,7 +574,8 @@ pub enum Counter {
     Ipv4Options = 16,
     /// IPv6 packets with extension headers: passed untouched.
     Ipv6ExtensionHeaders = 17,
-    /// SCTP to a backend whose port differs from the frontend's (needs CRC32c): dropped.
+    /// Unused since SCTP ports are rewritten with a CRC32c update (kept: the index is the
+    /// pinned ABI). Was: SCTP to a backend whose port differs from the frontend's, dropped.
     SctpPortRewrite = 18,
     /// A packet rewrite or checksum helper failed.
     RewriteFailures = 19,

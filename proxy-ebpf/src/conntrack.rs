@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Addr, CT_F_REPLY, CT_F_REPLY_CLOSED_FIRST, CT_F_SNAT, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT,
-    CT_STATE_TIME_WAIT, Counter, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, TCP_ACK, TCP_SYN,
-    ct_advance, ct_state_closed, ct_state_closing,
+    CT_STATE_TIME_WAIT, Counter, CtKey, CtValue, IPPROTO_TCP, TCP_ACK, TCP_SYN, ct_advance,
+    ct_state_closed, ct_state_closing,
 };
 
 use crate::{
@@ -144,7 +144,7 @@ fn reserve(key: &CtKey, value: &CtValue) -> Reserve {
 /// Takes a source port in `[min, max]` (host order) for a masqueraded flow by inserting its reply
 /// entry `value` with `BPF_NOEXIST`, so no two flows ever share a reply tuple. Free ports are
 /// preferred; failing those, a port whose flow is over is taken over (see [`Reuse`]). A port another CPU takes meanwhile is a collision, and the next
-/// candidate is tried. SCTP keeps its port (rewriting it needs a CRC32c update). Returns the port
+/// candidate is tried. Returns the port
 /// in network byte order, 0 for none (never a valid port; an `Option` would leave an undefined
 /// payload the verifier rejects).
 #[inline(always)]
@@ -156,7 +156,7 @@ fn reserve_snat_port(
     max: u16,
     value: &CtValue,
 ) -> u16 {
-    let fixed = flow.proto == IPPROTO_SCTP || min == 0 || max < min;
+    let fixed = min == 0 || max < min;
     let (range, start, probes) = if fixed {
         (1, 0, 1)
     } else {

@@ -1,6 +1,6 @@
 //! kube-ebpf-proxy's kernel programs. Entry points stay thin; the work is in the modules:
 //! `parse` (headers), `service` (lookup, classification, backend choice), `conntrack`, `nat`
-//! (rewrites and checksums), `reject` (ICMP generation), `icmp` (error translation), `sock`
+//! (rewrites and checksums), `sctp` (its CRC32c), `reject` (ICMP generation), `icmp` (error translation), `sock`
 //! (host-originated traffic) and `maps`.
 #![no_std]
 #![no_main]
@@ -12,6 +12,7 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sctp;
 mod service;
 mod sock;
 mod tc;

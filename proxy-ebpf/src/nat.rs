@@ -3,7 +3,7 @@
 //! CHECKSUM_COMPLETE and only touch the pseudo-header part for CHECKSUM_PARTIAL).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
 use proxy_common::{Addr, Counter, FAMILY_IPV4};
@@ -123,7 +123,13 @@ pub fn replace_port(
         return Ok(());
     }
     let fail = |_| count(Counter::RewriteFailures);
-    ctx.store(off, &new, 0).map_err(fail)?;
+    // Without an inet checksum to compensate the change (SCTP), `skb->csum` is updated.
+    let store_flags = if matches!(csum, L4Csum::None) {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
+    ctx.store(off, &new, store_flags).map_err(fail)?;
     if let Some((l4, flags)) = l4_flags(csum, false, 2) {
         ctx.l4_csum_replace(l4, u64::from(old), u64::from(new), flags)
             .map_err(fail)?;

@@ -55,6 +55,8 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub l4_off: usize,
+    /// The L4 header and payload length the IP header declares (checked against the packet).
+    pub l4_len: u16,
     pub tcp_flags: u8,
 }
 
@@ -312,6 +314,8 @@ fn parse_l4(
         sport: ports[0],
         dport: ports[1],
         l4_off,
+        // Both IP length fields are 16 bits.
+        l4_len: l4_len as u16,
         tcp_flags,
     };
     Ok(Parsed::Flow)

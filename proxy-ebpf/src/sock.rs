@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Addr, Counter, FAMILY_IPV4, SCOPE_POLICY, SOURCE_NODE, SockRevNatKey, SockRevNatValue,
-    VIP_F_CLUSTER_IP, VipKey,
+    Addr, Counter, FAMILY_IPV4, SCOPE_POLICY, SOURCE_NODE, SVC_F_SOURCE_RANGES, SockRevNatKey,
+    SockRevNatValue, VIP_F_CLUSTER_IP, VipKey,
 };
 
 use crate::{
@@ -121,6 +121,13 @@ pub fn try_translate_to_backend(ctx: &SockAddrContext, family: u8) -> Result<i32
         return Ok(if is_cluster_ip { refuse() } else { ALLOW });
     };
     let client = service::node_addr(cfg, family);
+    // loadBalancerSourceRanges hold for the node's own connections too (kube-proxy's firewall
+    // check runs on output), its address as the source, as the tc program checks it. A connect
+    // cannot be dropped silently: it is refused rather than let through to the load balancer.
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !service::source_allowed(svc.id, &client) {
+        count(Counter::SourceRangeDrops);
+        return Ok(refuse());
+    }
     let decision = service::decide(&svc, &frontend, port, proto, family, SOURCE_NODE, &client);
     Ok(match decision.action {
         Action::Forward => {

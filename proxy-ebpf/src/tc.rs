@@ -7,7 +7,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use proxy_common::{
     CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CONFIG_F_DEBUG, CT_F_SNAT, ConfigValue, Counter,
-    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP, VipKey,
+    IPPROTO_TCP, IPPROTO_UDP, SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP, VipKey,
 };
 
 use crate::{
@@ -18,6 +18,7 @@ use crate::{
     nat::{self, Endpoint, Target},
     parse::{self, Parsed, scratch},
     reject::reject,
+    sctp,
     service::{self, Action},
 };
 
@@ -40,14 +41,15 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
         Parsed::Pass => return Err(OK),
     }
-    let verdict = known_flow(ctx);
-    if verdict != NOT_KNOWN {
-        return Ok(delivered(ctx, verdict));
+    let mut verdict = known_flow(ctx);
+    if verdict == NOT_KNOWN {
+        verdict = match new_flow(ctx) {
+            NewFlow::Reject(family) => return Ok(reject(ctx, family)),
+            NewFlow::Verdict(verdict) => verdict,
+        };
     }
-    Ok(match new_flow(ctx) {
-        NewFlow::Reject(family) => reject(ctx, family),
-        NewFlow::Verdict(verdict) => delivered(ctx, verdict),
-    })
+    // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
+    Ok(delivered(ctx, sctp::finish(ctx, verdict)))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
@@ -192,10 +194,6 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         }
     }
     let (backend_id, backend) = (decision.backend_id, decision.backend);
-    if flow.proto == IPPROTO_SCTP && backend.port != flow.dport {
-        count(Counter::SctpPortRewrite);
-        return NewFlow::Verdict(SHOT);
-    }
     let target = Endpoint {
         addr: backend.addr,
         port: backend.port,

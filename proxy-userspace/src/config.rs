@@ -409,9 +409,21 @@ fn parse_nodeport_addresses(entries: &[String]) -> Result<NodePortAddresses, Con
         return Ok(NodePortAddresses::primary());
     }
     let mut addresses = NodePortAddresses::default();
+    let used = entries
+        .iter()
+        .filter(|entry| !entry.trim().is_empty())
+        .count();
     for entry in entries.iter().map(|entry| entry.trim()) {
         match entry {
             "" => {}
+            // kube-proxy's validation: `primary` stands alone.
+            "primary" if used > 1 => {
+                return Err(ConfigError::Invalid {
+                    setting: "nodePortAddresses",
+                    value: entries.join(","),
+                    expected: "either primary alone or CIDRs (can't use both 'primary' and CIDRs)",
+                });
+            }
             "primary" => addresses.primary = true,
             "all" => addresses
                 .cidrs
@@ -1000,7 +1012,7 @@ apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 hostnameOverride: node-from-file
 clusterCIDR: 10.244.0.0/16,fd10::/64
-nodePortAddresses: [\"192.168.0.0/16\", primary]
+nodePortAddresses: [\"192.168.0.0/16\"]
 detectLocalMode: InterfaceNamePrefix
 detectLocal:
   interfaceNamePrefix: veth
@@ -1029,7 +1041,7 @@ nftables:
         assert_eq!(
             config.nodeport_addresses,
             NodePortAddresses {
-                primary: true,
+                primary: false,
                 cidrs: vec!["192.168.0.0/16".parse().unwrap()]
             }
         );
@@ -1398,13 +1410,22 @@ nftables:
             error.to_string().contains("--pod-interface-name-prefix"),
             "{error}"
         );
-        let error = flags(&["--nodeport-addresses=primary,bogus"])
+        let error = flags(&["--nodeport-addresses=10.0.0.0/8,bogus"])
             .merge(FileConfig::default(), String::new)
             .unwrap_err();
         assert!(
             error
                 .to_string()
                 .starts_with("nodePortAddresses: \"bogus\""),
+            "{error}"
+        );
+        let error = flags(&["--nodeport-addresses=primary,10.0.0.0/8"])
+            .merge(FileConfig::default(), String::new)
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("can't use both 'primary' and CIDRs"),
             "{error}"
         );
     }

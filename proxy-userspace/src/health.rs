@@ -5,7 +5,7 @@
 //!   the Service ([`ServiceHealthServer`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -295,7 +295,7 @@ type EndpointCounts = Arc<RwLock<BTreeMap<ServiceName, usize>>>;
 /// healthCheckNodePort as the desired state changes.
 pub struct ServiceHealthServer {
     /// Addresses each health check port listens on (kube-proxy: the NodePort addresses, or
-    /// 0.0.0.0 when they match everything).
+    /// every address of both families when they match everything).
     listen_ips: Vec<IpAddr>,
     proxy: Arc<ProxyHealth>,
     counts: EndpointCounts,
@@ -321,7 +321,33 @@ async fn service_health(
     let body = format!(
         "{{\n\t\"service\": {{\n\t\t\"namespace\": {namespace:?},\n\t\t\"name\": {name:?}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}"
     );
-    json_response(status, body)
+    let mut response = json_response(status, body);
+    // Weighted load balancers (kube-proxy sets it on every answer, 503 included).
+    response
+        .headers_mut()
+        .insert("x-load-balancing-endpoint-weight", HeaderValue::from(count));
+    response
+}
+
+/// Binds a health check listener. The IPv6 wildcard is dual-stack (IPv4 too), as Go's listener
+/// on "0.0.0.0" that kube-proxy opens is; where the kernel has no IPv6, the IPv4 wildcard.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    if addr.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return std::net::TcpListener::bind(addr);
+    }
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, None) {
+        Ok(socket) => socket,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port()));
+        }
+        Err(e) => return Err(e),
+    };
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 impl ServiceHealthServer {
@@ -387,7 +413,7 @@ impl ServiceHealthServer {
             };
             // Bind synchronously so the error is reported here, not inside the task; dropping
             // `listener` on error closes whatever was already opened.
-            let socket = std::net::TcpListener::bind(addr).map_err(error)?;
+            let socket = bind_listener(addr).map_err(error)?;
             socket.set_nonblocking(true).map_err(error)?;
             let socket = tokio::net::TcpListener::from_std(socket).map_err(error)?;
             let app = Router::new().fallback(service_health).with_state((
@@ -654,6 +680,70 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "the health check port must be closed"
         );
+    }
+
+    /// `--nodeport-addresses` matching every address: one dual-stack listener answers on IPv6
+    /// and on IPv4 (in a namespace of the test's own), with kube-proxy's weight header on 200
+    /// and on 503 answers.
+    #[test]
+    fn a_match_all_health_check_answers_on_ipv6_and_ipv4_with_the_weight_header() {
+        let ns = proxy_lab::Netns::new("hc").expect("namespace");
+        ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
+        let listen = crate::model::ModelConfig {
+            nodeport_addresses: crate::model::NodePortAddresses {
+                primary: false,
+                cidrs: vec!["0.0.0.0/0".parse().unwrap()],
+            },
+            ..crate::model::ModelConfig::default()
+        }
+        .health_check_listen_ips();
+        ns.enter(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let proxy = ProxyHealth::new(Duration::from_mins(1));
+                proxy.updated();
+                let mut server = ServiceHealthServer::new(listen, proxy);
+                let port = 32_100;
+                let two_pods = DesiredState {
+                    service_ports: vec![lb_port(
+                        "http",
+                        port,
+                        vec![
+                            endpoint("10.244.1.5", 80, true, true),
+                            endpoint("10.244.1.6", 80, true, true),
+                        ],
+                    )],
+                    ..DesiredState::default()
+                };
+                assert!(server.sync(&two_pods).is_empty());
+                for ip in ["::1", "127.0.0.1"] {
+                    let addr = SocketAddr::new(ip.parse().unwrap(), port);
+                    let (status, headers, body) = get(addr, "/").await;
+                    assert_eq!(status, 200, "{addr}: {body}");
+                    assert!(
+                        headers.contains("x-load-balancing-endpoint-weight: 2\r\n"),
+                        "{addr}: {headers}"
+                    );
+                    assert!(body.contains("\"localEndpoints\": 2"), "{addr}: {body}");
+                }
+                let none = DesiredState {
+                    service_ports: vec![lb_port("http", port, Vec::new())],
+                    ..DesiredState::default()
+                };
+                assert!(server.sync(&none).is_empty());
+                let (status, headers, _) =
+                    get(SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], port)), "/").await;
+                assert_eq!(status, 503);
+                assert!(
+                    headers.contains("x-load-balancing-endpoint-weight: 0\r\n"),
+                    "{headers}"
+                );
+            });
+        })
+        .expect("enter the namespace");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proxy_lab::cluster::{CLIENT_IP, Cluster, OUTSIDER_IP, PodState, nft_ruleset, node_ip};
+use proxy_lab::sctp::sctp_request;
 use proxy_lab::{LineServer, Netns, ask, tcp_request, udp_request};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
@@ -39,6 +40,7 @@ fn service(name: &str, spec: &str) -> String {
 enum Proto {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Proto {
@@ -46,6 +48,7 @@ impl Proto {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
+            Self::Sctp => "sctp",
         }
     }
 }
@@ -60,6 +63,7 @@ fn request(
     let answer = match proto {
         Proto::Tcp => tcp_request(ns, target, timeout),
         Proto::Udp => udp_request(ns, target, timeout),
+        Proto::Sctp => sctp_request(ns, target, timeout),
     }
     .expect("enter the client namespace")?;
     let (name, seen) = answer
@@ -297,6 +301,380 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
         nft_ruleset(&cluster.nodes[0]).unwrap(),
         cluster.nft_before,
         "the proxy creates no nftables rule"
+    );
+}
+
+/// SCTP whose targetPort differs from its port, through a ClusterIP and through a NodePort: real
+/// associations (handshake, DATA, SACK; every CRC32c checked by the receiving peer) reach both
+/// pods, with port rewrites both ways and the NodePort's masquerade port.
+#[test]
+fn sctp_associations_through_a_cluster_ip_and_a_node_port_to_another_port() {
+    let (cluster, pods, toolbox) = web_cluster();
+    cluster
+        .manifests
+        .write(
+            "sig.yaml",
+            &service(
+                "sig",
+                &format!(
+                    "  type: NodePort\n  clusterIP: 10.96.0.30\n{WEB_SELECTOR}  ports:\n  - name: sig\n    protocol: SCTP\n    port: 3868\n    targetPort: 8080\n    nodePort: 30868\n"
+                ),
+            ),
+        )
+        .unwrap();
+    let cluster_ip = v4(10, 96, 0, 30, 3868);
+    let node = node_ip(0, false);
+    let node_port = SocketAddr::new(node, 30868);
+    let client = IpAddr::V4(CLIENT_IP);
+    wait_programmed(
+        &cluster,
+        toolbox,
+        cluster_ip,
+        Proto::Sctp,
+        "pod",
+        "sig",
+        |t| t.verdict == "DNAT",
+    );
+    let toolbox_ns = &cluster.pod("toolbox").netns;
+    assert_answers(toolbox_ns, cluster_ip, Proto::Sctp, &["a", "b"], toolbox);
+    assert_eq!(
+        trace(&cluster, false, toolbox, cluster_ip, Proto::Sctp, "pod"),
+        dnat(&pods, false)
+    );
+    assert_answers(&cluster.client, node_port, Proto::Sctp, &["a", "b"], node);
+    assert_eq!(
+        trace(&cluster, false, client, node_port, Proto::Sctp, "external"),
+        dnat(&pods, true)
+    );
+}
+
+/// A working Service of the bad-files test: file name, YAML, frontends to check.
+type Working = (String, String, Vec<(SocketAddr, Proto)>);
+
+/// The six working Services of the bad-files test.
+fn working_services() -> Vec<Working> {
+    let lb_status = |ip: &str| format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {ip}\n");
+    let port = |extra: &str| {
+        format!("{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n{extra}")
+    };
+    vec![
+        (
+            "w-cip.yaml".to_owned(),
+            service("w-cip", &format!("  clusterIP: 10.96.0.40\n{}", port(""))),
+            vec![(v4(10, 96, 0, 40, 80), Proto::Tcp)],
+        ),
+        (
+            "w-udp.yaml".to_owned(),
+            service(
+                "w-udp",
+                &format!(
+                    "  clusterIP: 10.96.0.41\n{WEB_SELECTOR}  ports:\n  - port: 53\n    targetPort: 8080\n    protocol: UDP\n"
+                ),
+            ),
+            vec![(v4(10, 96, 0, 41, 53), Proto::Udp)],
+        ),
+        (
+            "w-np.yaml".to_owned(),
+            service(
+                "w-np",
+                &format!(
+                    "  type: NodePort\n  clusterIP: 10.96.0.42\n{}",
+                    port("    nodePort: 30090\n")
+                ),
+            ),
+            vec![
+                (v4(10, 96, 0, 42, 80), Proto::Tcp),
+                (SocketAddr::new(node_ip(0, false), 30090), Proto::Tcp),
+            ],
+        ),
+        (
+            "w-ext.yaml".to_owned(),
+            service(
+                "w-ext",
+                &format!(
+                    "  clusterIP: 10.96.0.43\n  externalIPs:\n  - 198.51.100.43\n{}",
+                    port("")
+                ),
+            ),
+            vec![(v4(198, 51, 100, 43, 80), Proto::Tcp)],
+        ),
+        (
+            "w-lb.yaml".to_owned(),
+            format!(
+                "{}{}",
+                service(
+                    "w-lb",
+                    &format!(
+                        "  type: LoadBalancer\n  clusterIP: 10.96.0.44\n{}",
+                        port("    nodePort: 30091\n")
+                    ),
+                ),
+                lb_status("198.51.100.44")
+            ),
+            vec![
+                (v4(198, 51, 100, 44, 80), Proto::Tcp),
+                (SocketAddr::new(node_ip(0, false), 30091), Proto::Tcp),
+            ],
+        ),
+        (
+            "w-dyn.yaml".to_owned(),
+            // Allocated by the proxy (ClusterIP and NodePort): found by the test below.
+            service("w-dyn", &format!("  type: NodePort\n{}", port(""))),
+            Vec::new(),
+        ),
+    ]
+}
+
+/// A small deterministic generator (xorshift) for the bad files.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// 1,000 bad files for the working Services' folder: 250 impostors (copies under new file names
+/// claiming a ClusterIP, NodePort, externalIP or LoadBalancer IP a working Service holds, some
+/// under the same object name, all selecting another pod), bit flips, truncations, invalid
+/// ports, addresses and names.
+fn bad_files(good: &[Working], held: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut files = Vec::new();
+    for i in 0..1000 {
+        let (_, original, _) = &good[noise.below(good.len())];
+        let content = match i % 8 {
+            // Impostors: another endpoint (app: remote), a name that sorts first or the same
+            // name, and one of the held values.
+            0 | 1 => {
+                let (field, value) = &held[noise.below(held.len())];
+                let name = if i % 16 == 0 {
+                    "w-cip".to_owned()
+                } else {
+                    format!("a-imp-{i}")
+                };
+                let body = match *field {
+                    "clusterIP" => format!(
+                        "  clusterIP: {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+                    ),
+                    "nodePort" => format!(
+                        "  type: NodePort\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {value}\n"
+                    ),
+                    "externalIP" => format!(
+                        "  externalIPs:\n  - {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+                    ),
+                    _ => "  type: LoadBalancer\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n".to_owned(),
+                };
+                let status = if *field == "lbIP" {
+                    format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {value}\n")
+                } else {
+                    String::new()
+                };
+                format!("{}{status}", service(&name, &body))
+            }
+            2 | 3 => {
+                let mut bytes = original.clone().into_bytes();
+                for _ in 0..=noise.below(3) {
+                    let at = noise.below(bytes.len());
+                    bytes[at] ^= 1 << noise.below(7);
+                }
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            4 => original[..noise.below(original.len())].to_owned(),
+            5 => service(
+                &format!("bad-port-{i}"),
+                &format!(
+                    "{WEB_SELECTOR}  ports:\n  - port: {}\n",
+                    [0, 70000, -1][noise.below(3)]
+                ),
+            ),
+            6 => service(
+                &format!("bad-ip-{i}"),
+                &format!(
+                    "  clusterIP: 10.96.0.{}\n{WEB_SELECTOR}  ports:\n  - port: 80\n",
+                    256 + i
+                ),
+            ),
+            _ => service(
+                ["UPPER", "bad_name", "-dash"][noise.below(3)],
+                &format!("{WEB_SELECTOR}  ports:\n  - port: 80\n"),
+            ),
+        };
+        files.push((format!("bad-{i:04}.yaml"), content));
+    }
+    files
+}
+
+/// A running proxy serving six working Services; 1,000 bad files appear beside them: every
+/// working Service keeps exactly its frontends (the kernel's maps, read by `trace`) and answers
+/// real connections from its own pods, never from the impostors' pod.
+#[test]
+fn a_thousand_bad_files_beside_working_services_take_nothing_from_them() {
+    let (mut cluster, pods, _) = web_cluster();
+    cluster.add_pod("r", 1, 20, "remote").unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    cluster
+        .client
+        .ip(&[
+            "route",
+            "add",
+            "10.96.0.0/16",
+            "via",
+            &node_ip(0, false).to_string(),
+        ])
+        .unwrap();
+    let mut good = working_services();
+    for (file, content, _) in &good {
+        cluster.manifests.write(file, content).unwrap();
+    }
+    wait_programmed(
+        &cluster,
+        client,
+        v4(198, 51, 100, 44, 80),
+        Proto::Tcp,
+        "external",
+        "w-lb",
+        |t| t.verdict == "DNAT",
+    );
+    // w-dyn's allocated ClusterIP and NodePort, as `plan` reads the same folder.
+    let plan = cluster
+        .proxy_command(&[vec!["plan".to_owned()], cluster.source_flags()].concat())
+        .expect("plan");
+    let allocated = |field: &str| -> String {
+        let prefix = format!("allocated Service default/w-dyn {field}");
+        plan.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.rsplit(" = ").next())
+            .unwrap_or_else(|| panic!("{prefix} in {plan}"))
+            .trim()
+            .to_owned()
+    };
+    let dyn_ip: IpAddr = allocated("spec.clusterIPs[0]").parse().unwrap();
+    let dyn_port: u16 = allocated("spec.ports[0].nodePort").parse().unwrap();
+    good[5].2 = vec![
+        (SocketAddr::new(dyn_ip, 80), Proto::Tcp),
+        (SocketAddr::new(node_ip(0, false), dyn_port), Proto::Tcp),
+    ];
+    wait_programmed(
+        &cluster,
+        client,
+        good[5].2[1].0,
+        Proto::Tcp,
+        "external",
+        "w-dyn",
+        |t| t.verdict == "DNAT",
+    );
+    let held = [
+        ("clusterIP", "10.96.0.40".to_owned()),
+        ("clusterIP", dyn_ip.to_string()),
+        ("nodePort", "30090".to_owned()),
+        ("nodePort", dyn_port.to_string()),
+        ("externalIP", "198.51.100.43".to_owned()),
+        ("lbIP", "198.51.100.44".to_owned()),
+    ];
+    for (file, content) in bad_files(&good, &held) {
+        cluster.manifests.write(&file, &content).unwrap();
+    }
+    // A last good file: once it is programmed, the folder with every bad file has been read.
+    cluster
+        .manifests
+        .write("z-sentinel.yaml", &service("z-sentinel", &format!("  clusterIP: 10.96.0.49\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n")))
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        v4(10, 96, 0, 49, 80),
+        Proto::Tcp,
+        "external",
+        "z-sentinel",
+        |t| t.verdict == "DNAT",
+    );
+    for (file, _, frontends) in &good {
+        for (target, proto) in frontends {
+            assert_eq!(
+                trace(&cluster, true, client, *target, *proto, "external"),
+                dnat(&pods, true),
+                "{file}: {target} in the kernel after the bad files"
+            );
+            assert_answers(
+                &cluster.client,
+                *target,
+                *proto,
+                &["a", "b"],
+                node_ip(0, false),
+            );
+        }
+    }
+}
+
+/// NodePorts follow the node's addresses live (netlink address events), as a keepalived VIP
+/// needs: an address added inside `--nodeport-addresses` serves the NodePort at once, without
+/// any Service changing, and stops when the address goes.
+#[test]
+fn node_ports_follow_addresses_added_to_the_node() {
+    let mut cluster = Cluster::start_with(
+        Path::new(BINARY),
+        &["--nodeport-addresses", "198.18.0.0/24"],
+    )
+    .expect("start the cluster");
+    cluster.add_pod("a", 0, 10, "web").unwrap();
+    cluster
+        .manifests
+        .write(
+            "np.yaml",
+            &service(
+                "np",
+                &format!("  type: NodePort\n  clusterIP: 10.96.0.60\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: 30060\n"),
+            ),
+        )
+        .unwrap();
+    let client = IpAddr::V4(CLIENT_IP);
+    let node_port = SocketAddr::new(node_ip(0, false), 30060);
+    wait_programmed(
+        &cluster,
+        client,
+        node_port,
+        Proto::Tcp,
+        "external",
+        "np",
+        |t| t.verdict == "DNAT",
+    );
+    let vip = v4(198, 18, 0, 99, 30060);
+    assert_ne!(
+        trace(&cluster, true, client, vip, Proto::Tcp, "external").verdict,
+        "DNAT"
+    );
+    cluster.nodes[0]
+        .ip(&["addr", "add", "198.18.0.99/24", "dev", "eth0"])
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        vip,
+        Proto::Tcp,
+        "external",
+        "the added address",
+        |t| t.verdict == "DNAT",
+    );
+    assert_answers(&cluster.client, vip, Proto::Tcp, &["a"], node_ip(0, false));
+    cluster.nodes[0]
+        .ip(&["addr", "del", "198.18.0.99/24", "dev", "eth0"])
+        .unwrap();
+    wait_programmed(
+        &cluster,
+        client,
+        vip,
+        Proto::Tcp,
+        "external",
+        "the removed address",
+        |t| t.verdict != "DNAT",
     );
 }
 
@@ -870,6 +1248,92 @@ fn host_originated_connections_reach_the_service_endpoints() {
         String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
         "a port the Service lacks is refused: {}",
         String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+/// The node's own connections to LoadBalancer IPs with loadBalancerSourceRanges: the socket
+/// hooks decide (the node's address inside the ranges connects, outside is dropped, as
+/// kube-proxy's firewall check on output), and `trace --from node` says what they do.
+#[test]
+fn trace_from_node_agrees_with_the_nodes_own_connections_to_load_balancers() {
+    let (cluster, pods, _) = web_cluster();
+    let lb = |name: &str, n: u8, range: &str| {
+        format!(
+            "{}status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.{n}\n",
+            service(
+                name,
+                &format!(
+                    "  type: LoadBalancer\n  clusterIP: 10.96.0.{n}\n  loadBalancerSourceRanges:\n  - {range}\n{WEB_SELECTOR}  ports:\n  - port: 80\n    targetPort: 8080\n"
+                )
+            )
+        )
+    };
+    cluster
+        .manifests
+        .write("lb-in.yaml", &lb("lb-in", 61, "198.18.0.0/24"))
+        .unwrap();
+    cluster
+        .manifests
+        .write("lb-out.yaml", &lb("lb-out", 62, "203.0.113.0/25"))
+        .unwrap();
+    let node = node_ip(0, false);
+    wait_programmed(
+        &cluster,
+        node,
+        v4(198, 51, 100, 62, 80),
+        Proto::Tcp,
+        "node",
+        "lb-out",
+        |t| t.verdict != "PASS",
+    );
+    // Inside the ranges: the node connects, and trace agrees.
+    let mut names = BTreeSet::new();
+    for _ in 0..MAX_REQUESTS {
+        let out = cluster
+            .node_shell("exec 3<>/dev/tcp/198.51.100.61/80 && cat <&3")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node to lb-in: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        names.insert(answer.split_once(' ').expect("NAME CLIENT").0.to_owned());
+        if names.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(
+        trace(
+            &cluster,
+            false,
+            node,
+            v4(198, 51, 100, 61, 80),
+            Proto::Tcp,
+            "node"
+        ),
+        dnat(&pods, true)
+    );
+    // Outside the ranges: no connection, and trace says DROP.
+    let out = cluster
+        .node_shell("timeout 1 bash -c 'exec 3<>/dev/tcp/198.51.100.62/80 && cat <&3'")
+        .unwrap();
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "node to lb-out must not connect: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        trace(
+            &cluster,
+            false,
+            node,
+            v4(198, 51, 100, 62, 80),
+            Proto::Tcp,
+            "node"
+        ),
+        verdict("DROP")
     );
 }
 

@@ -9,8 +9,8 @@ use proxy_common::{
     AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
     CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
     CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
-    CtValue, DETECT_LOCAL_CIDR, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
     SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
@@ -488,23 +488,60 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
     assert_eq!(result.verdict, Verdict::Reject);
 }
 
+/// SCTP's CRC32c covers its ports: every port rewrite (DNAT to another port, SNAT from the
+/// range, and their reversal) leaves a valid CRC32c, on packets of every length; a zero
+/// (offloaded) CRC stays zero.
 #[test]
-fn sctp_is_translated_only_when_the_port_is_unchanged() {
-    let mut fx = Fixture::new();
-    let (client, frontend, _) = addresses(false);
-    let same_port = SocketAddr::new("10.1.0.5".parse().unwrap(), frontend.port());
-    fx.service(1, frontend, IPPROTO_SCTP, &[same_port], |_| {});
-    let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_SCTP, b""));
-    assert_eq!(code, TC_ACT_OK);
-    assert_eq!(packet::summarize(&out).unwrap().dst, same_port);
+fn sctp_port_rewrites_keep_a_valid_crc32c_both_ways() {
+    for v6 in [false, true] {
+        for masquerade in [false, true] {
+            for payload_len in [0, 1, 13, 1000] {
+                let mut fx = Fixture::new();
+                let (client, frontend, backend) = addresses(v6);
+                fx.service(1, frontend, IPPROTO_SCTP, &[backend], |v| {
+                    if masquerade {
+                        v.masquerade_classes = ALL_CLASSES;
+                    }
+                });
+                let case = format!("v6 {v6} masquerade {masquerade} payload {payload_len}");
+                let payload = vec![0xa5; payload_len];
+                let (code, out) = fx.run(&packet::build(client, frontend, IPPROTO_SCTP, &payload));
+                let s = packet::summarize(&out).unwrap();
+                assert_eq!(code, TC_ACT_OK, "{case}");
+                assert_eq!(s.dst, backend, "{case}: DNAT to another port");
+                if masquerade {
+                    assert!((30000..=30099).contains(&s.src.port()), "{case}: {}", s.src);
+                } else {
+                    assert_eq!(s.src, client, "{case}");
+                }
+                assert!(s.checksums_ok, "{case}: CRC32c after DNAT");
 
-    let other = SocketAddr::new(frontend.ip(), 81);
-    fx.service(2, other, IPPROTO_SCTP, &[sa("10.1.0.5:8081")], |_| {});
-    let (code, _) = fx.run(&packet::build(client, other, IPPROTO_SCTP, b""));
+                let (code, out) = fx.run(&packet::build(backend, s.src, IPPROTO_SCTP, &payload));
+                let r = packet::summarize(&out).unwrap();
+                assert_eq!(code, TC_ACT_OK, "{case}");
+                assert_eq!((r.src, r.dst), (frontend, client), "{case}: reverse NAT");
+                assert!(r.checksums_ok, "{case}: CRC32c after reverse NAT");
+            }
+        }
+    }
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = addresses(false);
+    fx.service(1, frontend, IPPROTO_SCTP, &[backend], |_| {});
+    let mut frame = packet::build(client, frontend, IPPROTO_SCTP, b"offloaded");
+    let crc = packet::ETH_HLEN + 20 + 8;
+    frame[crc..crc + 4].copy_from_slice(&[0; 4]);
+    let (_, out) = fx.run(&frame);
+    assert_eq!(packet::summarize(&out).unwrap().dst, backend);
     assert_eq!(
-        code, TC_ACT_SHOT,
-        "a port rewrite would need a CRC32c update"
+        out[crc..crc + 4],
+        [0; 4],
+        "an offloaded CRC32c is computed later"
     );
+    // The check can fail: a CRC32c not updated for the port is caught.
+    let mut stale = out.clone();
+    stale[crc..crc + 4].copy_from_slice(&frame[crc..crc + 4]);
+    stale[crc] ^= 1;
+    assert!(!packet::summarize(&stale).unwrap().checksums_ok);
 }
 
 #[test]
@@ -997,6 +1034,26 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     );
     assert!(
         dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
+    );
+    // Without a detector no source is a pod: --from pod traces the source as the program
+    // classifies it (external: dropped here) and says so.
+    fx.maps
+        .update_config(|c| c.detect_local_mode = DETECT_LOCAL_NONE)
+        .unwrap();
+    let undetected = dataplane::trace(
+        &fx.loaded,
+        &mut fx.maps,
+        &request(client.ip(), TraceFrom::Pod),
+    )
+    .unwrap();
+    assert_eq!(undetected.verdict, Verdict::Drop, "classified as external");
+    assert!(
+        undetected
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("without a local-traffic detector")),
+        "{:?}",
+        undetected.note
     );
 }
 

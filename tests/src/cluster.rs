@@ -7,7 +7,7 @@
 //!   own cgroup); `node2` at .12, pod CIDRs 198.19.2.0/24 and fd00:19:2::/64, runs no proxy:
 //!   its pods are the remote endpoints, reached through routes as on a real node network.
 //! - pods: each its own namespace behind a veth to its node (ptp-CNI style: the node side holds
-//!   the pod CIDR's gateway), serving [`EchoServer`] on [`SERVER_PORT`].
+//!   the pod CIDR's gateway), serving [`EchoServer`] (TCP, UDP) and [`SctpServer`] on [`SERVER_PORT`].
 //! - `client` (203.0.113.10) and `outsider` (203.0.113.200): external clients on the node
 //!   link, routing [`EXTERNAL_NET`] (externalIPs, LoadBalancer IPs) through node1.
 //!
@@ -18,6 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::sctp::SctpServer;
 use crate::{Cgroup, EchoServer, LabError, ManifestsDir, Netns, PinDir, Proxy, Result, veth};
 
 pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 11), Ipv4Addr::new(198, 18, 0, 12)];
@@ -40,6 +41,7 @@ pub const SERVER_PORT: u16 = 8080;
 pub struct Pod {
     // Stopped before the namespace goes.
     _server: EchoServer,
+    _sctp: SctpServer,
     pub netns: Netns,
     pub name: String,
     pub node: usize,
@@ -239,7 +241,7 @@ impl Cluster {
     }
 
     /// Creates pod `name` (addresses 198.19.NODE.HOST and fd00:19:NODE::HOST) on node
-    /// `node` (0 or 1) with its echo server, and writes its Pod object (label `app: APP`). On
+    /// `node` (0 or 1) with its echo and SCTP servers, and writes its Pod object (label `app: APP`). On
     /// node1 it waits until the proxy has attached to the pod's interface.
     pub fn add_pod(&mut self, name: &str, node: usize, host: u8, app: &str) -> Result<&Pod> {
         self.next_interface += 1;
@@ -269,12 +271,14 @@ impl Cluster {
         netns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"])?;
         netns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
         let server = EchoServer::start(&netns, name, SERVER_PORT)?;
+        let sctp = SctpServer::start(&netns, name, SERVER_PORT)?;
         if node == 0 {
             self.proxy()
                 .wait_for_log(&format!("\"{host_if}\""), Duration::from_secs(5))?;
         }
         self.pods.push(Pod {
             _server: server,
+            _sctp: sctp,
             netns,
             name: name.to_owned(),
             node,

@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod host;
 pub mod load;
+pub mod sctp;
 
 use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;

@@ -203,7 +203,7 @@ fn state_dir(name: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(name)
 }
 
-/// Builds the proxy and the lab's pod server; returns their paths.
+/// Builds the proxy, the lab's pod server and its SCTP client; returns the first two's paths.
 pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
     setup::run(cargo().args([
         "build",
@@ -213,7 +213,16 @@ pub fn build_binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
         "--bin",
         "kube-ebpf-proxy",
     ]))?;
-    setup::run(cargo().args(["build", "--quiet", "-p", "proxy-lab", "--bin", "lab-server"]))?;
+    setup::run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "proxy-lab",
+        "--bin",
+        "lab-server",
+        "--bin",
+        "lab-sctp",
+    ]))?;
     let target = workspace_root().join("target/debug");
     Ok((target.join("kube-ebpf-proxy"), target.join("lab-server")))
 }

@@ -134,10 +134,10 @@ fn spawn_kernel_logger(loaded: &mut dataplane::Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Link events arrive on a blocking netlink socket: a thread turns them into wakeups.
-fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+/// Link (or address) events arrive on a blocking netlink socket: a thread turns them into
+/// wakeups.
+fn spawn_link_watcher(watcher: dataplane::LinkWatcher) -> tokio::sync::mpsc::Receiver<()> {
     let (link_tx, link_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = dataplane::LinkWatcher::new()?;
     std::thread::spawn(move || {
         loop {
             match watcher.wait(Duration::from_secs(1)) {
@@ -152,21 +152,20 @@ fn spawn_link_watcher() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
                 Ok(false) if link_tx.is_closed() => break,
                 Ok(false) => {}
                 Err(error) => {
-                    tracing::error!(%error, "link watcher stopped");
+                    tracing::error!(%error, "netlink watcher stopped");
                     break;
                 }
             }
         }
     });
-    Ok(link_rx)
+    link_rx
 }
 
 /// Counters of conditions an operator must hear about (the kernel can only count them).
-const FAILURE_COUNTERS: [proxy_common::Counter; 5] = [
+const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
     proxy_common::Counter::CtMapFull,
     proxy_common::Counter::SnatExhausted,
     proxy_common::Counter::NoSnatAddress,
-    proxy_common::Counter::SctpPortRewrite,
     // Live flows evicted from the full conntrack map: raise --conntrack-max.
     proxy_common::Counter::CtForwardMissing,
 ];
@@ -407,7 +406,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         took = ?started.elapsed(),
         "initial sync programmed"
     );
-    let mut links = spawn_link_watcher()?;
+    let mut links = spawn_link_watcher(dataplane::LinkWatcher::new()?);
+    let mut addresses = spawn_link_watcher(dataplane::LinkWatcher::addresses()?);
     let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut failures_seen = std::collections::HashMap::new();
@@ -432,6 +432,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
                     tracing::warn!("local-traffic detector interfaces: {error:#}");
+                }
+            }
+            // A local address came or went (a keepalived VIP): NodePorts follow it.
+            Some(()) = addresses.recv() => {
+                let snapshot = snapshots.borrow().clone();
+                if let Err(error) = syncer.sync(&snapshot, &mut maps) {
+                    tracing::error!("sync after an address change failed: {error:#}");
                 }
             }
             _ = gc.tick() => {

@@ -36,8 +36,9 @@ pub struct TraceArgs {
     pub proto: String,
     /// Where the packet comes from, as the kernel classifies it: `node` (sent from the node's
     /// address), `pod` (the local-traffic detector must match --src, or it arrives on a pod
-    /// interface), `external` (--src must be neither). A contradictory --src is an error.
-    /// Default: --src as given.
+    /// interface; without a detector no source is a pod, and the trace says so and traces
+    /// --src as external), `external` (--src must be neither). A contradictory --src is an
+    /// error. Default: --src as given.
     #[arg(long, value_enum)]
     pub from: Option<Origin>,
     /// First packets to run; enough to see every backend of a random choice.
@@ -139,6 +140,9 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
             println!("endpoint {endpoint}");
         }
         println!("masquerade {}", result.masquerade);
+        if let Some(note) = &result.note {
+            println!("note: {note}");
+        }
     }
     Ok(())
 }

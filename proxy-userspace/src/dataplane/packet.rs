@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use proxy_common::crc32c::{SCTP_CHECKSUM_OFF, sctp_checksum, set_sctp_checksum};
 use proxy_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -70,7 +71,7 @@ fn l4_csum_offset(proto: u8) -> Option<usize> {
 pub const TCP_SYN: u8 = 0x02;
 
 /// A first packet from `src` to `dst`: a TCP SYN, a UDP datagram carrying `payload`, or an SCTP
-/// common header with an empty chunk. Checksums are valid.
+/// packet with one chunk carrying `payload` (padded). Checksums are valid.
 pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
     build_with_tcp_flags(src, dst, proto, TCP_SYN, payload)
 }
@@ -101,8 +102,13 @@ pub fn build_with_tcp_flags(
             l4.extend_from_slice(payload);
         }
         _ => {
-            l4.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // tag, CRC32c (not checked here)
-            l4.extend_from_slice(&[0, 0, 0, 4]); // an empty DATA-less chunk header
+            l4.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // verification tag, CRC32c
+            // A chunk of an unassigned type whose high bits say "skip it" (RFC 9260 3.2).
+            l4.extend_from_slice(&[0xbf, 0]);
+            l4.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(payload);
+            l4.resize(l4.len().next_multiple_of(4), 0);
+            set_sctp_checksum(&mut l4);
         }
     }
     if let Some(off) = l4_csum_offset(proto) {
@@ -149,7 +155,8 @@ pub struct Summary {
     pub icmp: Option<(u8, u8)>,
     /// For ICMP errors: the quoted packet's source and destination.
     pub quoted: Option<(SocketAddr, SocketAddr)>,
-    /// IPv4 header and L4 checksums are valid (a zero UDP checksum on IPv4 counts as valid).
+    /// IPv4 header and L4 checksums are valid (a zero UDP checksum on IPv4 counts as valid; so
+    /// does a zero SCTP CRC32c, which stands for one its sender offloaded).
     pub checksums_ok: bool,
     pub eth_src: [u8; 6],
     pub eth_dst: [u8; 6],
@@ -209,6 +216,10 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         p if l4_csum_offset(p).is_some() => {
             checksums_ok &= internet_checksum(l4, pseudo_sum(src, dst, proto, l4.len())) == 0;
         }
+        IPPROTO_SCTP => {
+            let stored = l4.get(SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4)?;
+            checksums_ok &= stored == [0; 4] || stored == sctp_checksum(l4);
+        }
         _ => {}
     }
     let (icmp, quoted, (sport, dport)) = if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 {
@@ -246,10 +257,12 @@ mod tests {
             ("10.0.0.1:1234", "10.96.0.10:53", IPPROTO_UDP),
             ("[fd00::1]:1234", "[fd00:96::10]:80", IPPROTO_TCP),
             ("[fd00::1]:1234", "[fd00:96::10]:53", IPPROTO_UDP),
+            ("10.0.0.1:1234", "10.96.0.10:3868", IPPROTO_SCTP),
+            ("[fd00::1]:1234", "[fd00:96::10]:3868", IPPROTO_SCTP),
         ];
         for (src, dst, proto) in cases {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-            let mut frame = build(src, dst, proto, b"hi");
+            let mut frame = build(src, dst, proto, b"hi!!");
             let summary = summarize(&frame).unwrap();
             assert_eq!((summary.src, summary.dst, summary.proto), (src, dst, proto));
             assert!(summary.checksums_ok, "{src} -> {dst} proto {proto}");

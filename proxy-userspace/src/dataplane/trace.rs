@@ -31,8 +31,6 @@ pub enum TraceError {
     NoLocalInterface,
     #[error("--from pod: {src} is in none of the local-traffic detector's CIDRs")]
     NotAPodAddress { src: IpAddr },
-    #[error("--from pod: the proxy runs without a local-traffic detector, so no source is a pod")]
-    NoLocalDetector,
     #[error("--from external: {src} is classified as {class} by the proxy")]
     NotExternal { src: IpAddr, class: &'static str },
     #[error(transparent)]
@@ -72,10 +70,24 @@ pub struct TraceRequest {
     pub from: Option<TraceFrom>,
 }
 
-/// The source address and ingress interface that make the program see `request.from`.
-fn resolve_source(maps: &Maps, request: &TraceRequest) -> Result<(IpAddr, u32), TraceError> {
+/// What `--from pod` traces without a local-traffic detector (kube-proxy's `NoOpLocalDetector`
+/// classifies no source as a pod).
+fn no_detector_note(src: IpAddr) -> String {
+    format!(
+        "the proxy runs without a local-traffic detector (--detect-local-mode ClusterCIDR without \
+         --cluster-cidr), so no source is classified as a pod: {src} is traced as the kernel \
+         classifies it, as external traffic"
+    )
+}
+
+/// The source address and ingress interface that make the program see `request.from`, and a
+/// note when the program classifies the source otherwise than asked.
+fn resolve_source(
+    maps: &Maps,
+    request: &TraceRequest,
+) -> Result<(IpAddr, u32, Option<String>), TraceError> {
     let Some(from) = request.from else {
-        return Ok((request.src, request.ingress_ifindex));
+        return Ok((request.src, request.ingress_ifindex, None));
     };
     let config = maps.config()?;
     let (_, family) = addr_from_ip(request.dst);
@@ -93,23 +105,27 @@ fn resolve_source(maps: &Maps, request: &TraceRequest) -> Result<(IpAddr, u32), 
     };
     match from {
         TraceFrom::Node => node
-            .map(|ip| (ip, request.ingress_ifindex))
+            .map(|ip| (ip, request.ingress_ifindex, None))
             .ok_or(TraceError::NoNodeAddress),
         TraceFrom::Pod => match config.detect_local_mode {
             DETECT_LOCAL_IFINDEX if request.ingress_ifindex != 0 => {
-                Ok((request.src, request.ingress_ifindex))
+                Ok((request.src, request.ingress_ifindex, None))
             }
             DETECT_LOCAL_IFINDEX => maps
                 .local_ifindex_entries()?
                 .into_iter()
                 .min()
-                .map(|ifindex| (request.src, ifindex))
+                .map(|ifindex| (request.src, ifindex, None))
                 .ok_or(TraceError::NoLocalInterface),
             DETECT_LOCAL_CIDR if in_local_cidrs(request.src)? => {
-                Ok((request.src, request.ingress_ifindex))
+                Ok((request.src, request.ingress_ifindex, None))
             }
             DETECT_LOCAL_CIDR => Err(TraceError::NotAPodAddress { src: request.src }),
-            _ => Err(TraceError::NoLocalDetector),
+            _ => Ok((
+                request.src,
+                request.ingress_ifindex,
+                Some(no_detector_note(request.src)),
+            )),
         },
         TraceFrom::External => {
             let class = if node == Some(request.src) {
@@ -125,7 +141,7 @@ fn resolve_source(maps: &Maps, request: &TraceRequest) -> Result<(IpAddr, u32), 
                     src: request.src,
                     class,
                 }),
-                None => Ok((request.src, request.ingress_ifindex)),
+                None => Ok((request.src, request.ingress_ifindex, None)),
             }
         }
     }
@@ -137,6 +153,9 @@ pub struct TraceResult {
     /// Backends chosen over the runs (one when session affinity holds).
     pub endpoints: BTreeSet<SocketAddr>,
     pub masquerade: bool,
+    /// How the source was classified, when not as `--from` asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// TC return codes (linux/pkt_cls.h).
@@ -191,7 +210,7 @@ pub fn trace(
             dst: request.dst,
         });
     }
-    let (source, ingress_ifindex) = resolve_source(maps, request)?;
+    let (source, ingress_ifindex, note) = resolve_source(maps, request)?;
     let (src_addr, family) = addr_from_ip(source);
     let (dst_addr, _) = addr_from_ip(request.dst);
     let affinity_before: BTreeSet<_> = maps
@@ -273,5 +292,6 @@ pub fn trace(
         verdict,
         endpoints,
         masquerade,
+        note,
     })
 }

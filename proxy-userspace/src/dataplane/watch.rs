@@ -1,26 +1,37 @@
-//! Interface watching: a NETLINK_ROUTE socket subscribed to link notifications. A message means
-//! "interfaces changed": the caller then re-lists interfaces and syncs its attachments, which
-//! keeps the netlink side free of message parsing and can never miss a state (a resync is
-//! always complete).
+//! Interface and address watching: a NETLINK_ROUTE socket subscribed to link (or address)
+//! notifications. A message means "interfaces (addresses) changed": the caller then re-lists
+//! them and resyncs, which keeps the netlink side free of message parsing and can never miss a
+//! state (a resync is always complete).
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("opening a NETLINK_ROUTE socket for link events: {0}")]
+    #[error("opening a NETLINK_ROUTE socket for link or address events: {0}")]
     Socket(std::io::Error),
     #[error("reading the cookie of this network namespace (SO_NETNS_COOKIE): {0}")]
     NetnsCookie(std::io::Error),
 }
 
-/// Subscribed to RTMGRP_LINK in the network namespace it was created in.
+/// Subscribed to RTMGRP_LINK (or the address groups) in the network namespace it was created
+/// in.
 pub struct LinkWatcher {
     fd: OwnedFd,
 }
 
 impl LinkWatcher {
+    /// Link events: interfaces added, removed, renamed, up or down.
     pub fn new() -> Result<Self, WatchError> {
+        Self::subscribe(libc::RTMGRP_LINK as u32)
+    }
+
+    /// IPv4 and IPv6 address events: an address added to or removed from an interface.
+    pub fn addresses() -> Result<Self, WatchError> {
+        Self::subscribe((libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32)
+    }
+
+    fn subscribe(groups: u32) -> Result<Self, WatchError> {
         // SAFETY: plain socket(2); the result is checked and owned right away.
         let raw = unsafe {
             libc::socket(
@@ -37,7 +48,7 @@ impl LinkWatcher {
         // SAFETY: a zeroed sockaddr_nl is valid; we fill in family and groups.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        addr.nl_groups = groups;
         // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
         let bound = unsafe {
             libc::bind(

@@ -63,7 +63,6 @@ pub fn compute(snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState
     }
     service_ports.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
     drop_conflicting_frontends(&mut service_ports, &mut diagnostics);
-    reject_sctp_port_rewrites(&mut service_ports, &mut diagnostics);
     cluster_ips.sort_unstable();
     cluster_ips.dedup();
     DesiredState {
@@ -98,49 +97,6 @@ struct ServiceInfo {
     internal_policy_local: bool,
     external_policy_local: bool,
     health_check_node_port: Option<u16>,
-}
-
-/// SCTP's CRC32c covers the ports and cannot be updated incrementally, so an SCTP frontend
-/// whose endpoints listen on another port is REJECTed (the dataplane would otherwise have to
-/// drop such flows) and reported by name.
-fn reject_sctp_port_rewrites(
-    service_ports: &mut [ServicePortState],
-    diagnostics: &mut Vec<Diagnostic>,
-) {
-    for sp in service_ports
-        .iter_mut()
-        .filter(|sp| sp.name.protocol == Protocol::Sctp)
-    {
-        let endpoint_ports: BTreeSet<u16> = sp
-            .internal_endpoints
-            .iter()
-            .chain(&sp.external_endpoints)
-            .chain(&sp.cluster_endpoints)
-            .map(|e| e.port)
-            .collect();
-        for frontend in &mut sp.frontends {
-            let other: Vec<String> = endpoint_ports
-                .iter()
-                .filter(|port| **port != frontend.port)
-                .map(ToString::to_string)
-                .collect();
-            if !other.is_empty() {
-                frontend.actions = uniform(Action::Reject);
-                diagnostics.push(Diagnostic {
-                    object: format!("Service {}/{}", sp.name.namespace, sp.name.name),
-                    message: format!(
-                        "SCTP {} {}:{} to endpoint port {}: rewriting an SCTP port is not \
-                         supported (CRC32c), such connections are refused; use targetPort equal \
-                         to the port",
-                        frontend.kind,
-                        frontend.addr,
-                        frontend.port,
-                        other.join(", ")
-                    ),
-                });
-            }
-        }
-    }
 }
 
 fn diagnostic(key: &ObjectKey, kind: &str, message: String) -> Diagnostic {
@@ -769,11 +725,13 @@ fn drop_conflicting_frontends(
     diagnostics: &mut Vec<Diagnostic>,
 ) {
     let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortName> = BTreeMap::new();
+    // kube-proxy consults its service-ips map (ClusterIPs, externalIPs, LoadBalancer IPs)
+    // before its nodeports chain: a NodePort on an address and port one of those has loses.
     let priority = [
         FrontendKind::ClusterIp,
-        FrontendKind::NodePort,
         FrontendKind::LoadBalancer,
         FrontendKind::ExternalIp,
+        FrontendKind::NodePort,
     ];
     for kind in priority {
         for state in service_ports.iter_mut() {

@@ -25,11 +25,12 @@ impl NodePortAddresses {
         }
     }
 
-    /// The addresses of `family` that NodePorts are served on, following
-    /// `NewNodePortAddresses` + `GetNodeIPs`: CIDRs of other families are ignored; with none of
-    /// this family (and no `primary`) every node address matches; a zero CIDR matches every
-    /// address. Loopback addresses match only through an explicit CIDR that contains them
-    /// (the nftables proxier never serves NodePorts on loopback for "all" or "primary").
+    /// The addresses of `family` that NodePorts are served on, following kube-proxy: `primary`
+    /// stands for the family's primary node IP (`server.go` turns it into `IP/32` / `IP/128`),
+    /// and a family without one gets no CIDR; then `NewNodePortAddresses` + `GetNodeIPs`: CIDRs
+    /// of other families are ignored, a family with no CIDR or a zero CIDR matches every
+    /// address. Loopback addresses are never served (the nftables proxier refuses localhost
+    /// NodePorts, even through an explicit CIDR).
     pub fn resolve(
         &self,
         family: IpFamily,
@@ -37,42 +38,55 @@ impl NodePortAddresses {
         local_addresses: &[IpAddr],
     ) -> Vec<IpAddr> {
         let of_family = |addr: &&IpAddr| IpFamily::of(**addr) == family;
-        let primary: Vec<IpAddr> = node_ips.iter().filter(of_family).copied().collect();
-        let every_address = || {
-            let mut all: Vec<IpAddr> = local_addresses
+        let primary = self.primary_ip(family, node_ips);
+        let mut addresses: Vec<IpAddr> = if self.matches_all(family, node_ips) {
+            local_addresses
                 .iter()
+                .chain(node_ips.iter())
                 .filter(of_family)
-                .filter(|addr| !addr.is_loopback())
                 .copied()
-                .collect();
-            all.extend(primary.iter().copied());
-            all
-        };
-        let cidrs: Vec<&IpNet> = self
-            .cidrs
-            .iter()
-            .filter(|cidr| IpFamily::of(cidr.addr()) == family)
-            .collect();
-        let match_all =
-            cidrs.iter().any(|cidr| cidr.prefix_len() == 0) || (cidrs.is_empty() && !self.primary);
-        let mut addresses = if match_all {
-            every_address()
+                .collect()
+        } else if let Some(primary) = primary {
+            vec![primary]
         } else {
-            let mut matched: Vec<IpAddr> = local_addresses
+            let cidrs: Vec<&IpNet> = self.family_cidrs(family).collect();
+            local_addresses
                 .iter()
                 .chain(node_ips.iter())
                 .filter(of_family)
                 .filter(|addr| cidrs.iter().any(|cidr| cidr.contains(*addr)))
                 .copied()
-                .collect();
-            if self.primary {
-                matched.extend(primary.iter().copied());
-            }
-            matched
+                .collect()
         };
+        addresses.retain(|addr| !addr.is_loopback());
         addresses.sort_unstable();
         addresses.dedup();
         addresses
+    }
+
+    /// The family's primary node IP when `primary` applies to it (never loopback).
+    fn primary_ip(&self, family: IpFamily, node_ips: &[IpAddr]) -> Option<IpAddr> {
+        node_ips
+            .iter()
+            .copied()
+            .find(|ip| IpFamily::of(*ip) == family)
+            .filter(|ip| self.primary && !ip.is_loopback())
+    }
+
+    fn family_cidrs(&self, family: IpFamily) -> impl Iterator<Item = &IpNet> {
+        self.cidrs
+            .iter()
+            .filter(move |cidr| IpFamily::of(cidr.addr()) == family)
+    }
+
+    /// kube-proxy's `MatchAll` for `family`: a zero CIDR, or no CIDR of the family at all (a
+    /// `primary` whose family has no primary IP included).
+    pub fn matches_all(&self, family: IpFamily, node_ips: &[IpAddr]) -> bool {
+        let mut cidrs = self.family_cidrs(family).peekable();
+        if self.primary_ip(family, node_ips).is_some() {
+            return false;
+        }
+        cidrs.peek().is_none() || self.family_cidrs(family).any(|cidr| cidr.prefix_len() == 0)
     }
 }
 
@@ -100,20 +114,13 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// Where health check NodePorts listen (kube-proxy's `ServiceHealthServer`): the NodePort
-    /// addresses, or 0.0.0.0 when `--nodeport-addresses` matches every address.
+    /// addresses, or `::` (dual-stack: every address of both families, as Go's "0.0.0.0"
+    /// listener kube-proxy opens) when `--nodeport-addresses` matches every address of a
+    /// family.
     pub fn health_check_listen_ips(&self) -> Vec<IpAddr> {
-        let matches_all = |family: IpFamily| {
-            let of_family: Vec<&IpNet> = self
-                .nodeport_addresses
-                .cidrs
-                .iter()
-                .filter(|cidr| IpFamily::of(cidr.addr()) == family)
-                .collect();
-            of_family.iter().any(|cidr| cidr.prefix_len() == 0)
-                || (of_family.is_empty() && !self.nodeport_addresses.primary)
-        };
+        let matches_all = |family| self.nodeport_addresses.matches_all(family, &self.node_ips);
         if matches_all(IpFamily::IPv4) || matches_all(IpFamily::IPv6) {
-            return vec![IpAddr::from([0, 0, 0, 0])];
+            return vec![IpAddr::from([0u16; 8])];
         }
         [IpFamily::IPv4, IpFamily::IPv6]
             .into_iter()
@@ -197,22 +204,22 @@ mod tests {
                 ips(&["10.0.0.5"]),
             ),
             (
-                "explicit localhost CIDR admits loopback",
+                "an explicit localhost CIDR: no NodePort on loopback (nftables refuses them)",
                 NodePortAddresses {
                     primary: false,
-                    cidrs: nets(&["127.0.0.0/8"]),
+                    cidrs: nets(&["127.0.0.0/8", "10.0.0.0/8"]),
                 },
                 IpFamily::IPv4,
-                ips(&["127.0.0.1"]),
+                ips(&["10.0.0.5"]),
             ),
             (
-                "primary plus a CIDR",
+                "::1/128 alone: nothing",
                 NodePortAddresses {
-                    primary: true,
-                    cidrs: nets(&["fd01::/64"]),
+                    primary: false,
+                    cidrs: nets(&["::1/128"]),
                 },
                 IpFamily::IPv6,
-                ips(&["fd00::10", "fd01::7"]),
+                ips(&[]),
             ),
         ];
         for (case, setting, family, expected) in cases {
@@ -222,6 +229,17 @@ mod tests {
                 "{case}"
             );
         }
+        // primary on a node without an IPv6 node IP: that family gets no CIDR, so every
+        // IPv6 address (not one picked from the local ones).
+        let v4_only = ips(&["192.168.1.10"]);
+        assert_eq!(
+            NodePortAddresses::primary().resolve(IpFamily::IPv6, &v4_only, &local),
+            ips(&["fd00::10", "fd01::7"])
+        );
+        assert_eq!(
+            NodePortAddresses::primary().resolve(IpFamily::IPv4, &v4_only, &local),
+            ips(&["192.168.1.10"])
+        );
     }
 
     #[test]
@@ -240,12 +258,12 @@ mod tests {
                 ips(&["192.168.1.10", "fd00::10"]),
             ),
             (
-                "a CIDR of one family only: the other family matches everything",
+                "a CIDR of one family only: the other family matches everything (dual-stack)",
                 NodePortAddresses {
                     primary: false,
                     cidrs: nets(&["10.0.0.0/8"]),
                 },
-                ips(&["0.0.0.0"]),
+                ips(&["::"]),
             ),
             (
                 "CIDRs of both families: the matching addresses",

@@ -445,13 +445,13 @@ fn service_types_and_skip_rules() {
             absent: vec!["diag"],
         },
         Case {
-            name: "SCTP whose targetPort differs is reported by name: the dataplane refuses it",
+            name: "SCTP is translated like TCP whatever the ports: ClusterIP and NodePort to another targetPort",
             config: unchanged,
             objects: vec![
                 svc(
                     "sig",
-                    json!({"clusterIP": "10.96.0.15", "ports": [
-                    {"name": "sig", "port": 3868, "targetPort": 3869, "protocol": "SCTP"}]}),
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.15", "ports": [
+                    {"name": "sig", "port": 3868, "targetPort": 3869, "nodePort": 30868, "protocol": "SCTP"}]}),
                 ),
                 slice(
                     "sig-1",
@@ -462,10 +462,11 @@ fn service_types_and_skip_rules() {
                 ),
             ],
             expect: vec![
-                "default/sig:sig SCTP v4 ClusterIP 10.96.0.15:3868 pod=reject node=reject other=reject",
-                "diag Service default/sig: SCTP ClusterIP 10.96.0.15:3868 to endpoint port 3869: rewriting an SCTP port is not supported (CRC32c), such connections are refused; use targetPort equal to the port",
+                "default/sig:sig SCTP v4 ClusterIP 10.96.0.15:3868 pod=fwd(policy) node=fwd(policy,masq) other=fwd(policy,masq)",
+                "default/sig:sig SCTP v4 NodePort 192.168.0.10:30868 pod=fwd(policy,masq) node=fwd(policy,masq) other=fwd(policy,masq)",
+                "default/sig:sig SCTP v4 internal=10.244.2.5:3869 external=10.244.2.5:3869 cluster=10.244.2.5:3869",
             ],
-            absent: vec![],
+            absent: vec!["diag", "reject"],
         },
         Case {
             name: "invalid values are diagnostics naming the object; the rest is still planned",
@@ -1238,27 +1239,50 @@ fn masquerade_reject_and_drop() {
 
 #[test]
 fn conflicting_frontends() {
-    run(vec![Case {
-        name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name, and a ClusterIP always wins",
-        config: unchanged,
-        objects: vec![
-            svc(
-                "z-dns",
-                json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
-            ),
-            svc(
-                "a-thief",
-                json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
+    run(vec![
+        Case {
+            name: "an externalIP:port that is another Service's ClusterIP:port stays with the first Service by name, and a ClusterIP always wins",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "z-dns",
+                    json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
+                ),
+                svc(
+                    "a-thief",
+                    json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
                                    "ports": [{"port": 53, "protocol": "UDP"}, {"name": "tcp", "port": 53}]}),
-            ),
-        ],
-        expect: vec![
-            "default/z-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "default/a-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
-            "diag Service default/a-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/z-dns port \"\"; skipped",
-        ],
-        absent: vec!["default/a-thief UDP v4 ExternalIP"],
-    }]);
+                ),
+            ],
+            expect: vec![
+                "default/z-dns UDP v4 ClusterIP 10.96.0.70:53 pod=reject node=reject other=reject",
+                "default/a-thief:tcp TCP v4 ExternalIP 10.96.0.70:53 pod=reject node=reject other=reject",
+                "diag Service default/a-thief: externalIP frontend 10.96.0.70:53/UDP is already Service default/z-dns port \"\"; skipped",
+            ],
+            absent: vec!["default/a-thief UDP v4 ExternalIP"],
+        },
+        Case {
+            name: "an externalIP on a node address and port wins over a NodePort there (kube-proxy's service-ips map comes before its nodeports chain)",
+            config: unchanged,
+            objects: vec![
+                svc(
+                    "a-np",
+                    json!({"type": "NodePort", "clusterIP": "10.96.0.72",
+                       "ports": [{"port": 80, "nodePort": 30080}]}),
+                ),
+                svc(
+                    "z-ext",
+                    json!({"clusterIP": "10.96.0.73", "externalIPs": ["192.168.0.10"],
+                       "ports": [{"port": 30080}]}),
+                ),
+            ],
+            expect: vec![
+                "default/z-ext TCP v4 ExternalIP 192.168.0.10:30080 pod=reject node=reject other=reject",
+                "diag Service default/a-np: NodePort frontend 192.168.0.10:30080/TCP is already Service default/z-ext port \"\"; skipped",
+            ],
+            absent: vec!["default/a-np TCP v4 NodePort 192.168.0.10:30080"],
+        },
+    ]);
 }
 
 #[test]

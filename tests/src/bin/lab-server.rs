@@ -1,6 +1,7 @@
 //! The lab's pod: answers every HTTP request on each `--port` with its pod name and the client
-//! address it saw (`pod=NAME client=IP:PORT`), and echoes the same line to UDP datagrams on the
-//! same ports. Runs until killed.
+//! address it saw (`pod=NAME client=IP:PORT`), echoes the same line to UDP datagrams on the
+//! same ports, and answers SCTP associations there (`NAME IP`, see `proxy_lab::sctp`; `lab-sctp`
+//! is the client). Runs until killed.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -49,7 +50,12 @@ fn main() -> std::io::Result<()> {
         }
     }
     let mut threads = Vec::new();
+    let mut sctp = Vec::new();
     for port in ports {
+        sctp.push(
+            proxy_lab::sctp::SctpServer::start_here(&pod, port)
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        );
         let listener = TcpListener::bind(("::", port))?;
         let udp = UdpSocket::bind(("::", port))?;
         let (tcp_pod, udp_pod) = (pod.clone(), pod.clone());

@@ -1,14 +1,18 @@
 //! What the API server does to a Service between `kubectl apply` and the watch: defaulting,
 //! validation of the fields the proxy relies on, and ClusterIP / NodePort allocation.
 //!
-//! Allocation is deterministic so that a re-read of the folder (or an unrelated edit) gives every
-//! Service the same addresses: explicit values are reserved first, then each Service, in
-//! `namespace/name` order, gets the first free value probing from a hash of its name. Like the
-//! API server's allocators, dynamic values come from the upper band of a range, leaving the
-//! lower band to explicitly chosen values.
+//! Like the API server, what a Service was given it keeps while it exists ([`History`]): a
+//! Service admitted earlier holds its ClusterIPs, NodePorts and externalIP / LoadBalancer
+//! frontends, and an object asking for one of them is refused (never the holder), whatever the
+//! file names sort to; an edit the API server would refuse leaves the admitted version in
+//! place. Objects new to the proxy are admitted oldest first (a file's modification time stands
+//! for its creation time; paths break ties). Values left out are allocated deterministically:
+//! the first free value probing from a hash of the Service's name, from the upper band of a
+//! range as the API server's allocators do, leaving the lower band to explicit choices.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ClientIPConfig, Service, ServiceSpec, SessionAffinityConfig};
@@ -57,56 +61,127 @@ impl Family {
 pub struct Candidate {
     pub key: ObjectKey,
     pub origin: Origin,
+    /// Its file's modification time: the creation order of objects new to the proxy.
+    pub created: SystemTime,
     pub service: Service,
+}
+
+/// What earlier reads of the folder admitted, as the API server's storage would hold it: the
+/// admission order and each Service as admitted, allocations included. Empty for a folder read
+/// from scratch.
+#[derive(Default)]
+pub struct History {
+    rank: HashMap<ObjectKey, u64>,
+    next_rank: u64,
+    admitted: BTreeMap<ObjectKey, (Origin, Service)>,
+}
+
+impl History {
+    /// The file the admitted version of `key` came from.
+    pub fn origin(&self, key: &ObjectKey) -> Option<&Origin> {
+        self.admitted.get(key).map(|(origin, _)| origin)
+    }
 }
 
 fn object_name(key: &ObjectKey) -> String {
     format!("Service {}/{}", key.namespace, key.name)
 }
 
-/// Defaults, validates and allocates. Returns the admitted Services; rejected ones are
-/// diagnostics, allocated values are recorded in `allocations` and written into the Service.
+/// Defaults, validates and allocates, in admission order (see the module doc). Returns the
+/// admitted Services; refused ones are diagnostics naming the file and the field, allocated
+/// values are recorded in `allocations` and written into the Service. `history` is read and
+/// then updated to this read's outcome.
 pub fn admit(
     mut candidates: Vec<Candidate>,
     settings: &ManifestSettings,
+    history: &mut History,
     diagnostics: &mut Vec<Diagnostic>,
     allocations: &mut Vec<Allocation>,
 ) -> BTreeMap<ObjectKey, Service> {
-    candidates.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut valid = Vec::new();
+    candidates.sort_by(|a, b| {
+        let rank = |c: &Candidate| history.rank.get(&c.key).copied().unwrap_or(u64::MAX);
+        (
+            rank(a),
+            a.created,
+            &a.origin.file,
+            a.origin.document,
+            &a.key,
+        )
+            .cmp(&(
+                rank(b),
+                b.created,
+                &b.origin.file,
+                b.origin.document,
+                &b.key,
+            ))
+    });
+    let present: HashSet<ObjectKey> = candidates.iter().map(|c| c.key.clone()).collect();
+    history.admitted.retain(|key, _| present.contains(key));
+    history.rank.retain(|key, _| present.contains(key));
+
+    let mut pools = Pools::new(settings);
+    // What admitted Services hold, before any request is looked at.
+    for (key, (_, service)) in &history.admitted {
+        pools.hold(key, service);
+    }
+    // One Service at a time, as the API server creates them: an older Service's allocated
+    // values are taken before a newer one asks for them explicitly.
+    let mut admitted = BTreeMap::new();
     for mut candidate in candidates {
+        let previous = history.admitted.get(&candidate.key);
         let spec = candidate
             .service
             .spec
             .get_or_insert_with(ServiceSpec::default);
         apply_defaults(spec);
-        match validate(spec) {
-            Ok(()) => valid.push(candidate),
-            Err(reason) => diagnostics.push(diagnostic(
-                object_name(&candidate.key),
-                &candidate.origin,
-                reason,
-            )),
-        }
-    }
-
-    let mut pools = Pools::new(settings);
-    // Explicit values first, so that allocation never takes a value a later Service asked for.
-    let mut reserved = Vec::new();
-    for candidate in valid {
-        match pools.reserve_explicit(&candidate, settings, diagnostics) {
-            Ok(()) => reserved.push(candidate),
-            Err(reason) => diagnostics.push(diagnostic(
-                object_name(&candidate.key),
-                &candidate.origin,
-                reason,
-            )),
-        }
-    }
-    let mut admitted = BTreeMap::new();
-    for mut candidate in reserved {
+        let carried = previous.map_or_else(Vec::new, |(_, old)| carry_over(old, spec));
+        let outcome = validate(&candidate.service)
+            .and_then(|()| pools.reserve_explicit(&candidate, settings, diagnostics));
+        let candidate = match outcome {
+            Ok(()) => {
+                let object = object_name(&candidate.key);
+                allocations.extend(carried.into_iter().map(|(field, value)| Allocation {
+                    object: object.clone(),
+                    field,
+                    value,
+                }));
+                candidate
+            }
+            Err(reason) => {
+                diagnostics.push(diagnostic(
+                    object_name(&candidate.key),
+                    &candidate.origin,
+                    reason,
+                ));
+                // The API server refuses the update: the stored version stays.
+                let Some((origin, service)) = previous else {
+                    continue;
+                };
+                diagnostics.push(diagnostic(
+                    object_name(&candidate.key),
+                    &candidate.origin,
+                    format!("this change is refused; the Service stays as admitted from {origin}"),
+                ));
+                Candidate {
+                    origin: origin.clone(),
+                    service: service.clone(),
+                    ..candidate
+                }
+            }
+        };
+        let mut candidate = candidate;
         match pools.allocate_missing(&candidate.key, &mut candidate.service, allocations) {
             Ok(()) => {
+                if !history.rank.contains_key(&candidate.key) {
+                    history
+                        .rank
+                        .insert(candidate.key.clone(), history.next_rank);
+                    history.next_rank += 1;
+                }
+                history.admitted.insert(
+                    candidate.key.clone(),
+                    (candidate.origin, candidate.service.clone()),
+                );
                 admitted.insert(candidate.key, candidate.service);
             }
             Err(reason) => diagnostics.push(diagnostic(
@@ -117,6 +192,69 @@ pub fn admit(
         }
     }
     admitted
+}
+
+/// Gives a Service the values it was allocated before for the fields its new version still
+/// leaves out (the API server keeps them across updates). Returns the (field, value) pairs.
+fn carry_over(old: &Service, spec: &mut ServiceSpec) -> Vec<(String, String)> {
+    let Some(old) = old.spec.as_ref() else {
+        return Vec::new();
+    };
+    let mut carried = Vec::new();
+    let service_type = spec.type_.clone().unwrap_or_default();
+    if service_type != "ExternalName"
+        && explicit_cluster_ips(spec).is_empty()
+        && spec
+            .ip_families
+            .as_ref()
+            .is_none_or(|f| Some(f) == old.ip_families.as_ref())
+        && spec
+            .ip_family_policy
+            .as_ref()
+            .is_none_or(|p| Some(p) == old.ip_family_policy.as_ref())
+    {
+        let ips = explicit_cluster_ips(old);
+        if !ips.is_empty() && ips[0] != "None" {
+            for (index, ip) in ips.iter().enumerate() {
+                carried.push((format!("spec.clusterIPs[{index}]"), ip.clone()));
+            }
+            spec.cluster_ip = ips.first().cloned();
+            spec.cluster_ips = Some(ips);
+            spec.ip_families.clone_from(&old.ip_families);
+            spec.ip_family_policy.clone_from(&old.ip_family_policy);
+        }
+    }
+    if matches!(service_type.as_str(), "NodePort" | "LoadBalancer")
+        && spec.allocate_load_balancer_node_ports != Some(false)
+    {
+        let old_ports = old.ports.as_deref().unwrap_or_default();
+        for (index, port) in spec.ports.iter_mut().flatten().enumerate() {
+            if port.node_port.is_some_and(|p| p != 0) {
+                continue;
+            }
+            let same = old_ports.iter().find(|o| {
+                o.port == port.port && o.protocol == port.protocol && o.name == port.name
+            });
+            if let Some(value) = same.and_then(|o| o.node_port).filter(|p| *p != 0) {
+                port.node_port = Some(value);
+                let label = port
+                    .name
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| index.to_string());
+                carried.push((format!("spec.ports[{label}].nodePort"), value.to_string()));
+            }
+        }
+    }
+    if service_type == "LoadBalancer"
+        && spec.external_traffic_policy.as_deref() == Some("Local")
+        && spec.health_check_node_port.is_none_or(|p| p == 0)
+        && let Some(value) = old.health_check_node_port.filter(|p| *p != 0)
+    {
+        spec.health_check_node_port = Some(value);
+        carried.push(("spec.healthCheckNodePort".to_owned(), value.to_string()));
+    }
+    carried
 }
 
 /// The API server's defaults for the fields kube-proxy reads (pkg/apis/core/v1/defaults.go).
@@ -176,8 +314,43 @@ fn check_ip(what: &str, value: &str) -> Result<(), String> {
         .map_err(|_| format!("{what} {value:?} is not a valid IP address"))
 }
 
-/// Rejects what the API server's validation would reject among the fields the proxy uses.
-fn validate(spec: &ServiceSpec) -> Result<(), String> {
+/// A DNS-1123 label (lowercase alphanumerics and '-', alphanumeric at both ends, at most 63).
+fn is_dns1123_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A DNS-1035 label: a DNS-1123 label that starts with a letter (Service names).
+fn is_dns1035_label(name: &str) -> bool {
+    is_dns1123_label(name) && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// Rejects what the API server's validation would reject: the object's name and namespace, and
+/// the spec fields the proxy uses.
+fn validate(service: &Service) -> Result<(), String> {
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    if !is_dns1035_label(name) {
+        return Err(format!(
+            "metadata.name {name:?} is not a valid Service name (a DNS-1035 label: at most 63 \
+             lowercase letters, digits or '-', starting with a letter, ending alphanumeric)"
+        ));
+    }
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    if !is_dns1123_label(namespace) {
+        return Err(format!(
+            "metadata.namespace {namespace:?} is not a valid namespace name (a DNS-1123 label)"
+        ));
+    }
+    validate_spec(service.spec.as_ref().expect("defaulted"))
+}
+
+fn validate_spec(spec: &ServiceSpec) -> Result<(), String> {
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if !matches!(
         service_type,
@@ -216,6 +389,12 @@ fn validate(spec: &ServiceSpec) -> Result<(), String> {
             ));
         }
         let name = port.name.clone().unwrap_or_default();
+        if !name.is_empty() && !is_dns1123_label(&name) {
+            return Err(format!(
+                "spec.ports[{index}].name {name:?} is not a DNS-1123 label (lowercase letters, \
+                 digits and '-', at most 63)"
+            ));
+        }
         if names.contains(&name) {
             return Err(format!("spec.ports[{label}].name is used by two ports"));
         }
@@ -265,9 +444,73 @@ fn validate(spec: &ServiceSpec) -> Result<(), String> {
             .parse::<IpNet>()
             .map_err(|_| format!("spec.loadBalancerSourceRanges {range:?} is not a valid CIDR"))?;
     }
-    for family in spec.ip_families.iter().flatten() {
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (index, family) in families.iter().enumerate() {
         Family::parse(family)
-            .ok_or_else(|| format!("spec.ipFamilies {family:?} is not IPv4 or IPv6"))?;
+            .ok_or_else(|| format!("spec.ipFamilies[{index}] {family:?} is not IPv4 or IPv6"))?;
+        if families[..index].contains(family) {
+            return Err(format!(
+                "spec.ipFamilies[{index}] {family:?} is listed twice"
+            ));
+        }
+    }
+    if families.len() > 2 {
+        return Err("spec.ipFamilies may hold at most two families".to_owned());
+    }
+    let cluster_ips = explicit_cluster_ips(spec);
+    if cluster_ips.len() > 2 {
+        return Err("spec.clusterIPs may hold at most two addresses".to_owned());
+    }
+    if let [first, second] = cluster_ips.as_slice()
+        && let (Ok(a), Ok(b)) = (first.parse::<IpAddr>(), second.parse::<IpAddr>())
+        && Family::of(a) == Family::of(b)
+    {
+        return Err(format!(
+            "spec.clusterIPs {a} and {b} are of one family: two must be of different families"
+        ));
+    }
+    for (field, value, allowed) in [
+        (
+            "spec.ipFamilyPolicy",
+            spec.ip_family_policy.as_deref(),
+            &["SingleStack", "PreferDualStack", "RequireDualStack"][..],
+        ),
+        (
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+            &["Cluster", "Local"][..],
+        ),
+        (
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+            &["Cluster", "Local"][..],
+        ),
+        (
+            "spec.sessionAffinity",
+            spec.session_affinity.as_deref(),
+            &["None", "ClientIP"][..],
+        ),
+    ] {
+        if let Some(value) = value
+            && !allowed.contains(&value)
+        {
+            return Err(format!(
+                "{field} {value:?} is not one of {}",
+                allowed.join(", ")
+            ));
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    if let Some(timeout) = timeout
+        && !(1..=86_400).contains(&timeout)
+    {
+        return Err(format!(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds {timeout} is out of range 1-86400"
+        ));
     }
     Ok(())
 }
@@ -386,11 +629,48 @@ impl IpRange {
     }
 }
 
+/// An address, port and protocol a Service serves on besides its ClusterIPs and NodePorts
+/// (externalIPs, LoadBalancer IPs).
+type Frontend = (IpAddr, i32, String);
+
 struct Pools {
     ranges: Vec<IpRange>,
     node_ports: (u16, u16),
     ips: HashMap<IpAddr, ObjectKey>,
     ports: HashMap<u16, ObjectKey>,
+    frontends: HashMap<Frontend, ObjectKey>,
+}
+
+/// A Service's externalIP and LoadBalancer IP frontends.
+fn frontends(service: &Service) -> Vec<(&'static str, Frontend)> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let external = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .map(|ip| ("spec.externalIPs", ip.as_str()));
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ip.as_deref())
+        .map(|ip| ("status.loadBalancer.ingress[].ip", ip));
+    let mut out = Vec::new();
+    for (field, text) in external.chain(ingress) {
+        let Ok(ip) = text.parse::<IpAddr>() else {
+            continue;
+        };
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".to_owned());
+            out.push((field, (ip, port.port, protocol)));
+        }
+    }
+    out
 }
 
 impl Pools {
@@ -408,6 +688,30 @@ impl Pools {
             ),
             ips: HashMap::new(),
             ports: HashMap::new(),
+            frontends: HashMap::new(),
+        }
+    }
+
+    /// Records what an admitted Service holds.
+    fn hold(&mut self, key: &ObjectKey, service: &Service) {
+        let Some(spec) = service.spec.as_ref() else {
+            return;
+        };
+        for ip in explicit_cluster_ips(spec) {
+            if let Ok(ip) = ip.parse::<IpAddr>() {
+                self.ips.insert(ip, key.clone());
+            }
+        }
+        let node_ports = spec.ports.iter().flatten().filter_map(|p| p.node_port);
+        for port in node_ports.chain(spec.health_check_node_port) {
+            if let Ok(port) = u16::try_from(port)
+                && port != 0
+            {
+                self.ports.insert(port, key.clone());
+            }
+        }
+        for (_, frontend) in frontends(service) {
+            self.frontends.insert(frontend, key.clone());
         }
     }
 
@@ -433,7 +737,7 @@ impl Pools {
         let mut ips = Vec::new();
         for text in explicit_cluster_ips(spec).iter().filter(|ip| *ip != "None") {
             let ip: IpAddr = text.parse().expect("validated");
-            if let Some(owner) = self.ips.get(&ip) {
+            if let Some(owner) = self.ips.get(&ip).filter(|owner| *owner != key) {
                 return Err(format!(
                     "spec.clusterIPs {ip} is already allocated to Service {}/{}",
                     owner.namespace, owner.name
@@ -462,7 +766,7 @@ impl Pools {
             .map(|n| (n, "healthCheckNodePort"));
         for (value, protocol) in port_values.chain(health) {
             let port = u16::try_from(value).expect("validated");
-            if let Some(owner) = self.ports.get(&port) {
+            if let Some(owner) = self.ports.get(&port).filter(|owner| *owner != key) {
                 return Err(format!(
                     "NodePort {port} is already allocated to Service {}/{}",
                     owner.namespace, owner.name
@@ -483,11 +787,24 @@ impl Pools {
             }
             ports.push((port, protocol));
         }
+        let claimed = frontends(&candidate.service);
+        for (field, frontend) in &claimed {
+            if let Some(owner) = self.frontends.get(frontend).filter(|owner| *owner != key) {
+                let (ip, port, protocol) = frontend;
+                return Err(format!(
+                    "{field} {ip} port {port}/{protocol} is already served by Service {}/{}",
+                    owner.namespace, owner.name
+                ));
+            }
+        }
         for ip in ips {
             self.ips.insert(ip, key.clone());
         }
         for (port, _) in ports {
             self.ports.insert(port, key.clone());
+        }
+        for (_, frontend) in claimed {
+            self.frontends.insert(frontend, key.clone());
         }
         Ok(())
     }
@@ -550,8 +867,26 @@ impl Pools {
             || (service_type == "LoadBalancer"
                 && spec.allocate_load_balancer_node_ports != Some(false));
         if wants_node_ports {
+            // One port number gets one NodePort whatever the protocols (the API server's
+            // `initNodePorts`): TCP and UDP on port 53 share theirs.
+            let mut by_port: HashMap<i32, i32> = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.node_port.filter(|n| *n != 0).map(|n| (p.port, n)))
+                .collect();
             for (index, port) in spec.ports.iter_mut().flatten().enumerate() {
                 if port.node_port.is_some_and(|p| p != 0) {
+                    continue;
+                }
+                if let Some(shared) = by_port.get(&port.port) {
+                    port.node_port = Some(*shared);
+                    let label = port
+                        .name
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| index.to_string());
+                    record(format!("spec.ports[{label}].nodePort"), shared.to_string());
                     continue;
                 }
                 let label = port
@@ -565,6 +900,7 @@ impl Pools {
                     &format!("{}/{}/{label}/{protocol}", key.namespace, key.name),
                 )?;
                 port.node_port = Some(i32::from(value));
+                by_port.insert(port.port, i32::from(value));
                 record(format!("spec.ports[{label}].nodePort"), value.to_string());
             }
         }
@@ -695,6 +1031,7 @@ mod tests {
                 file: PathBuf::from(format!("{name}.yaml")),
                 document: 1,
             },
+            created: SystemTime::UNIX_EPOCH,
             service,
         }
     }
@@ -709,7 +1046,13 @@ mod tests {
     ) {
         let mut diagnostics = Vec::new();
         let mut allocations = Vec::new();
-        let admitted = admit(candidates, settings, &mut diagnostics, &mut allocations);
+        let admitted = admit(
+            candidates,
+            settings,
+            &mut History::default(),
+            &mut diagnostics,
+            &mut allocations,
+        );
         (admitted, diagnostics, allocations)
     }
 
@@ -966,9 +1309,8 @@ mod tests {
     }
 
     #[test]
-    fn explicit_values_and_allocation_do_not_collide() {
+    fn creation_order_decides_between_an_allocation_and_an_explicit_claim() {
         let settings = settings(&["10.96.0.0/12"]);
-        // Whatever "a" would get by hash, an explicit claim of it by "b" wins and "a" moves on.
         let (alone, _, _) = run(
             vec![candidate(
                 "a",
@@ -977,14 +1319,16 @@ mod tests {
             &settings,
         );
         let taken = spec_of(&alone, "a").cluster_ip.clone().unwrap();
+        let claim = || {
+            candidate(
+                "b",
+                &serde_json::json!({"clusterIP": taken, "ports": [{"port": 80}]}),
+            )
+        };
+        let dynamic = || candidate("a", &serde_json::json!({"ports": [{"port": 80}]}));
+        // b created first: its explicit claim is honoured and a gets another address.
         let (both, diagnostics, allocations) = run(
-            vec![
-                candidate("a", &serde_json::json!({"ports": [{"port": 80}]})),
-                candidate(
-                    "b",
-                    &serde_json::json!({"clusterIP": taken, "ports": [{"port": 80}]}),
-                ),
-            ],
+            vec![created_at(dynamic(), 200), created_at(claim(), 100)],
             &settings,
         );
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
@@ -999,6 +1343,21 @@ mod tests {
         assert_eq!(allocations.len(), 1);
         assert_eq!(allocations[0].object, "Service default/a");
         assert_eq!(allocations[0].field, "spec.clusterIPs[0]");
+        // a created first: it keeps what it was allocated and b is refused, as the API server
+        // refuses a Service asking for an allocated address.
+        let (both, diagnostics, _) = run(
+            vec![created_at(dynamic(), 100), created_at(claim(), 200)],
+            &settings,
+        );
+        assert_eq!(
+            spec_of(&both, "a").cluster_ip.as_deref(),
+            Some(taken.as_str())
+        );
+        assert!(!both.keys().any(|k| k.name == "b"));
+        assert_eq!(
+            diagnostics[0].message,
+            format!("b.yaml: spec.clusterIPs {taken} is already allocated to Service default/a")
+        );
     }
 
     #[test]
@@ -1079,5 +1438,225 @@ mod tests {
                 ("Service default/v6", "spec.clusterIPs[0]"),
             ]
         );
+    }
+
+    /// Admits `candidates` after `history`, returning the admitted Services and diagnostics.
+    fn read(
+        history: &mut History,
+        candidates: Vec<Candidate>,
+    ) -> (BTreeMap<ObjectKey, Service>, Vec<String>) {
+        let mut diagnostics = Vec::new();
+        let admitted = admit(
+            candidates,
+            &settings(&["10.96.0.0/12"]),
+            history,
+            &mut diagnostics,
+            &mut Vec::new(),
+        );
+        let messages = diagnostics
+            .iter()
+            .map(|d| format!("{}: {}", d.object, d.message))
+            .collect();
+        (admitted, messages)
+    }
+
+    fn created_at(mut candidate: Candidate, seconds: u64) -> Candidate {
+        candidate.created = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        candidate
+    }
+
+    fn with_status_ip(mut candidate: Candidate, ip: &str) -> Candidate {
+        candidate.service.status = serde_json::from_value(serde_json::json!(
+            {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        ))
+        .unwrap();
+        candidate
+    }
+
+    #[test]
+    fn what_an_admitted_service_holds_no_later_object_takes() {
+        let web = || {
+            with_status_ip(
+                candidate(
+                    "web",
+                    &serde_json::json!({"type": "LoadBalancer", "externalIPs": ["198.51.100.5"],
+                        "ports": [{"port": 80}]}),
+                ),
+                "198.51.100.6",
+            )
+        };
+        let mut history = History::default();
+        let (first, messages) = read(&mut history, vec![web()]);
+        assert!(messages.is_empty(), "{messages:?}");
+        let held = spec_of(&first, "web").clone();
+        let cluster_ip = held.cluster_ip.clone().unwrap();
+        let node_port = held.ports.as_ref().unwrap()[0].node_port.unwrap();
+        // Impostors whose names sort first, each claiming one thing web holds, in files older
+        // than web's: none takes it.
+        let impostors = vec![
+            candidate(
+                "aa-ip",
+                &serde_json::json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+            ),
+            candidate(
+                "ab-np",
+                &serde_json::json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]}),
+            ),
+            candidate(
+                "ac-ext",
+                &serde_json::json!({"externalIPs": ["198.51.100.5"], "ports": [{"port": 80}]}),
+            ),
+            with_status_ip(
+                candidate(
+                    "ad-lb",
+                    &serde_json::json!({"type": "LoadBalancer", "ports": [{"port": 80}]}),
+                ),
+                "198.51.100.6",
+            ),
+        ];
+        let mut candidates: Vec<Candidate> =
+            impostors.into_iter().map(|c| created_at(c, 0)).collect();
+        candidates.push(created_at(web(), 100));
+        let (second, messages) = read(&mut history, candidates);
+        assert_eq!(
+            spec_of(&second, "web"),
+            &held,
+            "web keeps everything it holds"
+        );
+        assert_eq!(second.len(), 1, "every impostor is refused: {messages:?}");
+        for (name, field) in [
+            ("aa-ip", format!("spec.clusterIPs {cluster_ip} is already allocated to Service default/web")),
+            ("ab-np", format!("NodePort {node_port} is already allocated to Service default/web")),
+            ("ac-ext", "spec.externalIPs 198.51.100.5 port 80/TCP is already served by Service default/web".to_owned()),
+            ("ad-lb", "status.loadBalancer.ingress[].ip 198.51.100.6 port 80/TCP is already served by Service default/web".to_owned()),
+        ] {
+            let want = format!("Service default/{name}: {name}.yaml: {field}");
+            assert!(messages.contains(&want), "{want:?} in {messages:?}");
+        }
+        // A broken edit of web is refused and web stays as admitted.
+        let broken = candidate(
+            "web",
+            &serde_json::json!({"type": "LoadBalancer", "ports": [{"port": 0}]}),
+        );
+        let (third, messages) = read(&mut history, vec![broken]);
+        assert_eq!(spec_of(&third, "web"), &held);
+        assert!(
+            messages.iter().any(|m| m
+                .contains("this change is refused; the Service stays as admitted from web.yaml")),
+            "{messages:?}"
+        );
+        // Deleted, web releases what it held.
+        let (_, _) = read(&mut history, Vec::new());
+        let (fourth, messages) = read(
+            &mut history,
+            vec![candidate(
+                "aa-ip",
+                &serde_json::json!({"clusterIP": cluster_ip, "ports": [{"port": 80}]}),
+            )],
+        );
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(
+            spec_of(&fourth, "aa-ip").cluster_ip.as_deref(),
+            Some(cluster_ip.as_str())
+        );
+    }
+
+    #[test]
+    fn a_folder_read_from_scratch_admits_the_oldest_file_first() {
+        let claim = |name: &str| {
+            candidate(
+                name,
+                &serde_json::json!({"clusterIP": "10.96.0.40", "ports": [{"port": 80}]}),
+            )
+        };
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![
+                created_at(claim("a-new"), 200),
+                created_at(claim("z-old"), 100),
+            ],
+        );
+        assert!(admitted.keys().all(|k| k.name == "z-old"), "{admitted:?}");
+        assert_eq!(
+            messages,
+            [
+                "Service default/a-new: a-new.yaml: spec.clusterIPs 10.96.0.40 is already allocated to Service default/z-old"
+            ]
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_on_one_port_share_a_node_port() {
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![candidate(
+                "dns",
+                &serde_json::json!({"type": "NodePort", "ports": [
+                    {"name": "dns-udp", "port": 53, "protocol": "UDP"},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                    {"name": "other", "port": 54, "protocol": "TCP"}]}),
+            )],
+        );
+        assert!(messages.is_empty(), "{messages:?}");
+        let ports = spec_of(&admitted, "dns").ports.clone().unwrap();
+        assert_eq!(ports[0].node_port, ports[1].node_port);
+        assert_ne!(ports[0].node_port, ports[2].node_port);
+    }
+
+    #[test]
+    fn names_are_validated_like_the_api_server() {
+        let port = serde_json::json!({"ports": [{"port": 80}]});
+        let (admitted, messages) = read(
+            &mut History::default(),
+            vec![
+                candidate("UPPER", &port),
+                candidate("bad_name", &port),
+                candidate("1starts-with-digit", &port),
+                candidate(
+                    "bad-port-name",
+                    &serde_json::json!({"ports": [{"name": "Http", "port": 80}]}),
+                ),
+                candidate(
+                    "policy",
+                    &serde_json::json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Nearest"}),
+                ),
+                candidate(
+                    "families",
+                    &serde_json::json!({"ports": [{"port": 80}], "ipFamilies": ["IPv4", "IPv4"]}),
+                ),
+                candidate("fine-name-1", &port),
+            ],
+        );
+        assert_eq!(
+            admitted.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["fine-name-1"]
+        );
+        for (name, needle) in [
+            (
+                "UPPER",
+                "metadata.name \"UPPER\" is not a valid Service name",
+            ),
+            (
+                "bad_name",
+                "metadata.name \"bad_name\" is not a valid Service name",
+            ),
+            ("1starts-with-digit", "is not a valid Service name"),
+            (
+                "bad-port-name",
+                "spec.ports[0].name \"Http\" is not a DNS-1123 label",
+            ),
+            (
+                "policy",
+                "spec.externalTrafficPolicy \"Nearest\" is not one of Cluster, Local",
+            ),
+            ("families", "spec.ipFamilies[1] \"IPv4\" is listed twice"),
+        ] {
+            assert!(
+                messages.iter().any(|m| m
+                    .starts_with(&format!("Service default/{name}: {name}.yaml: "))
+                    && m.contains(needle)),
+                "{name}: {needle:?} in {messages:?}"
+            );
+        }
     }
 }

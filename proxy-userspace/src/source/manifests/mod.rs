@@ -20,6 +20,7 @@
 //! spec lists no containers.
 
 mod admit;
+mod hints;
 mod parse;
 mod slices;
 
@@ -29,7 +30,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod};
@@ -41,6 +42,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
 
+pub use self::admit::History;
 use self::admit::{Candidate, Family};
 use self::parse::{Object, Origin, diagnostic};
 use self::slices::PodTemplates;
@@ -176,9 +178,10 @@ pub enum ManifestError {
     },
 }
 
-/// Files the folder holds, recursively, in a stable order. Hidden entries (editor swap files,
-/// `..data` symlinks of mounted ConfigMaps' tooling) are skipped.
-fn manifest_files(dir: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<PathBuf> {
+/// Files the folder holds, recursively, with their modification times, oldest first (paths
+/// break ties): the order objects new to the proxy are admitted in. Hidden entries (editor swap
+/// files, `..data` symlinks of mounted ConfigMaps' tooling) are skipped.
+fn manifest_files(dir: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<(SystemTime, PathBuf)> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(current) = pending.pop() {
@@ -204,7 +207,11 @@ fn manifest_files(dir: &Path, diagnostics: &mut Vec<Diagnostic>) -> Vec<PathBuf>
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
             {
-                files.push(path);
+                // A file whose time cannot be read counts as the newest.
+                let modified = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| SystemTime::now());
+                files.push((modified, path));
             }
         }
     }
@@ -246,8 +253,31 @@ impl<T> Registry<T> {
         object: T,
         diagnostics: &mut Vec<Diagnostic>,
     ) {
+        self.insert_preferring(key, origin, object, None, diagnostics);
+    }
+
+    /// [`Registry::insert`], except that a definition from `holder` (the file the admitted
+    /// version came from) replaces one read before it.
+    fn insert_preferring(
+        &mut self,
+        key: ObjectKey,
+        origin: Origin,
+        object: T,
+        holder: Option<&Path>,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) {
         let name = object_name(self.kind, &key);
-        if let Some((first, _)) = self.objects.get(&key) {
+        if holder == Some(origin.file.as_path())
+            && let Some((first, _)) = self.objects.get(&key)
+            && first.file != origin.file
+        {
+            diagnostics.push(diagnostic(
+                name,
+                first,
+                format!("also defined in {origin}, which holds it; this copy is ignored"),
+            ));
+            self.objects.insert(key, (origin, object));
+        } else if let Some((first, _)) = self.objects.get(&key) {
             diagnostics.push(diagnostic(
                 name,
                 &origin,
@@ -361,12 +391,24 @@ fn skipped_by_kube_proxy(metadata: &ObjectMeta) -> bool {
         .is_some_and(|labels| SKIP_LABELS.iter().any(|l| labels.contains_key(*l)))
 }
 
-/// Reads the folder into a snapshot. Pure apart from reading the files: the same folder and
-/// settings always give the same snapshot.
+/// Reads the folder from scratch into a snapshot. Pure apart from reading the files: the same
+/// folder (contents and modification times) and settings always give the same snapshot.
 pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
+    load_dir_after(dir, settings, &mut History::default())
+}
+
+/// Reads the folder into a snapshot as the API server would see it after what `history`
+/// admitted (the Services there keep what they hold), and updates `history`.
+pub fn load_dir_after(
+    dir: &Path,
+    settings: &ManifestSettings,
+    history: &mut History,
+) -> ClusterSnapshot {
     let mut diagnostics = Vec::new();
     let mut parsed = Vec::new();
-    for file in manifest_files(dir, &mut diagnostics) {
+    let mut created = BTreeMap::new();
+    for (modified, file) in manifest_files(dir, &mut diagnostics) {
+        created.insert(file.clone(), modified);
         match std::fs::read_to_string(&file) {
             Ok(text) => parsed.extend(parse::parse_file(&file, &text, &mut diagnostics)),
             Err(error) => diagnostics.push(Diagnostic {
@@ -396,7 +438,17 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
         };
         match item.object {
             Object::Service(mut service) => match key_of(&mut service.metadata, true) {
-                Some(key) => services.insert(key, origin.clone(), service, &mut diagnostics),
+                // A copy of an admitted Service in another file never replaces it.
+                Some(key) => {
+                    let holder = history.origin(&key).map(|o| o.file.clone());
+                    services.insert_preferring(
+                        key,
+                        origin.clone(),
+                        service,
+                        holder.as_deref(),
+                        &mut diagnostics,
+                    );
+                }
                 None => missing_name(&mut diagnostics, "Service"),
             },
             Object::Endpoints(mut object) => match key_of(&mut object.metadata, true) {
@@ -481,6 +533,10 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
         .objects
         .into_iter()
         .map(|(key, (origin, service))| Candidate {
+            created: created
+                .get(&origin.file)
+                .copied()
+                .unwrap_or_else(SystemTime::now),
             key,
             origin,
             service,
@@ -495,6 +551,7 @@ pub fn load_dir(dir: &Path, settings: &ManifestSettings) -> ClusterSnapshot {
     let admitted = admit::admit(
         candidates,
         &allocation_settings(settings, &service_cidrs),
+        history,
         &mut diagnostics,
         &mut allocations,
     );
@@ -588,7 +645,8 @@ pub fn watch(
             dir: dir.clone(),
             source,
         })?;
-    tx.send_replace(Arc::new(load_dir(&dir, &settings)));
+    let mut history = History::default();
+    tx.send_replace(Arc::new(load_dir_after(&dir, &settings, &mut history)));
     Ok(tokio::spawn(async move {
         // The watcher stops watching when dropped: the task owns it.
         let _watcher = watcher;
@@ -608,8 +666,14 @@ pub fn watch(
                 }
             }
             let (read_dir, read_settings) = (dir.clone(), settings.clone());
-            match tokio::task::spawn_blocking(move || load_dir(&read_dir, &read_settings)).await {
-                Ok(snapshot) => {
+            let mut read_history = std::mem::take(&mut history);
+            let read = tokio::task::spawn_blocking(move || {
+                let snapshot = load_dir_after(&read_dir, &read_settings, &mut read_history);
+                (snapshot, read_history)
+            });
+            match read.await {
+                Ok((snapshot, read_history)) => {
+                    history = read_history;
                     tracing::info!(
                         dir = %dir.display(),
                         services = snapshot.services.len(),

@@ -376,6 +376,15 @@ pub fn synthesize(
             groups.insert((family, Vec::new()), (Vec::new(), Vec::new()));
         }
     }
+    for family in &families {
+        let family = address_type(*family);
+        let mut endpoints: Vec<&mut Endpoint> = groups
+            .iter_mut()
+            .filter(|((group_family, _), _)| *group_family == family)
+            .flat_map(|(_, (_, endpoints))| endpoints.iter_mut())
+            .collect();
+        super::hints::add_hints(service, nodes, &mut endpoints);
+    }
     let labels = slice_labels(service, CONTROLLER);
     let owner = controller_reference("Service", &service.metadata);
     build_slices(service, &owner, MAX_ENDPOINTS_PER_SLICE, groups, &labels)

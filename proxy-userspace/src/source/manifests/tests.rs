@@ -790,3 +790,160 @@ fn service_cidr_objects_are_validated_published_and_allocated_from() {
         "allocated {ip} outside the ServiceCIDR"
     );
 }
+
+fn zoned_node(name: &str, zone: &str, cpu: &str) -> (String, Node) {
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"allocatable": {"cpu": cpu},
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    }))
+    .unwrap();
+    (name.to_owned(), node)
+}
+
+/// One line per endpoint: `pod zones nodes` of its hints (`-` without hints).
+fn hints_of(slices: &[EndpointSlice]) -> Vec<String> {
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .map(|e| {
+            let pod = e
+                .target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_default();
+            match &e.hints {
+                None => format!("{pod} -"),
+                Some(h) => {
+                    let names = |v: Option<Vec<String>>| v.map_or("-".to_owned(), |v| v.join(","));
+                    format!(
+                        "{pod} zones={} nodes={}",
+                        names(
+                            h.for_zones
+                                .as_ref()
+                                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                        ),
+                        names(
+                            h.for_nodes
+                                .as_ref()
+                                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                        )
+                    )
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn topology_hints_follow_the_endpointslice_controller() {
+    let nodes: BTreeMap<String, Node> = [
+        zoned_node("node-a", "zone-a", "4"),
+        zoned_node("node-a2", "zone-a", "4000m"),
+        zoned_node("node-b", "zone-b", "8"),
+    ]
+    .into_iter()
+    .collect();
+    let pods: Vec<Pod> = [
+        ready_pod("p1", &["10.0.0.1"], "node-a", true),
+        ready_pod("p2", &["10.0.0.2"], "node-a", true),
+        ready_pod("p3", &["10.0.0.3"], "node-a2", true),
+        ready_pod("p4", &["10.0.0.4"], "node-b", true),
+        ready_pod("p5", &["10.0.0.5"], "node-b", false),
+    ]
+    .iter()
+    .map(pod)
+    .collect();
+    let pod_refs: Vec<&Pod> = pods.iter().collect();
+    let templates = PodTemplates {
+        templates: Vec::new(),
+    };
+    let hints =
+        |service: Service| hints_of(&slices::synthesize(&service, &pod_refs, &nodes, &templates));
+    let with_annotation = |key: &str, value: &str| {
+        let mut service = web_service(&json!({}));
+        service.metadata.annotations = Some([(key.to_owned(), value.to_owned())].into());
+        service
+    };
+    // (case, service, one line per endpoint)
+    let cases: Vec<(&str, Service, Vec<&str>)> = vec![
+        (
+            "no trafficDistribution: no hints",
+            web_service(&json!({})),
+            vec!["p1 -", "p2 -", "p3 -", "p4 -", "p5 -"],
+        ),
+        (
+            "PreferClose: each ready endpoint for its own zone",
+            web_service(&json!({"trafficDistribution": "PreferClose"})),
+            vec![
+                "p1 zones=zone-a nodes=-",
+                "p2 zones=zone-a nodes=-",
+                "p3 zones=zone-a nodes=-",
+                "p4 zones=zone-b nodes=-",
+                "p5 -",
+            ],
+        ),
+        (
+            "PreferSameZone: as PreferClose",
+            web_service(&json!({"trafficDistribution": "PreferSameZone"})),
+            vec![
+                "p1 zones=zone-a nodes=-",
+                "p2 zones=zone-a nodes=-",
+                "p3 zones=zone-a nodes=-",
+                "p4 zones=zone-b nodes=-",
+                "p5 -",
+            ],
+        ),
+        (
+            "PreferSameNode: its zone and its node",
+            web_service(&json!({"trafficDistribution": "PreferSameNode"})),
+            vec![
+                "p1 zones=zone-a nodes=node-a",
+                "p2 zones=zone-a nodes=node-a",
+                "p3 zones=zone-a nodes=node-a2",
+                "p4 zones=zone-b nodes=node-b",
+                "p5 -",
+            ],
+        ),
+        (
+            "topology-mode Auto: zones get endpoints in proportion to CPU (8:8), one of zone-a's moves to zone-b",
+            with_annotation("service.kubernetes.io/topology-mode", "Auto"),
+            vec![
+                "p1 zones=zone-b nodes=-",
+                "p2 zones=zone-a nodes=-",
+                "p3 zones=zone-a nodes=-",
+                "p4 zones=zone-b nodes=-",
+                "p5 -",
+            ],
+        ),
+        (
+            "the deprecated topology-aware-hints annotation, and it wins over trafficDistribution",
+            {
+                let mut s = with_annotation("service.kubernetes.io/topology-aware-hints", "auto");
+                s.spec.as_mut().unwrap().traffic_distribution = Some("PreferSameNode".to_owned());
+                s
+            },
+            vec![
+                "p1 zones=zone-b nodes=-",
+                "p2 zones=zone-a nodes=-",
+                "p3 zones=zone-a nodes=-",
+                "p4 zones=zone-b nodes=-",
+                "p5 -",
+            ],
+        ),
+    ];
+    for (case, service, expected) in cases {
+        assert_eq!(hints(service), expected, "{case}");
+    }
+    // Topology-mode Auto without enough information: no hints at all.
+    let one_zone: BTreeMap<String, Node> =
+        [zoned_node("node-a", "zone-a", "4")].into_iter().collect();
+    let service = with_annotation("service.kubernetes.io/topology-mode", "Auto");
+    let slices = slices::synthesize(&service, &pod_refs, &one_zone, &templates);
+    assert!(
+        hints_of(&slices).iter().all(|l| l.ends_with(" -")),
+        "{:?}",
+        hints_of(&slices)
+    );
+}
