@@ -1313,7 +1313,12 @@ nftables:
         );
         assert_eq!(c["DetectLocalMode"], "InterfaceNamePrefix");
         assert_eq!(c["DetectLocal"]["InterfaceNamePrefix"], "veth");
-        assert_eq!(c["NodePortAddresses"], json!(["primary", "192.168.0.0/16"]));
+        let mut node_port_addresses: Vec<String> = Vec::new();
+        if config.nodeport_addresses.primary {
+            node_port_addresses.push("primary".to_owned());
+        }
+        node_port_addresses.push("192.168.0.0/16".to_owned());
+        assert_eq!(c["NodePortAddresses"], json!(node_port_addresses));
         assert_eq!(c["HealthzBindAddress"], "0.0.0.0:20256");
         assert_eq!(c["MetricsBindAddress"], "127.0.0.1:20249");
         assert_eq!(c["Linux"]["MasqueradeAll"], true);
