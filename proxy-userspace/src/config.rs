@@ -16,6 +16,11 @@ use serde::Deserialize;
 use crate::model::{IpFamily, LocalTrafficDetector, ModelConfig, NodePortAddresses};
 use crate::source::manifests::PortRange;
 
+mod configz;
+mod ignored;
+pub use configz::CONFIGZ_GROUP;
+pub use ignored::IgnoredFlags;
+
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
 const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
@@ -155,6 +160,25 @@ pub struct ProxyFlags {
     /// Idle timeout of assured UDP flows; 0 keeps the kernel's (120 s). [default: 0s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub conntrack_udp_timeout_stream: Option<Duration>,
+    /// Overrides this node's primary IP (for its family; the masquerade source and `primary`
+    /// NodePort address). 0.0.0.0 and :: leave it to the Node object.
+    #[arg(long, value_name = "IP")]
+    pub bind_address: Option<String>,
+    /// kube-proxy's proxy mode: "", iptables, ipvs or nftables are accepted, and the eBPF
+    /// dataplane is used instead.
+    #[arg(long, value_name = "MODE")]
+    pub proxy_mode: Option<String>,
+    /// The API server's address, overriding the kubeconfig's (or the in-cluster) server URL.
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+    /// The resync period (kube-proxy's iptables name for it). [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub iptables_sync_period: Option<Duration>,
+    /// The minimum period between syncs (kube-proxy's iptables name for it). [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub iptables_min_sync_period: Option<Duration>,
+    #[command(flatten)]
+    pub ignored: IgnoredFlags,
 }
 
 /// The configuration after the file and the flags are merged and validated.
@@ -182,7 +206,32 @@ pub struct ProxyConfig {
     pub service_cluster_ip_range: Option<Vec<IpNet>>,
     pub service_node_port_range: PortRange,
     pub manifests: Option<PathBuf>,
+    /// kube-proxy's `mode` as configured ("" when unset); the eBPF dataplane is used whatever
+    /// it says.
+    pub mode: String,
+    /// `--master`: the API server URL overriding the kubeconfig's.
+    pub master: Option<String>,
     pub conntrack: ConntrackTimeouts,
+}
+
+/// The proxy modes kube-proxy accepts on Linux (`""` picks its default). kube-ebpf-proxy
+/// accepts each, so a kube-proxy configuration works unchanged, and says that it programs its
+/// eBPF dataplane instead.
+const KUBE_PROXY_MODES: [&str; 4] = ["", "iptables", "ipvs", "nftables"];
+
+/// Checks a kube-proxy mode (`mode` or `--proxy-mode`) and returns the one-line note about it.
+fn check_mode(setting: &'static str, mode: &str) -> Result<String, ConfigError> {
+    if !KUBE_PROXY_MODES.contains(&mode) {
+        return Err(ConfigError::Invalid {
+            setting,
+            value: mode.to_owned(),
+            expected: "one of \"\", iptables, ipvs or nftables",
+        });
+    }
+    Ok(format!(
+        "{setting} {mode:?}: kube-ebpf-proxy programs its eBPF dataplane instead (no iptables, \
+         ipvs or nftables rules)"
+    ))
 }
 
 /// kube-proxy's `conntrack` timeouts; zero means "the kernel's default", as kube-proxy leaves
@@ -416,6 +465,17 @@ fn duration_setting(setting: &'static str, text: &str) -> Result<Duration, Confi
     })
 }
 
+/// A duration from the file, where 0 (kubeadm writes `0s`) means unset: kube-proxy's v1alpha1
+/// defaulting replaces a zero period by its default.
+fn file_duration(
+    setting: &'static str,
+    text: &str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let period = duration_setting(setting, text)?;
+    Ok(if period.is_zero() { default } else { period })
+}
+
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
@@ -453,6 +513,9 @@ fn parse_file(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Conf
         });
     }
     let mut warnings = Vec::new();
+    if let Some(mode) = &file.mode {
+        warnings.push(format!("{}: {}", path.display(), check_mode("mode", mode)?));
+    }
     let mut unsupported = |field: &str, why: &str| {
         warnings.push(format!(
             "{}: {field} is not supported yet ({why}); ignored",
@@ -495,9 +558,6 @@ fn parse_file(path: &Path, text: &str) -> Result<(FileConfig, Vec<String>), Conf
         .is_some_and(|v| !v.is_empty())
     {
         unsupported("showHiddenMetricsForVersion", "no hidden metrics");
-    }
-    if file.mode.as_ref().is_some_and(|mode| !mode.is_empty()) {
-        unsupported("mode", "the dataplane is always eBPF");
     }
     if let Some(iptables) = &file.iptables {
         if iptables.masquerade_bit.is_some() {
@@ -562,10 +622,14 @@ impl ProxyFlags {
     /// Merges the `--config` file (if any) with the flags, flags winning, and validates the
     /// result. Returns the warnings for unsupported file fields (the caller logs them).
     pub fn resolve(&self) -> Result<(ProxyConfig, Vec<String>), ConfigError> {
-        let (file, warnings) = match &self.config {
+        let (file, mut warnings) = match &self.config {
             Some(path) => read_file(path)?,
             None => (FileConfig::default(), Vec::new()),
         };
+        if let Some(mode) = &self.proxy_mode {
+            warnings.push(check_mode("--proxy-mode", mode)?);
+        }
+        warnings.extend(self.ignored.warnings());
         let config = self.merge(file, system_hostname)?;
         Ok((config, warnings))
     }
@@ -587,7 +651,12 @@ impl ProxyFlags {
             .unwrap_or_else(system_hostname)
             .trim()
             .to_lowercase();
-        let bind_address = match file.bind_address.as_deref().map(str::trim) {
+        let bind_address = match self
+            .bind_address
+            .as_deref()
+            .or(file.bind_address.as_deref())
+            .map(str::trim)
+        {
             None | Some("") => None,
             Some(text) => Some(text.parse::<IpAddr>().map_err(|_| ConfigError::Invalid {
                 setting: "bindAddress",
@@ -653,14 +722,21 @@ impl ProxyFlags {
             "healthzBindAddress",
             self.healthz_bind_address
                 .as_deref()
-                .or(file.healthz_bind_address.as_deref())
+                // The file's "" is unset (kube-proxy defaults it), as kubeadm writes it.
+                .or(file
+                    .healthz_bind_address
+                    .as_deref()
+                    .filter(|a| !a.is_empty()))
                 .unwrap_or(DEFAULT_HEALTHZ_BIND_ADDRESS),
         )?;
         let metrics_bind_address = parse_bind_address(
             "metricsBindAddress",
             self.metrics_bind_address
                 .as_deref()
-                .or(file.metrics_bind_address.as_deref())
+                .or(file
+                    .metrics_bind_address
+                    .as_deref()
+                    .filter(|a| !a.is_empty()))
                 .unwrap_or(DEFAULT_METRICS_BIND_ADDRESS),
         )?;
         let kubeconfig = self.kubeconfig.clone().or_else(|| {
@@ -671,17 +747,32 @@ impl ProxyFlags {
         });
         let config_sync_period = match (self.config_sync_period, &file.config_sync_period) {
             (Some(period), _) => period,
-            (None, Some(text)) => duration_setting("configSyncPeriod", text)?,
+            (None, Some(text)) => {
+                file_duration("configSyncPeriod", text, DEFAULT_CONFIG_SYNC_PERIOD)?
+            }
             (None, None) => DEFAULT_CONFIG_SYNC_PERIOD,
         };
-        let sync_period = match nftables.sync_period.or(iptables.sync_period) {
-            Some(text) => duration_setting("nftables.syncPeriod", &text)?,
-            None => DEFAULT_SYNC_PERIOD,
+        let sync_period = match (
+            self.iptables_sync_period,
+            nftables.sync_period.or(iptables.sync_period),
+        ) {
+            (Some(period), _) => period,
+            (None, Some(text)) => file_duration("nftables.syncPeriod", &text, DEFAULT_SYNC_PERIOD)?,
+            (None, None) => DEFAULT_SYNC_PERIOD,
         };
-        let min_sync_period = match nftables.min_sync_period.or(iptables.min_sync_period) {
-            Some(text) => duration_setting("nftables.minSyncPeriod", &text)?,
-            None => DEFAULT_MIN_SYNC_PERIOD,
+        let min_sync_period = match (
+            self.iptables_min_sync_period,
+            nftables.min_sync_period.or(iptables.min_sync_period),
+        ) {
+            (Some(period), _) => period,
+            (None, Some(text)) => {
+                file_duration("nftables.minSyncPeriod", &text, DEFAULT_MIN_SYNC_PERIOD)?
+            }
+            (None, None) => DEFAULT_MIN_SYNC_PERIOD,
         };
+        let mode = self.proxy_mode.clone().or(file.mode).unwrap_or_default();
+        check_mode("mode", &mode)?;
+        let master = self.master.clone().filter(|url| !url.is_empty());
         let service_cluster_ip_range = self
             .service_cluster_ip_range
             .as_deref()
@@ -743,6 +834,8 @@ impl ProxyFlags {
             service_cluster_ip_range,
             service_node_port_range: self.service_node_port_range,
             manifests: self.manifests.clone(),
+            mode,
+            master,
             conntrack,
         })
     }
@@ -1158,7 +1251,6 @@ nftables:
         .unwrap();
         let joined = warnings.join("\n");
         for field in [
-            "mode",
             "ipvs",
             "conntrack.maxPerCore/conntrack.min",
             "featureGates",
@@ -1171,6 +1263,140 @@ nftables:
         }
         let (_, none) = file(FILE).unwrap();
         assert!(none.is_empty(), "{none:?}");
+    }
+
+    /// kubeadm's `config.conf` (its kube-proxy ConfigMap): every field, zero values included.
+    const KUBEADM_CONFIG: &str = include_str!("../testdata/kubeadm-config.conf");
+
+    #[test]
+    fn kubeadm_config_gets_kube_proxy_defaults() {
+        let (file, warnings) = file(KUBEADM_CONFIG).unwrap();
+        let config = flags(&["--hostname-override=Node-1"])
+            .merge(file, String::new)
+            .unwrap();
+        assert_eq!(config.hostname, "node-1");
+        assert_eq!(
+            config.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap()),
+            "\"\" is kube-proxy's default"
+        );
+        assert_eq!(
+            config.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(config.config_sync_period, Duration::from_mins(15), "0s");
+        assert_eq!(config.sync_period, Duration::from_secs(30));
+        assert_eq!(config.min_sync_period, Duration::from_secs(1));
+        assert_eq!(config.bind_address, None, "0.0.0.0 leaves it to the Node");
+        assert_eq!(config.nodeport_addresses, NodePortAddresses::primary());
+        assert_eq!(config.mode, "");
+        assert_eq!(
+            config.kubeconfig,
+            Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+        );
+        assert!(
+            warnings[0].ends_with("mode \"\": kube-ebpf-proxy programs its eBPF dataplane instead (no iptables, ipvs or nftables rules)"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn configz_is_the_resolved_configuration_in_kube_proxys_form() {
+        let config = resolve(&["--proxy-mode=nftables"], FILE);
+        let configz = config.configz();
+        let c = &configz[CONFIGZ_GROUP];
+        assert_eq!(c["HostnameOverride"], "node-from-file");
+        assert_eq!(c["Mode"], "nftables");
+        assert_eq!(
+            c["DetectLocal"]["ClusterCIDRs"],
+            json!(["10.244.0.0/16", "fd10::/64"])
+        );
+        assert_eq!(c["DetectLocalMode"], "InterfaceNamePrefix");
+        assert_eq!(c["DetectLocal"]["InterfaceNamePrefix"], "veth");
+        let mut node_port_addresses: Vec<String> = Vec::new();
+        if config.nodeport_addresses.primary {
+            node_port_addresses.push("primary".to_owned());
+        }
+        node_port_addresses.push("192.168.0.0/16".to_owned());
+        assert_eq!(c["NodePortAddresses"], json!(node_port_addresses));
+        assert_eq!(c["HealthzBindAddress"], "0.0.0.0:20256");
+        assert_eq!(c["MetricsBindAddress"], "127.0.0.1:20249");
+        assert_eq!(c["Linux"]["MasqueradeAll"], true);
+        assert_eq!(c["SyncPeriod"], "45s");
+        assert_eq!(c["MinSyncPeriod"], "500ms");
+        assert_eq!(c["ConfigSyncPeriod"], "1h30m0s");
+        assert_eq!(
+            c["ClientConnection"]["Kubeconfig"],
+            "/var/lib/kube-proxy/kubeconfig.conf"
+        );
+        assert_eq!(c["BindAddress"], "0.0.0.0");
+    }
+
+    #[test]
+    fn kube_proxy_modes_are_accepted_with_a_note() {
+        for mode in ["\"\"", "iptables", "ipvs", "nftables"] {
+            let (file, warnings) = file(&format!("mode: {mode}\n")).unwrap();
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+            assert!(
+                warnings[0].contains("kube-ebpf-proxy programs its eBPF dataplane instead"),
+                "{warnings:?}"
+            );
+            let config = flags(&[]).merge(file, String::new).unwrap();
+            assert_eq!(config.mode, mode.trim_matches('"'));
+        }
+        let error = file("mode: kernelspace\n").unwrap_err();
+        assert!(
+            error.to_string().starts_with("mode: \"kernelspace\""),
+            "{error}"
+        );
+        let error = flags(&["--proxy-mode=userspace"])
+            .merge(FileConfig::default(), String::new)
+            .unwrap_err();
+        assert!(error.to_string().contains("userspace"), "{error}");
+        let config = resolve(&["--proxy-mode=ipvs"], "mode: iptables\n");
+        assert_eq!(config.mode, "ipvs", "the flag wins");
+    }
+
+    #[test]
+    fn kube_proxy_flags_of_kubeadm_and_kops() {
+        // kops' nodeup flags (sorted, as it writes them) and kube-proxy's klog flags.
+        let config = resolve(
+            &[
+                "--bind-address=198.51.100.7",
+                "--cluster-cidr=100.96.0.0/11",
+                "--conntrack-max-per-core=131072",
+                "--hostname-override=ip-172-20-1-1.ec2.internal",
+                "--kubeconfig=/var/lib/kube-proxy/kubeconfig",
+                "--master=https://api.internal.example.com",
+                "--oom-score-adj=-998",
+                "--proxy-mode=iptables",
+                "--iptables-sync-period=45s",
+                "--iptables-min-sync-period=2s",
+                "--v=2",
+                "--logtostderr=false",
+                "--alsologtostderr",
+                "--log-file=/var/log/kube-proxy.log",
+            ],
+            "",
+        );
+        assert_eq!(config.bind_address, Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(config.hostname, "ip-172-20-1-1.ec2.internal");
+        assert_eq!(
+            config.master.as_deref(),
+            Some("https://api.internal.example.com")
+        );
+        assert_eq!(config.mode, "iptables");
+        assert_eq!(config.sync_period, Duration::from_secs(45));
+        assert_eq!(config.min_sync_period, Duration::from_secs(2));
+        let parsed = flags(&["--oom-score-adj=-998", "--v=2", "--proxy-mode=ipvs"]);
+        let warnings = parsed.resolve().unwrap().1;
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        for flag in ["--proxy-mode", "--oom-score-adj=-998", "--v=2"] {
+            assert!(
+                warnings.iter().any(|w| w.starts_with(flag)),
+                "{flag}: {warnings:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;

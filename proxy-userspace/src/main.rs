@@ -7,22 +7,42 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use proxy_userspace::dataplane;
 
+/// kube-proxy's command line: with no subcommand the binary is the proxy (`run`).
 #[derive(Parser)]
 #[command(
     name = "kube-ebpf-proxy",
-    version,
-    about = "A kube-proxy replacement that NATs Service traffic in eBPF"
+    about = "A kube-proxy replacement that NATs Service traffic in eBPF",
+    long_about = "A kube-proxy replacement that NATs Service traffic in eBPF.\n\nWith no \
+                  subcommand (or invoked as kube-proxy) it runs the proxy, taking kube-proxy's \
+                  flags: `kube-ebpf-proxy --config=FILE` is `kube-ebpf-proxy run --config=FILE`.",
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    proxy: cmd::kube_proxy::KubeProxyArgs,
+}
+
+/// The binary invoked under the name `kube-proxy` (a symlink, or an image's
+/// /usr/local/bin/kube-proxy): kube-proxy has no subcommands, only its flags.
+#[derive(Parser)]
+#[command(
+    name = "kube-proxy",
+    about = "kube-ebpf-proxy as kube-proxy: Service traffic NATed in eBPF",
+    disable_version_flag = true
+)]
+struct KubeProxyCli {
+    #[command(flatten)]
+    proxy: cmd::kube_proxy::KubeProxyArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load the eBPF programs, pin their maps and attach them to this network namespace's
     /// interfaces, then run until SIGTERM or SIGINT.
-    Run(cmd::run::RunArgs),
+    Run(cmd::kube_proxy::KubeProxyArgs),
     /// Print what the proxy will program: every Service port's frontends, per-source actions
     /// (forward/masquerade/reject/drop) and endpoint sets, from the same source flags as `run`.
     Plan(cmd::plan::PlanArgs),
@@ -33,6 +53,10 @@ enum Command {
     /// Services of the source flags (programmed into private maps, as `run` would) or a running
     /// proxy's pinned maps (`--bpf-pin-path`), and print what the kernel would do.
     Trace(cmd::trace::TraceArgs),
+    /// Show what a running proxy's pinned maps hold, in Kubernetes terms: `services`,
+    /// `backends`, `conntrack` (state and time left of each flow) or `affinity`, filterable by
+    /// --service and --address, as text or `-o json`.
+    Inspect(cmd::inspect::InspectArgs),
     /// Remove every program, link, map and pin the proxy owns (kube-proxy's `--cleanup`):
     /// stopping the proxy leaves them in place so the next start takes over without a gap.
     Cleanup(CleanupArgs),
@@ -43,6 +67,18 @@ struct CleanupArgs {
     /// Directory on bpffs where the proxy pinned its maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
     bpf_pin_path: PathBuf,
+}
+
+/// Whether the program was invoked as `kube-proxy` (argv[0]'s file name).
+fn invoked_as_kube_proxy() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|argv0| {
+            std::path::Path::new(&argv0)
+                .file_name()
+                .map(|name| name == "kube-proxy")
+        })
+        .unwrap_or(false)
 }
 
 #[derive(clap::Args)]
@@ -61,8 +97,15 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Run(args) => cmd::run::run(args).await,
+    if invoked_as_kube_proxy() {
+        return cmd::kube_proxy::kube_proxy(KubeProxyCli::parse().proxy).await;
+    }
+    let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        return cmd::kube_proxy::kube_proxy(cli.proxy).await;
+    };
+    match command {
+        Command::Run(args) => cmd::kube_proxy::kube_proxy(args).await,
         Command::Plan(args) => cmd::plan::plan(args).await,
         Command::Stats(args) => {
             for (name, value) in dataplane::read_counters(&args.bpf_pin_path)? {
@@ -85,16 +128,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,
-        Command::Cleanup(args) => {
-            let cleaned = dataplane::cleanup(&args.bpf_pin_path)?;
-            tracing::info!(
-                links = cleaned.links,
-                filters = ?cleaned.filters,
-                pins = cleaned.pins,
-                pin_path = %args.bpf_pin_path.display(),
-                "cleaned up"
-            );
-            Ok(())
-        }
+        Command::Inspect(args) => cmd::inspect::inspect(&args),
+        Command::Cleanup(args) => cmd::kube_proxy::cleanup(&args.bpf_pin_path),
     }
 }

@@ -218,6 +218,8 @@ pub struct ProxyMetrics {
     kube_proxy: KubeProxyFamilies,
     /// The service ports of the last recorded sync, to count changes against.
     previous: Mutex<PortStates>,
+    /// What `/configz` serves (kube-proxy's configz registry: `{}` until set).
+    configz: Mutex<serde_json::Value>,
 }
 
 impl ProxyMetrics {
@@ -245,7 +247,13 @@ impl ProxyMetrics {
             registry,
             kube_proxy,
             previous: Mutex::new(PortStates::new()),
+            configz: Mutex::new(serde_json::json!({})),
         })
+    }
+
+    /// Sets what `/configz` serves (see `ProxyConfig::configz`).
+    pub fn set_configz(&self, configz: serde_json::Value) {
+        *self.configz.lock().expect("configz lock") = configz;
     }
 
     /// A change arrived and a sync is queued (kube-proxy's `Sync()`).
@@ -474,6 +482,12 @@ async fn metrics(State(metrics): State<Arc<ProxyMetrics>>) -> Response {
     }
 }
 
+/// kube-proxy's `/configz`: the registered configurations as JSON.
+async fn configz(State(metrics): State<Arc<ProxyMetrics>>) -> Response {
+    let body = metrics.configz.lock().expect("configz lock").to_string();
+    text_response("application/json", body)
+}
+
 async fn proxy_mode() -> Response {
     text_response("text/plain; charset=utf-8", PROXY_MODE.to_owned())
 }
@@ -490,6 +504,7 @@ pub fn router(metrics: Arc<ProxyMetrics>) -> Router {
     Router::new()
         .route("/metrics", get(self::metrics))
         .route("/proxyMode", get(proxy_mode))
+        .route("/configz", get(configz))
         .route("/healthz", get(ping))
         .route("/healthz/ping", get(ping))
         .with_state(metrics)
@@ -910,10 +925,26 @@ mod tests {
             let (status, _, body) = get(addr, path).await;
             assert_eq!((status, body.as_str()), (200, "ok"), "{path}");
         }
-        for path in ["/", "/configz", "/livez", "/metrics/extra", "/nope"] {
+        for path in ["/", "/livez", "/metrics/extra", "/nope"] {
             let (status, _, _) = get(addr, path).await;
             assert_eq!(status, 404, "{path}");
         }
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn configz_serves_what_was_set() {
+        let (metrics, addr, task) = serve(ProxyMetrics::new(None, None)).await;
+        let (status, head, body) = get(addr, "/configz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "{}"),
+            "nothing registered yet"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        metrics.set_configz(serde_json::json!({"kubeproxy.config.k8s.io": {"Mode": "ipvs"}}));
+        let (_, _, body) = get(addr, "/configz").await;
+        assert_eq!(body, r#"{"kubeproxy.config.k8s.io":{"Mode":"ipvs"}}"#);
         task.abort();
     }
 

@@ -119,6 +119,14 @@ fn run_serves_kube_proxy_metrics_that_follow_syncs() {
     .unwrap();
 
     assert_eq!(get(&node, "/proxyMode"), "ebpf");
+    // kube-proxy's /configz: the resolved configuration under the config API group.
+    let configz: serde_json::Value = serde_json::from_str(&get(&node, "/configz")).unwrap();
+    let config = &configz["kubeproxy.config.k8s.io"];
+    assert_eq!(config["HostnameOverride"], "node");
+    assert_eq!(config["MetricsBindAddress"], METRICS);
+    assert_eq!(config["HealthzBindAddress"], "0.0.0.0:10256");
+    assert_eq!(config["SyncPeriod"], "30s");
+    assert_eq!(config["Mode"], "");
     assert_eq!(get(&node, "/healthz"), "ok");
     let body = wait_for_sample(
         &node,

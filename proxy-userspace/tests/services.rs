@@ -227,14 +227,7 @@ const TCP_UDP_80: &str = "  ports:\n  - name: tcp\n    port: 80\n    targetPort:
 
 /// Two `web` pods (a on node1, b on node2) and a `toolbox` client pod on node1.
 fn web_cluster() -> (Cluster, [IpAddr; 2], IpAddr) {
-    let mut cluster = cluster();
-    let a = cluster.add_pod("a", 0, 10, "web").expect("pod a").ip;
-    let b = cluster.add_pod("b", 1, 10, "web").expect("pod b").ip;
-    let toolbox = cluster
-        .add_pod("toolbox", 0, 250, "toolbox")
-        .expect("toolbox")
-        .ip;
-    (cluster, [a.into(), b.into()], toolbox.into())
+    proxy_lab::cluster::start_with_web_pods(Path::new(BINARY)).expect("start the web cluster")
 }
 
 #[test]

@@ -381,6 +381,16 @@ status:
     }
 }
 
+/// A cluster with two `web` pods (`a` on node1, `b` on node2) and a `toolbox` client pod on
+/// node1 (label `app: toolbox`): where most Service tests start. Returns the pods' addresses.
+pub fn start_with_web_pods(binary: &Path) -> Result<(Cluster, [IpAddr; 2], IpAddr)> {
+    let mut cluster = Cluster::start(binary)?;
+    let a = cluster.add_pod("a", 0, 10, "web")?.ip;
+    let b = cluster.add_pod("b", 1, 10, "web")?.ip;
+    let toolbox = cluster.add_pod("toolbox", 0, 250, "toolbox")?.ip;
+    Ok((cluster, [a.into(), b.into()], toolbox.into()))
+}
+
 /// `nft list ruleset` in `ns`.
 pub fn nft_ruleset(ns: &Netns) -> Result<String> {
     crate::run(ns.command("nft").args(["list", "ruleset"]))

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | lab | image`.
 
 mod control_plane;
 mod demo;
 mod ebpf_build;
+mod image;
 mod kube_lab;
 mod lab;
 mod setup;
@@ -34,6 +35,9 @@ enum Task {
     Demo(demo::DemoArgs),
     /// A mini-cluster of network namespaces running the real proxy.
     Lab(lab::LabArgs),
+    /// Build the release binary and write an OCI image archive of it (FROM scratch), for
+    /// `podman load`, `docker load` or `ctr images import`.
+    Image(image::ImageArgs),
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -59,6 +63,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lab(args) => {
             setup::setup()?;
             lab::lab(args)
+        }
+        Task::Image(args) => {
+            setup::setup()?;
+            image::image(&args)
         }
         Task::Demo(args) => {
             setup::setup()?;

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "file",
     // Certificates and keys of the test control plane.
     "openssl",
+    // Reads the image archive `cargo xtask image` writes (its test checks it loads).
+    "skopeo",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

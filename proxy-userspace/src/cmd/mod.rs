@@ -1,6 +1,8 @@
 //! The binary's subcommands. Each goes through the same source, model and maps as the others, so
 //! `plan`, `trace` and `run` can never disagree.
 
+pub mod inspect;
+pub mod kube_proxy;
 pub mod plan;
 mod program;
 pub mod run;
@@ -52,26 +54,36 @@ pub async fn start_source(
         source::manifests::watch(dir.clone(), config.manifest_settings(), tx)
             .with_context(|| format!("watching manifests in {}", dir.display()))?
     } else {
-        let kube_config = match &config.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(
-                    kubeconfig,
-                    &kube::config::KubeConfigOptions::default(),
-                )
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-            }
-            None => kube::Config::infer().await.context(
-                "no --manifests and no Kubernetes configuration (in-cluster or ~/.kube/config)",
-            )?,
-        };
-        let client =
-            kube::Client::try_from(kube_config).context("creating the API server client")?;
+        let client = kube_client(config).await?;
         tokio::spawn(source::kube::run(client, config.hostname.clone(), tx))
     };
     Ok((rx, task))
+}
+
+/// A client of the API server: `--kubeconfig` (with `--master` overriding its server), else the
+/// in-cluster configuration.
+pub async fn kube_client(config: &ProxyConfig) -> anyhow::Result<kube::Client> {
+    let mut kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no --manifests and no Kubernetes configuration (in-cluster or ~/.kube/config)",
+        )?,
+    };
+    if let Some(master) = &config.master {
+        kube_config.cluster_url = master
+            .parse()
+            .with_context(|| format!("--master {master:?} is not a URL"))?;
+    }
+    kube::Client::try_from(kube_config).context("creating the API server client")
 }
 
 /// The source's first complete snapshot and what the model makes of it (`plan`, `trace`).

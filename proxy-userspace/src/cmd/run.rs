@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
 use proxy_userspace::dataplane::{self, Maps};
+use proxy_userspace::events::{EventPublisher, EventSender};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
 use proxy_userspace::metrics::{self, ProxyMetrics};
 use proxy_userspace::model::{self, LocalTrafficDetector};
@@ -203,6 +204,10 @@ struct Synced {
 /// Everything one sync needs and keeps between syncs.
 struct Syncer {
     config: ProxyConfig,
+    /// What `inspect` names the programmed service ids with.
+    service_names: dataplane::ServiceNames,
+    /// Kubernetes Events about objects that cannot be programmed (API-server source only).
+    events: Option<EventSender>,
     reconciler: Reconciler,
     health: Arc<ProxyHealth>,
     metrics: Arc<ProxyMetrics>,
@@ -250,6 +255,21 @@ impl Syncer {
         let report = program_state(maps, &mut self.reconciler, &model_config, &state)?;
         for error in &report.errors {
             tracing::error!("{error}");
+        }
+        if let Some(events) = &self.events {
+            let mut problems = state.diagnostics.clone();
+            problems.extend(report.errors.iter().map(|error| model::Diagnostic {
+                object: error.object.clone(),
+                message: format!("not written to the kernel maps: {}", error.source),
+            }));
+            events.report(&problems, snapshot);
+        }
+        // For `inspect`: which Service port each programmed service id is.
+        if let Err(error) = self
+            .service_names
+            .sync(&self.reconciler.service_names(&state))
+        {
+            tracing::warn!("{error}");
         }
         // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
         // clients are not blackholed into a dead endpoint.
@@ -330,6 +350,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(args.dataplane.bpf_pin_path.clone()),
         Some(health.clone()),
     );
+    metrics.set_configz(config.configz());
     if let Some(addr) = config.metrics_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -345,6 +366,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
         health: health.clone(),
         metrics: metrics.clone(),
+        service_names: dataplane::ServiceNames::open(&args.dataplane.bpf_pin_path)?,
+        events: match config.manifests {
+            Some(_) => None,
+            None => Some(EventSender::spawn(EventPublisher::new(
+                super::kube_client(&config).await?,
+                config.hostname.clone(),
+            ))),
+        },
         config,
         reported: HashSet::new(),
         allocations: HashSet::new(),

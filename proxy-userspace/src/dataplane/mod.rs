@@ -12,6 +12,7 @@ mod loader;
 mod local_ports;
 mod maps;
 pub mod migrate;
+mod names;
 pub mod packet;
 mod programmed;
 mod trace;
@@ -29,5 +30,6 @@ pub use loader::{
 };
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
+pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, netns_cookie};

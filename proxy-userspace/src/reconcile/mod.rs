@@ -197,6 +197,20 @@ impl Reconciler {
         &self.programmed
     }
 
+    /// The programmed service ids of `desired`'s service ports, as `namespace/name:port`
+    /// (the port's name; empty for an unnamed port): what `kube-ebpf-proxy inspect` shows
+    /// instead of ids. The protocol and family are in the map keys.
+    pub fn service_names(&self, desired: &DesiredState) -> std::collections::BTreeMap<u32, String> {
+        service_ids(desired, &self.programmed.services)
+            .map(|(id, sp)| {
+                (
+                    id,
+                    format!("{}/{}:{}", sp.name.namespace, sp.name.name, sp.name.port),
+                )
+            })
+            .collect()
+    }
+
     /// Programs `desired`. A change that fails is reported (naming its service port) and left
     /// out of what is recorded as programmed, so the next sync retries it; everything else is
     /// applied.
@@ -240,25 +254,32 @@ impl Reconciler {
     }
 }
 
+/// Each service port of `desired` with the service id its frontends carry in `services`.
+fn service_ids<'a>(
+    desired: &'a DesiredState,
+    services: &'a HashMap<ServiceKey, ServiceValue>,
+) -> impl Iterator<Item = (u32, &'a crate::model::ServicePortState)> {
+    desired.service_ports.iter().filter_map(|sp| {
+        let front = sp.frontends.first()?;
+        let proto = proto_number(sp.name.protocol);
+        let key = frontend_key(front.addr, front.port, proto, proxy_common::SCOPE_POLICY);
+        services.get(&key).map(|v| (v.id, sp))
+    })
+}
+
 /// Service id → "namespace/name:port (family)" for error messages.
 fn owners(desired: &DesiredState, target: &MapEntries) -> HashMap<u32, String> {
-    let mut owners = HashMap::new();
-    for sp in &desired.service_ports {
-        let proto = proto_number(sp.name.protocol);
-        if let Some(front) = sp.frontends.first() {
-            let key = frontend_key(front.addr, front.port, proto, proxy_common::SCOPE_POLICY);
-            if let Some(v) = target.services.get(&key) {
-                owners.insert(
-                    v.id,
-                    format!(
-                        "Service {}/{}:{} ({:?})",
-                        sp.name.namespace, sp.name.name, sp.name.port, sp.family
-                    ),
-                );
-            }
-        }
-    }
-    owners
+    service_ids(desired, &target.services)
+        .map(|(id, sp)| {
+            (
+                id,
+                format!(
+                    "Service {}/{}:{} ({:?})",
+                    sp.name.namespace, sp.name.name, sp.name.port, sp.family
+                ),
+            )
+        })
+        .collect()
 }
 
 fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
