@@ -379,7 +379,8 @@ spec:
 }
 
 #[test]
-fn an_rbac_gap_is_a_clear_error_and_the_manifest_passes_a_server_dry_run() {
+fn an_rbac_gap_is_a_clear_error_the_manifests_pass_a_server_dry_run_and_events_name_what_is_not_programmed()
+ {
     let (_turn, cluster) = start(1);
     let manifest = proxy_lab::kube_cluster::proxy_manifest();
     cluster
@@ -390,6 +391,78 @@ fn an_rbac_gap_is_a_clear_error_and_the_manifest_passes_a_server_dry_run() {
             &manifest.to_string_lossy(),
         ])
         .expect("kubectl apply --dry-run=server -f manifests/kube-ebpf-proxy.yaml");
+    // kubeadm's own kube-proxy DaemonSet, turned into ours by the documented patch.
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    cluster
+        .kubectl(&[
+            "apply",
+            "-f",
+            &here
+                .join("testdata/kubeadm-daemonset.yaml")
+                .to_string_lossy(),
+        ])
+        .expect("kubeadm's kube-proxy DaemonSet");
+    cluster
+        .kubectl(&[
+            "-n",
+            "kube-system",
+            "patch",
+            "daemonset",
+            "kube-proxy",
+            "--dry-run=server",
+            "--patch-file",
+            &here
+                .join("../manifests/kubeadm/kube-proxy-patch.yaml")
+                .to_string_lossy(),
+        ])
+        .expect("kubectl patch --dry-run=server with manifests/kubeadm/kube-proxy-patch.yaml");
+
+    // An object the proxy cannot use: node1's proxy, with the manifest's identity, says so in
+    // an Event on it.
+    cluster
+        .apply(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: orphan-slice
+  namespace: default
+addressType: IPv4
+endpoints:
+- addresses: [\"10.1.0.9\"]
+ports:
+- name: \"\"
+  port: 80
+",
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = cluster
+            .kubectl(&[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={range .items[*]}{.regarding.kind}/{.regarding.name} {.reason} {.note}{\"\\n\"}{end}",
+            ])
+            .unwrap();
+        if let Some(event) = events
+            .lines()
+            .find(|l| l.starts_with("EndpointSlice/orphan-slice "))
+        {
+            assert!(
+                event.contains("NotProgrammed") && event.contains("kubernetes.io/service-name"),
+                "{event}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Event on the EndpointSlice within 30 s: {events}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 
     cluster
         .apply(
