@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use proxy_common::{
-    CONFIG_F_DEBUG, CT_F_SNAT, Counter, IPPROTO_SCTP, IPPROTO_UDP, SVC_F_SOURCE_RANGES,
-    VIP_F_CLUSTER_IP, VipKey,
+    CONFIG_F_DEBUG, CT_F_SNAT, Counter, FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_UDP,
+    SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP, VipKey,
 };
 
 use crate::{
@@ -31,10 +31,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         Parsed::Flow => {}
         Parsed::IcmpError => return Ok(icmp::translate_error(ctx)),
         Parsed::Echo => {
-            return match echo() {
-                NewFlow::Reject(family) => Ok(reject(ctx, family)),
-                NewFlow::Verdict(verdict) => Ok(verdict),
-            };
+            return Ok(echo().apply(ctx));
         }
         Parsed::Pass => return Err(OK),
     }
@@ -42,10 +39,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if verdict != NOT_KNOWN {
         return Ok(verdict);
     }
-    Ok(match new_flow(ctx) {
-        NewFlow::Reject(family) => reject(ctx, family),
-        NewFlow::Verdict(verdict) => verdict,
-    })
+    Ok(new_flow(ctx).apply(ctx))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
@@ -98,11 +92,38 @@ fn known_flow(ctx: &TcContext) -> i32 {
     rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)))
 }
 
-/// What `new_flow` decided; a REJECT is built by the caller so that the reply builder's frame
-/// is not stacked on top of `new_flow`'s.
-enum NewFlow {
-    Verdict(i32),
-    Reject(u8),
+/// What `new_flow` decided: a tc verdict, or a REJECT of the family's packet (built by the
+/// caller so that the reply builder's frame is not stacked on top of `new_flow`'s), in one
+/// `i32`. Not an enum: its `Verdict` leaves `Reject`'s byte undefined, and LLVM then returns a
+/// register it never set on the paths where a map lookup failed — which verifiers before
+/// Linux 6.14, unable to prove an array lookup non-null, reject ("R9 !read_ok": Debian's 6.1
+/// and 6.12 refused `tc_ingress`).
+#[derive(Clone, Copy)]
+struct NewFlow(i32);
+
+/// `NewFlow` of a REJECT: this plus the family, below every tc verdict (and above
+/// `NOT_KNOWN`).
+const REJECT_BASE: i32 = i32::MIN + 1;
+
+impl NewFlow {
+    #[inline(always)]
+    fn verdict(verdict: i32) -> Self {
+        NewFlow(verdict)
+    }
+
+    #[inline(always)]
+    fn reject(family: u8) -> Self {
+        NewFlow(REJECT_BASE + i32::from(family))
+    }
+
+    /// The verdict, building the REJECT reply when that was the decision.
+    #[inline(always)]
+    fn apply(self, ctx: &TcContext) -> i32 {
+        match u8::try_from(self.0.wrapping_sub(REJECT_BASE)) {
+            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => reject(ctx, family),
+            _ => self.0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -147,11 +168,11 @@ fn reply(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn new_flow(ctx: &TcContext) -> NewFlow {
     let Some(scratch) = scratch() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     let flow = &scratch.flow;
     let Some(cfg) = config() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     let Some(svc) = service::lookup(
         &flow.dst,
@@ -167,7 +188,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     let class = service::classify(cfg, flow.family, &flow.src, ifindex);
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !service::source_allowed(svc.id, &flow.src) {
         count(Counter::SourceRangeDrops);
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     }
     let decision = service::decide(
         &svc,
@@ -182,17 +203,17 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         Action::Forward => {}
         Action::Reject => {
             count(Counter::Rejects);
-            return NewFlow::Reject(flow.family);
+            return NewFlow::reject(flow.family);
         }
         Action::Drop => {
             count(Counter::Drops);
-            return NewFlow::Verdict(SHOT);
+            return NewFlow::verdict(SHOT);
         }
     }
     let (backend_id, backend) = (decision.backend_id, decision.backend);
     if flow.proto == IPPROTO_SCTP && backend.port != flow.dport {
         count(Counter::SctpPortRewrite);
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     }
     let target = Endpoint {
         addr: backend.addr,
@@ -204,7 +225,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     let node = service::node_addr(cfg, flow.family);
     if masquerade && node == [0; 4] {
         count(Counter::NoSnatAddress);
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     }
     let Ok(snat_port) = conntrack::create(
         flow,
@@ -215,7 +236,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         backend_id,
         svc.id,
     ) else {
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     };
     let snat = Target::when(
         masquerade,
@@ -235,14 +256,14 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         );
     }
     count(Counter::NewFlows);
-    NewFlow::Verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
+    NewFlow::verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
 }
 
 /// An echo request: no service answers pings, so only the address rules apply.
 #[inline(never)]
 fn echo() -> NewFlow {
     let Some(scratch) = scratch() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     vip(scratch.icmp.family, &scratch.icmp.outer_dst)
 }
@@ -260,11 +281,11 @@ fn vip(family: u8, dst: &proxy_common::Addr) -> NewFlow {
     let flags = unsafe { VIPS.get(&key) }.map_or(0, |v| v.flags);
     if flags & VIP_F_CLUSTER_IP != 0 {
         count(Counter::VipRejects);
-        return NewFlow::Reject(family);
+        return NewFlow::reject(family);
     }
     if service::in_service_cidr(family, dst) {
         count(Counter::VipDrops);
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     }
-    NewFlow::Verdict(OK)
+    NewFlow::verdict(OK)
 }

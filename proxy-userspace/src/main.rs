@@ -36,6 +36,9 @@ enum Command {
     /// Remove every program, link, map and pin the proxy owns (kube-proxy's `--cleanup`):
     /// stopping the proxy leaves them in place so the next start takes over without a gap.
     Cleanup(CleanupArgs),
+    /// Probe the kernel features the dataplane looks for (TCX, bpf_set_retval for socket hooks,
+    /// batch map operations, …) and print one `name offered` line each, as `run` logs them.
+    Features,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +88,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,
+        Command::Features => {
+            for (name, offered) in dataplane::KernelFeatures::get().list() {
+                println!("{name} {}", if offered { "yes" } else { "no" });
+            }
+            Ok(())
+        }
         Command::Cleanup(args) => {
             let cleaned = dataplane::cleanup(&args.bpf_pin_path)?;
             tracing::info!(

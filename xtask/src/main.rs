@@ -4,6 +4,7 @@ mod demo;
 mod ebpf_build;
 mod lab;
 mod setup;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,12 +25,25 @@ enum Task {
     Setup,
     /// Build the eBPF object and print its path.
     BuildEbpf,
-    /// Run every check: formatting, clippy, the eBPF build, and all tests (kernel tests need root).
-    Test,
+    /// Run every check: formatting, clippy, the eBPF build, all tests (kernel tests need root),
+    /// then the VM suites on Debian's 6.1 kernel.
+    Test(TestArgs),
     /// Show the proxy at work in a network-namespace lab.
     Demo(demo::DemoArgs),
     /// A mini-cluster of network namespaces running the real proxy.
     Lab(lab::LabArgs),
+    /// The kernel test suites on Debian's 6.1 and 6.12 kernels under qemu.
+    VmTest(vm::VmTestArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Which Debian kernel the VM suites boot after the host suites (`all`: 6.1 and 6.12).
+    #[arg(long, value_enum, default_value = "6.1")]
+    vm_kernel: vm::KernelChoice,
+    /// Skip the VM suites.
+    #[arg(long)]
+    no_vm: bool,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -48,10 +62,14 @@ fn main() -> anyhow::Result<()> {
             println!("{}", object.display());
             Ok(())
         }
-        Task::Test => test(),
+        Task::Test(args) => test(&args),
         Task::Lab(args) => {
             setup::setup()?;
             lab::lab(args)
+        }
+        Task::VmTest(args) => {
+            setup::setup()?;
+            vm::vm_test(&args)
         }
         Task::Demo(args) => {
             setup::setup()?;
@@ -80,7 +98,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn test() -> anyhow::Result<()> {
+fn test(args: &TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
     setup::require_root(
         "the kernel tests (they load eBPF programs and create network namespaces)",
@@ -107,6 +125,18 @@ fn test() -> anyhow::Result<()> {
         check: true,
         keep: false,
     })?;
+    if !args.no_vm {
+        println!(
+            "test: cargo xtask vm-test (suites {})",
+            vm::CI_SUITES.join(" ")
+        );
+        vm::vm_test(&vm::VmTestArgs {
+            kernel: args.vm_kernel,
+            suites: vm::CI_SUITES.iter().map(|s| (*s).to_owned()).collect(),
+            filter: None,
+            accel: vm::Accel::Auto,
+        })?;
+    }
     println!("test: all checks passed");
     Ok(())
 }
