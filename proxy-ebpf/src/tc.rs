@@ -39,7 +39,16 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if verdict != NOT_KNOWN {
         return Ok(verdict);
     }
-    Ok(new_flow(ctx).apply(ctx))
+    let decided = new_flow(ctx);
+    if decided.is_chosen() {
+        let verdict = open_flow();
+        return Ok(if verdict == NOT_KNOWN {
+            nat_flow(ctx)
+        } else {
+            verdict
+        });
+    }
+    Ok(decided.apply(ctx))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
@@ -109,6 +118,17 @@ impl NewFlow {
     #[inline(always)]
     fn verdict(verdict: i32) -> Self {
         NewFlow(verdict)
+    }
+
+    /// A backend was chosen (in the scratch's `chosen`): `open_flow` goes on.
+    #[inline(always)]
+    fn chosen() -> Self {
+        NewFlow(NOT_KNOWN)
+    }
+
+    #[inline(always)]
+    fn is_chosen(self) -> bool {
+        self.0 == NOT_KNOWN
     }
 
     #[inline(always)]
@@ -215,17 +235,61 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         count(Counter::SctpPortRewrite);
         return NewFlow::verdict(SHOT);
     }
-    let target = Endpoint {
-        addr: backend.addr,
-        port: backend.port,
-    };
     // Hairpin: a pod reaching itself through the service must see the node as the peer, or
     // it would answer itself directly and the client would never match the reply.
     let masquerade = svc.masquerade_classes & (1 << class) != 0 || backend.addr == flow.src;
+    scratch.chosen = Chosen {
+        target: Endpoint {
+            addr: backend.addr,
+            port: backend.port,
+        },
+        backend_id,
+        service_id: svc.id,
+        masquerade: u8::from(masquerade),
+        class,
+        snat_port: 0,
+    };
+    NewFlow::chosen()
+}
+
+/// The backend `new_flow` chose for the packet in the scratch, handed to `open_flow`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    target: Endpoint,
+    backend_id: u32,
+    service_id: u32,
+    masquerade: u8,
+    class: u8,
+    /// The SNAT source port `open_flow` took (when masquerading).
+    snat_port: u16,
+}
+
+/// Opens the flow `new_flow` chose a backend for: its conntrack entries; `NOT_KNOWN` when
+/// `nat_flow` is to go on. Choosing, opening and NATing are subprograms called one after the
+/// other from `ingress`: as one, their frame was over the 480 bytes Linux 6.1's verifier
+/// leaves a subprogram called from `ingress` (512 with the caller's frame rounded up to 32).
+#[inline(never)]
+fn open_flow() -> i32 {
+    let Some(scratch) = scratch() else {
+        return OK;
+    };
+    let flow = &scratch.flow;
+    let Some(cfg) = config() else {
+        return OK;
+    };
+    let Chosen {
+        target,
+        backend_id,
+        service_id,
+        masquerade,
+        ..
+    } = scratch.chosen;
+    let masquerade = masquerade != 0;
     let node = service::node_addr(cfg, flow.family);
     if masquerade && node == [0; 4] {
         count(Counter::NoSnatAddress);
-        return NewFlow::verdict(SHOT);
+        return SHOT;
     }
     let Ok(snat_port) = conntrack::create(
         flow,
@@ -234,14 +298,37 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         &node,
         (cfg.snat_port_min, cfg.snat_port_max),
         backend_id,
-        svc.id,
+        service_id,
     ) else {
-        return NewFlow::verdict(SHOT);
+        return SHOT;
     };
+    scratch.chosen.snat_port = snat_port;
+    NOT_KNOWN
+}
+
+/// Rewrites the packet of the flow `open_flow` opened.
+#[inline(never)]
+fn nat_flow(ctx: &TcContext) -> i32 {
+    let Some(scratch) = scratch() else {
+        return OK;
+    };
+    let flow = &scratch.flow;
+    let Some(cfg) = config() else {
+        return OK;
+    };
+    let Chosen {
+        target,
+        backend_id,
+        masquerade,
+        class,
+        snat_port,
+        ..
+    } = scratch.chosen;
+    let masquerade = masquerade != 0;
     let snat = Target::when(
         masquerade,
         Endpoint {
-            addr: node,
+            addr: service::node_addr(cfg, flow.family),
             port: snat_port,
         },
     );
@@ -256,7 +343,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         );
     }
     count(Counter::NewFlows);
-    NewFlow::verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
+    rewritten(nat::rewrite(ctx, flow, snat, Target::to(target)))
 }
 
 /// An echo request: no service answers pings, so only the address rules apply.
