@@ -267,8 +267,9 @@ pub struct Chosen {
 
 /// Opens the flow `new_flow` chose a backend for: its conntrack entries; `NOT_KNOWN` when
 /// `nat_flow` is to go on. Choosing, opening and NATing are subprograms called one after the
-/// other from `ingress`: as one, their frame was over the 480 bytes Linux 6.1's verifier
-/// leaves a subprogram called from `ingress` (512 with the caller's frame rounded up to 32).
+/// other from `ingress`: as one, their frame was over what Linux 6.1's verifier allows — it
+/// rounds every frame up to 32 bytes and the chain ingress → open_flow → a conntrack
+/// subprogram must stay within 512, so this frame within 448.
 #[inline(never)]
 fn open_flow() -> i32 {
     let Some(scratch) = scratch() else {
@@ -278,14 +279,9 @@ fn open_flow() -> i32 {
     let Some(cfg) = config() else {
         return OK;
     };
-    let Chosen {
-        target,
-        backend_id,
-        service_id,
-        masquerade,
-        ..
-    } = scratch.chosen;
-    let masquerade = masquerade != 0;
+    // By reference, not copied out: each byte of this frame counts (see above).
+    let chosen = &scratch.chosen;
+    let masquerade = chosen.masquerade != 0;
     let node = service::node_addr(cfg, flow.family);
     if masquerade && node == [0; 4] {
         count(Counter::NoSnatAddress);
@@ -293,12 +289,12 @@ fn open_flow() -> i32 {
     }
     let Ok(snat_port) = conntrack::create(
         flow,
-        &target,
+        &chosen.target,
         masquerade,
         &node,
         (cfg.snat_port_min, cfg.snat_port_max),
-        backend_id,
-        service_id,
+        chosen.backend_id,
+        chosen.service_id,
     ) else {
         return SHOT;
     };
