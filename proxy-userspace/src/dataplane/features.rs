@@ -9,6 +9,8 @@ use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::{BpfHelper, is_helper_supported, is_map_supported};
 
+use super::batch::{BPF_MAP_LOOKUP_BATCH, BatchAttr, KERNEL_ENOTSUPP};
+
 /// The features the proxy looks for, each probed on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelFeatures {
@@ -81,7 +83,6 @@ fn logged<E: std::fmt::Display>(feature: &str, probed: Result<bool, E>) -> bool 
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -165,18 +166,6 @@ struct MapCreateAttr {
     max_entries: u32,
 }
 
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// `BPF_MAP_LOOKUP_BATCH` on an empty one-entry hash map: ENOENT (nothing more) when the kernel
 /// has the command, EINVAL or ENOTSUPP when not.
 fn probe_map_batch_ops() -> Result<bool, std::io::Error> {
@@ -192,18 +181,16 @@ fn probe_map_batch_ops() -> Result<bool, std::io::Error> {
     let mut key = 0u32;
     let mut value = 0u32;
     let mut batch = BatchAttr {
-        in_batch: 0,
         out_batch: (&raw mut out_token) as u64,
         keys: (&raw mut key) as u64,
         values: (&raw mut value) as u64,
         count: 1,
         map_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&map)).unwrap_or(u32::MAX),
-        elem_flags: 0,
-        flags: 0,
+        ..BatchAttr::default()
     };
     match sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut batch) {
         Ok(_) | Err(libc::ENOENT) => Ok(true),
-        Err(libc::EINVAL | 524) => Ok(false),
+        Err(libc::EINVAL | libc::EOPNOTSUPP | KERNEL_ENOTSUPP) => Ok(false),
         Err(errno) => Err(std::io::Error::from_raw_os_error(errno)),
     }
 }
