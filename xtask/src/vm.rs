@@ -590,6 +590,7 @@ fn guest_script(
 ) -> String {
     let mut script = String::from(
         "set -u\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1\n\
+         export PROXY_LAB_TIMEOUT_SCALE=4\n\
          mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm\n\
          ip link set lo up\n",
@@ -598,7 +599,9 @@ fn guest_script(
     let _ = writeln!(
         script,
         "printf '#!/bin/sh\\nexec /usr/sbin/modprobe -d %s \"$@\"\\n' {} > /run/vm-modprobe\n\
-         chmod +x /run/vm-modprobe; echo /run/vm-modprobe > /proc/sys/kernel/modprobe",
+         chmod +x /run/vm-modprobe; echo /run/vm-modprobe > /proc/sys/kernel/modprobe\n\
+         # /dev/net/tun appears when tun is loaded; opening the missing node loads nothing.\n\
+         /run/vm-modprobe tun || echo 'vm-test: modprobe tun failed'",
         shell_quote(&kernel.root.to_string_lossy())
     );
     let _ = writeln!(
