@@ -138,6 +138,8 @@ pub enum Parsed {
 pub struct Scratch {
     pub flow: Flow,
     pub icmp: IcmpError,
+    /// What `new_flow` chose, for `open_flow`.
+    pub chosen: crate::tc::Chosen,
 }
 
 #[map(name = "PACKET_SCRATCH")]

@@ -7,7 +7,8 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use proxy_common::{
     CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CONFIG_F_DEBUG, CT_F_SNAT, ConfigValue, Counter,
-    IPPROTO_TCP, IPPROTO_UDP, SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP, VipKey,
+    FAMILY_IPV4, FAMILY_IPV6, IPPROTO_TCP, IPPROTO_UDP, SVC_F_SOURCE_RANGES, VIP_F_CLUSTER_IP,
+    VipKey,
 };
 
 use crate::{
@@ -33,20 +34,19 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     match parse::parse(ctx) {
         Parsed::Flow => {}
         Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx))),
-        Parsed::Echo => {
-            return match echo() {
-                NewFlow::Reject(family) => Ok(reject(ctx, family)),
-                NewFlow::Verdict(verdict) => Ok(verdict),
-            };
-        }
+        Parsed::Echo => return Ok(echo().apply(ctx)),
         Parsed::Pass => return Err(OK),
     }
     let mut verdict = known_flow(ctx);
     if verdict == NOT_KNOWN {
-        verdict = match new_flow(ctx) {
-            NewFlow::Reject(family) => return Ok(reject(ctx, family)),
-            NewFlow::Verdict(verdict) => verdict,
-        };
+        let decided = new_flow(ctx);
+        if !decided.is_chosen() {
+            return Ok(decided.apply(ctx));
+        }
+        verdict = open_flow();
+        if verdict == NOT_KNOWN {
+            verdict = nat_flow(ctx);
+        }
     }
     // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
     Ok(delivered(ctx, sctp::finish(ctx, verdict)))
@@ -102,11 +102,49 @@ fn known_flow(ctx: &TcContext) -> i32 {
     rewritten(nat::rewrite(ctx, flow, new_src, Target::to(new_dst)))
 }
 
-/// What `new_flow` decided; a REJECT is built by the caller so that the reply builder's frame
-/// is not stacked on top of `new_flow`'s.
-enum NewFlow {
-    Verdict(i32),
-    Reject(u8),
+/// What `new_flow` decided: a tc verdict, a REJECT of the family's packet (built by the caller
+/// so that the reply builder's frame is not stacked on top of `new_flow`'s), or a chosen backend
+/// (in the scratch, for `open_flow`), in one `i32`. Not an enum: its `Verdict` leaves `Reject`'s
+/// byte undefined, and LLVM then returns a register it never set on the paths where a map lookup
+/// failed, which verifiers before Linux 6.14 reject ("R9 !read_ok": Debian's 6.1 and 6.12
+/// refused `tc_ingress`).
+#[derive(Clone, Copy)]
+struct NewFlow(i32);
+
+/// `NewFlow` of a REJECT: this plus the family. Below every tc verdict, and apart from
+/// `NOT_KNOWN` (a chosen backend) and the fast path's `TRANSLATED`.
+const REJECT_BASE: i32 = i32::MIN + 16;
+
+impl NewFlow {
+    #[inline(always)]
+    fn verdict(verdict: i32) -> Self {
+        NewFlow(verdict)
+    }
+
+    /// A backend was chosen (in the scratch's `chosen`): `open_flow` goes on.
+    #[inline(always)]
+    fn chosen() -> Self {
+        NewFlow(NOT_KNOWN)
+    }
+
+    #[inline(always)]
+    fn is_chosen(self) -> bool {
+        self.0 == NOT_KNOWN
+    }
+
+    #[inline(always)]
+    fn reject(family: u8) -> Self {
+        NewFlow(REJECT_BASE + i32::from(family))
+    }
+
+    /// The verdict, building the REJECT reply when that was the decision.
+    #[inline(always)]
+    fn apply(self, ctx: &TcContext) -> i32 {
+        match u8::try_from(self.0.wrapping_sub(REJECT_BASE)) {
+            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => reject(ctx, family),
+            _ => self.0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -151,11 +189,11 @@ fn reply(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn new_flow(ctx: &TcContext) -> NewFlow {
     let Some(scratch) = scratch() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     let flow = &scratch.flow;
     let Some(cfg) = config() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     let Some(svc) = service::lookup(
         &flow.dst,
@@ -171,7 +209,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
     let class = service::classify(cfg, flow.family, &flow.src, ifindex);
     if svc.flags & SVC_F_SOURCE_RANGES != 0 && !service::source_allowed(svc.id, &flow.src) {
         count(Counter::SourceRangeDrops);
-        return NewFlow::Verdict(SHOT);
+        return NewFlow::verdict(SHOT);
     }
     let decision = service::decide(
         &svc,
@@ -186,41 +224,104 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         Action::Forward => {}
         Action::Reject => {
             count(Counter::Rejects);
-            return NewFlow::Reject(flow.family);
+            return NewFlow::reject(flow.family);
         }
         Action::Drop => {
             count(Counter::Drops);
-            return NewFlow::Verdict(SHOT);
+            return NewFlow::verdict(SHOT);
         }
     }
     let (backend_id, backend) = (decision.backend_id, decision.backend);
-    let target = Endpoint {
-        addr: backend.addr,
-        port: backend.port,
-    };
     // Hairpin: a pod reaching itself through the service must see the node as the peer, or
     // it would answer itself directly and the client would never match the reply.
     let masquerade = svc.masquerade_classes & (1 << class) != 0 || backend.addr == flow.src;
+    scratch.chosen = Chosen {
+        target: Endpoint {
+            addr: backend.addr,
+            port: backend.port,
+        },
+        backend_id,
+        service_id: svc.id,
+        masquerade: u8::from(masquerade),
+        class,
+        snat_port: 0,
+    };
+    NewFlow::chosen()
+}
+
+/// The backend `new_flow` chose for the packet in the scratch, handed to `open_flow`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    target: Endpoint,
+    backend_id: u32,
+    service_id: u32,
+    masquerade: u8,
+    class: u8,
+    /// The SNAT source port `open_flow` took (when masquerading).
+    snat_port: u16,
+}
+
+/// Opens the flow `new_flow` chose a backend for: its conntrack entries; `NOT_KNOWN` when
+/// `nat_flow` is to go on. Choosing, opening and NATing are subprograms called one after the
+/// other from `ingress`: as one, their frame was over what Linux 6.1's verifier allows (it
+/// rounds every frame up to 32 bytes, and the chain ingress → open_flow → a conntrack
+/// subprogram must stay within 512 bytes).
+#[inline(never)]
+fn open_flow() -> i32 {
+    let Some(scratch) = scratch() else {
+        return OK;
+    };
+    let flow = &scratch.flow;
+    let Some(cfg) = config() else {
+        return OK;
+    };
+    // By reference, not copied out: each byte of this frame counts (see above).
+    let chosen = &scratch.chosen;
+    let masquerade = chosen.masquerade != 0;
     let node = service::node_addr(cfg, flow.family);
     if masquerade && node == [0; 4] {
         count(Counter::NoSnatAddress);
-        return NewFlow::Verdict(SHOT);
+        return SHOT;
     }
     let Ok(snat_port) = conntrack::create(
         flow,
-        &target,
+        &chosen.target,
         masquerade,
         &node,
         (cfg.snat_port_min, cfg.snat_port_max),
-        backend_id,
-        svc.id,
+        chosen.backend_id,
+        chosen.service_id,
     ) else {
-        return NewFlow::Verdict(SHOT);
+        return SHOT;
     };
+    scratch.chosen.snat_port = snat_port;
+    NOT_KNOWN
+}
+
+/// Rewrites the packet of the flow `open_flow` opened.
+#[inline(never)]
+fn nat_flow(ctx: &TcContext) -> i32 {
+    let Some(scratch) = scratch() else {
+        return OK;
+    };
+    let flow = &scratch.flow;
+    let Some(cfg) = config() else {
+        return OK;
+    };
+    let Chosen {
+        target,
+        backend_id,
+        masquerade,
+        class,
+        snat_port,
+        ..
+    } = scratch.chosen;
+    let masquerade = masquerade != 0;
     let snat = Target::when(
         masquerade,
         Endpoint {
-            addr: node,
+            addr: service::node_addr(cfg, flow.family),
             port: snat_port,
         },
     );
@@ -235,7 +336,7 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
         );
     }
     count(Counter::NewFlows);
-    NewFlow::Verdict(rewritten(nat::rewrite(ctx, flow, snat, Target::to(target))))
+    rewritten(nat::rewrite(ctx, flow, snat, Target::to(target)))
 }
 
 /// An echo request: no service answers pings, so only the address rules apply (an echo
@@ -243,10 +344,10 @@ fn new_flow(ctx: &TcContext) -> NewFlow {
 #[inline(never)]
 fn echo() -> NewFlow {
     let Some(scratch) = scratch() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     let Some(cfg) = config() else {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     };
     vip(cfg, scratch.icmp.family, &scratch.icmp.outer_dst, true)
 }
@@ -259,7 +360,7 @@ fn echo() -> NewFlow {
 fn vip(cfg: &ConfigValue, family: u8, dst: &proxy_common::Addr, opening: bool) -> NewFlow {
     let in_cidr = service::in_service_cidr(family, dst);
     if !in_cidr && cfg.flags & CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS == 0 {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     }
     let key = VipKey {
         addr: *dst,
@@ -270,17 +371,17 @@ fn vip(cfg: &ConfigValue, family: u8, dst: &proxy_common::Addr, opening: bool) -
     let flags = unsafe { VIPS.get(&key) }.map_or(0, |v| v.flags);
     if flags & VIP_F_CLUSTER_IP != 0 {
         count(Counter::VipRejects);
-        return NewFlow::Reject(family);
+        return NewFlow::reject(family);
     }
     if !in_cidr {
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     }
     if !opening {
         count(Counter::ServiceCidrNotNew);
-        return NewFlow::Verdict(OK);
+        return NewFlow::verdict(OK);
     }
     count(Counter::VipDrops);
-    NewFlow::Verdict(SHOT)
+    NewFlow::verdict(SHOT)
 }
 
 /// Does this packet, which matched no flow, open a connection? Every packet but a TCP segment

@@ -60,6 +60,9 @@ enum Command {
     /// Remove every program, link, map and pin the proxy owns (kube-proxy's `--cleanup`):
     /// stopping the proxy leaves them in place so the next start takes over without a gap.
     Cleanup(CleanupArgs),
+    /// Probe the kernel features the dataplane looks for (TCX, bpf_set_retval for socket hooks,
+    /// batch map operations, …) and print one `name offered` line each, as `run` logs them.
+    Features,
 }
 
 #[derive(clap::Args)]
@@ -130,5 +133,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Trace(args) => cmd::trace::trace(args).await,
         Command::Inspect(args) => cmd::inspect::inspect(&args),
         Command::Cleanup(args) => cmd::kube_proxy::cleanup(&args.bpf_pin_path),
+        Command::Features => {
+            for (name, offered) in dataplane::KernelFeatures::get().list() {
+                println!("{name} {}", if offered { "yes" } else { "no" });
+            }
+            Ok(())
+        }
     }
 }

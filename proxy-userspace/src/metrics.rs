@@ -242,6 +242,17 @@ impl ProxyMetrics {
         }
         if let Some(pin_path) = pin_path {
             registry.register_collector(Box::new(DataplaneCollector { pin_path }));
+            let features = Family::<Labels, Gauge>::default();
+            for (feature, offered) in crate::dataplane::KernelFeatures::get().list() {
+                features
+                    .get_or_create(&[("feature", feature)])
+                    .set(i64::from(offered));
+            }
+            registry.register(
+                "kube_ebpf_proxy_kernel_feature",
+                "Whether the kernel offers the feature (1) or not (0), probed at start",
+                features,
+            );
         }
         Arc::new(ProxyMetrics {
             registry,

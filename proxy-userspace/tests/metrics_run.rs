@@ -135,6 +135,28 @@ fn run_serves_kube_proxy_metrics_that_follow_syncs() {
     );
     assert_eq!(sample(&body, "kube_ebpf_proxy_frontends"), "1");
     assert_eq!(sample(&body, "kube_ebpf_proxy_backends"), "1");
+    // The probed kernel features: every one reported, 0 or 1; what every supported kernel
+    // (≥ 6.1) has is 1.
+    for feature in [
+        "tcx",
+        "sock_addr_set_retval",
+        "bpf_loop",
+        "redirect_peer",
+        "redirect_neigh",
+        "map_batch_ops",
+        "ring_buffer",
+    ] {
+        let value = sample(
+            &body,
+            &format!("kube_ebpf_proxy_kernel_feature{{feature=\"{feature}\"}}"),
+        );
+        let expected: &[&str] = if feature == "tcx" {
+            &["0", "1"]
+        } else {
+            &["1"]
+        };
+        assert!(expected.contains(&value), "{feature}: {value}");
+    }
     assert_eq!(
         sample(&body, "kubeproxy_sync_proxy_rules_service_changes_total"),
         "1"

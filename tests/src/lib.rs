@@ -421,7 +421,7 @@ impl Proxy {
 
     /// Waits until the proxy logs a line containing `needle`.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = std::time::Instant::now() + scaled(timeout);
         if self.lines.iter().any(|l| l.contains(needle)) {
             return Ok(());
         }
@@ -777,4 +777,14 @@ impl Drop for LineServer {
             let _ = thread.join();
         }
     }
+}
+
+/// `timeout` times `PROXY_LAB_TIMEOUT_SCALE` (default 1): `cargo xtask vm-test` sets it, as a
+/// dataplane load under qemu's emulation (TCG) takes several times as long as on the host.
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout
+        * std::env::var("PROXY_LAB_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1)
 }

@@ -7,6 +7,7 @@ mod image;
 mod kube_lab;
 mod lab;
 mod setup;
+mod vm;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,8 +30,9 @@ enum Task {
     Setup,
     /// Build the eBPF object and print its path.
     BuildEbpf,
-    /// Run every check: formatting, clippy, the eBPF build, and all tests (kernel tests need root).
-    Test,
+    /// Run every check: formatting, clippy, the eBPF build, all tests (kernel tests need root),
+    /// then the VM suites on Debian's 6.1 kernel.
+    Test(TestArgs),
     /// Show the proxy at work in a network-namespace lab.
     Demo(demo::DemoArgs),
     /// A mini-cluster of network namespaces running the real proxy.
@@ -38,6 +40,18 @@ enum Task {
     /// Build the release binary and write an OCI image archive of it (FROM scratch), for
     /// `podman load`, `docker load` or `ctr images import`.
     Image(image::ImageArgs),
+    /// The kernel test suites on Debian's 6.1 and 6.12 kernels under qemu.
+    VmTest(vm::VmTestArgs),
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Which Debian kernel the VM suites boot after the host suites (`all`: 6.1 and 6.12).
+    #[arg(long, value_enum, default_value = "6.1")]
+    vm_kernel: vm::KernelChoice,
+    /// Skip the VM suites.
+    #[arg(long)]
+    no_vm: bool,
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -59,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", object.display());
             Ok(())
         }
-        Task::Test => test(),
+        Task::Test(args) => test(&args),
         Task::Lab(args) => {
             setup::setup()?;
             lab::lab(args)
@@ -67,6 +81,10 @@ fn main() -> anyhow::Result<()> {
         Task::Image(args) => {
             setup::setup()?;
             image::image(&args)
+        }
+        Task::VmTest(args) => {
+            setup::setup()?;
+            vm::vm_test(&args)
         }
         Task::Demo(args) => {
             setup::setup()?;
@@ -95,7 +113,7 @@ fn cargo() -> Command {
     cmd
 }
 
-fn test() -> anyhow::Result<()> {
+fn test(args: &TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
     // The end-to-end tests run against it (tests/control-plane/).
     control_plane::ensure()?;
@@ -156,6 +174,18 @@ fn test() -> anyhow::Result<()> {
         host_firewall: false,
         control_plane: true,
     })?;
+    if !args.no_vm {
+        println!(
+            "test: cargo xtask vm-test (suites {})",
+            vm::CI_SUITES.join(" ")
+        );
+        vm::vm_test(&vm::VmTestArgs {
+            kernel: args.vm_kernel,
+            suites: vm::CI_SUITES.iter().map(|s| (*s).to_owned()).collect(),
+            filter: None,
+            accel: vm::Accel::Auto,
+        })?;
+    }
     println!("test: all checks passed");
     Ok(())
 }

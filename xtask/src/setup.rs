@@ -32,20 +32,7 @@ pub fn setup() -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
         bail!("kube-ebpf-proxy builds and runs on Linux only");
     }
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    if !missing.is_empty() {
-        require_root(&format!("installing {}", missing.join(" ")))?;
-        println!("setup: installing Debian packages: {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing))?;
-    }
+    install_missing(APT_PACKAGES)?;
     if bpf_linker_version().as_deref() != Some(BPF_LINKER_VERSION) {
         println!("setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22, about a minute)");
         run(Command::new("cargo")
@@ -66,6 +53,25 @@ pub fn setup() -> anyhow::Result<()> {
         }
     }
     println!("setup: toolchain ready (rustc-web, bpf-linker {BPF_LINKER_VERSION}, LLVM 22)");
+    Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are not installed yet.
+pub fn install_missing(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        require_root(&format!("installing {}", missing.join(" ")))?;
+        println!("setup: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+    }
     Ok(())
 }
 

@@ -81,6 +81,7 @@ fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, 
         backends: flags.backends_max,
         ..dataplane::MapSizes::default()
     };
+    log_kernel_features(flags.tc_attach)?;
     let mut loaded =
         dataplane::load_migrating(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
@@ -89,6 +90,44 @@ fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, 
         spawn_kernel_logger(&mut loaded)?;
     }
     Ok((loaded, maps))
+}
+
+/// Logs what the kernel offers and the path taken for each choice; refuses `--tc-attach tcx`
+/// on a kernel without TCX rather than failing at the first interface.
+fn log_kernel_features(tc_attach: dataplane::TcAttachMode) -> anyhow::Result<()> {
+    let features = dataplane::KernelFeatures::get();
+    let found: Vec<String> = features
+        .list()
+        .iter()
+        .map(|(name, offered)| format!("{name}={offered}"))
+        .collect();
+    if tc_attach == dataplane::TcAttachMode::Tcx && !features.tcx {
+        anyhow::bail!(
+            "--tc-attach tcx: this kernel has no TCX links (probed); use auto or netlink"
+        );
+    }
+    let tc_path = match tc_attach.resolve() {
+        dataplane::TcAttachMode::Tcx => "tcx links",
+        _ => "clsact filters (netlink)",
+    };
+    let reject_path = if features.sock_addr_set_retval {
+        "ECONNREFUSED (bpf_set_retval)"
+    } else {
+        "EPERM (no bpf_set_retval for sock_addr programs)"
+    };
+    let conntrack_walk = if features.map_batch_ops {
+        "batch lookups"
+    } else {
+        "per-entry iteration"
+    };
+    tracing::info!(
+        features = %found.join(" "),
+        tc_attach = tc_path,
+        socket_reject = reject_path,
+        conntrack_walk,
+        "kernel features probed"
+    );
+    Ok(())
 }
 
 /// Puts the programs on the selected interfaces and the cgroup, replacing in place (atomically)

@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
-use aya::util::KernelVersion;
 
 use super::Loaded;
 use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
@@ -159,7 +158,7 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 /// `--tc-attach`: how the tc ingress program goes on an interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum TcAttachMode {
-    /// TCX links on Linux ≥ 6.6, a clsact filter below.
+    /// TCX links where the kernel has them (probed), a clsact filter otherwise.
     #[default]
     Auto,
     /// TCX links (Linux ≥ 6.6), pinned on bpffs.
@@ -169,14 +168,11 @@ pub enum TcAttachMode {
 }
 
 impl TcAttachMode {
-    /// `Auto` resolved for the running kernel.
-    fn resolve(self) -> Self {
+    /// `Auto` resolved for the running kernel's probed features.
+    #[must_use]
+    pub fn resolve(self) -> Self {
         match self {
-            Self::Auto
-                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) =>
-            {
-                Self::Tcx
-            }
+            Self::Auto if super::KernelFeatures::get().tcx => Self::Tcx,
             Self::Auto => Self::Netlink,
             mode => mode,
         }

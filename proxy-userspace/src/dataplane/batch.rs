@@ -8,24 +8,24 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 use aya::maps::MapData;
 
 /// `BPF_MAP_LOOKUP_BATCH` in `enum bpf_cmd`.
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+pub(super) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `ENOTSUPP` of include/linux/errno.h, which some kernels return from the bpf syscall.
-const KERNEL_ENOTSUPP: i32 = 524;
+pub(super) const KERNEL_ENOTSUPP: i32 = 524;
 /// Entries asked for per call; grown when a hash bucket holds more (ENOSPC).
 const FIRST_BATCH: usize = 4096;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+pub(super) struct BatchAttr {
+    pub(super) in_batch: u64,
+    pub(super) out_batch: u64,
+    pub(super) keys: u64,
+    pub(super) values: u64,
+    pub(super) count: u32,
+    pub(super) map_fd: u32,
+    pub(super) elem_flags: u64,
+    pub(super) flags: u64,
 }
 
 /// Every (key, value) of the hash map `map`, or `None` when the kernel has no batch lookup

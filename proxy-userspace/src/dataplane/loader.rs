@@ -213,10 +213,10 @@ fn load_pins(pin_path: &Path, sizes: &MapSizes, migrate: bool) -> Result<Loaded,
 /// The eBPF global telling the socket hooks whether they may call `bpf_set_retval`.
 const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
 
-/// `bpf_set_retval` is offered to cgroup sock_addr programs from Linux 6.1 ("expose
-/// bpf_{g,s}et_retval to more cgroup hooks"); before, a refused connect fails with EPERM.
+/// `bpf_set_retval` for cgroup sock_addr programs (Linux 6.1, "expose bpf_{g,s}et_retval to
+/// more cgroup hooks"), probed; without it a refused connect fails with EPERM.
 fn sock_addr_has_set_retval() -> bool {
-    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 1, 0))
+    super::KernelFeatures::get().sock_addr_set_retval
 }
 
 /// The tc program attached to every selected interface's ingress.

@@ -7,6 +7,7 @@ mod attach;
 mod batch;
 mod cleanup;
 mod counters;
+mod features;
 mod gc;
 mod loader;
 mod local_ports;
@@ -24,6 +25,7 @@ pub use attach::{
 };
 pub use cleanup::{Cleaned, CleanupError, cleanup};
 pub use counters::{CountersError, read_counters};
+pub use features::KernelFeatures;
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{
     LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
