@@ -677,3 +677,74 @@ ports:
         back.elapsed()
     );
 }
+
+/// A node's proxy started as kubeadm starts kube-proxy: the binary as `kube-proxy`, kubeadm's
+/// KubeProxyConfiguration (its ConfigMap's `config.conf`, verbatim but for where the kubeconfig
+/// is) and its command line, plus the lab's own pin directory and cgroup. It adopts the node's
+/// pins, programs what changes in the API server and serves kube-proxy's /healthz.
+#[test]
+fn a_node_proxy_runs_as_kubeadm_runs_kube_proxy() {
+    let (_turn, mut cluster) = start(1);
+    cluster
+        .kubectl(&["apply", "-f", &examples("hostname").to_string_lossy()])
+        .expect("kubectl apply -f examples/hostname");
+    let cluster_ip = cluster.cluster_ip("hostname-svc-clusterip").unwrap();
+    cluster
+        .wait_for_answers(&cluster.toolbox, at(cluster_ip, 8080), 30, SETTLE, |pods| {
+            pods.len() == 3
+        })
+        .unwrap();
+
+    cluster.stop_proxy(0, nix::sys::signal::Signal::SIGTERM);
+    let dir = tempfile::tempdir().unwrap();
+    let kube_proxy = dir.path().join("kube-proxy");
+    std::os::unix::fs::symlink(BINARY, &kube_proxy).unwrap();
+    let config = dir.path().join("config.conf");
+    let kubeadm = include_str!("../testdata/kubeadm-config.conf");
+    assert!(kubeadm.contains("kubeconfig: /var/lib/kube-proxy/kubeconfig.conf"));
+    std::fs::write(
+        &config,
+        kubeadm.replace(
+            "/var/lib/kube-proxy/kubeconfig.conf",
+            &cluster.proxy_kubeconfig.to_string_lossy(),
+        ),
+    )
+    .unwrap();
+    let args: Vec<std::ffi::OsString> = vec![
+        format!("--config={}", config.display()).into(),
+        "--hostname-override=node1".into(),
+        // The lab's: this node's pins and the cgroup its socket hooks act in.
+        "--bpf-pin-path".into(),
+        cluster.pin_path(0).into(),
+        "--cgroup-path".into(),
+        cluster.proxy_cgroup(0).into(),
+    ];
+    let mut proxy = proxy_lab::Proxy::start_command(&kube_proxy, &cluster.nodes[0], &args)
+        .expect("kube-proxy --config=… --hostname-override=node1 starts");
+    let healthz = cluster.nodes[0]
+        .command("curl")
+        .args(["--silent", "--fail", "--max-time", "5"])
+        .arg("http://127.0.0.1:10256/healthz")
+        .output()
+        .unwrap();
+    assert!(
+        healthz.status.success(),
+        "kube-proxy's /healthz (kubeadm's config leaves healthzBindAddress empty: 0.0.0.0:10256)"
+    );
+
+    // What the API server changes now, this proxy programs.
+    cluster
+        .kubectl(&["scale", "deployment", "hostname-deployment", "--replicas=5"])
+        .unwrap();
+    cluster
+        .wait_for_answers(&cluster.toolbox, at(cluster_ip, 8080), 60, SETTLE, |pods| {
+            pods.len() == 5
+        })
+        .unwrap();
+    proxy
+        .wait_for_log(
+            "mode \"\": kube-ebpf-proxy programs its eBPF dataplane instead",
+            Duration::from_secs(1),
+        )
+        .expect("kubeadm's mode is noted");
+}

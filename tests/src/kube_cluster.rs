@@ -208,6 +208,18 @@ impl KubeCluster {
         self.cgroups[node].path()
     }
 
+    /// Stops node `node`'s proxy with `signal`; its programs stay attached and pinned.
+    pub fn stop_proxy(&mut self, node: usize, signal: nix::sys::signal::Signal) {
+        if let Some(proxy) = self.proxies[node].take() {
+            proxy.stop(signal);
+        }
+    }
+
+    /// Where node `node`'s proxy pins its maps and links.
+    pub fn pin_path(&self, node: usize) -> &Path {
+        self.pin_dirs[node].path()
+    }
+
     pub fn proxy(&mut self, node: usize) -> &mut Proxy {
         self.proxies[node].as_mut().expect("the proxy runs")
     }

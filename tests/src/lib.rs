@@ -380,11 +380,17 @@ impl Proxy {
     /// Starts `binary run --bpf-pin-path PIN EXTRA…` inside `ns` and waits until it has
     /// programmed its first snapshot of the source given in `extra` (e.g. `--manifests DIR`).
     pub fn start(binary: &Path, ns: &Netns, pin_dir: &PinDir, extra: &[&str]) -> Result<Self> {
-        let mut cmd = ns.command(binary);
-        cmd.arg("run")
-            .arg("--bpf-pin-path")
-            .arg(pin_dir.path())
-            .args(extra)
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["run".into(), "--bpf-pin-path".into(), pin_dir.path().into()];
+        args.extend(extra.iter().map(Into::into));
+        Self::start_command(binary, ns, &args)
+    }
+
+    /// Starts `program ARGS…`, an exact command line (kubeadm's, say), inside `ns` and waits
+    /// until it has programmed its first snapshot.
+    pub fn start_command(program: &Path, ns: &Netns, args: &[std::ffi::OsString]) -> Result<Self> {
+        let mut cmd = ns.command(program);
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -410,7 +416,7 @@ impl Proxy {
             log,
             lines: Vec::new(),
         };
-        proxy.wait_for_log("initial sync programmed", Duration::from_secs(30))?;
+        proxy.wait_for_log("initial sync programmed", scaled(Duration::from_secs(30)))?;
         Ok(proxy)
     }
 
