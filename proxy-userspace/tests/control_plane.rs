@@ -152,10 +152,9 @@ spec:
     )
 }
 
-#[test]
-fn a_pod_failing_readiness_leaves_and_comes_back() {
-    let (_turn, cluster) = start(2);
-    backends(&cluster);
+/// The `backends` Service (port 80 → the bare pods' 9000); its ClusterIP once both pods answer
+/// on it.
+fn backends_service(cluster: &KubeCluster) -> Ipv4Addr {
     cluster
         .apply(
             "apiVersion: v1
@@ -172,10 +171,20 @@ spec:
         )
         .unwrap();
     let ip = cluster.cluster_ip("backends").unwrap();
-    let both = |pods: &[String]| pods == ["backend-a", "backend-b"];
     cluster
-        .wait_for_answers(&cluster.toolbox, at(ip, 80), 30, SETTLE, both)
+        .wait_for_answers(&cluster.toolbox, at(ip, 80), 30, SETTLE, |pods| {
+            pods == ["backend-a", "backend-b"]
+        })
         .unwrap();
+    ip
+}
+
+#[test]
+fn a_pod_failing_readiness_leaves_and_comes_back() {
+    let (_turn, cluster) = start(2);
+    backends(&cluster);
+    let ip = backends_service(&cluster);
+    let both = |pods: &[String]| pods == ["backend-a", "backend-b"];
     cluster.set_pod_ready("backend-a", false).unwrap();
     cluster
         .wait_for_answers(&cluster.toolbox, at(ip, 80), 30, SETTLE, |pods| {
@@ -548,26 +557,8 @@ subjects:
 fn api_server_restarted_and_stopped_for_two_minutes() {
     let (_turn, mut cluster) = start(2);
     let (a, _) = backends(&cluster);
-    cluster
-        .apply(
-            "apiVersion: v1
-kind: Service
-metadata:
-  name: backends
-spec:
-  selector:
-    app: backends
-  ports:
-  - port: 80
-    targetPort: 9000
-",
-        )
-        .unwrap();
-    let ip = cluster.cluster_ip("backends").unwrap();
+    let ip = backends_service(&cluster);
     let both = |pods: &[String]| pods == ["backend-a", "backend-b"];
-    cluster
-        .wait_for_answers(&cluster.toolbox, at(ip, 80), 30, SETTLE, both)
-        .unwrap();
 
     // A restart: the proxies re-watch, and a change after it is applied.
     cluster.control_plane.stop_apiserver();
