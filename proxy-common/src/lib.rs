@@ -26,7 +26,9 @@
 //! `SERVICES`, `BACKENDS` and `VIPS` allocate entries on demand (`BPF_F_NO_PREALLOC`); the LRU
 //! maps are preallocated. The programs also use two per-CPU scratch arrays (`PACKET_SCRATCH`,
 //! `REJECT_SCRATCH`) that hold nothing between runs and are deliberately not pinned: each
-//! loaded object (the proxy, a `trace` run) must have its own.
+//! loaded object (the proxy, a `trace` run) must have its own. Neither is the LRU `FRAGMENTS`
+//! map (a datagram's identity → its first fragment's ports), whose entries live only while one
+//! datagram's fragments are in flight.
 #![no_std]
 
 pub mod crc32c;
@@ -568,7 +570,8 @@ pub enum Counter {
     BackendMissing = 13,
     /// Truncated or inconsistent headers: passed untouched.
     ParseFailures = 14,
-    /// IP fragments: passed untouched.
+    /// IP fragments seen (first and later ones; TCP and UDP fragments follow their first
+    /// fragment's translation, others pass untouched).
     Fragments = 15,
     /// IPv4 packets with options: passed untouched.
     Ipv4Options = 16,
@@ -609,10 +612,21 @@ pub enum Counter {
     /// Translated packets the FIB lookup sent to the stack (local destination, no route,
     /// fragmentation needed, TTL expiring): delivered as without the fast path.
     FastPathFallbacks = 32,
+    /// Later fragments of a datagram translated like its first fragment (its flow's entry).
+    FragmentsFollowed = 33,
+    /// Later fragments whose first fragment was not seen (reordered, or its entry evicted):
+    /// passed untouched.
+    FragmentsWithoutFirst = 34,
+    /// First fragments whose ports could not be remembered: their later fragments pass
+    /// untouched.
+    FragmentRecordFailures = 35,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" the program sent to a client whose
+    /// translated packet did not fit the egress MTU (PMTU discovery through a Service).
+    IcmpTooBigSent = 36,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 33] = [
+    pub const ALL: [Counter; 37] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -646,6 +660,10 @@ impl Counter {
         Counter::ServiceCidrNotNew,
         Counter::FastPathRedirects,
         Counter::FastPathFallbacks,
+        Counter::FragmentsFollowed,
+        Counter::FragmentsWithoutFirst,
+        Counter::FragmentRecordFailures,
+        Counter::IcmpTooBigSent,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -683,6 +701,10 @@ impl Counter {
             Counter::ServiceCidrNotNew => "service_cidr_not_new",
             Counter::FastPathRedirects => "fast_path_redirects",
             Counter::FastPathFallbacks => "fast_path_fallbacks",
+            Counter::FragmentsFollowed => "fragments_followed",
+            Counter::FragmentsWithoutFirst => "fragments_without_first",
+            Counter::FragmentRecordFailures => "fragment_record_failures",
+            Counter::IcmpTooBigSent => "icmp_too_big_sent",
         }
     }
 }

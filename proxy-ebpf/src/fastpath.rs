@@ -4,17 +4,21 @@
 //! never saw begin, and a host firewall's `ct state invalid drop` would drop it) or the
 //! reverse-path filter (which would reject a reply whose translated source routes elsewhere,
 //! or a masqueraded packet carrying a node address). Everything the FIB cannot forward (a local
-//! destination, no route, a packet needing fragmentation, an expiring TTL) goes to the stack
-//! as before. `bpf_redirect_neigh` needs Linux 5.10; every supported kernel has it.
+//! destination, no route, an IPv4 packet without DF needing fragmentation, an expiring TTL)
+//! goes to the stack as before. A packet over the egress MTU that may not be fragmented is
+//! answered by the program itself (`reject::too_big`): the stack would quote the translated
+//! packet, which the client cannot match, or drop a masqueraded one as a martian. `bpf_redirect_neigh` needs
+//! Linux 5.10; every supported kernel has it.
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_OK, bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::{CONFIG_F_FAST_PATH, Counter};
+use proxy_common::{CONFIG_F_FAST_PATH, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{config, count},
@@ -25,6 +29,13 @@ const OK: i32 = TC_ACT_OK as i32;
 /// What a step returns for a packet it translated: the entry point then delivers it
 /// ([`delivered`]), outside the step's stack frame.
 pub const TRANSLATED: i32 = i32::MIN + 1;
+/// What [`delivered`] returns for a translated packet larger than its egress device's MTU that
+/// may not be fragmented (IPv4 with DF, any IPv6): this plus the MTU (at most 65535), for the
+/// caller to answer the client ([`too_big_mtu`]). Apart from every tc verdict and from the other
+/// markers (all below `i32::MIN + 32`).
+const TOO_BIG_BASE: i32 = i32::MIN + 0x1_0000;
+/// IPv4's don't-fragment flag in the (host order) fragment field.
+const IPV4_DF: u16 = 0x4000;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const AF_INET: u8 = 2;
@@ -36,7 +47,8 @@ const IPV6_HOP_LIMIT: usize = ETH_HLEN + 7;
 const IPV6_FLOWINFO_MASK: u32 = 0x0FFF_FFFF_u32.to_be();
 
 /// The final verdict for a step's `verdict`: a translated packet goes through the fast path
-/// when the controller turned it on, else to the stack.
+/// when the controller turned it on, else to the stack. A packet the egress MTU refuses comes
+/// back as a [`too_big_mtu`] marker, never as a verdict.
 #[inline(always)]
 pub fn delivered(ctx: &TcContext, verdict: i32) -> i32 {
     if verdict != TRANSLATED {
@@ -58,18 +70,23 @@ fn deliver(ctx: &TcContext) -> i32 {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return fallback();
     };
+    // IPv6 routers never fragment: only an IPv4 packet without DF may be left to the stack's
+    // fragmentation.
+    let mut may_fragment = false;
     let hop_limit = match u16::from_be(ethertype) {
         ETH_P_IP => {
-            let (Ok(ttl), Ok(tos), Ok(proto), Ok(tot_len), Ok(src), Ok(dst)) = (
+            let (Ok(ttl), Ok(tos), Ok(proto), Ok(tot_len), Ok(src), Ok(dst), Ok(frag_off)) = (
                 ctx.load::<u8>(IPV4_TTL),
                 ctx.load::<u8>(ETH_HLEN + 1),
                 ctx.load::<u8>(ETH_HLEN + 9),
                 ctx.load::<u16>(ETH_HLEN + 2),
                 ctx.load::<u32>(ETH_HLEN + 12),
                 ctx.load::<u32>(ETH_HLEN + 16),
+                ctx.load::<u16>(ETH_HLEN + 6),
             ) else {
                 return fallback();
             };
+            may_fragment = u16::from_be(frag_off) & IPV4_DF == 0;
             params.family = AF_INET;
             params.l4_protocol = proto;
             params.__bindgen_anon_1.tot_len = u16::from_be(tot_len);
@@ -101,6 +118,15 @@ fn deliver(ctx: &TcContext) -> i32 {
     };
     // SAFETY: the program's own skb; at tc ingress `ifindex` is the receiving device.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // A GSO packet (a sender's segments merged, up to 64 KiB) leaves as segments: the MTU
+    // applies to each. (Without a length the helper would compare the device's MTU with the
+    // whole packet, and pass every GSO packet whatever its segments' size.)
+    // SAFETY: as above.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size != 0 {
+        let l3_len = if params.family == AF_INET { 20 } else { 40 };
+        params.__bindgen_anon_1.tot_len = gso_segment_len(ctx, l3_len, params.l4_protocol, gso_size);
+    }
     // A router must not forward a packet whose TTL runs out: the stack answers it.
     if hop_limit <= 1 {
         return fallback();
@@ -115,6 +141,12 @@ fn deliver(ctx: &TcContext) -> i32 {
         )
     };
     let found = u32::try_from(found).unwrap_or(u32::MAX);
+    if found == BPF_FIB_LKUP_RET_FRAG_NEEDED && !may_fragment {
+        // The stack would answer "fragmentation needed" about the translated packet (which the
+        // client cannot match), or drop it as a martian when masqueraded: the caller answers.
+        // SAFETY: the helper wrote `mtu_result` with this answer (Linux ≥ 5.12).
+        return TOO_BIG_BASE + i32::from(unsafe { params.__bindgen_anon_1.mtu_result });
+    }
     if found != BPF_FIB_LKUP_RET_SUCCESS && found != BPF_FIB_LKUP_RET_NO_NEIGH {
         return fallback();
     }
@@ -135,10 +167,46 @@ fn deliver(ctx: &TcContext) -> i32 {
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
+/// The MTU a [`delivered`] answer reports as too small for the packet, or 0 for a verdict.
+#[inline(always)]
+pub fn too_big_mtu(answer: i32) -> u16 {
+    match answer.checked_sub(TOO_BIG_BASE) {
+        Some(mtu) if (0..=0xffff).contains(&mtu) => mtu as u16,
+        _ => 0,
+    }
+}
+
+/// [`delivered`]'s answer for a caller that has no error to send: a packet over the MTU goes to
+/// the stack.
+#[inline(always)]
+pub fn or_stack(answer: i32) -> i32 {
+    if too_big_mtu(answer) == 0 {
+        answer
+    } else {
+        fallback()
+    }
+}
+
 #[inline(always)]
 fn fallback() -> i32 {
     count(Counter::FastPathFallbacks);
     OK
+}
+
+/// The network length of each segment of a GSO packet: its IP and L4 headers (TCP's with
+/// options) and `gso_size` bytes of payload. 0 (the helper then checks the whole packet against
+/// the device) when the headers cannot be read.
+#[inline(always)]
+fn gso_segment_len(ctx: &TcContext, l3_len: usize, proto: u8, gso_size: u32) -> u16 {
+    let l4_len = match proto {
+        IPPROTO_TCP => match ctx.load::<u8>(ETH_HLEN + l3_len + 12) {
+            Ok(data_offset) => usize::from(data_offset >> 4) * 4,
+            Err(_) => return 0,
+        },
+        IPPROTO_UDP => 8,
+        _ => return 0,
+    };
+    u16::try_from(l3_len + l4_len + gso_size as usize).unwrap_or(u16::MAX)
 }
 
 /// What forwarding does to the header: TTL (with the IPv4 checksum) or hop limit minus one.

@@ -1,5 +1,5 @@
 //! kube-ebpf-proxy's kernel programs. Entry points stay thin; the work is in the modules:
-//! `parse` (headers), `service` (lookup, classification, backend choice), `conntrack`, `nat`
+//! `parse` (headers), `frag` (fragments follow their first), `service` (lookup, classification, backend choice), `conntrack`, `nat`
 //! (rewrites and checksums), `sctp` (its CRC32c), `reject` (ICMP generation), `icmp` (error translation), `sock`
 //! (host-originated traffic) and `maps`.
 #![no_std]
@@ -7,6 +7,7 @@
 
 mod conntrack;
 mod fastpath;
+mod frag;
 mod icmp;
 mod maps;
 mod nat;

@@ -137,7 +137,8 @@ pub fn replace_port(
     Ok(())
 }
 
-/// Rewrites a flow's packet: destination and/or source, addresses and ports.
+/// Rewrites a flow's packet: destination and/or source, addresses and ports (a later fragment
+/// has no ports: its addresses only).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -> Result<(), ()> {
     let l3 = (flow.family == FAMILY_IPV4).then_some(IPV4_CSUM_OFF);
@@ -158,7 +159,9 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -
                 addr_csums,
             )?;
         }
-        replace_port(ctx, flow.l4_off + 2, flow.dport, dst.port, flow.l4_csum())?;
+        if !flow.later_fragment {
+            replace_port(ctx, flow.l4_off + 2, flow.dport, dst.port, flow.l4_csum())?;
+        }
     }
     if new_src.set {
         let src = new_src.endpoint;
@@ -172,7 +175,9 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -
                 addr_csums,
             )?;
         }
-        replace_port(ctx, flow.l4_off, flow.sport, src.port, flow.l4_csum())?;
+        if !flow.later_fragment {
+            replace_port(ctx, flow.l4_off, flow.sport, src.port, flow.l4_csum())?;
+        }
     }
     Ok(())
 }

@@ -8,13 +8,18 @@ use proxy_common::{
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::maps::count;
+use crate::{
+    frag::{self, FragKey},
+    maps::count,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
+const IPV6_FRAGMENT_HEADER: u8 = 44;
+const IPV6_FRAG_HLEN: usize = 8;
 /// Offset of the IPv4 header checksum.
 pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 
@@ -44,6 +49,17 @@ pub struct Ipv6Hdr {
     pub daddr: Addr,
 }
 
+/// The IPv6 fragment extension header (RFC 8200 4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6FragHdr {
+    next_header: u8,
+    _reserved: u8,
+    /// Offset in 8-byte units (upper 13 bits) and the more-fragments flag (lowest bit).
+    offset_flags: u16,
+    id: u32,
+}
+
 /// A TCP/UDP/SCTP packet with clean headers: its tuple and where its fields are.
 #[derive(Clone, Copy)]
 pub struct Flow {
@@ -58,6 +74,9 @@ pub struct Flow {
     /// The L4 header and payload length the IP header declares (checked against the packet).
     pub l4_len: u16,
     pub tcp_flags: u8,
+    /// A fragment after the first: no L4 header, the ports are its first fragment's
+    /// ([`crate::frag`]); only its addresses are rewritten.
+    pub later_fragment: bool,
 }
 
 impl Flow {
@@ -83,6 +102,9 @@ impl Flow {
     /// The L4 checksum covering the pseudo header, if the protocol has one.
     #[inline(always)]
     pub fn l4_csum(&self) -> L4Csum {
+        if self.later_fragment {
+            return L4Csum::None;
+        }
         match self.proto {
             IPPROTO_TCP => L4Csum::Inet(self.l4_off + 16),
             IPPROTO_UDP => L4Csum::Udp(self.l4_off + 6),
@@ -123,6 +145,9 @@ pub struct IcmpError {
 /// What the parser found; the headers themselves are in [`Scratch`].
 pub enum Parsed {
     Flow,
+    /// A TCP/UDP fragment after the first whose first fragment was seen: `flow` holds the
+    /// datagram's tuple; only a known flow translates it.
+    LaterFragment,
     IcmpError,
     /// An ICMP / ICMPv6 echo request: `icmp.family` and `icmp.outer_dst` are set (kube-proxy
     /// rejects every protocol to a ClusterIP and drops it to an unallocated service address).
@@ -140,6 +165,9 @@ pub struct Scratch {
     pub icmp: IcmpError,
     /// What `new_flow` chose, for `open_flow`.
     pub chosen: crate::tc::Chosen,
+    /// The identity of the datagram a fragment belongs to (map keys are read from here, off
+    /// the stack).
+    pub frag_key: FragKey,
 }
 
 #[map(name = "PACKET_SCRATCH")]
@@ -193,16 +221,23 @@ fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
         count(Counter::ParseFailures);
         return Err(());
     }
-    // More-fragments flag or a fragment offset: only the first fragment carries ports, so
-    // translating it alone would split the datagram between two destinations.
-    if be16(ip.frag_off) & 0x3fff != 0 {
-        count(Counter::Fragments);
-        return Ok(Parsed::Pass);
-    }
     let l4_off = ETH_HLEN + IPV4_HLEN;
     let l4_len = total - IPV4_HLEN as u32;
     let src = [ip.saddr, 0, 0, 0];
     let dst = [ip.daddr, 0, 0, 0];
+    // More-fragments flag or a fragment offset.
+    let frag_off = be16(ip.frag_off);
+    if frag_off & 0x3fff != 0 {
+        out.frag_key = FragKey {
+            src,
+            dst,
+            id: u32::from(ip.id),
+            proto: ip.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        };
+        return parse_fragment(ctx, out, frag_off & 0x1fff == 0, l4_off, l4_len);
+    }
     if ip.proto == IPPROTO_ICMP {
         return parse_icmp(ctx, &mut out.icmp, FAMILY_IPV4, src, dst, l4_off, l4_len);
     }
@@ -215,7 +250,57 @@ fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
         dst,
         l4_off,
         l4_len,
+        false,
     )
+}
+
+/// A fragment of a TCP or UDP datagram whose identity is in `out.frag_key`: the first one is
+/// parsed as a flow and its ports remembered; a later one takes them from its first fragment.
+/// Other protocols' fragments pass (an SCTP CRC32c or an ICMP error spans the whole datagram).
+#[inline(always)]
+fn parse_fragment(
+    ctx: &TcContext,
+    out: &mut Scratch,
+    first: bool,
+    l4_off: usize,
+    l4_len: u32,
+) -> Result<Parsed, ()> {
+    count(Counter::Fragments);
+    let key = out.frag_key;
+    if key.proto != IPPROTO_TCP && key.proto != IPPROTO_UDP {
+        return Ok(Parsed::Pass);
+    }
+    if first {
+        let parsed = parse_l4(
+            ctx,
+            &mut out.flow,
+            key.family,
+            key.proto,
+            key.src,
+            key.dst,
+            l4_off,
+            l4_len,
+            true,
+        )?;
+        frag::remember_first(out);
+        return Ok(parsed);
+    }
+    let Some((sport, dport)) = frag::ports_of_later(out) else {
+        return Ok(Parsed::Pass);
+    };
+    out.flow = Flow {
+        family: key.family,
+        proto: key.proto,
+        src: key.src,
+        dst: key.dst,
+        sport,
+        dport,
+        l4_off,
+        l4_len: 0,
+        tcp_flags: 0,
+        later_fragment: true,
+    };
+    Ok(Parsed::LaterFragment)
 }
 
 #[inline(always)]
@@ -243,6 +328,7 @@ fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
             ip.daddr,
             l4_off,
             payload,
+            false,
         ),
         IPPROTO_ICMPV6 => parse_icmp(
             ctx,
@@ -253,10 +339,29 @@ fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
             l4_off,
             payload,
         ),
-        // Fragment header: pass, like IPv4 fragments.
-        44 => {
-            count(Counter::Fragments);
-            Ok(Parsed::Pass)
+        IPV6_FRAGMENT_HEADER => {
+            if payload < IPV6_FRAG_HLEN as u32 {
+                count(Counter::ParseFailures);
+                return Err(());
+            }
+            let frag: Ipv6FragHdr = ctx.load(l4_off).map_err(fail)?;
+            out.frag_key = FragKey {
+                src: ip.saddr,
+                dst: ip.daddr,
+                id: frag.id,
+                proto: frag.next_header,
+                family: FAMILY_IPV6,
+                _pad: [0; 2],
+            };
+            // The offset is the upper 13 bits; the lowest is the more-fragments flag.
+            let first = be16(frag.offset_flags) >> 3 == 0;
+            parse_fragment(
+                ctx,
+                out,
+                first,
+                l4_off + IPV6_FRAG_HLEN,
+                payload - IPV6_FRAG_HLEN as u32,
+            )
         }
         // Hop-by-hop, routing, destination options, AH, ESP: not walked (bounded parsing).
         0 | 43 | 60 | 51 | 50 => {
@@ -278,6 +383,7 @@ fn parse_l4(
     dst: Addr,
     l4_off: usize,
     l4_len: u32,
+    first_fragment: bool,
 ) -> Result<Parsed, ()> {
     let min = match proto {
         IPPROTO_TCP => 20,
@@ -303,7 +409,8 @@ fn parse_l4(
     } else if proto == IPPROTO_UDP {
         let udp_len: u16 = ctx.load(l4_off + 4).map_err(fail)?;
         let udp_len = u32::from(be16(udp_len));
-        if udp_len < 8 || udp_len > l4_len {
+        // A first fragment holds only the start of the datagram the UDP length covers.
+        if udp_len < 8 || (udp_len > l4_len && !first_fragment) {
             count(Counter::ParseFailures);
             return Err(());
         }
@@ -319,6 +426,7 @@ fn parse_l4(
         // Both IP length fields are 16 bits.
         l4_len: l4_len as u16,
         tcp_flags,
+        later_fragment: false,
     };
     Ok(Parsed::Flow)
 }

@@ -1,9 +1,10 @@
 //! REJECT: turns the packet into an ICMP / ICMPv6 port unreachable addressed to its sender and
-//! sends it back out of the interface it came in on. Like kube-proxy's nftables `reject`, this
+//! sends it back out of the interface it came in on. The same builder answers a translated
+//! packet too big for its egress device (`too_big`). Like kube-proxy's nftables `reject`, this
 //! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
+    bindings::{__sk_buff, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     macros::map,
     maps::PerCpuArray,
@@ -13,7 +14,7 @@ use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     maps::count,
-    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr},
+    parse::{self, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr},
 };
 
 /// Bytes of the offending packet's L4 header quoted after its IP header (the minimum both
@@ -114,19 +115,77 @@ fn send_back(ctx: &TcContext) -> i32 {
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
+/// The ICMP error to build: the port unreachable of a REJECT, or the "fragmentation needed" /
+/// "packet too big" of a translated packet over the egress MTU (with that MTU).
+#[derive(Clone, Copy)]
+struct ErrorKind {
+    /// ICMP type and code for IPv4, ICMPv6 type and code for IPv6.
+    v4: (u8, u8),
+    v6: (u8, u8),
+    /// The header's last four bytes (network order): the next-hop MTU for a too-big error
+    /// (RFC 1191 puts it in the low 16 bits, RFC 8201 uses all 32; the same bytes for both).
+    info: u32,
+    /// The packet was translated: quote it as its sender sent it (from the parsed flow).
+    quote_original: bool,
+}
+
 /// Replaces the packet with a port unreachable for its sender. The caller has checked that the
 /// packet has a plain IP header (no options) and at least 8 bytes of L4 header.
 #[inline(never)]
 pub fn reject(ctx: &TcContext, family: u8) -> i32 {
+    let kind = ErrorKind {
+        v4: (3, 3),
+        v6: (1, 4),
+        info: 0,
+        quote_original: false,
+    };
+    answer(ctx, family, kind)
+}
+
+/// Replaces the translated packet of the parsed flow, which does not fit the egress device's
+/// `mtu`, with an ICMP "fragmentation needed" / ICMPv6 "packet too big" for its sender, about
+/// the packet as the sender sent it and from the address it sent to, so that the sender's PMTU
+/// discovery matches it to its socket. A fragment, or a packet whose headers the error could
+/// not quote as sent, goes to the stack instead (counted as a fast-path fallback).
+#[inline(never)]
+pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
+    let Some(parsed) = parse::scratch() else {
+        return TC_ACT_OK as i32;
+    };
+    let flow = &parsed.flow;
+    let plain_hlen = if flow.family == FAMILY_IPV4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
+    if flow.later_fragment || flow.l4_off != ETH_HLEN + plain_hlen {
+        count(Counter::FastPathFallbacks);
+        return TC_ACT_OK as i32;
+    }
+    let kind = ErrorKind {
+        v4: (3, 4),
+        v6: (2, 0),
+        info: u32::from(mtu).to_be(),
+        quote_original: true,
+    };
+    let verdict = answer(ctx, flow.family, kind);
+    if verdict != TC_ACT_SHOT as i32 {
+        count(Counter::IcmpTooBigSent);
+    }
+    verdict
+}
+
+#[inline(always)]
+fn answer(ctx: &TcContext, family: u8, kind: ErrorKind) -> i32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT as i32;
     };
     // SAFETY: this CPU's scratch slot, used by this program run only.
     let scratch = unsafe { &mut *scratch };
     let built = if family == FAMILY_IPV4 {
-        reject_ipv4(ctx, scratch)
+        reject_ipv4(ctx, scratch, kind)
     } else {
-        reject_ipv6(ctx, scratch)
+        reject_ipv6(ctx, scratch, kind)
     };
     if built.is_err() {
         count(Counter::RewriteFailures);
@@ -135,11 +194,32 @@ pub fn reject(ctx: &TcContext, family: u8) -> i32 {
     send_back(ctx)
 }
 
+/// Puts the parsed flow's original addresses and ports back into a quote of its translated
+/// packet. The quoted L4 checksum is left as it is: receivers read only the ports (and TCP's
+/// sequence number) of a quote.
 #[inline(always)]
-fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+fn restore_ports(quoted_l4: &mut [u8; QUOTED_L4], flow: &parse::Flow) {
+    quoted_l4[..2].copy_from_slice(&flow.sport.to_ne_bytes());
+    quoted_l4[2..4].copy_from_slice(&flow.dport.to_ne_bytes());
+}
+
+#[inline(always)]
+fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Result<(), ()> {
     let reply = &mut scratch.v4;
     reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
     reply.quoted_l4 = ctx.load(ETH_HLEN + IPV4_HLEN).map_err(|_| ())?;
+    if kind.quote_original {
+        let flow = &parse::scratch().ok_or(())?.flow;
+        reply.quoted_ip.saddr = flow.src[0];
+        reply.quoted_ip.daddr = flow.dst[0];
+        reply.quoted_ip.check = 0;
+        reply.quoted_ip.check = fold(csum_add(
+            core::ptr::from_ref(&reply.quoted_ip).cast(),
+            IPV4_HLEN as u32,
+            0,
+        ));
+        restore_ports(&mut reply.quoted_l4, flow);
+    }
     let body_len = size_of::<Icmp4Reply>();
     reply.ip = Ipv4Hdr {
         version_ihl: 0x45,
@@ -154,10 +234,10 @@ fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
         daddr: reply.quoted_ip.saddr,
     };
     reply.icmp = IcmpHdr {
-        kind: 3,
-        code: 3,
+        kind: kind.v4.0,
+        code: kind.v4.1,
         csum: 0,
-        unused: 0,
+        unused: kind.info,
     };
     reply.ip.check = fold(csum_add(
         core::ptr::from_ref(&reply.ip).cast(),
@@ -175,10 +255,16 @@ fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
 }
 
 #[inline(always)]
-fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Result<(), ()> {
     let reply = &mut scratch.v6;
     reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
     reply.quoted_l4 = ctx.load(ETH_HLEN + IPV6_HLEN).map_err(|_| ())?;
+    if kind.quote_original {
+        let flow = &parse::scratch().ok_or(())?.flow;
+        reply.quoted_ip.saddr = flow.src;
+        reply.quoted_ip.daddr = flow.dst;
+        restore_ports(&mut reply.quoted_l4, flow);
+    }
     let body_len = size_of::<Icmp6Reply>();
     let icmp_len = body_len - IPV6_HLEN;
     reply.ip = Ipv6Hdr {
@@ -190,11 +276,10 @@ fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
         daddr: reply.quoted_ip.saddr,
     };
     reply.icmp = IcmpHdr {
-        // Destination unreachable, port unreachable.
-        kind: 1,
-        code: 4,
+        kind: kind.v6.0,
+        code: kind.v6.1,
         csum: 0,
-        unused: 0,
+        unused: kind.info,
     };
     let pseudo = &mut scratch.pseudo;
     *pseudo = Ipv6PseudoHdr {

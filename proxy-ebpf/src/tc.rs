@@ -13,12 +13,12 @@ use proxy_common::{
 
 use crate::{
     conntrack,
-    fastpath::{TRANSLATED, delivered},
+    fastpath::{TRANSLATED, delivered, or_stack, too_big_mtu},
     icmp,
     maps::{CONNTRACK, VIPS, config, count},
     nat::{self, Endpoint, Target},
     parse::{self, Parsed, scratch},
-    reject::reject,
+    reject::{self, reject},
     sctp,
     service::{self, Action},
 };
@@ -33,7 +33,8 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
     match parse::parse(ctx) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx))),
+        Parsed::LaterFragment => return Ok(later_fragment(ctx)),
+        Parsed::IcmpError => return Ok(or_stack(delivered(ctx, icmp::translate_error(ctx)))),
         Parsed::Echo => return Ok(echo().apply(ctx)),
         Parsed::Pass => return Err(OK),
     }
@@ -49,7 +50,25 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
-    Ok(delivered(ctx, sctp::finish(ctx, verdict)))
+    let answer = delivered(ctx, sctp::finish(ctx, verdict));
+    match too_big_mtu(answer) {
+        0 => Ok(answer),
+        mtu => Ok(reject::too_big(ctx, mtu)),
+    }
+}
+
+/// A fragment after the first, with its first fragment's ports: translated only by its flow's
+/// conntrack entry (the first fragment made every decision and opened the flow).
+#[inline(always)]
+fn later_fragment(ctx: &TcContext) -> i32 {
+    let verdict = known_flow(ctx);
+    if verdict == NOT_KNOWN {
+        return OK;
+    }
+    if verdict == TRANSLATED {
+        count(Counter::FragmentsFollowed);
+    }
+    or_stack(delivered(ctx, verdict))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
