@@ -326,12 +326,10 @@ fn malformed_packets_pass_untouched() {
     let mut options = good.clone();
     options[ip] = 0x46;
     cases.push(("IPv4 options", options));
-    let mut first_fragment = good.clone();
-    first_fragment[ip + 6] = 0x20; // more fragments
-    cases.push(("first fragment", first_fragment));
+    // (A first fragment is translated: `fragments_follow_their_first_fragment`.)
     let mut later_fragment = good.clone();
     later_fragment[ip + 6..ip + 8].copy_from_slice(&100u16.to_be_bytes());
-    cases.push(("non-first fragment", later_fragment));
+    cases.push(("non-first fragment without its first", later_fragment));
     let mut bad_offset = good.clone();
     bad_offset[ip + 20 + 12] = 0xf0; // TCP data offset 60 > segment
     cases.push(("TCP data offset beyond the segment", bad_offset));
@@ -359,6 +357,96 @@ fn malformed_packets_pass_untouched() {
     }
     // Nothing was tracked for any of them.
     assert!(fx.maps.conntrack_entries().unwrap().is_empty());
+}
+
+/// `frame` (an IPv4 or IPv6 packet from [`packet::build`]) made a fragment of datagram `id`:
+/// at `offset` 8-byte units, with the more-fragments flag when `more`. IPv6 gets a fragment
+/// header; IPv4 its header checksum again.
+fn fragment(frame: &[u8], v6: bool, id: u32, offset: u16, more: bool) -> Vec<u8> {
+    let ip = packet::ETH_HLEN;
+    let offset_flags = if v6 {
+        (offset << 3) | u16::from(more)
+    } else {
+        offset | (u16::from(more) << 13)
+    };
+    let mut out = frame.to_vec();
+    if v6 {
+        let next_header = out[ip + 6];
+        out[ip + 6] = 44;
+        let payload_len = u16::from_be_bytes([out[ip + 4], out[ip + 5]]) + 8;
+        out[ip + 4..ip + 6].copy_from_slice(&payload_len.to_be_bytes());
+        let mut header = vec![next_header, 0];
+        header.extend_from_slice(&offset_flags.to_be_bytes());
+        header.extend_from_slice(&id.to_be_bytes());
+        out.splice(ip + 40..ip + 40, header);
+    } else {
+        out[ip + 4..ip + 6].copy_from_slice(&u16::try_from(id).unwrap().to_be_bytes());
+        out[ip + 6..ip + 8].copy_from_slice(&offset_flags.to_be_bytes());
+        out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+        let check = packet::internet_checksum(&out[ip..ip + 20], 0);
+        out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    }
+    out
+}
+
+/// The destination address of an IPv4 or IPv6 frame.
+fn frame_dst(frame: &[u8], v6: bool) -> IpAddr {
+    let ip = packet::ETH_HLEN;
+    if v6 {
+        IpAddr::from(<[u8; 16]>::try_from(&frame[ip + 24..ip + 40]).unwrap())
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(&frame[ip + 16..ip + 20]).unwrap())
+    }
+}
+
+#[test]
+fn fragments_follow_their_first_fragment() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = addresses(v6);
+        fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+        let datagram = packet::build(client, frontend, IPPROTO_UDP, &[7u8; 64]);
+        let l4 = packet::ETH_HLEN + if v6 { 48 } else { 20 };
+        let case = format!("v6 {v6}");
+        // The first fragment opens the flow: DNAT, its UDP header's port rewritten.
+        let (code, out) = fx.run(&fragment(&datagram, v6, 0x4242, 0, true));
+        assert_eq!(code, TC_ACT_OK, "{case}");
+        assert_eq!(frame_dst(&out, v6), backend.ip(), "{case}: first fragment");
+        assert_eq!(
+            u16::from_be_bytes([out[l4 + 2], out[l4 + 3]]),
+            backend.port(),
+            "{case}: first fragment's port"
+        );
+        // A later fragment: the same translation of its addresses, its bytes left as they are.
+        let later = fragment(&datagram, v6, 0x4242, 3, false);
+        let (code, out) = fx.run(&later);
+        assert_eq!(code, TC_ACT_OK, "{case}");
+        assert_eq!(frame_dst(&out, v6), backend.ip(), "{case}: later fragment");
+        assert_eq!(
+            out[l4..],
+            later[l4..],
+            "{case}: a later fragment's data is not rewritten"
+        );
+        if !v6 {
+            let ip = packet::ETH_HLEN;
+            assert_eq!(
+                packet::internet_checksum(&out[ip..ip + 20], 0),
+                0,
+                "{case}: IPv4 header checksum"
+            );
+        }
+        // A later fragment of a datagram whose first fragment never came passes untouched.
+        let orphan = fragment(&datagram, v6, 0x4343, 3, false);
+        let (code, out) = fx.run(&orphan);
+        assert_eq!(
+            (code, &out),
+            (TC_ACT_OK, &orphan),
+            "{case}: orphan fragment"
+        );
+        assert_eq!(fx.counter("fragments_followed"), 1, "{case}");
+        assert_eq!(fx.counter("fragments_without_first"), 1, "{case}");
+        assert_eq!(fx.counter("fragments"), 3, "{case}");
+    }
 }
 
 #[test]

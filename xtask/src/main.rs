@@ -150,6 +150,8 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
                 "services",
                 "--test",
                 "traffic",
+                "--test",
+                "fragments",
             ])
             .env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"),
     )?;

@@ -35,6 +35,7 @@ pub const KERNEL_SUITES: &[&str] = &[
     "services",
     "restarts",
     "snat_load",
+    "fragments",
 ];
 /// The suites `cargo xtask test` runs in the VM: under TCG a dataplane load (the verifier over
 /// the tc program) takes tens of seconds, so the whole set would not fit CI's time; these are
