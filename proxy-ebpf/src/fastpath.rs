@@ -7,8 +7,8 @@
 //! destination, no route, an IPv4 packet without DF needing fragmentation, an expiring TTL)
 //! goes to the stack as before. A packet over the egress MTU that may not be fragmented is
 //! answered by the program itself (`reject::too_big`): the stack would quote the translated
-//! packet, which the client cannot match, or drop a masqueraded one as a martian. `bpf_redirect_neigh` needs
-//! Linux 5.10; every supported kernel has it.
+//! packet, which the client cannot match, or drop a masqueraded one as a martian.
+//! `bpf_redirect_neigh` needs Linux 5.10; every supported kernel has it.
 
 use aya_ebpf::{
     bindings::{
@@ -125,7 +125,8 @@ fn deliver(ctx: &TcContext) -> i32 {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size != 0 {
         let l3_len = if params.family == AF_INET { 20 } else { 40 };
-        params.__bindgen_anon_1.tot_len = gso_segment_len(ctx, l3_len, params.l4_protocol, gso_size);
+        params.__bindgen_anon_1.tot_len =
+            gso_segment_len(ctx, l3_len, params.l4_protocol, gso_size);
     }
     // A router must not forward a packet whose TTL runs out: the stack answers it.
     if hop_limit <= 1 {

@@ -1,7 +1,8 @@
 //! kube-ebpf-proxy's kernel programs. Entry points stay thin; the work is in the modules:
-//! `parse` (headers), `frag` (fragments follow their first), `service` (lookup, classification, backend choice), `conntrack`, `nat`
-//! (rewrites and checksums), `sctp` (its CRC32c), `reject` (ICMP generation), `icmp` (error translation), `sock`
-//! (host-originated traffic) and `maps`.
+//! `parse` (headers), `frag` (fragments follow their first), `service` (lookup,
+//! classification, backend choice), `conntrack`, `nat` (rewrites and checksums), `sctp` (its
+//! CRC32c), `reject` (ICMP generation: REJECT, packet too big), `icmp` (error translation),
+//! `sock` (host-originated traffic) and `maps`.
 #![no_std]
 #![no_main]
 
