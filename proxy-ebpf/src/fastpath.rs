@@ -146,7 +146,12 @@ fn deliver(ctx: &TcContext) -> i32 {
         // The stack would answer "fragmentation needed" about the translated packet (which the
         // client cannot match), or drop it as a martian when masqueraded: the caller answers.
         // SAFETY: the helper wrote `mtu_result` with this answer (Linux ≥ 5.12).
-        return TOO_BIG_BASE + i32::from(unsafe { params.__bindgen_anon_1.mtu_result });
+        let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+        // (0 is never an MTU, and would read as no answer: the stack decides then.)
+        if mtu == 0 {
+            return fallback();
+        }
+        return TOO_BIG_BASE + i32::from(mtu);
     }
     if found != BPF_FIB_LKUP_RET_SUCCESS && found != BPF_FIB_LKUP_RET_NO_NEIGH {
         return fallback();
@@ -172,7 +177,7 @@ fn deliver(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn too_big_mtu(answer: i32) -> u16 {
     match answer.checked_sub(TOO_BIG_BASE) {
-        Some(mtu) if (0..=0xffff).contains(&mtu) => mtu as u16,
+        Some(mtu) if (1..=0xffff).contains(&mtu) => mtu as u16,
         _ => 0,
     }
 }
@@ -195,8 +200,8 @@ fn fallback() -> i32 {
 }
 
 /// The network length of each segment of a GSO packet: its IP and L4 headers (TCP's with
-/// options) and `gso_size` bytes of payload. 0 (the helper then checks the whole packet against
-/// the device) when the headers cannot be read.
+/// options) and `gso_size` bytes of payload. 0 when the headers cannot be read: the helper then
+/// checks the packet against the device alone, which lets any GSO packet through (as before).
 #[inline(always)]
 fn gso_segment_len(ctx: &TcContext, l3_len: usize, proto: u8, gso_size: u32) -> u16 {
     let l4_len = match proto {
