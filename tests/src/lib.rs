@@ -4,6 +4,7 @@
 //! Safety rules this crate keeps: it only ever changes namespaces it created (names start with
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
+pub mod bad_files;
 pub mod cluster;
 pub mod control_plane;
 pub mod host;
