@@ -898,6 +898,18 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     }
     let node = node_ip(0, false);
     let client = IpAddr::V4(CLIENT_IP);
+    // Each file may reach the kernel in its own sync: wait for every one's NodePort.
+    for (i, (name, _)) in files.iter().enumerate() {
+        wait_programmed(
+            &cluster,
+            client,
+            SocketAddr::new(node, 30081 + i as u16),
+            Proto::Tcp,
+            "external",
+            name,
+            |t| t.verdict != "PASS",
+        );
+    }
     wait_programmed(
         &cluster,
         toolbox,
