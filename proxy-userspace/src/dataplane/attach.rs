@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
+use procfs_core::FromRead as _;
+use procfs_core::process::MountInfos;
 
 use super::Loaded;
 use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
@@ -36,7 +38,7 @@ pub enum AttachError {
     #[error("no cgroup2 mount in /proc/self/mountinfo")]
     NoCgroup2Mount,
     #[error("reading /proc/self/mountinfo: {0}")]
-    MountInfo(std::io::Error),
+    MountInfo(procfs_core::ProcError),
     #[error("listing interfaces: {0}")]
     ListInterfaces(nix::Error),
     #[error("creating the links directory {path}: {source}")]
@@ -486,17 +488,14 @@ fn replace_pinned_tcx(
     }
 }
 
-/// The cgroup2 mount point of this process's mount namespace (from /proc/self/mountinfo).
+/// The cgroup2 mount point of this process's mount namespace (from /proc/self/mountinfo, as
+/// procfs-core parses it).
 pub fn cgroup2_root() -> Result<PathBuf, AttachError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(AttachError::MountInfo)?;
-    info.lines()
-        .find_map(|line| {
-            // "id parent maj:min root mount-point options ... - fstype source super-options"
-            let (fields, rest) = line.split_once(" - ")?;
-            let fstype = rest.split_whitespace().next()?;
-            let mount_point = fields.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    let mounts = MountInfos::from_file("/proc/self/mountinfo").map_err(AttachError::MountInfo)?;
+    mounts
+        .into_iter()
+        .find(|mount| mount.fs_type == "cgroup2")
+        .map(|mount| mount.mount_point)
         .ok_or(AttachError::NoCgroup2Mount)
 }
 
