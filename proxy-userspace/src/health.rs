@@ -183,6 +183,8 @@ async fn healthz(State(health): State<Arc<ProxyHealth>>) -> Response {
         .healthz_responses
         .entry(status.as_u16())
         .or_default() += 1;
+    // Kept as format!: kube-proxy's exact bytes (its Fprintf's irregular spacing, which no JSON
+    // serializer writes); the values are fixed-format timestamps and a boolean.
     json_response(
         status,
         format!(
@@ -198,6 +200,7 @@ async fn livez(State(health): State<Arc<ProxyHealth>>) -> Response {
         .livez_responses
         .entry(status.as_u16())
         .or_default() += 1;
+    // Kept as format!, as /healthz: kube-proxy's exact bytes.
     json_response(
         status,
         format!(r#"{{"lastUpdated": "{last_updated}","currentTime": "{now}"}}"#),
@@ -275,6 +278,33 @@ pub struct ServiceHealthServer {
     listeners: BTreeMap<ServiceName, ServiceListener>,
 }
 
+/// kube-proxy's service health body (its dedented template is this JSON, one tab per level,
+/// fields in this order).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceHealthBody<'a> {
+    service: ServiceRef<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(serde::Serialize)]
+struct ServiceRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+fn tab_indented_json(value: &impl serde::Serialize) -> String {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    value
+        .serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out, formatter,
+        ))
+        .expect("a struct of strings, numbers and booleans serializes");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
 async fn service_health(
     State((name, counts, proxy)): State<(ServiceName, EndpointCounts, Arc<ProxyHealth>)>,
 ) -> Response {
@@ -290,11 +320,13 @@ async fn service_health(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let (namespace, name) = name;
-    let body = format!(
-        "{{\n\t\"service\": {{\n\t\t\"namespace\": {namespace:?},\n\t\t\"name\": {name:?}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}"
-    );
-    let mut response = json_response(status, body);
+    let (namespace, name) = &name;
+    let body = ServiceHealthBody {
+        service: ServiceRef { namespace, name },
+        local_endpoints: count,
+        service_proxy_healthy: proxy_healthy,
+    };
+    let mut response = json_response(status, tab_indented_json(&body));
     // Weighted load balancers (kube-proxy sets it on every answer, 503 included).
     response
         .headers_mut()
