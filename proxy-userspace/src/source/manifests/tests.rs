@@ -617,6 +617,17 @@ fn folder_level_rules() {
     }
 }
 
+/// The folder's snapshot, which must have no diagnostics.
+fn load_without_diagnostics(dir: &Path) -> ClusterSnapshot {
+    let snapshot = load_dir(dir, &ManifestSettings::new("node-a"));
+    assert!(
+        snapshot.diagnostics.is_empty(),
+        "{:?}",
+        snapshot.diagnostics
+    );
+    snapshot
+}
+
 /// A hand-written EndpointSlice port without `name` or `protocol` gets the API server's
 /// defaults ("" and TCP), so it serves the Service's unnamed port, as it would from the API
 /// server (kube-proxy skips ports whose name is unset).
@@ -633,12 +644,7 @@ fn endpoint_slice_ports_get_the_api_servers_defaults() {
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-1, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.0.5]}]\nports: [{port: 5432}]\n",
     )
     .unwrap();
-    let snapshot = load_dir(dir.path(), &ManifestSettings::new("node-a"));
-    assert!(
-        snapshot.diagnostics.is_empty(),
-        "{:?}",
-        snapshot.diagnostics
-    );
+    let snapshot = load_without_diagnostics(dir.path());
     let slices = slices_of(&snapshot, "db");
     assert_eq!(
         describe(&slices),
@@ -682,12 +688,7 @@ fn services_get_the_api_servers_defaults() {
         )
         .unwrap();
     }
-    let snapshot = load_dir(dir.path(), &ManifestSettings::new("node-a"));
-    assert!(
-        snapshot.diagnostics.is_empty(),
-        "{:?}",
-        snapshot.diagnostics
-    );
+    let snapshot = load_without_diagnostics(dir.path());
     let described: Vec<String> = snapshot
         .services
         .iter()
