@@ -9,6 +9,9 @@
 //!
 //! Values are in the reflected representation every CRC32c implementation uses (x^0 is the top
 //! bit); SCTP stores the final value little-endian in the common header's checksum field.
+//!
+//! Kept hand-written: no CRC crate offers a `no_std`, loop-free port-rewrite delta the eBPF
+//! verifier accepts; whole-packet checksums (feature `user`) come from the `crc` crate.
 
 /// The Castagnoli polynomial, reflected.
 const POLY: u32 = 0x82f6_3b78;

@@ -341,7 +341,9 @@ struct DetectLocal {
     interface_name_prefix: Option<String>,
 }
 
-/// Parses a Go `time.Duration` string ("15m0s", "1h30m", "500ms", "0").
+/// Parses a Go `time.Duration` string ("15m0s", "1h30m", "500ms", "0"). Kept hand-written:
+/// Go's grammar exactly (a bare "0", "µs"), where jiff's friendly format also takes spaces
+/// and unit words Go refuses.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let invalid = || format!("{text:?} is not a duration like 30s, 15m0s or 1h2m3.5s");
     if text == "0" {

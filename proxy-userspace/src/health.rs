@@ -137,41 +137,14 @@ impl ProxyHealth {
 }
 
 /// Go's `time.Time.String()` for a UTC time ("2006-01-02 15:04:05.999999999 +0000 UTC"), the
-/// format kube-proxy's JSON bodies carry; `None` is Go's zero time.
+/// format kube-proxy's JSON bodies carry (jiff's `%.f` is Go's trimmed fraction, none when
+/// zero); `None` is Go's zero time.
 fn go_time(time: Option<SystemTime>) -> String {
-    let Some(since_epoch) = time.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()) else {
-        return "0001-01-01 00:00:00 +0000 UTC".to_owned();
-    };
-    let seconds = since_epoch.as_secs();
-    let days = i64::try_from(seconds / 86_400).unwrap_or(0);
-    let of_day = seconds % 86_400;
-    // Howard Hinnant's days-to-civil algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    let nanos = since_epoch.subsec_nanos();
-    let fraction = if nanos == 0 {
-        String::new()
-    } else {
-        format!(".{nanos:09}").trim_end_matches('0').to_owned()
-    };
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{fraction} +0000 UTC",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60
-    )
+    time.and_then(|t| jiff::Timestamp::try_from(t).ok())
+        .map_or_else(
+            || "0001-01-01 00:00:00 +0000 UTC".to_owned(),
+            |t| t.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
+        )
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
@@ -210,6 +183,8 @@ async fn healthz(State(health): State<Arc<ProxyHealth>>) -> Response {
         .healthz_responses
         .entry(status.as_u16())
         .or_default() += 1;
+    // Kept as format!: kube-proxy's exact bytes (its Fprintf's irregular spacing, which no JSON
+    // serializer writes); the values are fixed-format timestamps and a boolean.
     json_response(
         status,
         format!(
@@ -225,6 +200,7 @@ async fn livez(State(health): State<Arc<ProxyHealth>>) -> Response {
         .livez_responses
         .entry(status.as_u16())
         .or_default() += 1;
+    // Kept as format!, as /healthz: kube-proxy's exact bytes.
     json_response(
         status,
         format!(r#"{{"lastUpdated": "{last_updated}","currentTime": "{now}"}}"#),
@@ -302,6 +278,33 @@ pub struct ServiceHealthServer {
     listeners: BTreeMap<ServiceName, ServiceListener>,
 }
 
+/// kube-proxy's service health body (its dedented template is this JSON, one tab per level,
+/// fields in this order).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceHealthBody<'a> {
+    service: ServiceRef<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(serde::Serialize)]
+struct ServiceRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+fn tab_indented_json(value: &impl serde::Serialize) -> String {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    value
+        .serialize(&mut serde_json::Serializer::with_formatter(
+            &mut out, formatter,
+        ))
+        .expect("a struct of strings, numbers and booleans serializes");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
 async fn service_health(
     State((name, counts, proxy)): State<(ServiceName, EndpointCounts, Arc<ProxyHealth>)>,
 ) -> Response {
@@ -317,11 +320,13 @@ async fn service_health(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let (namespace, name) = name;
-    let body = format!(
-        "{{\n\t\"service\": {{\n\t\t\"namespace\": {namespace:?},\n\t\t\"name\": {name:?}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}"
-    );
-    let mut response = json_response(status, body);
+    let (namespace, name) = &name;
+    let body = ServiceHealthBody {
+        service: ServiceRef { namespace, name },
+        local_endpoints: count,
+        service_proxy_healthy: proxy_healthy,
+    };
+    let mut response = json_response(status, tab_indented_json(&body));
     // Weighted load balancers (kube-proxy sets it on every answer, 503 included).
     response
         .headers_mut()

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use proxy_lab::bad_files::{self, Claim, Held};
 use proxy_lab::cluster::{CLIENT_IP, Cluster, OUTSIDER_IP, PodState, nft_ruleset, node_ip};
 use proxy_lab::sctp::sctp_request;
 use proxy_lab::{LineServer, Netns, ask, tcp_request, udp_request};
@@ -73,8 +74,9 @@ fn request(
 }
 
 /// Requests until every pod of `expected` answered (bounded); returns the pods that answered
-/// and the client addresses they saw.
+/// and the client addresses they saw, after checking that `trace` agrees.
 fn answers(
+    cluster: &Cluster,
     ns: &Netns,
     target: SocketAddr,
     proto: Proto,
@@ -92,12 +94,31 @@ fn answers(
             break;
         }
     }
+    let (src, from) = sender(cluster, ns, target);
+    assert_trace_agrees(
+        cluster,
+        src,
+        from,
+        target,
+        proto,
+        &Outcome::Answered {
+            names: &names,
+            seen: &seen,
+        },
+    );
     (names, seen)
 }
 
 /// Asserts the pods answering `target` are exactly `expected` and saw `client`.
-fn assert_answers(ns: &Netns, target: SocketAddr, proto: Proto, expected: &[&str], client: IpAddr) {
-    let (names, seen) = answers(ns, target, proto, expected);
+fn assert_answers(
+    cluster: &Cluster,
+    ns: &Netns,
+    target: SocketAddr,
+    proto: Proto,
+    expected: &[&str],
+    client: IpAddr,
+) {
+    let (names, seen) = answers(cluster, ns, target, proto, expected);
     let want: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
     assert_eq!(names, want, "{} {target}: who answered", proto.name());
     assert_eq!(
@@ -108,7 +129,7 @@ fn assert_answers(ns: &Netns, target: SocketAddr, proto: Proto, expected: &[&str
     );
 }
 
-fn assert_refused(ns: &Netns, target: SocketAddr, proto: Proto) {
+fn assert_refused(cluster: &Cluster, ns: &Netns, target: SocketAddr, proto: Proto) {
     let started = Instant::now();
     let error = request(ns, target, proto, ANSWER_TIMEOUT).expect_err("refused");
     assert_eq!(
@@ -121,9 +142,11 @@ fn assert_refused(ns: &Netns, target: SocketAddr, proto: Proto) {
         started.elapsed() < Duration::from_secs(1),
         "refused at once"
     );
+    let (src, from) = sender(cluster, ns, target);
+    assert_trace_agrees(cluster, src, from, target, proto, &Outcome::Refused);
 }
 
-fn assert_dropped(ns: &Netns, target: SocketAddr, proto: Proto) {
+fn assert_dropped(cluster: &Cluster, ns: &Netns, target: SocketAddr, proto: Proto) {
     let error = request(ns, target, proto, DROP_BOUND).expect_err("no answer");
     assert!(
         matches!(
@@ -133,6 +156,160 @@ fn assert_dropped(ns: &Netns, target: SocketAddr, proto: Proto) {
         "{} {target}: expected no answer, got {error}",
         proto.name()
     );
+    let (src, from) = sender(cluster, ns, target);
+    assert_trace_agrees(cluster, src, from, target, proto, &Outcome::Dropped);
+}
+
+/// node1's own connection to `target` (bash's /dev/tcp or /dev/udp in the test's cgroup, where
+/// the socket hooks act): the answering pod's name, or bash's error output.
+fn node_request(cluster: &Cluster, target: SocketAddr, proto: Proto) -> Result<String, String> {
+    let (ip, port) = (target.ip(), target.port());
+    let script = match proto {
+        Proto::Tcp => format!("timeout 1 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && cat <&3'"),
+        Proto::Udp => {
+            format!("exec 3<>/dev/udp/{ip}/{port} && echo ping >&3 && timeout 1 head -n1 <&3")
+        }
+        Proto::Sctp => panic!("bash has no SCTP"),
+    };
+    let out = cluster.node_shell(&script).expect("run a shell in node1");
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    match answer.split_once(' ') {
+        Some((name, _)) if out.status.success() => Ok(name.to_owned()),
+        _ => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// node1's own connections to `target` reach exactly the pods of `expected` (bounded), and
+/// `trace --from node` agrees.
+fn assert_node_answers(cluster: &Cluster, target: SocketAddr, proto: Proto, expected: &[&str]) {
+    let want: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
+    let mut names = BTreeSet::new();
+    for _ in 0..MAX_REQUESTS {
+        let name = node_request(cluster, target, proto)
+            .unwrap_or_else(|e| panic!("node1 to {} {target}: {e}", proto.name()));
+        names.insert(name);
+        if names.is_superset(&want) {
+            break;
+        }
+    }
+    assert_eq!(
+        names,
+        want,
+        "node1 to {} {target}: who answered",
+        proto.name()
+    );
+    let node = node_ip(0, target.is_ipv6());
+    let seen = BTreeSet::from([node]);
+    let outcome = Outcome::Answered {
+        names: &names,
+        seen: &seen,
+    };
+    assert_trace_agrees(cluster, node, "node", target, proto, &outcome);
+}
+
+/// node1's own connection to `target` is refused (`refused`) or gets no answer, and
+/// `trace --from node` agrees.
+fn assert_node_not_served(cluster: &Cluster, target: SocketAddr, proto: Proto, refused: bool) {
+    let error = node_request(cluster, target, proto).expect_err("not served");
+    assert_eq!(
+        error.contains("Connection refused"),
+        refused,
+        "node1 to {} {target}: {error}",
+        proto.name()
+    );
+    let outcome = if refused {
+        Outcome::Refused
+    } else {
+        Outcome::Dropped
+    };
+    let node = node_ip(0, target.is_ipv6());
+    assert_trace_agrees(cluster, node, "node", target, proto, &outcome);
+}
+
+/// The address a request from `ns` to `target` carries, and how `trace --from` names that
+/// sender: node1 is `node`, a pod `pod`, the clients on the node link `external`.
+fn sender(cluster: &Cluster, ns: &Netns, target: SocketAddr) -> (IpAddr, &'static str) {
+    let v6 = target.is_ipv6();
+    if ns.name() == cluster.nodes[0].name() {
+        return (node_ip(0, v6), "node");
+    }
+    if let Some(pod) = cluster.pods().iter().find(|p| p.netns.name() == ns.name()) {
+        let ip = if v6 {
+            IpAddr::V6(pod.ip6)
+        } else {
+            IpAddr::V4(pod.ip)
+        };
+        return (ip, "pod");
+    }
+    let external = [
+        (&cluster.client, CLIENT_IP),
+        (&cluster.outsider, OUTSIDER_IP),
+    ];
+    let (_, ip) = external
+        .into_iter()
+        .find(|(client, _)| client.name() == ns.name())
+        .unwrap_or_else(|| panic!("{}: not a sender this test knows", ns.name()));
+    (IpAddr::V4(ip), "external")
+}
+
+/// What a real connection got.
+enum Outcome<'a> {
+    /// These pods (or hosts that are not pods) answered, and saw these client addresses.
+    Answered {
+        names: &'a BTreeSet<String>,
+        seen: &'a BTreeSet<IpAddr>,
+    },
+    Refused,
+    Dropped,
+}
+
+/// `trace` over the same folder, for the same source and destination, says what the real
+/// connection did: DNAT to exactly the pods that answered, masquerading exactly when a pod saw
+/// another address than the sender's (invisible for the node's own connections, which already
+/// carry the node's address); PASS when a host that is no pod answered; REJECT when refused;
+/// DROP when unanswered.
+fn assert_trace_agrees(
+    cluster: &Cluster,
+    src: IpAddr,
+    from: &str,
+    target: SocketAddr,
+    proto: Proto,
+    outcome: &Outcome,
+) {
+    let traced = trace(cluster, false, src, target, proto, from);
+    let what = format!("trace --from {from} {src} -> {} {target}", proto.name());
+    match outcome {
+        Outcome::Answered { names, seen } => {
+            let pod_ips: Option<BTreeSet<IpAddr>> = names
+                .iter()
+                .map(|name| {
+                    let pod = cluster.pods().iter().find(|p| &p.name == name)?;
+                    Some(if target.is_ipv6() {
+                        IpAddr::V6(pod.ip6)
+                    } else {
+                        IpAddr::V4(pod.ip)
+                    })
+                })
+                .collect();
+            let Some(pod_ips) = pod_ips else {
+                assert_eq!(traced, verdict("PASS"), "{what}: {names:?} answered");
+                return;
+            };
+            assert_eq!(traced.verdict, "DNAT", "{what}: {names:?} answered");
+            let traced_ips: BTreeSet<IpAddr> =
+                traced.endpoints.iter().map(SocketAddr::ip).collect();
+            assert_eq!(traced_ips, pod_ips, "{what}: the endpoints");
+            if from != "node" {
+                assert_eq!(
+                    traced.masquerade,
+                    seen.iter().any(|ip| *ip != src),
+                    "{what}: masquerade, when the pods saw {seen:?}"
+                );
+            }
+        }
+        Outcome::Refused => assert_eq!(traced, verdict("REJECT"), "{what}: refused"),
+        Outcome::Dropped => assert_eq!(traced, verdict("DROP"), "{what}: no answer"),
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Deserialize)]
@@ -158,6 +335,7 @@ fn trace(
         args.push(cluster.pin_dir.path().to_string_lossy().into_owned());
     } else {
         args.extend(cluster.source_flags());
+        args.extend(cluster.proxy_flags().iter().cloned());
     }
     for (flag, value) in [
         ("--src", src.to_string()),
@@ -250,7 +428,7 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
     });
     for proto in [Proto::Tcp, Proto::Udp] {
         // Pod to ClusterIP with --cluster-cidr: the backend sees the pod's own address.
-        assert_answers(client, vip, proto, &["a", "b"], toolbox);
+        assert_answers(&cluster, client, vip, proto, &["a", "b"], toolbox);
         assert_eq!(
             trace(&cluster, false, toolbox, vip, proto, "pod"),
             dnat(&pods, false)
@@ -259,7 +437,7 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
     // Hairpin: a pod reaching itself through the Service is masqueraded (to the node), a pod
     // reaching another is not.
     let hairpin = &cluster.pod("a").netns;
-    let (names, seen) = answers(hairpin, vip, Proto::Tcp, &["a", "b"]);
+    let (names, seen) = answers(&cluster, hairpin, vip, Proto::Tcp, &["a", "b"]);
     assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
     assert_eq!(
         seen,
@@ -272,8 +450,8 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
     );
     // A port the Service does not have: REJECT. An address of the service CIDR no Service has:
     // DROP.
-    assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Tcp);
-    assert_refused(client, v4(10, 96, 0, 10, 81), Proto::Udp);
+    assert_refused(&cluster, client, v4(10, 96, 0, 10, 81), Proto::Tcp);
+    assert_refused(&cluster, client, v4(10, 96, 0, 10, 81), Proto::Udp);
     assert_eq!(
         trace(
             &cluster,
@@ -285,7 +463,7 @@ fn cluster_ip_tcp_and_udp_reach_exactly_the_ready_endpoints() {
         ),
         verdict("REJECT")
     );
-    assert_dropped(client, v4(10, 96, 0, 99, 80), Proto::Tcp);
+    assert_dropped(&cluster, client, v4(10, 96, 0, 99, 80), Proto::Tcp);
     assert_eq!(
         trace(
             &cluster,
@@ -336,12 +514,26 @@ fn sctp_associations_through_a_cluster_ip_and_a_node_port_to_another_port() {
         |t| t.verdict == "DNAT",
     );
     let toolbox_ns = &cluster.pod("toolbox").netns;
-    assert_answers(toolbox_ns, cluster_ip, Proto::Sctp, &["a", "b"], toolbox);
+    assert_answers(
+        &cluster,
+        toolbox_ns,
+        cluster_ip,
+        Proto::Sctp,
+        &["a", "b"],
+        toolbox,
+    );
     assert_eq!(
         trace(&cluster, false, toolbox, cluster_ip, Proto::Sctp, "pod"),
         dnat(&pods, false)
     );
-    assert_answers(&cluster.client, node_port, Proto::Sctp, &["a", "b"], node);
+    assert_answers(
+        &cluster,
+        &cluster.client,
+        node_port,
+        Proto::Sctp,
+        &["a", "b"],
+        node,
+    );
     assert_eq!(
         trace(&cluster, false, client, node_port, Proto::Sctp, "external"),
         dnat(&pods, true)
@@ -425,93 +617,6 @@ fn working_services() -> Vec<Working> {
     ]
 }
 
-/// A small deterministic generator (xorshift) for the bad files.
-struct Noise(u64);
-
-impl Noise {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// 1,000 bad files for the working Services' folder: 250 impostors (copies under new file names
-/// claiming a ClusterIP, NodePort, externalIP or LoadBalancer IP a working Service holds, some
-/// under the same object name, all selecting another pod), bit flips, truncations, invalid
-/// ports, addresses and names.
-fn bad_files(good: &[Working], held: &[(&str, String)]) -> Vec<(String, String)> {
-    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
-    let mut files = Vec::new();
-    for i in 0..1000 {
-        let (_, original, _) = &good[noise.below(good.len())];
-        let content = match i % 8 {
-            // Impostors: another endpoint (app: remote), a name that sorts first or the same
-            // name, and one of the held values.
-            0 | 1 => {
-                let (field, value) = &held[noise.below(held.len())];
-                let name = if i % 16 == 0 {
-                    "w-cip".to_owned()
-                } else {
-                    format!("a-imp-{i}")
-                };
-                let body = match *field {
-                    "clusterIP" => format!(
-                        "  clusterIP: {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
-                    ),
-                    "nodePort" => format!(
-                        "  type: NodePort\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {value}\n"
-                    ),
-                    "externalIP" => format!(
-                        "  externalIPs:\n  - {value}\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n"
-                    ),
-                    _ => "  type: LoadBalancer\n  selector:\n    app: remote\n  ports:\n  - port: 80\n    targetPort: 8080\n".to_owned(),
-                };
-                let status = if *field == "lbIP" {
-                    format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {value}\n")
-                } else {
-                    String::new()
-                };
-                format!("{}{status}", service(&name, &body))
-            }
-            2 | 3 => {
-                let mut bytes = original.clone().into_bytes();
-                for _ in 0..=noise.below(3) {
-                    let at = noise.below(bytes.len());
-                    bytes[at] ^= 1 << noise.below(7);
-                }
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-            4 => original[..noise.below(original.len())].to_owned(),
-            5 => service(
-                &format!("bad-port-{i}"),
-                &format!(
-                    "{WEB_SELECTOR}  ports:\n  - port: {}\n",
-                    [0, 70000, -1][noise.below(3)]
-                ),
-            ),
-            6 => service(
-                &format!("bad-ip-{i}"),
-                &format!(
-                    "  clusterIP: 10.96.0.{}\n{WEB_SELECTOR}  ports:\n  - port: 80\n",
-                    256 + i
-                ),
-            ),
-            _ => service(
-                ["UPPER", "bad_name", "-dash"][noise.below(3)],
-                &format!("{WEB_SELECTOR}  ports:\n  - port: 80\n"),
-            ),
-        };
-        files.push((format!("bad-{i:04}.yaml"), content));
-    }
-    files
-}
-
 /// A running proxy serving six working Services; 1,000 bad files appear beside them: every
 /// working Service keeps exactly its frontends (the kernel's maps, read by `trace`) and answers
 /// real connections from its own pods, never from the impostors' pod.
@@ -571,15 +676,29 @@ fn a_thousand_bad_files_beside_working_services_take_nothing_from_them() {
         "w-dyn",
         |t| t.verdict == "DNAT",
     );
+    let held = |claim, value: &str| Held {
+        claim,
+        value: value.to_owned(),
+        port: 80,
+    };
     let held = [
-        ("clusterIP", "10.96.0.40".to_owned()),
-        ("clusterIP", dyn_ip.to_string()),
-        ("nodePort", "30090".to_owned()),
-        ("nodePort", dyn_port.to_string()),
-        ("externalIP", "198.51.100.43".to_owned()),
-        ("lbIP", "198.51.100.44".to_owned()),
+        held(Claim::ClusterIp, "10.96.0.40"),
+        held(Claim::ClusterIp, &dyn_ip.to_string()),
+        held(Claim::NodePort, "30090"),
+        held(Claim::NodePort, &dyn_port.to_string()),
+        held(Claim::ExternalIp, "198.51.100.43"),
+        held(Claim::LoadBalancerIp, "198.51.100.44"),
     ];
-    for (file, content) in bad_files(&good, &held) {
+    let originals: Vec<String> = good.iter().map(|(_, yaml, _)| yaml.clone()).collect();
+    let bad = bad_files::generate(&bad_files::Target {
+        originals: &originals,
+        held: &held,
+        taken_name: "w-cip",
+        impostor_app: "remote",
+        app: "web",
+        target_port: proxy_lab::cluster::SERVER_PORT,
+    });
+    for (file, content) in bad {
         cluster.manifests.write(&file, &content).unwrap();
     }
     // A last good file: once it is programmed, the folder with every bad file has been read.
@@ -604,6 +723,7 @@ fn a_thousand_bad_files_beside_working_services_take_nothing_from_them() {
                 "{file}: {target} in the kernel after the bad files"
             );
             assert_answers(
+                &cluster,
                 &cluster.client,
                 *target,
                 *proto,
@@ -663,7 +783,14 @@ fn node_ports_follow_addresses_added_to_the_node() {
         "the added address",
         |t| t.verdict == "DNAT",
     );
-    assert_answers(&cluster.client, vip, Proto::Tcp, &["a"], node_ip(0, false));
+    assert_answers(
+        &cluster,
+        &cluster.client,
+        vip,
+        Proto::Tcp,
+        &["a"],
+        node_ip(0, false),
+    );
     cluster.nodes[0]
         .ip(&["addr", "del", "198.18.0.99/24", "dev", "eth0"])
         .unwrap();
@@ -713,7 +840,14 @@ fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
     );
     // externalTrafficPolicy Cluster: external clients are masqueraded to the node.
     for target in [node_port, external_ip, lb_ip] {
-        assert_answers(&cluster.client, target, Proto::Tcp, &["a", "b"], node);
+        assert_answers(
+            &cluster,
+            &cluster.client,
+            target,
+            Proto::Tcp,
+            &["a", "b"],
+            node,
+        );
         assert_eq!(
             trace(&cluster, false, client, target, Proto::Tcp, "external"),
             dnat(&pods, true),
@@ -721,11 +855,17 @@ fn external_traffic_by_node_port_external_ip_and_load_balancer_source_ranges() {
         );
     }
     // Hairpin through the NodePort: pod a lands on itself (masqueraded) or on b.
-    let (names, seen) = answers(&cluster.pod("a").netns, node_port, Proto::Tcp, &["a", "b"]);
+    let (names, seen) = answers(
+        &cluster,
+        &cluster.pod("a").netns,
+        node_port,
+        Proto::Tcp,
+        &["a", "b"],
+    );
     assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
     assert!(!seen.contains(&pods[0]), "a never sees itself: {seen:?}");
     // The outsider is outside loadBalancerSourceRanges: its packets to the LB IP are dropped.
-    assert_dropped(&cluster.outsider, lb_ip, Proto::Tcp);
+    assert_dropped(&cluster, &cluster.outsider, lb_ip, Proto::Tcp);
     assert_eq!(
         trace(&cluster, false, outsider, lb_ip, Proto::Tcp, "external"),
         verdict("DROP")
@@ -758,6 +898,18 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     }
     let node = node_ip(0, false);
     let client = IpAddr::V4(CLIENT_IP);
+    // Each file may reach the kernel in its own sync: wait for every one's NodePort.
+    for (i, (name, _)) in files.iter().enumerate() {
+        wait_programmed(
+            &cluster,
+            client,
+            SocketAddr::new(node, 30081 + i as u16),
+            Proto::Tcp,
+            "external",
+            name,
+            |t| t.verdict != "PASS",
+        );
+    }
     wait_programmed(
         &cluster,
         toolbox,
@@ -769,14 +921,21 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     );
     // eTP Local: only node1's endpoint, and it sees the real client address.
     let web_etp = SocketAddr::new(node, 30081);
-    assert_answers(&cluster.client, web_etp, Proto::Tcp, &["a"], client);
+    assert_answers(
+        &cluster,
+        &cluster.client,
+        web_etp,
+        Proto::Tcp,
+        &["a"],
+        client,
+    );
     assert_eq!(
         trace(&cluster, false, client, web_etp, Proto::Tcp, "external"),
         dnat(&pods[..1], false)
     );
     // eTP Local with no endpoint on this node: dropped.
     let remote_etp = SocketAddr::new(node, 30082);
-    assert_dropped(&cluster.client, remote_etp, Proto::Tcp);
+    assert_dropped(&cluster, &cluster.client, remote_etp, Proto::Tcp);
     assert_eq!(
         trace(&cluster, false, client, remote_etp, Proto::Tcp, "external"),
         verdict("DROP")
@@ -785,19 +944,28 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     // short-circuits pods and the node to the cluster-wide endpoints).
     let toolbox_ns = &cluster.pod("toolbox").netns;
     assert_answers(
+        &cluster,
         toolbox_ns,
         v4(10, 96, 0, 22, 80),
         Proto::Tcp,
         &["r"],
         toolbox,
     );
-    assert_answers(toolbox_ns, remote_etp, Proto::Tcp, &["r"], toolbox);
+    assert_answers(
+        &cluster,
+        toolbox_ns,
+        remote_etp,
+        Proto::Tcp,
+        &["r"],
+        toolbox,
+    );
     assert_eq!(
         trace(&cluster, false, toolbox, remote_etp, Proto::Tcp, "pod"),
         dnat(&[IpAddr::V4(remote)], false)
     );
     // iTP Local: pods reach only the local endpoint; none local is a drop.
     assert_answers(
+        &cluster,
         toolbox_ns,
         v4(10, 96, 0, 23, 80),
         Proto::Tcp,
@@ -815,7 +983,7 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         ),
         dnat(&pods[..1], false)
     );
-    assert_dropped(toolbox_ns, v4(10, 96, 0, 24, 80), Proto::Tcp);
+    assert_dropped(&cluster, toolbox_ns, v4(10, 96, 0, 24, 80), Proto::Tcp);
     assert_eq!(
         trace(
             &cluster,
@@ -829,6 +997,7 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     );
     // iTP Local does not limit external traffic (by NodePort): both, masqueraded.
     assert_answers(
+        &cluster,
         &cluster.client,
         SocketAddr::new(node, 30084),
         Proto::Tcp,
@@ -909,6 +1078,7 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
         t.verdict == "DNAT"
     });
     assert_answers(
+        &cluster,
         &cluster.pod("toolbox").netns,
         vip,
         Proto::Tcp,
@@ -921,7 +1091,7 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
         t.endpoints.len() == 2
     });
     let client = &cluster.pod("toolbox").netns;
-    assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    assert_answers(&cluster, client, vip, Proto::Tcp, &["a", "b"], toolbox);
     assert_eq!(
         trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
         dnat(&[a, b], false)
@@ -937,7 +1107,7 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
         "a removed",
         |t| t.endpoints.len() == 1,
     );
-    assert_answers(client, vip, Proto::Tcp, &["b"], toolbox);
+    assert_answers(&cluster, client, vip, Proto::Tcp, &["b"], toolbox);
     // Scaled to zero: an immediate refusal.
     cluster.delete_pod_manifest("b").unwrap();
     wait_programmed(
@@ -949,7 +1119,7 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
         "no endpoints",
         |t| t.verdict == "REJECT",
     );
-    assert_refused(client, vip, Proto::Tcp);
+    assert_refused(&cluster, client, vip, Proto::Tcp);
     assert_eq!(
         trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
         verdict("REJECT")
@@ -965,7 +1135,7 @@ fn live_updates_add_and_remove_endpoints_and_delete_the_service() {
         "web deleted",
         |t| t.verdict == "DROP",
     );
-    assert_dropped(client, vip, Proto::Tcp);
+    assert_dropped(&cluster, client, vip, Proto::Tcp);
     assert_eq!(
         trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
         verdict("DROP")
@@ -1164,6 +1334,7 @@ fn ipv6_dual_stack_service() {
     ];
     for proto in [Proto::Tcp, Proto::Udp] {
         assert_answers(
+            &cluster,
             &cluster.pod("toolbox").netns,
             vip6,
             proto,
@@ -1176,12 +1347,19 @@ fn ipv6_dual_stack_service() {
         );
     }
     // IPv6 hairpin: pod a reaching itself is masqueraded to the node's IPv6 address.
-    let (names, seen) = answers(&cluster.pod("a").netns, vip6, Proto::Tcp, &["a", "b"]);
+    let (names, seen) = answers(
+        &cluster,
+        &cluster.pod("a").netns,
+        vip6,
+        Proto::Tcp,
+        &["a", "b"],
+    );
     assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
     assert_eq!(seen, BTreeSet::from([pods6[0], node_ip(0, true)]));
     // The IPv4 ClusterIP of the same Service.
     let toolbox = IpAddr::V4(cluster.pod("toolbox").ip);
     assert_answers(
+        &cluster,
         &cluster.pod("toolbox").netns,
         v4(10, 96, 0, 70, 80),
         Proto::Tcp,
@@ -1208,47 +1386,16 @@ fn host_originated_connections_reach_the_service_endpoints() {
     wait_programmed(&cluster, node, vip, Proto::Tcp, "node", "web", |t| {
         t.verdict == "DNAT"
     });
-    for (proto, script) in [
-        (Proto::Tcp, "exec 3<>/dev/tcp/10.96.0.80/80 && cat <&3"),
-        (
-            Proto::Udp,
-            "exec 3<>/dev/udp/10.96.0.80/80 && echo ping >&3 && head -n1 <&3",
-        ),
-    ] {
-        let mut names = BTreeSet::new();
-        for _ in 0..MAX_REQUESTS {
-            let out = cluster.node_shell(script).unwrap();
-            assert!(
-                out.status.success(),
-                "{proto:?}: host connect failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            let (name, _) = answer.split_once(' ').expect("NAME CLIENT");
-            names.insert(name.to_owned());
-            if names.len() == 2 {
-                break;
-            }
-        }
-        assert_eq!(
-            names,
-            BTreeSet::from(["a".to_owned(), "b".to_owned()]),
-            "{proto:?}"
-        );
+    for proto in [Proto::Tcp, Proto::Udp] {
+        assert_node_answers(&cluster, vip, proto, &["a", "b"]);
         // The tc program's view of a node-sourced packet: the same endpoints, masqueraded.
         assert_eq!(
             trace(&cluster, false, node, vip, proto, "node"),
             dnat(&pods, true)
         );
     }
-    let refused = cluster
-        .node_shell("exec 3<>/dev/tcp/10.96.0.80/81")
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
-        "a port the Service lacks is refused: {}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    // A port the Service lacks is refused.
+    assert_node_not_served(&cluster, v4(10, 96, 0, 80, 81), Proto::Tcp, true);
 }
 
 /// The node's own connections to LoadBalancer IPs with loadBalancerSourceRanges: the socket
@@ -1287,54 +1434,15 @@ fn trace_from_node_agrees_with_the_nodes_own_connections_to_load_balancers() {
         |t| t.verdict != "PASS",
     );
     // Inside the ranges: the node connects, and trace agrees.
-    let mut names = BTreeSet::new();
-    for _ in 0..MAX_REQUESTS {
-        let out = cluster
-            .node_shell("exec 3<>/dev/tcp/198.51.100.61/80 && cat <&3")
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "node to lb-in: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        names.insert(answer.split_once(' ').expect("NAME CLIENT").0.to_owned());
-        if names.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(names, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    let lb_in = v4(198, 51, 100, 61, 80);
+    assert_node_answers(&cluster, lb_in, Proto::Tcp, &["a", "b"]);
     assert_eq!(
-        trace(
-            &cluster,
-            false,
-            node,
-            v4(198, 51, 100, 61, 80),
-            Proto::Tcp,
-            "node"
-        ),
+        trace(&cluster, false, node, lb_in, Proto::Tcp, "node"),
         dnat(&pods, true)
     );
-    // Outside the ranges: no connection, and trace says DROP.
-    let out = cluster
-        .node_shell("timeout 1 bash -c 'exec 3<>/dev/tcp/198.51.100.62/80 && cat <&3'")
-        .unwrap();
-    assert!(
-        !out.status.success() && out.stdout.is_empty(),
-        "node to lb-out must not connect: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_eq!(
-        trace(
-            &cluster,
-            false,
-            node,
-            v4(198, 51, 100, 62, 80),
-            Proto::Tcp,
-            "node"
-        ),
-        verdict("DROP")
-    );
+    // Outside the ranges: the socket hooks refuse the connect (it cannot be dropped silently),
+    // and trace says REJECT.
+    assert_node_not_served(&cluster, v4(198, 51, 100, 62, 80), Proto::Tcp, true);
 }
 
 #[test]
@@ -1441,7 +1549,7 @@ fn a_selectorless_service_follows_its_endpoint_slice_and_port_changes() {
         t.endpoints.len() == 2
     });
     let client = &cluster.pod("toolbox").netns;
-    assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    assert_answers(&cluster, client, vip, Proto::Tcp, &["a", "b"], toolbox);
     assert_eq!(
         trace(&cluster, false, toolbox, vip, Proto::Tcp, "pod"),
         dnat(&pods, false)
@@ -1463,7 +1571,7 @@ fn a_selectorless_service_follows_its_endpoint_slice_and_port_changes() {
         "slice shrunk",
         |t| t.endpoints.len() == 1,
     );
-    assert_answers(client, vip, Proto::Tcp, &["b"], toolbox);
+    assert_answers(&cluster, client, vip, Proto::Tcp, &["b"], toolbox);
     // The Service's port changes: the old port of the still-allocated ClusterIP is refused.
     cluster
         .manifests
@@ -1473,8 +1581,8 @@ fn a_selectorless_service_follows_its_endpoint_slice_and_port_changes() {
     wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "port 81", |t| {
         t.verdict == "REJECT"
     });
-    assert_refused(client, vip, Proto::Tcp);
-    assert_answers(client, new_port, Proto::Tcp, &["b"], toolbox);
+    assert_refused(&cluster, client, vip, Proto::Tcp);
+    assert_answers(&cluster, client, new_port, Proto::Tcp, &["b"], toolbox);
     assert_eq!(
         trace(&cluster, false, toolbox, new_port, Proto::Tcp, "pod"),
         dnat(&pods[1..], false)
@@ -1500,37 +1608,27 @@ fn the_node_reaches_its_own_node_port_and_ipv6_cluster_ips() {
     wait_programmed(&cluster, node, node_port, Proto::Tcp, "node", "np", |t| {
         t.verdict == "DNAT"
     });
-    for script in [
-        "exec 3<>/dev/tcp/198.18.0.11/30091 && cat <&3",
-        "exec 3<>/dev/tcp/fd00:96::91/80 && cat <&3",
-        "exec 3<>/dev/tcp/fd00:18::11/30091 && cat <&3",
+    let node6 = node_ip(0, true);
+    for target in [
+        node_port,
+        "[fd00:96::91]:80".parse().unwrap(),
+        SocketAddr::new(node6, 30091),
     ] {
-        let mut names = BTreeSet::new();
-        for _ in 0..MAX_REQUESTS {
-            let out = cluster.node_shell(script).unwrap();
-            assert!(
-                out.status.success(),
-                "{script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            names.insert(answer.split(' ').next().unwrap_or_default().to_owned());
-            if names.len() == 2 {
-                break;
-            }
-        }
-        assert_eq!(
-            names,
-            BTreeSet::from(["a".to_owned(), "b".to_owned()]),
-            "{script}"
-        );
+        assert_node_answers(&cluster, target, Proto::Tcp, &["a", "b"]);
     }
     assert_eq!(
         trace(&cluster, false, node, node_port, Proto::Tcp, "node"),
         dnat(&pods, true)
     );
     // The outsider is not limited by anything here: NodePort from outside, masqueraded.
-    assert_answers(&cluster.outsider, node_port, Proto::Tcp, &["a", "b"], node);
+    assert_answers(
+        &cluster,
+        &cluster.outsider,
+        node_port,
+        Proto::Tcp,
+        &["a", "b"],
+        node,
+    );
 }
 
 #[test]
@@ -1622,7 +1720,14 @@ fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
     );
     // eTP Local by LoadBalancer IP and by externalIP: node1's endpoint, the client's address.
     for target in [v4(198, 51, 100, 133, 80), v4(198, 51, 100, 33, 80)] {
-        assert_answers(&cluster.client, target, Proto::Tcp, &["a"], client);
+        assert_answers(
+            &cluster,
+            &cluster.client,
+            target,
+            Proto::Tcp,
+            &["a"],
+            client,
+        );
         assert_eq!(
             trace(&cluster, false, client, target, Proto::Tcp, "external"),
             dnat(&[a], false),
@@ -1630,7 +1735,7 @@ fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
         );
     }
     for target in [v4(198, 51, 100, 134, 80), v4(198, 51, 100, 34, 80)] {
-        assert_dropped(&cluster.client, target, Proto::Tcp);
+        assert_dropped(&cluster, &cluster.client, target, Proto::Tcp);
         assert_eq!(
             trace(&cluster, false, client, target, Proto::Tcp, "external"),
             verdict("DROP"),
@@ -1651,7 +1756,14 @@ fn local_load_balancers_keep_the_client_address_and_answer_health_checks() {
         .ip(&["route", "add", "10.96.0.0/16", "via", &node.to_string()])
         .unwrap();
     let cluster_ip = v4(10, 96, 0, 33, 80);
-    assert_answers(&cluster.client, cluster_ip, Proto::Tcp, &["a", "b"], node);
+    assert_answers(
+        &cluster,
+        &cluster.client,
+        cluster_ip,
+        Proto::Tcp,
+        &["a", "b"],
+        node,
+    );
     assert_eq!(
         trace(&cluster, false, client, cluster_ip, Proto::Tcp, "external"),
         dnat(&[a, IpAddr::V4(cluster.pod("b").ip)], true)
@@ -1768,8 +1880,8 @@ fn only_the_service_cidr_objects_ranges_are_dropped() {
     // Without ServiceCIDR objects and without the flag, no address is a service address.
     for proto in [Proto::Tcp, Proto::Udp] {
         let client = &cluster.pod("toolbox").netns;
-        assert_answers(client, host, proto, &["host"], toolbox);
-        assert_answers(client, unallocated, proto, &["host"], toolbox);
+        assert_answers(&cluster, client, host, proto, &["host"], toolbox);
+        assert_answers(&cluster, client, unallocated, proto, &["host"], toolbox);
     }
 
     cluster
@@ -1805,10 +1917,10 @@ fn only_the_service_cidr_objects_ranges_are_dropped() {
     );
     let client = &cluster.pod("toolbox").netns;
     for proto in [Proto::Tcp, Proto::Udp] {
-        assert_answers(client, vip, proto, &["a"], toolbox);
-        assert_answers(client, host, proto, &["host"], toolbox);
-        assert_dropped(client, unallocated, proto);
-        assert_refused(client, v4(10, 43, 0, 10, 81), proto);
+        assert_answers(&cluster, client, vip, proto, &["a"], toolbox);
+        assert_answers(&cluster, client, host, proto, &["host"], toolbox);
+        assert_dropped(&cluster, client, unallocated, proto);
+        assert_refused(&cluster, client, v4(10, 43, 0, 10, 81), proto);
     }
     let trace_of = |dst| trace(&cluster, false, toolbox, dst, Proto::Tcp, "pod");
     assert_eq!(trace_of(unallocated), verdict("DROP"));

@@ -203,6 +203,11 @@ impl Cluster {
         self.proxy_flags = proxy_flags.iter().map(|f| (*f).to_owned()).collect();
     }
 
+    /// The flags given to [`Cluster::start_with`] (or [`Cluster::set_proxy_flags`]).
+    pub fn proxy_flags(&self) -> &[String] {
+        &self.proxy_flags
+    }
+
     /// Starts the proxy on node1 (after [`Cluster::stop_proxy`]) on the same pins.
     pub fn start_proxy(&mut self) -> Result<&mut Proxy> {
         let proxy = self.launch_proxy()?;
@@ -295,6 +300,11 @@ impl Cluster {
             ns.wait_ipv6_ready(Duration::from_secs(5))?;
         }
         Ok(())
+    }
+
+    /// Every pod added so far.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

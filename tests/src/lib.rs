@@ -4,6 +4,7 @@
 //! Safety rules this crate keeps: it only ever changes namespaces it created (names start with
 //! [`NAME_PREFIX`]); interfaces are created inside them; the root namespace is never touched.
 
+pub mod bad_files;
 pub mod cluster;
 pub mod control_plane;
 pub mod host;
@@ -514,19 +515,19 @@ impl Drop for Cgroup {
     }
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
+/// The cgroup2 mount point, from /proc/self/mountinfo (as procfs-core parses it).
 pub fn cgroup2_mount() -> Result<PathBuf> {
+    use procfs_core::FromRead as _;
     let path = PathBuf::from("/proc/self/mountinfo");
-    let info = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    info.lines()
-        .find_map(|line| {
-            let (fields, rest) = line.split_once(" - ")?;
-            let mount_point = fields.split_whitespace().nth(4)?;
-            (rest.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    let mounts =
+        procfs_core::process::MountInfos::from_file(&path).map_err(|error| LabError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(error),
+        })?;
+    mounts
+        .into_iter()
+        .find(|mount| mount.fs_type == "cgroup2")
+        .map(|mount| mount.mount_point)
         .ok_or_else(|| LabError::Io {
             path,
             source: std::io::Error::other("no cgroup2 mount"),

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use crate::lab::{self, CLIENT_IP, Lab, OUTSIDER_IP};
 use crate::{kube_lab, setup, workspace_root};
+use proxy_lab::bad_files::{self, Claim};
 use proxy_lab::http_get_in;
 
 #[derive(clap::Args)]
@@ -31,6 +32,11 @@ pub struct DemoArgs {
     /// kube-controller-manager, built by `cargo xtask setup`), applied with kubectl.
     #[arg(long)]
     pub control_plane: bool,
+    /// Before the tutorial, drop proxy_lab's 1,000 generated bad files (impostors claiming the
+    /// hostname Services' addresses and ports, bit flips, truncations, invalid fields) beside
+    /// examples/hostname in the running lab: every step must pass as without them.
+    #[arg(long, conflicts_with = "control_plane")]
+    pub bad_files: bool,
 }
 
 /// The demo's labs are named `kepdemo-<pid>`: two demos (two checkouts' test runs) on one
@@ -334,6 +340,39 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     let plan = Plan::load(&lab, &worker.name)?;
     let toolbox = lab.toolbox_netns.clone();
     let client = lab.client_netns.clone();
+    if args.bad_files {
+        let held = |claim, (ip, port): (IpAddr, u16)| bad_files::Held {
+            claim,
+            value: ip.to_string(),
+            port,
+        };
+        let node_port = |service: &str| -> anyhow::Result<bad_files::Held> {
+            let (_, port) = plan.frontend(service, "nodePort")?;
+            Ok(bad_files::Held {
+                claim: Claim::NodePort,
+                value: port.to_string(),
+                port,
+            })
+        };
+        let held = [
+            held(
+                Claim::ClusterIp,
+                plan.frontend("hostname-svc-clusterip", "clusterIp")?,
+            ),
+            held(Claim::ClusterIp, plan.frontend(&affinity, "clusterIp")?),
+            node_port(&nodeport)?,
+            node_port(&local)?,
+            held(
+                Claim::ExternalIp,
+                plan.frontend(&external_ips, "externalIp")?,
+            ),
+            held(
+                Claim::LoadBalancerIp,
+                plan.frontend(&load_balancer, "loadBalancer")?,
+            ),
+        ];
+        add_bad_files(&lab, &plan, &dir, &held, &worker.name, &toolbox, &mut w)?;
+    }
 
     w.step("ClusterIP: hostname-svc-clusterip from a pod spreads over the 3 pods");
     let (vip, port) = plan.frontend("hostname-svc-clusterip", "clusterIp")?;
@@ -476,6 +515,76 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     if w.check && !w.failures.is_empty() {
         bail!("demo check failed:\n- {}", w.failures.join("\n- "));
     }
+    Ok(())
+}
+
+/// Writes proxy_lab's bad files beside examples/hostname in the running lab, then a good
+/// Service: once it answers, the proxies have read the folder with every bad file. `plan` must
+/// still give every hostname Service exactly the frontends it had.
+fn add_bad_files(
+    lab: &Lab,
+    plan: &Plan,
+    examples: &Path,
+    held: &[bad_files::Held],
+    hostname: &str,
+    toolbox: &str,
+    w: &mut Walkthrough,
+) -> anyhow::Result<()> {
+    w.step(&format!(
+        "{} bad files appear beside examples/hostname in the running lab: copies claiming its \
+         ClusterIPs, NodePorts, externalIP and LoadBalancer IP, bit flips, truncations, invalid \
+         ports, addresses and names",
+        bad_files::COUNT
+    ));
+    let mut originals = Vec::new();
+    for entry in
+        std::fs::read_dir(examples).with_context(|| format!("reading {}", examples.display()))?
+    {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if text.contains("\nkind: Service\n") {
+            originals.push(text);
+        }
+    }
+    let files = bad_files::generate(&bad_files::Target {
+        originals: &originals,
+        held,
+        taken_name: "hostname-svc-clusterip",
+        impostor_app: "impostor",
+        app: "webserver",
+        target_port: 80,
+    });
+    let dir = lab.manifests_dir();
+    for (name, content) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let sentinel = dir.join("zz-sentinel.yaml");
+    std::fs::write(
+        &sentinel,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: zz-sentinel\nspec:\n  selector:\n    \
+         app: webserver\n  ports:\n  - port: 8080\n    targetPort: 80\n",
+    )
+    .with_context(|| format!("writing {}", sentinel.display()))?;
+    let after = Plan::load(lab, hostname)?;
+    let changed: Vec<String> = plan
+        .frontends
+        .iter()
+        .filter(|(key, frontend)| after.frontends.get(key) != Some(frontend))
+        .map(|((service, kind), (ip, port))| format!("{service} {kind} {ip}:{port}"))
+        .collect();
+    w.expect(
+        changed.is_empty(),
+        &format!("plan keeps every hostname Service's frontends; changed: {changed:?}"),
+    );
+    let (vip, port) = after.frontend("zz-sentinel", "clusterIp")?;
+    let reply = wait_for(toolbox, vip, port, |r| matches!(r, Reply::Answer { .. }))?;
+    println!("   toolbox -> zz-sentinel {vip}:{port}: {reply}");
+    w.expect(
+        matches!(reply, Reply::Answer { .. }),
+        "a Service written after the bad files answers: the proxies have read them all",
+    );
     Ok(())
 }
 

@@ -155,12 +155,13 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
             ])
             .env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"),
     )?;
-    println!("test: cargo xtask demo --check");
+    println!("test: cargo xtask demo --check --bad-files");
     demo::demo(&demo::DemoArgs {
         check: true,
         keep: false,
         host_firewall: false,
         control_plane: false,
+        bad_files: true,
     })?;
     println!("test: cargo xtask demo --check --host-firewall");
     demo::demo(&demo::DemoArgs {
@@ -168,6 +169,7 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         keep: false,
         host_firewall: true,
         control_plane: false,
+        bad_files: false,
     })?;
     println!("test: cargo xtask demo --control-plane --check");
     demo::demo(&demo::DemoArgs {
@@ -175,6 +177,7 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         keep: false,
         host_firewall: false,
         control_plane: true,
+        bad_files: false,
     })?;
     if !args.no_vm {
         println!(

@@ -38,7 +38,7 @@ pub struct DataplaneFlags {
     /// lab) each need their own.
     #[arg(long, default_value = "/sys/fs/bpf/kube-ebpf-proxy")]
     pub bpf_pin_path: PathBuf,
-    /// Which interfaces get the tc program: comma-separated name patterns with `*`, `!`
+    /// Which interfaces get the tc program: comma-separated shell globs (`*`, `?`, `[...]`), `!`
     /// excludes (e.g. `eth*,veth*,!veth-mgmt`). Default: every interface but loopback.
     #[arg(long, default_value = "")]
     pub interfaces: String,
@@ -434,7 +434,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let synced = syncer.on_snapshot(&first, &mut maps);
-    let filter = dataplane::InterfaceFilter::parse(&args.dataplane.interfaces);
+    let filter = dataplane::InterfaceFilter::parse(&args.dataplane.interfaces)?;
     let mut attachments = attach_dataplane(&args.dataplane, &mut loaded, &filter)?;
     if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
         tracing::warn!("local-traffic detector interfaces: {error:#}");

@@ -15,7 +15,8 @@ use super::ProxyConfig;
 pub const CONFIGZ_GROUP: &str = "kubeproxy.config.k8s.io";
 
 /// A duration as Go's `time.Duration.String()` prints it (`0s`, `500ms`, `1.5s`, `15m0s`,
-/// `1h30m0s`), which is how `metav1.Duration` marshals.
+/// `1h30m0s`), which is how `metav1.Duration` marshals. Kept hand-written: jiff prints spans
+/// its own way ("15m", "1h 30m"), never Go's zero units ("15m0s").
 pub fn go_duration(duration: Duration) -> String {
     if duration.is_zero() {
         return "0s".to_owned();

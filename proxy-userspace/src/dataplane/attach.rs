@@ -3,6 +3,9 @@ use std::path::{Path, PathBuf};
 use aya::programs::links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, tc};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use procfs_core::FromRead as _;
+use procfs_core::process::MountInfos;
 
 use super::Loaded;
 use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
@@ -33,10 +36,15 @@ pub enum AttachError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--interfaces pattern {pattern:?}: {source}")]
+    InterfacePattern {
+        pattern: String,
+        source: globset::Error,
+    },
     #[error("no cgroup2 mount in /proc/self/mountinfo")]
     NoCgroup2Mount,
     #[error("reading /proc/self/mountinfo: {0}")]
-    MountInfo(std::io::Error),
+    MountInfo(procfs_core::ProcError),
     #[error("listing interfaces: {0}")]
     ListInterfaces(nix::Error),
     #[error("creating the links directory {path}: {source}")]
@@ -105,54 +113,55 @@ fn is_ethernet(name: &str) -> bool {
     }
 }
 
-/// `--interfaces`: which interface names get the tc program. Patterns are names with `*`
-/// wildcards; a leading `!` excludes. With no include pattern every interface is included;
-/// loopback never is.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// `--interfaces`: which interface names get the tc program. Patterns are shell globs (`*`,
+/// `?`, `[...]`, matched by globset); a leading `!` excludes. With no include pattern every
+/// interface is included; loopback never is.
+#[derive(Clone, Debug, Default)]
 pub struct InterfaceFilter {
-    include: Vec<String>,
-    exclude: Vec<String>,
+    /// `None`: no include pattern, every interface.
+    include: Option<GlobSet>,
+    exclude: GlobSet,
 }
 
 impl InterfaceFilter {
     /// Parses a comma-separated pattern list, e.g. `"eth*,veth*,!veth-mgmt"`.
-    pub fn parse(patterns: &str) -> Self {
-        let mut filter = Self::default();
+    pub fn parse(patterns: &str) -> Result<Self, AttachError> {
+        let mut include = GlobSetBuilder::new();
+        let mut exclude = GlobSetBuilder::new();
+        let mut any_include = false;
         for pattern in patterns.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match pattern.strip_prefix('!') {
-                Some(excluded) => filter.exclude.push(excluded.to_owned()),
-                None => filter.include.push(pattern.to_owned()),
-            }
+            let (set, glob) = if let Some(excluded) = pattern.strip_prefix('!') {
+                (&mut exclude, excluded)
+            } else {
+                any_include = true;
+                (&mut include, pattern)
+            };
+            set.add(
+                Glob::new(glob).map_err(|source| AttachError::InterfacePattern {
+                    pattern: pattern.to_owned(),
+                    source,
+                })?,
+            );
         }
-        filter
+        let build = |builder: GlobSetBuilder| {
+            builder
+                .build()
+                .map_err(|source| AttachError::InterfacePattern {
+                    pattern: patterns.to_owned(),
+                    source,
+                })
+        };
+        Ok(Self {
+            include: any_include.then(|| build(include)).transpose()?,
+            exclude: build(exclude)?,
+        })
     }
 
     pub fn matches(&self, name: &str) -> bool {
         name != "lo"
-            && (self.include.is_empty() || self.include.iter().any(|p| glob_match(p, name)))
-            && !self.exclude.iter().any(|p| glob_match(p, name))
+            && self.include.as_ref().is_none_or(|set| set.is_match(name))
+            && !self.exclude.is_match(name)
     }
-}
-
-/// `*` matches any run of characters; everything else matches itself.
-fn glob_match(pattern: &str, name: &str) -> bool {
-    let Some((head, rest)) = pattern.split_once('*') else {
-        return pattern == name;
-    };
-    let Some(mut remaining) = name.strip_prefix(head) else {
-        return false;
-    };
-    let mut parts = rest.split('*').peekable();
-    while let Some(part) = parts.next() {
-        if parts.peek().is_none() {
-            return remaining.len() >= part.len() && remaining.ends_with(part);
-        }
-        match remaining.find(part) {
-            Some(at) => remaining = &remaining[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// `--tc-attach`: how the tc ingress program goes on an interface.
@@ -486,17 +495,14 @@ fn replace_pinned_tcx(
     }
 }
 
-/// The cgroup2 mount point of this process's mount namespace (from /proc/self/mountinfo).
+/// The cgroup2 mount point of this process's mount namespace (from /proc/self/mountinfo, as
+/// procfs-core parses it).
 pub fn cgroup2_root() -> Result<PathBuf, AttachError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(AttachError::MountInfo)?;
-    info.lines()
-        .find_map(|line| {
-            // "id parent maj:min root mount-point options ... - fstype source super-options"
-            let (fields, rest) = line.split_once(" - ")?;
-            let fstype = rest.split_whitespace().next()?;
-            let mount_point = fields.split_whitespace().nth(4)?;
-            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-        })
+    let mounts = MountInfos::from_file("/proc/self/mountinfo").map_err(AttachError::MountInfo)?;
+    mounts
+        .into_iter()
+        .find(|mount| mount.fs_type == "cgroup2")
+        .map(|mount| mount.mount_point)
         .ok_or(AttachError::NoCgroup2Mount)
 }
 
@@ -589,13 +595,23 @@ mod tests {
             ("e*0", "eth01", false),
             ("eth0", "eth0", true),
             ("eth0", "eth00", false),
+            ("veth?", "veth1", true),
+            ("veth?", "veth12", false),
+            ("eth[01]", "eth1", true),
         ];
         for (patterns, name, expected) in cases {
             assert_eq!(
-                InterfaceFilter::parse(patterns).matches(name),
+                InterfaceFilter::parse(patterns).unwrap().matches(name),
                 *expected,
                 "{patterns:?} on {name}"
             );
         }
+        let error = InterfaceFilter::parse("eth*,!veth[")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("--interfaces pattern \"!veth[\""),
+            "{error}"
+        );
     }
 }

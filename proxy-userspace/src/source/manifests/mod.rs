@@ -457,7 +457,10 @@ pub fn load_dir_after(
             },
             Object::EndpointSlice(mut slice) => match key_of(&mut slice.metadata, true) {
                 Some(key) => match check_slice(&slice) {
-                    Ok(()) => explicit_slices.insert(key, origin.clone(), slice, &mut diagnostics),
+                    Ok(()) => {
+                        slices::apply_defaults(&mut slice);
+                        explicit_slices.insert(key, origin.clone(), slice, &mut diagnostics);
+                    }
                     Err(reason) => diagnostics.push(diagnostic(
                         object_name("EndpointSlice", &key),
                         &origin,

@@ -25,6 +25,16 @@ const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 /// addresses of one Endpoints subset are mirrored, all into one slice per (family, ports).
 const MAX_MIRRORED_ENDPOINTS_PER_SUBSET: usize = 1000;
 
+/// The API server's defaults for an EndpointSlice's ports (discovery/v1
+/// `SetDefaults_EndpointPort`): a missing `name` is "" and a missing `protocol` TCP, so an
+/// unnamed slice port serves a Service's unnamed port as it does from the API server.
+pub fn apply_defaults(slice: &mut EndpointSlice) {
+    for port in slice.ports.iter_mut().flatten() {
+        port.name.get_or_insert_with(String::new);
+        port.protocol.get_or_insert_with(|| "TCP".to_owned());
+    }
+}
+
 /// The Service's selector, when the EndpointSlice controller manages its slices. An empty
 /// selector is the same as none: the API server drops empty maps.
 pub fn selector(service: &Service) -> Option<&BTreeMap<String, String>> {

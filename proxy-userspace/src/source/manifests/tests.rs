@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
 use super::slices::{self, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, PodTemplates};
@@ -614,6 +615,131 @@ fn folder_level_rules() {
             );
         }
     }
+}
+
+/// The folder's snapshot, which must have no diagnostics.
+fn load_without_diagnostics(dir: &Path) -> ClusterSnapshot {
+    let snapshot = load_dir(dir, &ManifestSettings::new("node-a"));
+    assert!(
+        snapshot.diagnostics.is_empty(),
+        "{:?}",
+        snapshot.diagnostics
+    );
+    snapshot
+}
+
+/// A hand-written EndpointSlice port without `name` or `protocol` gets the API server's
+/// defaults ("" and TCP), so it serves the Service's unnamed port, as it would from the API
+/// server (kube-proxy skips ports whose name is unset).
+#[test]
+fn endpoint_slice_ports_get_the_api_servers_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 5432}]}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("slice.yaml"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-1, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nendpoints: [{addresses: [10.1.0.5]}]\nports: [{port: 5432}]\n",
+    )
+    .unwrap();
+    let snapshot = load_without_diagnostics(dir.path());
+    let slices = slices_of(&snapshot, "db");
+    assert_eq!(
+        describe(&slices),
+        ["IPv4 [:5432/TCP] - 10.1.0.5 r-s-t- - -"]
+    );
+    let port = &slices[0].ports.as_ref().unwrap()[0];
+    assert_eq!(port.name.as_deref(), Some(""));
+    let state = crate::model::compute(&snapshot, &crate::model::ModelConfig::default());
+    let endpoints: Vec<String> = state
+        .service_ports
+        .iter()
+        .flat_map(|sp| &sp.cluster_endpoints)
+        .map(|e| format!("{}:{}", e.addr, e.port))
+        .collect();
+    assert_eq!(endpoints, ["10.1.0.5:5432"]);
+}
+
+/// The API server's Service defaults for every field kube-proxy reads
+/// (pkg/apis/core/v1/defaults.go and the allocators' family fields), one line per Service:
+/// type, sessionAffinity (timeout), internal/external traffic policy, ipFamilyPolicy,
+/// allocateLoadBalancerNodePorts, then each port as protocol:port->targetPort.
+#[test]
+fn services_get_the_api_servers_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, spec) in [
+        (
+            "cip",
+            "{ports: [{name: a, port: 80}, {name: b, port: 81, targetPort: 0}]}",
+        ),
+        ("np", "{type: NodePort, ports: [{port: 80, protocol: UDP}]}"),
+        (
+            "lb",
+            "{type: LoadBalancer, ports: [{port: 80, targetPort: http}]}",
+        ),
+        ("aff", "{sessionAffinity: ClientIP, ports: [{port: 80}]}"),
+        ("ext", "{type: ExternalName, externalName: example.com}"),
+    ] {
+        std::fs::write(
+            dir.path().join(format!("{name}.yaml")),
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"),
+        )
+        .unwrap();
+    }
+    let snapshot = load_without_diagnostics(dir.path());
+    let described: Vec<String> = snapshot
+        .services
+        .iter()
+        .map(|(key, service)| {
+            let spec = service.spec.as_ref().unwrap();
+            let ports: Vec<String> = spec
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| {
+                    let target = match &p.target_port {
+                        Some(IntOrString::Int(n)) => n.to_string(),
+                        Some(IntOrString::String(s)) => s.clone(),
+                        None => "-".to_owned(),
+                    };
+                    format!(
+                        "{}:{}->{target}",
+                        p.protocol.as_deref().unwrap_or("-"),
+                        p.port
+                    )
+                })
+                .collect();
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map_or(String::new(), |t| format!("({t})"));
+            format!(
+                "{} {} {}{timeout} {} {} {} {:?} {}",
+                key.name,
+                spec.type_.as_deref().unwrap_or("-"),
+                spec.session_affinity.as_deref().unwrap_or("-"),
+                spec.internal_traffic_policy.as_deref().unwrap_or("-"),
+                spec.external_traffic_policy.as_deref().unwrap_or("-"),
+                spec.ip_family_policy.as_deref().unwrap_or("-"),
+                spec.allocate_load_balancer_node_ports,
+                ports.join(",")
+            )
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            "aff ClusterIP ClientIP(10800) Cluster - SingleStack None TCP:80->80",
+            "cip ClusterIP None Cluster - SingleStack None TCP:80->80,TCP:81->81",
+            "ext ExternalName None - - - None ",
+            "lb LoadBalancer None Cluster Cluster SingleStack Some(true) TCP:80->http",
+            "np NodePort None Cluster Cluster SingleStack None UDP:80->80",
+        ]
+    );
 }
 
 #[test]
