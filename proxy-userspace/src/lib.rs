@@ -1,6 +1,7 @@
 //! kube-ebpf-proxy's controller: sources → model → reconciler → dataplane (see `shared/design.md`).
 
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod events;
 pub mod health;

@@ -1,6 +1,7 @@
 //! `kube-ebpf-proxy plan`: what the proxy will program for the cluster (or manifests) it sees.
 
 use proxy_userspace::config::ProxyFlags;
+use proxy_userspace::controller;
 use proxy_userspace::model::{self, OutputFormat};
 
 #[derive(clap::Args)]
@@ -13,9 +14,8 @@ pub struct PlanArgs {
 }
 
 pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let super::Computed {
-        snapshot, state, ..
-    } = super::compute_once(&args.proxy).await?;
+    let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
+    let (_, state) = controller::compute(&config, &snapshot, &super::local_addresses()?);
     if args.output == OutputFormat::Text {
         for a in &snapshot.allocations {
             println!("allocated {} {} = {}", a.object, a.field, a.value);
