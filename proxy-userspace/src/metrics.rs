@@ -432,12 +432,9 @@ impl DataplaneCollector {
                 return Ok(());
             }
         };
-        let frontends = maps.service_entries().map(|entries| {
-            entries
-                .iter()
-                .filter(|(key, _)| key.slot == 0 && key.scope == proxy_common::SCOPE_POLICY)
-                .count()
-        });
+        let frontends = maps
+            .service_entries()
+            .map(|entries| dataplane::count_frontends(&entries));
         let backends = maps.backend_entries().map(|entries| entries.len());
         let conntrack_entries = maps.conntrack_entries();
         let conntrack = conntrack_entries

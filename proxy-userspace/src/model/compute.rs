@@ -18,8 +18,9 @@ use crate::source::{ClusterSnapshot, ObjectKey};
 
 /// The EndpointSlice label naming the Service it belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// kube-apiserver's default for sessionAffinityConfig.clientIP.timeoutSeconds.
-const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// kube-apiserver's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours): what
+/// the model assumes when a Service leaves it out, and what the manifests source fills in.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
 /// The node's desired dataplane state: every service port of every family with its frontends,
 /// per-source actions and endpoint sets.

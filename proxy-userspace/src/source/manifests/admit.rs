@@ -23,9 +23,6 @@ use super::parse::{Origin, diagnostic};
 use crate::model::Diagnostic;
 use crate::source::{Allocation, ObjectKey};
 
-/// kube-apiserver's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
-const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     IPv4,
@@ -273,7 +270,7 @@ fn apply_defaults(spec: &mut ServiceSpec) {
         let client_ip = config.client_ip.get_or_insert_with(ClientIPConfig::default);
         client_ip
             .timeout_seconds
-            .get_or_insert(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+            .get_or_insert(crate::model::DEFAULT_AFFINITY_TIMEOUT_SECONDS.cast_signed());
     }
     for port in spec.ports.iter_mut().flatten() {
         port.protocol.get_or_insert_with(|| "TCP".to_owned());
