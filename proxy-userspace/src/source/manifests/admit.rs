@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ManifestSettings;
 use super::parse::{Origin, diagnostic};
+use super::parsed::ParsedFiles;
 use crate::model::Diagnostic;
 use crate::source::{Allocation, ObjectKey};
 
@@ -64,16 +65,22 @@ pub struct Candidate {
 }
 
 /// What earlier reads of the folder admitted, as the API server's storage would hold it: the
-/// admission order and each Service as admitted, allocations included. Empty for a folder read
-/// from scratch.
+/// admission order and each Service as admitted, allocations included; and the files as they
+/// were parsed. Empty for a folder read from scratch.
 #[derive(Default)]
 pub struct History {
     rank: HashMap<ObjectKey, u64>,
     next_rank: u64,
     admitted: BTreeMap<ObjectKey, (Origin, Service)>,
+    parsed: ParsedFiles,
 }
 
 impl History {
+    /// The files as earlier reads parsed them.
+    pub fn parsed_files(&mut self) -> &mut ParsedFiles {
+        &mut self.parsed
+    }
+
     /// The file the admitted version of `key` came from.
     pub fn origin(&self, key: &ObjectKey) -> Option<&Origin> {
         self.admitted.get(key).map(|(origin, _)| origin)

@@ -22,9 +22,10 @@
 mod admit;
 mod hints;
 mod parse;
+mod parsed;
 mod slices;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -407,10 +408,12 @@ pub fn load_dir_after(
     let mut diagnostics = Vec::new();
     let mut parsed = Vec::new();
     let mut created = BTreeMap::new();
+    let mut present = HashSet::new();
     for (modified, file) in manifest_files(dir, &mut diagnostics) {
         created.insert(file.clone(), modified);
+        present.insert(file.clone());
         match std::fs::read_to_string(&file) {
-            Ok(text) => parsed.extend(parse::parse_file(&file, &text, &mut diagnostics)),
+            Ok(text) => parsed.extend(history.parsed_files().parse(&file, &text, &mut diagnostics)),
             Err(error) => diagnostics.push(Diagnostic {
                 object: format!("file {}", file.display()),
                 message: format!("cannot read: {error}"),
@@ -418,6 +421,7 @@ pub fn load_dir_after(
         }
     }
 
+    history.parsed_files().keep_only(&present);
     let mut services = Registry::new("Service");
     let mut endpoints: Registry<Endpoints> = Registry::new("Endpoints");
     let mut explicit_slices: Registry<EndpointSlice> = Registry::new("EndpointSlice");
@@ -676,6 +680,7 @@ pub fn watch(
                     history = read_history;
                     tracing::info!(
                         dir = %dir.display(),
+                        files_parsed = history.parsed_files().take_parsed_count(),
                         services = snapshot.services.len(),
                         endpoint_slices = snapshot.endpoint_slices.len(),
                         diagnostics = snapshot.diagnostics.len(),
