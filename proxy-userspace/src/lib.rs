@@ -1,5 +1,6 @@
 //! kube-ebpf-proxy's controller: sources → model → reconciler → dataplane (see `shared/design.md`).
 
+pub mod cluster;
 pub mod config;
 pub mod controller;
 pub mod dataplane;

@@ -11,9 +11,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use proxy_userspace::cluster::ClusterSnapshot;
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
 use proxy_userspace::controller::Interface;
-use proxy_userspace::source::{self, ClusterSnapshot};
+use proxy_userspace::source;
 use tokio::sync::watch;
 
 /// Resolves the flags and config file, logging the warnings.

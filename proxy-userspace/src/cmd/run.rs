@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use proxy_userspace::cluster::{ClusterSnapshot, Diagnostic};
 use proxy_userspace::config::ProxyFlags;
 use proxy_userspace::controller::{Controller, DataplaneSettings, Event, SyncPacer, Synced};
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::events::{EventPublisher, EventSender};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
 use proxy_userspace::metrics::{self, ProxyMetrics};
-use proxy_userspace::model;
-use proxy_userspace::source::ClusterSnapshot;
 use proxy_userspace::source::manifests::PortRange;
 use std::str::FromStr as _;
 
@@ -307,7 +306,7 @@ impl Observers {
         }
         if let Some(events) = &self.events {
             let mut problems = state.diagnostics.clone();
-            problems.extend(report.errors.iter().map(|error| model::Diagnostic {
+            problems.extend(report.errors.iter().map(|error| Diagnostic {
                 object: error.object.clone(),
                 message: format!("not written to the kernel maps: {}", error.source),
             }));

@@ -18,10 +18,10 @@ pub use node::{DataplaneSettings, Interface, node_entries};
 pub use pacing::{SyncKind, SyncPacer};
 pub use triggers::{LAST_CHANGE_TRIGGER_TIME, TriggerTimes};
 
+use crate::cluster::ClusterSnapshot;
 use crate::config::ProxyConfig;
 use crate::model::{self, DesiredState, ModelConfig};
 use crate::reconcile::{DataplaneMaps, Reconciler, SyncReport};
-use crate::source::ClusterSnapshot;
 
 /// What the controller is told.
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::source::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, ObjectKey};
 
 /// The annotation (`v1.EndpointsLastChangeTriggerTime`).
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";

@@ -11,16 +11,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::config::ModelConfig;
 use super::types::{
-    Action, Actions, AddressRules, DesiredState, Diagnostic, Endpoint, EndpointSet, Frontend,
-    FrontendKind, IpFamily, Protocol, ServicePortName, ServicePortState,
+    Action, Actions, AddressRules, DesiredState, Endpoint, EndpointSet, Frontend, FrontendKind,
+    IpFamily, Protocol, ServicePortName, ServicePortState,
 };
-use crate::source::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, DEFAULT_AFFINITY_TIMEOUT_SECONDS, Diagnostic, ObjectKey};
 
 /// The EndpointSlice label naming the Service it belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// kube-apiserver's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours): what
-/// the model assumes when a Service leaves it out, and what the manifests source fills in.
-pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
 /// The node's desired dataplane state: every service port of every family with its frontends,
 /// per-source actions and endpoint sets.

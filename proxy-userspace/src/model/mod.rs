@@ -9,7 +9,7 @@ mod service_cidrs;
 mod tests;
 mod types;
 
-pub use compute::{DEFAULT_AFFINITY_TIMEOUT_SECONDS, compute};
+pub use compute::compute;
 pub use config::{ModelConfig, NodePortAddresses};
 pub use render::{OutputFormat, render, render_text};
 pub use types::*;

@@ -17,7 +17,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::source::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, ObjectKey};
 
 const NODE: &str = "node-a";
 

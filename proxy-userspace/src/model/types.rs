@@ -1,5 +1,5 @@
 //! What the model decides for one node: the desired dataplane state. Pure data; produced by
-//! `model::compute` from a `source::ClusterSnapshot` and the proxy configuration, consumed by
+//! `model::compute` from a `cluster::ClusterSnapshot` and the proxy configuration, consumed by
 //! the reconciler (which turns it into map entries), by `kube-ebpf-proxy plan`, and by tests.
 //!
 //! Vocabulary follows kube-proxy's `pkg/proxy`: a *service port* is one port of one Service
@@ -10,6 +10,8 @@
 use std::net::IpAddr;
 
 use serde::Serialize;
+
+use crate::cluster::Diagnostic;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -208,15 +210,6 @@ impl AddressRules {
             .iter()
             .any(|ip| !self.service_cidrs.iter().any(|cidr| cidr.contains(ip)))
     }
-}
-
-/// A problem with one object that the model skipped; everything else is still computed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Diagnostic {
-    /// `Kind namespace/name` of the object.
-    pub object: String,
-    pub message: String,
 }
 
 /// How the dataplane recognises [`SourceClass::Pod`] traffic (`--detect-local-mode`). The model

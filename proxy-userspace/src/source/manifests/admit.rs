@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::ManifestSettings;
 use super::parse::{Origin, diagnostic};
 use super::parsed::ParsedFiles;
-use crate::model::Diagnostic;
-use crate::source::{Allocation, ObjectKey};
+use crate::cluster::Diagnostic;
+use crate::cluster::{Allocation, ObjectKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -277,7 +277,7 @@ fn apply_defaults(spec: &mut ServiceSpec) {
         let client_ip = config.client_ip.get_or_insert_with(ClientIPConfig::default);
         client_ip
             .timeout_seconds
-            .get_or_insert(crate::model::DEFAULT_AFFINITY_TIMEOUT_SECONDS.cast_signed());
+            .get_or_insert(crate::cluster::DEFAULT_AFFINITY_TIMEOUT_SECONDS.cast_signed());
     }
     for port in spec.ports.iter_mut().flatten() {
         port.protocol.get_or_insert_with(|| "TCP".to_owned());

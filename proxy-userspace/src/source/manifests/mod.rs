@@ -47,8 +47,8 @@ pub use self::admit::History;
 use self::admit::{Candidate, Family};
 use self::parse::{Object, Origin, diagnostic};
 use self::slices::PodTemplates;
-use super::{ClusterSnapshot, ObjectKey};
-use crate::model::Diagnostic;
+use crate::cluster::Diagnostic;
+use crate::cluster::{ClusterSnapshot, ObjectKey};
 
 /// kube-apiserver's default `--service-cluster-ip-range`.
 pub const DEFAULT_SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";

@@ -8,7 +8,7 @@ use std::hash::{Hash as _, Hasher as _};
 use std::path::{Path, PathBuf};
 
 use super::parse::{self, Parsed};
-use crate::model::Diagnostic;
+use crate::cluster::Diagnostic;
 
 /// One file's text (by hash) and what parsing it gave.
 struct ParsedFile {
