@@ -3,6 +3,7 @@
 //! module so that neither the sources nor the model depend on the other's types.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -57,4 +58,37 @@ pub struct Diagnostic {
     /// `Kind namespace/name` of the object.
     pub object: String,
     pub message: String,
+}
+
+/// An IP family as the API spells it (`spec.ipFamilies`, `addressType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(addr: IpAddr) -> IpFamily {
+        match addr {
+            IpAddr::V4(_) => IpFamily::IPv4,
+            IpAddr::V6(_) => IpFamily::IPv6,
+        }
+    }
+
+    /// The API's name: `IPv4` or `IPv6`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::IPv4 => "IPv4",
+            IpFamily::IPv6 => "IPv6",
+        }
+    }
+
+    /// The family the API's name names.
+    pub fn parse(name: &str) -> Option<IpFamily> {
+        match name {
+            "IPv4" => Some(IpFamily::IPv4),
+            "IPv6" => Some(IpFamily::IPv6),
+            _ => None,
+        }
+    }
 }

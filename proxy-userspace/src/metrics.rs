@@ -52,15 +52,8 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::IPv4, IpFamily::IPv6];
 
-fn family_name(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::IPv4 => "IPv4",
-        IpFamily::IPv6 => "IPv6",
-    }
-}
-
 fn family_labels(family: IpFamily) -> Labels {
-    [("ip_family", family_name(family))]
+    [("ip_family", family.name())]
 }
 
 fn sync_duration_histogram() -> Histogram {
@@ -311,7 +304,7 @@ impl ProxyMetrics {
                 self.kube_proxy.last_synced.get_or_create(&labels).set(now);
             }
             let (internal, external) = no_local_endpoints(state, family);
-            let family = family_name(family);
+            let family = family.name();
             self.kube_proxy
                 .no_local_endpoints
                 .get_or_create(&[("ip_family", family), ("traffic_policy", "internal")])

@@ -308,10 +308,8 @@ fn index_endpoint_slices(
             continue;
         };
         // Each family's proxier only watches slices of its address type (FQDN slices: none).
-        let family = match slice.address_type.as_str() {
-            "IPv4" => IpFamily::IPv4,
-            "IPv6" => IpFamily::IPv6,
-            _ => continue,
+        let Some(family) = IpFamily::parse(&slice.address_type) else {
+            continue;
         };
         let mut endpoints = Vec::new();
         for endpoint in &slice.endpoints {

@@ -4,8 +4,7 @@
 use std::fmt::Write as _;
 
 use super::types::{
-    Action, DesiredState, Endpoint, EndpointSet, Frontend, IpFamily, LocalTrafficDetector,
-    ServicePortState,
+    Action, DesiredState, Endpoint, EndpointSet, Frontend, LocalTrafficDetector, ServicePortState,
 };
 
 /// `kube-ebpf-proxy plan -o <format>`.
@@ -97,10 +96,7 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
     } else {
         format!(":{}", name.port)
     };
-    let family = match port.family {
-        IpFamily::IPv4 => "IPv4",
-        IpFamily::IPv6 => "IPv6",
-    };
+    let family = port.family.name();
     let _ = writeln!(
         out,
         "{}/{}{port_name} {} {family}",

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::cluster::Diagnostic;
+pub use crate::cluster::IpFamily;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -29,12 +30,6 @@ impl std::fmt::Display for Protocol {
             Protocol::Sctp => "SCTP",
         })
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum IpFamily {
-    IPv4,
-    IPv6,
 }
 
 /// kube-proxy's `ServicePortName`: namespace/name:port-name plus protocol.
@@ -240,15 +235,6 @@ impl LocalTrafficDetector {
             }
             LocalTrafficDetector::InterfaceNamePrefix { .. }
             | LocalTrafficDetector::BridgeInterface { .. } => true,
-        }
-    }
-}
-
-impl IpFamily {
-    pub fn of(addr: IpAddr) -> IpFamily {
-        match addr {
-            IpAddr::V4(_) => IpFamily::IPv4,
-            IpAddr::V6(_) => IpFamily::IPv6,
         }
     }
 }

@@ -43,12 +43,12 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
 
+use self::admit::Candidate;
 pub use self::admit::History;
-use self::admit::{Candidate, Family};
 use self::parse::{Object, Origin, diagnostic};
 use self::slices::PodTemplates;
 use crate::cluster::Diagnostic;
-use crate::cluster::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, IpFamily, ObjectKey};
 
 /// kube-apiserver's default `--service-cluster-ip-range`.
 pub const DEFAULT_SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
@@ -307,18 +307,20 @@ fn check_pod(pod: &Pod) -> Result<(), String> {
 }
 
 fn check_slice(slice: &EndpointSlice) -> Result<(), String> {
-    let family = match slice.address_type.as_str() {
-        "IPv4" => Some(Family::IPv4),
-        "IPv6" => Some(Family::IPv6),
-        "FQDN" => None,
-        other => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
+    let family = match (
+        slice.address_type.as_str(),
+        IpFamily::parse(&slice.address_type),
+    ) {
+        (_, Some(family)) => Some(family),
+        ("FQDN", None) => None,
+        (other, None) => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
     };
     if let Some(family) = family {
         for address in slice.endpoints.iter().flat_map(|e| &e.addresses) {
             let ip: IpAddr = address
                 .parse()
                 .map_err(|_| format!("endpoints address {address:?} is not a valid IP address"))?;
-            if Family::of(ip) != family {
+            if IpFamily::of(ip) != family {
                 return Err(format!("endpoints address {ip} is not {}", family.name()));
             }
         }
