@@ -8,5 +8,6 @@ pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod port_range;
 pub mod reconcile;
 pub mod source;

@@ -14,7 +14,7 @@ use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::events::{EventPublisher, EventSender};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
 use proxy_userspace::metrics::{self, ProxyMetrics};
-use proxy_userspace::source::manifests::PortRange;
+use proxy_userspace::port_range::PortRange;
 use std::str::FromStr as _;
 
 /// `run`'s default SNAT source ports: above Linux's ephemeral range (32768-60999) and outside

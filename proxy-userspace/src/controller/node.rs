@@ -7,8 +7,8 @@ use proxy_common::{
 };
 
 use crate::model::{DesiredState, LocalTrafficDetector, ModelConfig};
+use crate::port_range::PortRange;
 use crate::reconcile::NodeEntries;
-use crate::source::manifests::PortRange;
 
 /// How the loaded dataplane behaves, fixed for the process's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,8 +20,8 @@ use crate::model::{
     Action, Actions, Endpoint, EndpointSet, Frontend, FrontendKind, IpFamily, Protocol,
     ServicePortName, ServicePortState,
 };
+use crate::port_range::PortRange;
 use crate::reconcile::{MapChange, MapEntries, MemoryMaps, NodeEntries, record};
-use crate::source::manifests::PortRange;
 
 #[derive(Parser)]
 struct Cli {

@@ -975,7 +975,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::source::manifests::PortRange;
+    use crate::port_range::PortRange;
 
     fn settings(cidrs: &[&str]) -> ManifestSettings {
         ManifestSettings {
