@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use serde::Deserialize;
 
 use crate::model::{IpFamily, LocalTrafficDetector, ModelConfig, NodePortAddresses};
-use crate::source::manifests::PortRange;
+use crate::port_range::PortRange;
 
 mod configz;
 mod ignored;

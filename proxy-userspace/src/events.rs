@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 
-use crate::model::Diagnostic;
-use crate::source::{ClusterSnapshot, ObjectKey};
+use crate::cluster::Diagnostic;
+use crate::cluster::{ClusterSnapshot, ObjectKey};
 
 /// The same problem of the same object is published at most once per this.
 pub const REPEAT_INTERVAL: Duration = Duration::from_mins(10);

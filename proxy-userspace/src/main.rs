@@ -117,9 +117,12 @@ async fn main() -> anyhow::Result<()> {
             // What is programmed: frontends (slot-0 entries), backends, live flows.
             let maps = dataplane::Maps::open(&args.bpf_pin_path)?;
             let services = maps.service_entries()?;
-            let frontends = services.iter().filter(|(k, _)| k.slot == 0).count();
-            println!("programmed_frontends {frontends}");
-            println!("programmed_backend_slots {}", services.len() - frontends);
+            println!(
+                "programmed_frontends {}",
+                dataplane::count_frontends(&services)
+            );
+            let slots = services.iter().filter(|(k, _)| k.slot != 0).count();
+            println!("programmed_backend_slots {slots}");
             println!("programmed_backends {}", maps.backend_entries()?.len());
             let conntrack = maps.conntrack_entries()?;
             println!("conntrack_entries {}", conntrack.len());

@@ -52,20 +52,24 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::IPv4, IpFamily::IPv6];
 
-fn family_name(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::IPv4 => "IPv4",
-        IpFamily::IPv6 => "IPv6",
-    }
-}
-
 fn family_labels(family: IpFamily) -> Labels {
-    [("ip_family", family_name(family))]
+    [("ip_family", family.name())]
 }
 
 fn sync_duration_histogram() -> Histogram {
     // kube-proxy's buckets: 1ms doubling 15 times (up to ~16s).
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// kube-proxy's network programming latency buckets: 0.25 s and 0.5 s, every second to 59 s,
+/// every 5 s to 115 s, every 30 s from 2 to 5 minutes.
+fn network_programming_histogram() -> Histogram {
+    let buckets = [0.25, 0.5]
+        .into_iter()
+        .chain((1..=59).map(f64::from))
+        .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+        .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    Histogram::new(buckets)
 }
 
 /// How many service ports changed between two successive desired states, the way kube-proxy's
@@ -158,6 +162,7 @@ struct KubeProxyFamilies {
     service_changes: Counter,
     endpoint_changes: Counter,
     no_local_endpoints: Family<PolicyLabels, Gauge>,
+    network_programming: Histogram,
 }
 
 impl Collector for KubeProxyFamilies {
@@ -207,6 +212,12 @@ impl Collector for KubeProxyFamilies {
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             &self.no_local_endpoints,
+        )?;
+        family(
+            &mut encoder,
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            &self.network_programming,
         )
     }
 }
@@ -234,6 +245,7 @@ impl ProxyMetrics {
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             no_local_endpoints: Family::default(),
+            network_programming: network_programming_histogram(),
         };
         let mut registry = Registry::default();
         registry.register_collector(Box::new(kube_proxy.clone()));
@@ -292,7 +304,7 @@ impl ProxyMetrics {
                 self.kube_proxy.last_synced.get_or_create(&labels).set(now);
             }
             let (internal, external) = no_local_endpoints(state, family);
-            let family = family_name(family);
+            let family = family.name();
             self.kube_proxy
                 .no_local_endpoints
                 .get_or_create(&[("ip_family", family), ("traffic_policy", "internal")])
@@ -312,6 +324,18 @@ impl ProxyMetrics {
         self.kube_proxy.service_changes.inc_by(changes.services);
         self.kube_proxy.endpoint_changes.inc_by(changes.endpoints);
         *previous = next;
+    }
+
+    /// A sync finished at `now` programmed EndpointSlice changes triggered at `triggers`
+    /// (kube-proxy observes the time since each; a trigger time ahead of this node's clock
+    /// counts as zero).
+    pub fn programmed(&self, triggers: &[SystemTime], now: SystemTime) {
+        for trigger in triggers {
+            let latency = now.duration_since(*trigger).unwrap_or_default();
+            self.kube_proxy
+                .network_programming
+                .observe(latency.as_secs_f64());
+        }
     }
 
     /// The OpenMetrics text exposition of every family.
@@ -401,12 +425,9 @@ impl DataplaneCollector {
                 return Ok(());
             }
         };
-        let frontends = maps.service_entries().map(|entries| {
-            entries
-                .iter()
-                .filter(|(key, _)| key.slot == 0 && key.scope == proxy_common::SCOPE_POLICY)
-                .count()
-        });
+        let frontends = maps
+            .service_entries()
+            .map(|entries| dataplane::count_frontends(&entries));
         let backends = maps.backend_entries().map(|entries| entries.len());
         let conntrack_entries = maps.conntrack_entries();
         let conntrack = conntrack_entries
@@ -817,6 +838,15 @@ mod tests {
         };
         metrics.queued();
         metrics.synced(&second, Duration::from_millis(20), false);
+        // Two programmed EndpointSlice changes, triggered 0.3 s and 61 s before the sync ended.
+        let now = SystemTime::now();
+        metrics.programmed(
+            &[
+                now - Duration::from_millis(300),
+                now - Duration::from_secs(61),
+            ],
+            now,
+        );
 
         let (status, head, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200, "{body}");
@@ -839,6 +869,8 @@ mod tests {
             "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes counter",
             "# HELP kubeproxy_sync_proxy_rules_no_local_endpoints_total [ALPHA] Number of services with a Local traffic policy and no endpoints",
             "# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "# HELP kubeproxy_network_programming_duration_seconds [ALPHA] In Cluster Network Programming Latency in seconds",
+            "# TYPE kubeproxy_network_programming_duration_seconds histogram",
             "# EOF",
         ] {
             assert!(
@@ -893,6 +925,26 @@ mod tests {
                 "the second queued time {queued} is after the first sync"
             );
         }
+        // kube-proxy's network programming buckets: 0.25, 0.5, 1..59, 60..115 by 5, 120..300
+        // by 30.
+        let programming = "kubeproxy_network_programming_duration_seconds";
+        for (le, count) in [
+            ("0.25", "0"),
+            ("0.5", "1"),
+            ("59.0", "1"),
+            ("60.0", "1"),
+            ("65.0", "2"),
+            ("300.0", "2"),
+            ("+Inf", "2"),
+        ] {
+            assert_eq!(
+                sample(&body, &format!("{programming}_bucket{{le=\"{le}\"}}")),
+                count,
+                "le={le}"
+            );
+        }
+        assert!(!body.contains(&format!("{programming}_bucket{{le=\"330.0\"}}")));
+        assert_eq!(sample(&body, &format!("{programming}_count")), "2");
         // First sync: two new ports (one with endpoints); second: one removed (no endpoints),
         // and web's internal endpoints changed.
         assert_eq!(

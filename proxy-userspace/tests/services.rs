@@ -890,12 +890,16 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
         ("web-itp", spec("10.96.0.23", "web", itp, 30083)),
         ("remote-itp", spec("10.96.0.24", "remote", itp, 30084)),
     ];
-    for (name, spec) in &files {
-        cluster
-            .manifests
-            .write(&format!("{name}.yaml"), &service(name, spec))
-            .unwrap();
-    }
+    // One file, so one snapshot (and one sync) holds all four: a DROP for remote-itp alone
+    // could also be the service CIDR's drop of an address not programmed yet.
+    let all: Vec<String> = files
+        .iter()
+        .map(|(name, spec)| service(name, spec))
+        .collect();
+    cluster
+        .manifests
+        .write("policies.yaml", &all.join("---\n"))
+        .unwrap();
     let node = node_ip(0, false);
     let client = IpAddr::V4(CLIENT_IP);
     // Each file may reach the kernel in its own sync: wait for every one's NodePort.
@@ -913,11 +917,11 @@ fn local_traffic_policies_keep_the_client_address_and_use_only_local_endpoints()
     wait_programmed(
         &cluster,
         toolbox,
-        v4(10, 96, 0, 24, 80),
+        v4(10, 96, 0, 23, 80),
         Proto::Tcp,
         "pod",
-        "remote-itp",
-        |t| t.verdict == "DROP",
+        "web-itp",
+        |t| t.verdict == "DNAT",
     );
     // eTP Local: only node1's endpoint, and it sees the real client address.
     let web_etp = SocketAddr::new(node, 30081);

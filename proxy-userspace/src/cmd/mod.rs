@@ -4,7 +4,6 @@
 pub mod inspect;
 pub mod kube_proxy;
 pub mod plan;
-mod program;
 pub mod run;
 pub mod trace;
 
@@ -12,8 +11,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use proxy_userspace::cluster::ClusterSnapshot;
 use proxy_userspace::config::{ProxyConfig, ProxyFlags};
-use proxy_userspace::source::{self, ClusterSnapshot};
+use proxy_userspace::controller::Interface;
+use proxy_userspace::source;
 use tokio::sync::watch;
 
 /// Resolves the flags and config file, logging the warnings.
@@ -86,27 +87,27 @@ pub async fn kube_client(config: &ProxyConfig) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kube_config).context("creating the API server client")
 }
 
-/// The source's first complete snapshot and what the model makes of it (`plan`, `trace`).
-pub struct Computed {
-    pub snapshot: Arc<ClusterSnapshot>,
-    pub model_config: proxy_userspace::model::ModelConfig,
-    pub state: proxy_userspace::model::DesiredState,
+/// This network namespace's interfaces (for the interface-based local-traffic detectors).
+pub fn local_interfaces() -> anyhow::Result<Vec<Interface>> {
+    Ok(nix::net::if_::if_nameindex()
+        .context("listing interfaces")?
+        .iter()
+        .map(|i| Interface {
+            name: i.name().to_string_lossy().into_owned(),
+            index: i.index(),
+        })
+        .collect())
 }
 
-/// Resolves the flags, takes one snapshot from the source and computes the desired state.
-pub async fn compute_once(flags: &ProxyFlags) -> anyhow::Result<Computed> {
+/// Resolves the flags and takes the source's first complete snapshot (`plan`, `trace`).
+pub async fn snapshot_once(
+    flags: &ProxyFlags,
+) -> anyhow::Result<(ProxyConfig, Arc<ClusterSnapshot>)> {
     let config = resolve(flags)?;
     let (mut rx, source) = start_source(&config).await?;
     let snapshot = first_snapshot(&mut rx).await;
     source.abort();
-    let snapshot = snapshot?;
-    let model_config = config.model_config(snapshot.node.as_ref(), &local_addresses()?);
-    let state = proxy_userspace::model::compute(&snapshot, &model_config);
-    Ok(Computed {
-        snapshot,
-        model_config,
-        state,
-    })
+    Ok((config, snapshot?))
 }
 
 /// Waits for the first complete snapshot.

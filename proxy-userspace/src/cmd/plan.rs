@@ -1,7 +1,17 @@
 //! `kube-ebpf-proxy plan`: what the proxy will program for the cluster (or manifests) it sees.
 
 use proxy_userspace::config::ProxyFlags;
-use proxy_userspace::model::{self, OutputFormat};
+use proxy_userspace::controller;
+use proxy_userspace::model;
+
+/// `kube-ebpf-proxy plan -o <format>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable: per service port, its frontends and per-source actions, endpoint sets.
+    Text,
+    /// The `DesiredState` as JSON, for tools.
+    Json,
+}
 
 #[derive(clap::Args)]
 pub struct PlanArgs {
@@ -13,14 +23,16 @@ pub struct PlanArgs {
 }
 
 pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let super::Computed {
-        snapshot, state, ..
-    } = super::compute_once(&args.proxy).await?;
-    if args.output == OutputFormat::Text {
-        for a in &snapshot.allocations {
-            println!("allocated {} {} = {}", a.object, a.field, a.value);
+    let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
+    let (_, state) = controller::compute(&config, &snapshot, &super::local_addresses()?);
+    match args.output {
+        OutputFormat::Text => {
+            for a in &snapshot.allocations {
+                println!("allocated {} {} = {}", a.object, a.field, a.value);
+            }
+            print!("{}", model::render_text(&state));
         }
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&state)?),
     }
-    print!("{}", model::render(&state, args.output));
     Ok(())
 }

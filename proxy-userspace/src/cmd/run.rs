@@ -2,25 +2,26 @@
 //! what the model computes from the source, until SIGTERM.
 
 use std::collections::HashSet;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use proxy_userspace::config::{ProxyConfig, ProxyFlags};
+use proxy_userspace::cluster::{ClusterSnapshot, Diagnostic};
+use proxy_userspace::config::ProxyFlags;
+use proxy_userspace::controller::{Controller, DataplaneSettings, Event, SyncPacer, Synced};
 use proxy_userspace::dataplane::{self, Maps};
 use proxy_userspace::events::{EventPublisher, EventSender};
 use proxy_userspace::health::{self, ProxyHealth, ServiceHealthServer};
 use proxy_userspace::metrics::{self, ProxyMetrics};
-use proxy_userspace::model::{self, LocalTrafficDetector};
-use proxy_userspace::reconcile::Reconciler;
-use proxy_userspace::source::ClusterSnapshot;
-use proxy_userspace::source::manifests::PortRange;
+use proxy_userspace::port_range::PortRange;
 use std::str::FromStr as _;
 
-use super::program::{
-    DEFAULT_SNAT_PORTS, program_dataplane_config, program_local_ifindexes, program_state,
+/// `run`'s default SNAT source ports: above Linux's ephemeral range (32768-60999) and outside
+/// the NodePort range, so masqueraded flows never take a port a local socket was given.
+pub const DEFAULT_SNAT_PORTS: PortRange = PortRange {
+    first: 61000,
+    last: 65535,
 };
 
 #[derive(clap::Args)]
@@ -84,8 +85,7 @@ fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, 
     log_kernel_features(flags.tc_attach)?;
     let mut loaded =
         dataplane::load_migrating(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
-    let mut maps = Maps::open(&flags.bpf_pin_path)?;
-    program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug, true)?;
+    let maps = Maps::open(&flags.bpf_pin_path)?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }
@@ -233,21 +233,13 @@ fn warn_on_failure_counters(
     }
 }
 
-/// What one sync programmed.
-#[derive(Clone, Copy, Debug, Default)]
-struct Synced {
-    service_ports: usize,
-    writes: usize,
-}
-
-/// Everything one sync needs and keeps between syncs.
-struct Syncer {
-    config: ProxyConfig,
+/// What the binary does around each sync: health, metrics, logs, Kubernetes Events, the
+/// service names `inspect` shows, the health check servers.
+struct Observers {
     /// What `inspect` names the programmed service ids with.
     service_names: dataplane::ServiceNames,
     /// Kubernetes Events about objects that cannot be programmed (API-server source only).
     events: Option<EventSender>,
-    reconciler: Reconciler,
     health: Arc<ProxyHealth>,
     metrics: Arc<ProxyMetrics>,
     service_health: ServiceHealthServer,
@@ -255,16 +247,34 @@ struct Syncer {
     allocations: HashSet<String>,
     synced_once: bool,
     node_seen: bool,
-    detector: LocalTrafficDetector,
 }
 
-impl Syncer {
-    /// Computes the desired state from `snapshot` and programs it.
-    fn sync(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> anyhow::Result<Synced> {
-        let started = Instant::now();
-        let local: Vec<IpAddr> = super::local_addresses()?;
-        let model_config = self.config.model_config(snapshot.node.as_ref(), &local);
-        let state = model::compute(snapshot, &model_config);
+impl Observers {
+    /// A new snapshot arrived: a sync is queued; the node's health follows its Node at once.
+    fn queued(&mut self, snapshot: &ClusterSnapshot) {
+        self.health.queued_update();
+        self.metrics.queued();
+        match &snapshot.node {
+            Some(node) => {
+                self.health.sync_node(node);
+                self.node_seen = true;
+            }
+            // Only a Node that existed can be deleted; a source with no Node object at all (a
+            // manifests folder without one) keeps the node eligible.
+            None if self.node_seen => self.health.node_deleted(),
+            None => {}
+        }
+    }
+
+    /// Reports what one sync of `snapshot` programmed.
+    fn synced(
+        &mut self,
+        synced: &Synced,
+        snapshot: &ClusterSnapshot,
+        reconciler: &proxy_userspace::reconcile::Reconciler,
+    ) {
+        let state = &synced.state;
+        let report = &synced.report;
         // Diagnostics are reported once each, naming the object, while they last.
         let current: HashSet<String> = state
             .diagnostics
@@ -282,86 +292,68 @@ impl Syncer {
                 tracing::info!("{line}");
             }
         }
-        self.detector = state.local_traffic_detector.clone();
-        program_local_ifindexes(maps, &self.detector)?;
-        let before: HashSet<u32> = self
-            .reconciler
-            .programmed()
-            .backends
-            .keys()
-            .copied()
-            .collect();
-        let report = program_state(maps, &mut self.reconciler, &model_config, &state)?;
         for error in &report.errors {
             tracing::error!("{error}");
         }
+        if let Some(error) = &report.flow_cleanup_error {
+            tracing::warn!(%error, "conntrack cleanup of flows to deleted backends");
+        }
+        if report.flows_removed > 0 {
+            tracing::info!(
+                flows = report.flows_removed,
+                "removed flows to deleted backends"
+            );
+        }
         if let Some(events) = &self.events {
             let mut problems = state.diagnostics.clone();
-            problems.extend(report.errors.iter().map(|error| model::Diagnostic {
+            problems.extend(report.errors.iter().map(|error| Diagnostic {
                 object: error.object.clone(),
                 message: format!("not written to the kernel maps: {}", error.source),
             }));
             events.report(&problems, snapshot);
         }
         // For `inspect`: which Service port each programmed service id is.
-        if let Err(error) = self
-            .service_names
-            .sync(&self.reconciler.service_names(&state))
-        {
+        if let Err(error) = self.service_names.sync(&reconciler.service_names(state)) {
             tracing::warn!("{error}");
         }
-        // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
-        // clients are not blackholed into a dead endpoint.
-        let after = &self.reconciler.programmed().backends;
-        let gone: HashSet<u32> = before
-            .into_iter()
-            .filter(|id| !after.contains_key(id))
-            .collect();
-        match maps.cleanup_flows_to_backends(&gone) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                backends = ?gone,
-                flows = n,
-                "removed flows to deleted backends"
-            ),
-            Err(error) => tracing::warn!(%error, backends = ?gone, "conntrack cleanup"),
-        }
-        for error in self.service_health.sync(&state) {
+        for error in self.service_health.sync(state) {
             tracing::warn!("{error}");
         }
         if report.errors.is_empty() {
             self.health.updated();
         }
         self.metrics
-            .synced(&state, started.elapsed(), report.errors.is_empty());
+            .synced(state, synced.took, report.errors.is_empty());
+        self.metrics
+            .programmed(&synced.programmed_triggers, SystemTime::now());
         if self.synced_once {
-            tracing::info!(writes = report.applied, took = ?started.elapsed(), "synced");
+            tracing::info!(
+                kind = ?synced.kind,
+                writes = report.applied,
+                took = ?synced.took,
+                "synced"
+            );
         }
         self.synced_once = true;
-        Ok(Synced {
-            service_ports: state.service_ports.len(),
-            writes: report.applied,
-        })
     }
+}
 
-    /// Takes one snapshot from the source: node health, then a sync.
-    fn on_snapshot(&mut self, snapshot: &ClusterSnapshot, maps: &mut Maps) -> Synced {
-        self.health.queued_update();
-        self.metrics.queued();
-        match &snapshot.node {
-            Some(node) => {
-                self.health.sync_node(node);
-                self.node_seen = true;
-            }
-            // Only a Node that existed can be deleted; a source with no Node object at all (a
-            // manifests folder without one) keeps the node eligible.
-            None if self.node_seen => self.health.node_deleted(),
-            None => {}
+/// Runs the sync `pacer` says is due, if any, and reports it.
+fn sync_if_due(
+    controller: &mut Controller<Maps>,
+    pacer: &mut SyncPacer,
+    observers: &mut Observers,
+) -> Option<Synced> {
+    let kind = pacer.take(Instant::now())?;
+    match controller.sync(kind) {
+        Ok(synced) => {
+            observers.synced(&synced, controller.snapshot(), controller.reconciler());
+            Some(synced)
         }
-        self.sync(snapshot, maps).unwrap_or_else(|error| {
-            tracing::error!("sync failed: {error:#}");
-            Synced::default()
-        })
+        Err(error) => {
+            tracing::error!("{kind:?} sync failed reading back the maps: {error}");
+            None
+        }
     }
 }
 
@@ -377,7 +369,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // layout migrated), then a complete sync from the source, and only then the programs
     // switched, so a new program never runs over maps that are not programmed yet. Until then
     // the programs an earlier proxy left attached keep serving.
-    let (mut loaded, mut maps) = load_dataplane(&args.dataplane)?;
+    let (mut loaded, maps) = load_dataplane(&args.dataplane)?;
     let health = ProxyHealth::new(config.health_timeout());
     if let Some(addr) = config.healthz_bind_address {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -396,13 +388,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the metrics address {addr}"))?;
         tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
     }
+    // Watching before reading: an address or interface that comes while the proxy starts is
+    // either read now or announced by a watcher.
+    let mut links = spawn_link_watcher(dataplane::LinkWatcher::new()?);
+    let mut addresses = spawn_link_watcher(dataplane::LinkWatcher::addresses()?);
     let local = super::local_addresses()?;
-    let mut syncer = Syncer {
+    let mut observers = Observers {
         service_health: ServiceHealthServer::new(
             config.model_config(None, &local).health_check_listen_ips(),
             health.clone(),
         ),
-        reconciler: Reconciler::resume(&maps).context("reading back the programmed maps")?,
         health: health.clone(),
         metrics: metrics.clone(),
         service_names: dataplane::ServiceNames::open(&args.dataplane.bpf_pin_path)?,
@@ -413,14 +408,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 config.hostname.clone(),
             ))),
         },
-        config,
         reported: HashSet::new(),
         allocations: HashSet::new(),
         synced_once: false,
         node_seen: false,
-        detector: LocalTrafficDetector::None,
     };
-    let (mut snapshots, source) = super::start_source(&syncer.config).await?;
+    let settings = DataplaneSettings {
+        netns_cookie: dataplane::netns_cookie()?,
+        snat_ports: args.dataplane.snat_ports,
+        debug: args.dataplane.bpf_debug,
+        fast_path: true,
+    };
+    let (mut snapshots, source) = super::start_source(&config).await?;
+    let conntrack = config.conntrack;
+    let mut pacer = SyncPacer::new(config.min_sync_period, config.sync_period, Instant::now());
+    let mut controller = Controller::new(config, settings, maps, SystemTime::now())
+        .context("reading back the programmed maps")?;
+    controller.handle(Event::LocalAddresses(local));
+    controller.handle(Event::Interfaces(super::local_interfaces()?));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let started = Instant::now();
     let first = tokio::select! {
@@ -433,24 +438,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("stopping before the first sync; what is attached and pinned stays");
         return Ok(());
     };
-    let synced = syncer.on_snapshot(&first, &mut maps);
+    observers.queued(&first);
+    controller.handle(Event::Snapshot(first));
+    pacer.queue();
+    let synced = sync_if_due(&mut controller, &mut pacer, &mut observers);
     let filter = dataplane::InterfaceFilter::parse(&args.dataplane.interfaces)?;
     let mut attachments = attach_dataplane(&args.dataplane, &mut loaded, &filter)?;
-    if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
-        tracing::warn!("local-traffic detector interfaces: {error:#}");
+    if let Some(synced) = synced {
+        tracing::info!(
+            service_ports = synced.state.service_ports.len(),
+            writes = synced.report.applied,
+            took = ?started.elapsed(),
+            "initial sync programmed"
+        );
     }
-    tracing::info!(
-        service_ports = synced.service_ports,
-        writes = synced.writes,
-        took = ?started.elapsed(),
-        "initial sync programmed"
-    );
-    let mut links = spawn_link_watcher(dataplane::LinkWatcher::new()?);
-    let mut addresses = spawn_link_watcher(dataplane::LinkWatcher::addresses()?);
-    let timeouts = dataplane::CtTimeouts::with_kube_proxy(&syncer.config.conntrack);
+    let timeouts = dataplane::CtTimeouts::with_kube_proxy(&conntrack);
     let mut gc = tokio::time::interval(Duration::from_secs(args.dataplane.gc_interval.max(1)));
     let mut failures_seen = std::collections::HashMap::new();
     loop {
+        let due = tokio::time::Instant::from_std(pacer.next_due(Instant::now()));
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -459,7 +465,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     anyhow::bail!("the source stopped");
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                syncer.on_snapshot(&snapshot, &mut maps);
+                observers.queued(&snapshot);
+                controller.handle(Event::Snapshot(snapshot));
+                pacer.queue();
             }
             Some(()) = links.recv() => {
                 match attachments.sync(&mut loaded, &filter) {
@@ -469,19 +477,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "syncing tc attachments"),
                 }
-                if let Err(error) = program_local_ifindexes(&mut maps, &syncer.detector) {
-                    tracing::warn!("local-traffic detector interfaces: {error:#}");
+                match super::local_interfaces() {
+                    Ok(interfaces) => {
+                        controller.handle(Event::Interfaces(interfaces));
+                        pacer.queue();
+                    }
+                    Err(error) => tracing::warn!("local-traffic detector interfaces: {error:#}"),
                 }
             }
             // A local address came or went (a keepalived VIP): NodePorts follow it.
             Some(()) = addresses.recv() => {
-                let snapshot = snapshots.borrow().clone();
-                if let Err(error) = syncer.sync(&snapshot, &mut maps) {
-                    tracing::error!("sync after an address change failed: {error:#}");
+                match super::local_addresses() {
+                    Ok(local) => {
+                        controller.handle(Event::LocalAddresses(local));
+                        pacer.queue();
+                    }
+                    Err(error) => tracing::warn!("local addresses: {error:#}"),
                 }
             }
+            () = tokio::time::sleep_until(due) => {
+                sync_if_due(&mut controller, &mut pacer, &mut observers);
+            }
             _ = gc.tick() => {
-                match dataplane::collect_garbage(&mut maps, &timeouts) {
+                match dataplane::collect_garbage(controller.maps_mut(), &timeouts) {
                     Ok(stats) => tracing::debug!(?stats, "conntrack gc"),
                     Err(error) => tracing::warn!(%error, "conntrack gc"),
                 }

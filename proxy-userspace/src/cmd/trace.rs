@@ -8,15 +8,14 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use proxy_userspace::config::ProxyFlags;
+use proxy_userspace::controller::{Controller, DataplaneSettings, Event, SyncKind};
 use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResult};
-use proxy_userspace::reconcile::Reconciler;
 
-use super::program::{
-    DEFAULT_SNAT_PORTS, program_dataplane_config, program_local_ifindexes, program_state,
-};
+use super::run::DEFAULT_SNAT_PORTS;
 
 #[derive(clap::Args)]
 pub struct TraceArgs {
@@ -105,14 +104,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let mut maps = Maps::open(pin_path)?;
         run_trace(&args, proto, &loaded, &mut maps)?
     } else {
-        let super::Computed {
-            model_config,
-            state,
-            ..
-        } = super::compute_once(&args.proxy).await?;
-        for diagnostic in &state.diagnostics {
-            tracing::warn!("{}: {}", diagnostic.object, diagnostic.message);
-        }
+        let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
         // Declared before the loaded object, so it is dropped (and the pins removed) after it.
         let pin_dir = PrivatePinDir::new()?;
         let sizes = dataplane::MapSizes {
@@ -121,16 +113,35 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         };
         let loaded = dataplane::load_with_sizes(pin_dir.path(), &sizes)
             .context("loading the dataplane into private maps")?;
-        let mut maps = Maps::open(pin_dir.path())?;
-        program_dataplane_config(&mut maps, DEFAULT_SNAT_PORTS, false, false)?;
-        let mut reconciler = Reconciler::resume(&maps).context("reading the fresh maps")?;
-        let report = program_state(&mut maps, &mut reconciler, &model_config, &state)?;
-        if !report.errors.is_empty() {
-            let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        let settings = DataplaneSettings {
+            netns_cookie: dataplane::netns_cookie()?,
+            snat_ports: DEFAULT_SNAT_PORTS,
+            debug: false,
+            // Test runs have no interface to deliver a translated packet to.
+            fast_path: false,
+        };
+        let maps = Maps::open(pin_dir.path())?;
+        let mut controller = Controller::new(config, settings, maps, SystemTime::now())
+            .context("reading the fresh maps")?;
+        controller.handle(Event::Snapshot(snapshot));
+        controller.handle(Event::LocalAddresses(super::local_addresses()?));
+        controller.handle(Event::Interfaces(super::local_interfaces()?));
+        let synced = controller
+            .sync(SyncKind::Changes)
+            .context("programming the private maps")?;
+        for diagnostic in &synced.state.diagnostics {
+            tracing::warn!("{}: {}", diagnostic.object, diagnostic.message);
+        }
+        if !synced.report.errors.is_empty() {
+            let errors: Vec<String> = synced
+                .report
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             anyhow::bail!("programming the private maps: {}", errors.join("; "));
         }
-        program_local_ifindexes(&mut maps, &state.local_traffic_detector)?;
-        run_trace(&args, proto, &loaded, &mut maps)?
+        run_trace(&args, proto, &loaded, controller.maps_mut())?
     };
     if args.output == "json" {
         println!("{}", serde_json::to_string(&result)?);

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::source::manifests::PortRange;
+use crate::port_range::PortRange;
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";

@@ -138,6 +138,16 @@ fn cidr_entries(
         .map_err(access("iterate", name))
 }
 
+/// How many frontends (address, port, protocol) `services` program: their policy-scope
+/// service entries, so a frontend that also has a cluster-scope entry counts once. `stats` and
+/// `/metrics` both count this way.
+pub fn count_frontends(services: &[(ServiceKey, ServiceValue)]) -> usize {
+    services
+        .iter()
+        .filter(|(key, _)| key.slot == 0 && key.scope == proxy_common::SCOPE_POLICY)
+        .count()
+}
+
 impl Maps {
     /// Opens the maps pinned under `pin_path` by a loaded dataplane.
     pub fn open(pin_path: &Path) -> Result<Self, MapsError> {
@@ -439,6 +449,8 @@ impl Maps {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::{SCOPE_CLUSTER, SCOPE_POLICY};
+
     use super::*;
 
     #[test]
@@ -451,5 +463,27 @@ mod tests {
         // The first byte on the wire is the first byte in memory.
         let (addr, _) = addr_from_ip("10.96.0.1".parse().unwrap());
         assert_eq!(addr[0].to_ne_bytes(), [10, 96, 0, 1]);
+    }
+
+    #[test]
+    fn a_frontend_counts_once_whatever_its_scopes_and_slots() {
+        let key = |port: u16, scope: u8, slot: u16| ServiceKey {
+            port: port.to_be(),
+            scope,
+            slot,
+            ..ServiceKey::default()
+        };
+        let entries: Vec<(ServiceKey, ServiceValue)> = [
+            key(80, SCOPE_POLICY, 0),
+            key(80, SCOPE_POLICY, 1),
+            key(80, SCOPE_CLUSTER, 0),
+            key(80, SCOPE_CLUSTER, 1),
+            key(80, SCOPE_CLUSTER, 2),
+            key(443, SCOPE_POLICY, 0),
+        ]
+        .into_iter()
+        .map(|k| (k, ServiceValue::default()))
+        .collect();
+        assert_eq!(count_frontends(&entries), 2);
     }
 }

@@ -31,7 +31,7 @@ pub use loader::{
     LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
 };
 pub use local_ports::{LocalPortsError, reserve_local_ports};
-pub use maps::{Maps, MapsError, addr_from_ip, ip_from_addr};
+pub use maps::{Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
 pub use watch::{LinkWatcher, WatchError, netns_cookie};

@@ -56,6 +56,8 @@ impl DataplaneMaps for Maps {
             service_cidrs: self.service_cidr_entries()?.into_iter().collect(),
             local_cidrs: self.local_cidr_entries()?.into_iter().collect(),
             affinity_backends: self.affinity_backend_entries()?.into_iter().collect(),
+            config: self.config()?,
+            local_ifindexes: self.local_ifindex_entries()?.into_iter().collect(),
         })
     }
 
@@ -78,6 +80,16 @@ impl DataplaneMaps for Maps {
             MapChange::DeleteLocalCidr(cidr) => self.delete_local_cidr(cidr),
             MapChange::InsertAffinityBackend(ref key) => self.insert_affinity_backend(key),
             MapChange::DeleteAffinityBackend(ref key) => self.delete_affinity_backend(key),
+            MapChange::SetConfig(ref config) => self.set_config(config),
+            MapChange::InsertLocalIfindex(ifindex) => self.add_local_ifindex(ifindex),
+            MapChange::DeleteLocalIfindex(ifindex) => self.delete_local_ifindex(ifindex),
         }
+    }
+
+    fn delete_flows_to_backends(
+        &mut self,
+        backends: &std::collections::HashSet<u32>,
+    ) -> Result<usize, MapsError> {
+        self.cleanup_flows_to_backends(backends)
     }
 }

@@ -11,15 +11,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::config::ModelConfig;
 use super::types::{
-    Action, Actions, AddressRules, DesiredState, Diagnostic, Endpoint, EndpointSet, Frontend,
-    FrontendKind, IpFamily, Protocol, ServicePortName, ServicePortState,
+    Action, Actions, AddressRules, DesiredState, Endpoint, EndpointSet, Frontend, FrontendKind,
+    IpFamily, Protocol, ServicePortName, ServicePortState,
 };
-use crate::source::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, DEFAULT_AFFINITY_TIMEOUT_SECONDS, Diagnostic, ObjectKey};
 
 /// The EndpointSlice label naming the Service it belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// kube-apiserver's default for sessionAffinityConfig.clientIP.timeoutSeconds.
-const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
 /// The node's desired dataplane state: every service port of every family with its frontends,
 /// per-source actions and endpoint sets.
@@ -310,10 +308,8 @@ fn index_endpoint_slices(
             continue;
         };
         // Each family's proxier only watches slices of its address type (FQDN slices: none).
-        let family = match slice.address_type.as_str() {
-            "IPv4" => IpFamily::IPv4,
-            "IPv6" => IpFamily::IPv6,
-            _ => continue,
+        let Some(family) = IpFamily::parse(&slice.address_type) else {
+            continue;
         };
         let mut endpoints = Vec::new();
         for endpoint in &slice.endpoints {

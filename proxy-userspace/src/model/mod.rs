@@ -11,5 +11,5 @@ mod types;
 
 pub use compute::compute;
 pub use config::{ModelConfig, NodePortAddresses};
-pub use render::{OutputFormat, render, render_text};
+pub use render::render_text;
 pub use types::*;

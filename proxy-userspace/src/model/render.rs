@@ -4,32 +4,8 @@
 use std::fmt::Write as _;
 
 use super::types::{
-    Action, DesiredState, Endpoint, EndpointSet, Frontend, IpFamily, LocalTrafficDetector,
-    ServicePortState,
+    Action, DesiredState, Endpoint, EndpointSet, Frontend, LocalTrafficDetector, ServicePortState,
 };
-
-/// `kube-ebpf-proxy plan -o <format>`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// Human-readable: per service port, its frontends and per-source actions, endpoint sets.
-    #[default]
-    Text,
-    /// The `DesiredState` as JSON, for tools.
-    Json,
-}
-
-/// The plan in `format`, ending with a newline.
-pub fn render(state: &DesiredState, format: OutputFormat) -> String {
-    match format {
-        OutputFormat::Text => render_text(state),
-        OutputFormat::Json => {
-            let mut json = serde_json::to_string_pretty(state)
-                .expect("DesiredState has string keys and no non-finite floats");
-            json.push('\n');
-            json
-        }
-    }
-}
 
 /// One block per service port and family, then the address rules, then the diagnostics.
 pub fn render_text(state: &DesiredState) -> String {
@@ -97,10 +73,7 @@ fn render_service_port(out: &mut String, port: &ServicePortState) {
     } else {
         format!(":{}", name.port)
     };
-    let family = match port.family {
-        IpFamily::IPv4 => "IPv4",
-        IpFamily::IPv6 => "IPv6",
-    };
+    let family = port.family.name();
     let _ = writeln!(
         out,
         "{}/{}{port_name} {} {family}",

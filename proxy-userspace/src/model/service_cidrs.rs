@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 
-use super::types::Diagnostic;
-use crate::source::ObjectKey;
+use crate::cluster::Diagnostic;
+use crate::cluster::ObjectKey;
 
 /// The drop ranges, sorted and without duplicates. A `spec.cidrs` entry that is not a CIDR is
 /// reported and skipped; the object's other CIDRs still count.

@@ -1,5 +1,5 @@
 //! What the model decides for one node: the desired dataplane state. Pure data; produced by
-//! `model::compute` from a `source::ClusterSnapshot` and the proxy configuration, consumed by
+//! `model::compute` from a `cluster::ClusterSnapshot` and the proxy configuration, consumed by
 //! the reconciler (which turns it into map entries), by `kube-ebpf-proxy plan`, and by tests.
 //!
 //! Vocabulary follows kube-proxy's `pkg/proxy`: a *service port* is one port of one Service
@@ -10,6 +10,9 @@
 use std::net::IpAddr;
 
 use serde::Serialize;
+
+use crate::cluster::Diagnostic;
+pub use crate::cluster::IpFamily;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -27,12 +30,6 @@ impl std::fmt::Display for Protocol {
             Protocol::Sctp => "SCTP",
         })
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum IpFamily {
-    IPv4,
-    IPv6,
 }
 
 /// kube-proxy's `ServicePortName`: namespace/name:port-name plus protocol.
@@ -210,15 +207,6 @@ impl AddressRules {
     }
 }
 
-/// A problem with one object that the model skipped; everything else is still computed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Diagnostic {
-    /// `Kind namespace/name` of the object.
-    pub object: String,
-    pub message: String,
-}
-
 /// How the dataplane recognises [`SourceClass::Pod`] traffic (`--detect-local-mode`). The model
 /// has already applied the consequences (with no detector for a family, the Pod actions equal
 /// the Other actions); the dataplane needs this only to classify packets.
@@ -247,15 +235,6 @@ impl LocalTrafficDetector {
             }
             LocalTrafficDetector::InterfaceNamePrefix { .. }
             | LocalTrafficDetector::BridgeInterface { .. } => true,
-        }
-    }
-}
-
-impl IpFamily {
-    pub fn of(addr: IpAddr) -> IpFamily {
-        match addr {
-            IpAddr::V4(_) => IpFamily::IPv4,
-            IpAddr::V6(_) => IpFamily::IPv6,
         }
     }
 }

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use proxy_common::{
-    AffinityBackendKey, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    AffinityBackendKey, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, ConfigValue, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
     SVC_F_EXTERNAL, SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceKey, ServiceValue,
     VIP_F_CLUSTER_IP, VipKey, VipValue, addr_from_ip,
 };
@@ -39,6 +39,19 @@ pub struct MapEntries {
     /// For service ports with ClientIP affinity: which backends an affinity entry may keep
     /// sending a client to (the endpoint sets the slots select from).
     pub affinity_backends: HashSet<AffinityBackendKey>,
+    /// The CONFIG map's one value (node addresses, SNAT ports, detector mode, flags).
+    pub config: ConfigValue,
+    /// Interfaces whose traffic the interface-based local-traffic detectors call pod traffic.
+    pub local_ifindexes: HashSet<u32>,
+}
+
+/// The node's part of the maps, which the model's desired state does not hold: the CONFIG
+/// value and the local-traffic detector's interfaces (the controller derives both from the
+/// configuration, the Node and this network namespace's interfaces).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeEntries {
+    pub config: ConfigValue,
+    pub local_ifindexes: HashSet<u32>,
 }
 
 pub fn proto_number(protocol: Protocol) -> u8 {
@@ -79,9 +92,14 @@ fn class_masks(actions: crate::model::Actions) -> (u8, u8, u8, u8) {
 }
 
 impl MapEntries {
-    /// Lays out `state` as map entries, taking ids from `ids` (stable for what `previous`
-    /// already holds).
-    pub fn from_desired(state: &DesiredState, ids: &mut Ids, previous: &MapEntries) -> MapEntries {
+    /// Lays out `state` and the node's entries as map entries, taking ids from `ids` (stable
+    /// for what `previous` already holds).
+    pub fn from_desired(
+        state: &DesiredState,
+        node: &NodeEntries,
+        ids: &mut Ids,
+        previous: &MapEntries,
+    ) -> MapEntries {
         let local_cidrs = match &state.local_traffic_detector {
             LocalTrafficDetector::SourceCidrs { cidrs } => cidrs.iter().copied().collect(),
             // Interface-based detectors are programmed per interface as interfaces come and go.
@@ -92,6 +110,8 @@ impl MapEntries {
         let mut entries = MapEntries {
             local_cidrs,
             service_cidrs: state.address_rules.service_cidrs.iter().copied().collect(),
+            config: node.config,
+            local_ifindexes: node.local_ifindexes.clone(),
             ..MapEntries::default()
         };
         for &ip in &state.address_rules.cluster_ips {

@@ -13,6 +13,9 @@ pub struct MemoryMaps {
     pub log: Vec<MapChange>,
     /// Capacity of the services map (`None`: unlimited).
     pub services_capacity: Option<usize>,
+    /// The backend sets whose flows the reconciler asked to delete, in order (no conntrack
+    /// here: only the requests are recorded).
+    pub flow_cleanups: Vec<std::collections::BTreeSet<u32>>,
 }
 
 impl DataplaneMaps for MemoryMaps {
@@ -32,5 +35,13 @@ impl DataplaneMaps for MemoryMaps {
         record(&mut self.entries, change);
         self.log.push(*change);
         Ok(())
+    }
+
+    fn delete_flows_to_backends(
+        &mut self,
+        backends: &std::collections::HashSet<u32>,
+    ) -> Result<usize, MapFull> {
+        self.flow_cleanups.push(backends.iter().copied().collect());
+        Ok(0)
     }
 }

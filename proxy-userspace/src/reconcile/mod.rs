@@ -9,13 +9,13 @@ mod memory;
 
 use std::collections::{HashMap, HashSet};
 
-pub use entries::{MapEntries, SourceRange, frontend_key, proto_number};
+pub use entries::{MapEntries, NodeEntries, SourceRange, frontend_key, proto_number};
 pub use ids::Ids;
 use ipnet::IpNet;
 pub use memory::MemoryMaps;
 use proxy_common::{
-    AffinityBackendKey, Backend, SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue,
-    ip_from_addr,
+    AffinityBackendKey, Backend, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, ConfigValue,
+    SCOPE_CLUSTER, ServiceKey, ServiceValue, VipKey, VipValue, ip_from_addr,
 };
 
 use crate::model::DesiredState;
@@ -37,6 +37,9 @@ pub enum MapChange {
     DeleteLocalCidr(IpNet),
     InsertAffinityBackend(AffinityBackendKey),
     DeleteAffinityBackend(AffinityBackendKey),
+    SetConfig(ConfigValue),
+    InsertLocalIfindex(u32),
+    DeleteLocalIfindex(u32),
 }
 
 /// The maps as the reconciler sees them: the kernel's pinned maps, or memory in tests.
@@ -45,6 +48,9 @@ pub trait DataplaneMaps {
     /// Everything currently programmed (for a resync after restart).
     fn read_entries(&self) -> Result<MapEntries, Self::Error>;
     fn apply(&mut self, change: &MapChange) -> Result<(), Self::Error>;
+    /// Deletes the UDP flows whose backend is one of `backends` (kube-proxy's stale-endpoint
+    /// conntrack cleanup), returning how many; called once per sync, after the backends went.
+    fn delete_flows_to_backends(&mut self, backends: &HashSet<u32>) -> Result<usize, Self::Error>;
 }
 
 /// A change that could not be written; the rest of the sync went ahead.
@@ -61,6 +67,11 @@ pub struct ChangeError {
 pub struct SyncReport {
     pub applied: usize,
     pub errors: Vec<ChangeError>,
+    /// Flows removed because their backend was deleted.
+    pub flows_removed: usize,
+    /// Why the flows to deleted backends could not be removed (the next deletion retries
+    /// nothing: those flows then end by their conntrack timeout).
+    pub flow_cleanup_error: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 /// Holds what is programmed and the ids, across syncs.
@@ -85,6 +96,14 @@ where
 /// The changes turning `actual` into `desired`, in safe order.
 pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
     let mut changes = Vec::new();
+    // A ClusterIP outside the service CIDRs needs the VIPS lookup for every destination: the
+    // flag goes on before such a ClusterIP is written, off only once the CIDRs covering them
+    // are (the last write).
+    let mut first_config = desired.config;
+    first_config.flags |= actual.config.flags & CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS;
+    if first_config != actual.config {
+        changes.push(MapChange::SetConfig(first_config));
+    }
     let mut backends: Vec<(u32, Backend)> = upserts(&actual.backends, &desired.backends);
     backends.sort_by_key(|(id, _)| *id);
     changes.extend(
@@ -138,6 +157,18 @@ pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
             .difference(&desired.local_cidrs)
             .map(|c| MapChange::DeleteLocalCidr(*c)),
     );
+    changes.extend(
+        desired
+            .local_ifindexes
+            .difference(&actual.local_ifindexes)
+            .map(|i| MapChange::InsertLocalIfindex(*i)),
+    );
+    changes.extend(
+        actual
+            .local_ifindexes
+            .difference(&desired.local_ifindexes)
+            .map(|i| MapChange::DeleteLocalIfindex(*i)),
+    );
 
     let mut removed: Vec<ServiceKey> = actual
         .services
@@ -181,6 +212,9 @@ pub fn diff(actual: &MapEntries, desired: &MapEntries) -> Vec<MapChange> {
         .collect();
     gone.sort_unstable();
     changes.extend(gone.into_iter().map(MapChange::DeleteBackend));
+    if first_config != desired.config {
+        changes.push(MapChange::SetConfig(desired.config));
+    }
     changes
 }
 
@@ -211,17 +245,46 @@ impl Reconciler {
             .collect()
     }
 
-    /// Programs `desired`. A change that fails is reported (naming its service port) and left
-    /// out of what is recorded as programmed, so the next sync retries it; everything else is
-    /// applied.
-    pub fn sync<M: DataplaneMaps>(&mut self, desired: &DesiredState, maps: &mut M) -> SyncReport {
-        let target = MapEntries::from_desired(desired, &mut self.ids, &self.programmed);
-        let owners = owners(desired, &target);
+    /// Programs `desired` and the node's entries. A change that fails is reported (naming its
+    /// service port) and left out of what is recorded as programmed, so the next sync retries
+    /// it; everything else is applied.
+    pub fn sync<M: DataplaneMaps>(
+        &mut self,
+        desired: &DesiredState,
+        node: &NodeEntries,
+        maps: &mut M,
+    ) -> SyncReport {
+        let target = MapEntries::from_desired(desired, node, &mut self.ids, &self.programmed);
+        self.apply_diff(desired, &target, maps)
+    }
+
+    /// A full resync (kube-proxy's periodic `syncPeriod` sync): reads back what the maps
+    /// really hold, so entries deleted, added or changed behind the proxy's back are repaired,
+    /// then programs `desired` as [`Reconciler::sync`] does. Ids stay those already handed out.
+    pub fn resync<M: DataplaneMaps>(
+        &mut self,
+        desired: &DesiredState,
+        node: &NodeEntries,
+        maps: &mut M,
+    ) -> Result<SyncReport, M::Error> {
+        let target = MapEntries::from_desired(desired, node, &mut self.ids, &self.programmed);
+        self.programmed = maps.read_entries()?;
+        Ok(self.apply_diff(desired, &target, maps))
+    }
+
+    fn apply_diff<M: DataplaneMaps>(
+        &mut self,
+        desired: &DesiredState,
+        target: &MapEntries,
+        maps: &mut M,
+    ) -> SyncReport {
+        let owners = owners(desired, target);
         let mut report = SyncReport::default();
         // Frontends (slot 0 keys) with a slot that could not be written: their service entry
         // is left as it was, so no packet is balanced over a slot that does not exist.
         let mut incomplete: HashSet<ServiceKey> = HashSet::new();
-        for change in diff(&self.programmed, &target) {
+        let mut deleted_backends: HashSet<u32> = HashSet::new();
+        for change in diff(&self.programmed, target) {
             if let MapChange::UpsertService(k, _) = change
                 && k.slot == 0
                 && incomplete.contains(&k)
@@ -237,6 +300,9 @@ impl Reconciler {
                 Ok(()) => {
                     record(&mut self.programmed, &change);
                     report.applied += 1;
+                    if let MapChange::DeleteBackend(id) = change {
+                        deleted_backends.insert(id);
+                    }
                 }
                 Err(e) => {
                     if let MapChange::UpsertService(k, _) = change {
@@ -248,6 +314,14 @@ impl Reconciler {
                         source: Box::new(e),
                     });
                 }
+            }
+        }
+        // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
+        // clients are not blackholed into a dead endpoint. Last, once no slot names them.
+        if !deleted_backends.is_empty() {
+            match maps.delete_flows_to_backends(&deleted_backends) {
+                Ok(n) => report.flows_removed = n,
+                Err(e) => report.flow_cleanup_error = Some(Box::new(e)),
             }
         }
         report
@@ -318,6 +392,10 @@ fn owner_of(change: &MapChange, owners: &HashMap<u32, String>) -> String {
             .get(&k.service_id)
             .cloned()
             .unwrap_or_else(|| format!("service id {}", k.service_id)),
+        MapChange::SetConfig(_) => "node config".to_owned(),
+        MapChange::InsertLocalIfindex(i) | MapChange::DeleteLocalIfindex(i) => {
+            format!("local interface {i}")
+        }
     }
 }
 
@@ -366,8 +444,15 @@ pub fn record(entries: &mut MapEntries, change: &MapChange) {
         MapChange::DeleteAffinityBackend(k) => {
             entries.affinity_backends.remove(&k);
         }
+        MapChange::SetConfig(config) => entries.config = config,
+        MapChange::InsertLocalIfindex(ifindex) => {
+            entries.local_ifindexes.insert(ifindex);
+        }
+        MapChange::DeleteLocalIfindex(ifindex) => {
+            entries.local_ifindexes.remove(&ifindex);
+        }
     }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

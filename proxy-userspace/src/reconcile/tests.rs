@@ -62,7 +62,8 @@ fn cluster_ip_service(name: &str, vip: &str, endpoints: &[(&str, u16)]) -> Servi
     }
 }
 
-fn state(service_ports: Vec<ServicePortState>) -> DesiredState {
+/// `service_ports` with their ClusterIPs, inside the service CIDR 10.96.0.0/12.
+pub(crate) fn state(service_ports: Vec<ServicePortState>) -> DesiredState {
     let cluster_ips = service_ports
         .iter()
         .flat_map(|sp| sp.frontends.iter())
@@ -102,7 +103,7 @@ fn new_service_writes_backends_then_slots_then_service_entry() {
         "10.96.0.10",
         &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
     )]);
-    let report = reconciler.sync(&desired, &mut maps);
+    let report = reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 
     let slot0 = key("10.96.0.10", 80, SCOPE_POLICY, 0);
@@ -145,8 +146,8 @@ fn unchanged_state_writes_nothing() {
         "10.96.0.10",
         &[("10.244.1.2", 8080)],
     )]);
-    reconciler.sync(&desired, &mut maps);
-    let report = reconciler.sync(&desired, &mut maps);
+    reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
+    let report = reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
     assert_eq!(report.applied, 0);
 }
 
@@ -163,14 +164,14 @@ fn removing_an_endpoint_shrinks_the_count_before_deleting_the_slot_and_touches_n
         ),
         other.clone(),
     ]);
-    reconciler.sync(&before, &mut maps);
+    reconciler.sync(&before, &NodeEntries::default(), &mut maps);
     maps.log.clear();
 
     let after = state(vec![
         cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]),
         other,
     ]);
-    let report = reconciler.sync(&after, &mut maps);
+    let report = reconciler.sync(&after, &NodeEntries::default(), &mut maps);
     assert!(report.errors.is_empty());
     let shrink = position(
         &maps.log,
@@ -213,10 +214,11 @@ fn deleting_a_service_removes_its_entry_before_slots_and_backends() {
             "10.96.0.10",
             &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
         )]),
+        &NodeEntries::default(),
         &mut maps,
     );
     maps.log.clear();
-    reconciler.sync(&state(vec![]), &mut maps);
+    reconciler.sync(&state(vec![]), &NodeEntries::default(), &mut maps);
     let entry_gone = position(
         &maps.log,
         |c| matches!(c, MapChange::DeleteService(k) if k.slot == 0),
@@ -246,6 +248,7 @@ fn adding_an_endpoint_keeps_existing_backend_ids() {
             "10.96.0.10",
             &[("10.244.1.2", 8080)],
         )]),
+        &NodeEntries::default(),
         &mut maps,
     );
     let first = maps.entries.backends.clone();
@@ -256,6 +259,7 @@ fn adding_an_endpoint_keeps_existing_backend_ids() {
             "10.96.0.10",
             &[("10.244.1.2", 8080), ("10.244.2.2", 8080)],
         )]),
+        &NodeEntries::default(),
         &mut maps,
     );
     for (id, backend) in &first {
@@ -278,6 +282,7 @@ fn a_draining_endpoint_keeps_its_backend_but_loses_its_slot() {
     let both = [("10.244.1.2", 8080), ("10.244.2.2", 8080)];
     reconciler.sync(
         &state(vec![cluster_ip_service("web", "10.96.0.10", &both)]),
+        &NodeEntries::default(),
         &mut maps,
     );
     let ids: HashMap<IpAddr, u32> = maps
@@ -292,7 +297,7 @@ fn a_draining_endpoint_keeps_its_backend_but_loses_its_slot() {
         ready: false,
         ..endpoint(both[1].0, both[1].1)
     }];
-    reconciler.sync(&state(vec![draining]), &mut maps);
+    reconciler.sync(&state(vec![draining]), &NodeEntries::default(), &mut maps);
     let draining_id = ids[&ip("10.244.2.2")];
     assert!(
         maps.entries.backends.contains_key(&draining_id),
@@ -323,12 +328,14 @@ fn a_restarted_reconciler_reads_back_and_rewrites_nothing() {
         ),
         cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
     ]);
-    Reconciler::resume(&maps).unwrap().sync(&desired, &mut maps);
+    Reconciler::resume(&maps)
+        .unwrap()
+        .sync(&desired, &NodeEntries::default(), &mut maps);
     let programmed = maps.entries.clone();
     maps.log.clear();
 
     let mut restarted = Reconciler::resume(&maps).unwrap();
-    let report = restarted.sync(&desired, &mut maps);
+    let report = restarted.sync(&desired, &NodeEntries::default(), &mut maps);
     assert_eq!(report.applied, 0, "{:#?}", maps.log);
     assert_eq!(maps.entries, programmed);
 
@@ -342,7 +349,7 @@ fn a_restarted_reconciler_reads_back_and_rewrites_nothing() {
         cluster_ip_service("db", "10.96.0.11", &[("10.244.1.5", 5432)]),
         cluster_ip_service("cache", "10.96.0.12", &[("10.244.1.9", 6379)]),
     ]);
-    restarted.sync(&more, &mut maps);
+    restarted.sync(&more, &NodeEntries::default(), &mut maps);
     let ids: std::collections::HashSet<u32> = maps
         .entries
         .services
@@ -359,7 +366,11 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
     let mut maps = MemoryMaps::default();
     let mut reconciler = Reconciler::resume(&maps).unwrap();
     let web = cluster_ip_service("web", "10.96.0.10", &[("10.244.1.2", 8080)]);
-    reconciler.sync(&state(vec![web.clone()]), &mut maps);
+    reconciler.sync(
+        &state(vec![web.clone()]),
+        &NodeEntries::default(),
+        &mut maps,
+    );
     let programmed = maps.entries.services.clone();
     maps.services_capacity = Some(programmed.len() + 1);
 
@@ -368,7 +379,11 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
         "10.96.0.30",
         &[("10.244.5.1", 80), ("10.244.5.2", 80)],
     );
-    let report = reconciler.sync(&state(vec![web.clone(), big.clone()]), &mut maps);
+    let report = reconciler.sync(
+        &state(vec![web.clone(), big.clone()]),
+        &NodeEntries::default(),
+        &mut maps,
+    );
     assert!(!report.errors.is_empty());
     for (k, v) in &programmed {
         assert_eq!(
@@ -395,7 +410,7 @@ fn a_full_map_fails_one_service_names_it_and_keeps_everything_programmed() {
     );
 
     maps.services_capacity = None;
-    let retry = reconciler.sync(&state(vec![web, big]), &mut maps);
+    let retry = reconciler.sync(&state(vec![web, big]), &NodeEntries::default(), &mut maps);
     assert!(retry.errors.is_empty());
     assert_eq!(
         maps.entries.services[&key("10.96.0.30", 80, SCOPE_POLICY, 0)].count,
@@ -433,7 +448,7 @@ fn short_circuit_writes_the_cluster_scope_before_the_policy_entry() {
         },
         source_ranges: vec![],
     });
-    reconciler.sync(&state(vec![sp]), &mut maps);
+    reconciler.sync(&state(vec![sp]), &NodeEntries::default(), &mut maps);
     let policy = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_POLICY, 0)];
     let cluster = maps.entries.services[&key("192.0.2.11", 30080, SCOPE_CLUSTER, 0)];
     assert_eq!((policy.count, cluster.count), (1, 2));
@@ -466,6 +481,7 @@ fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
             "10.96.0.10",
             &[("10.244.1.2", 8080)],
         )]),
+        &NodeEntries::default(),
         &mut maps,
     );
     maps.services_capacity = Some(maps.entries.services.len() + 1);
@@ -478,14 +494,19 @@ fn a_failed_slot_leaves_the_growing_service_entry_at_its_old_count() {
             ("10.244.3.2", 8080),
         ],
     )]);
-    let report = reconciler.sync(&grown, &mut maps);
+    let report = reconciler.sync(&grown, &NodeEntries::default(), &mut maps);
     assert!(!report.errors.is_empty());
     assert_eq!(
         maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
         1
     );
     maps.services_capacity = None;
-    assert!(reconciler.sync(&grown, &mut maps).errors.is_empty());
+    assert!(
+        reconciler
+            .sync(&grown, &NodeEntries::default(), &mut maps)
+            .errors
+            .is_empty()
+    );
     assert_eq!(
         maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].count,
         3
@@ -503,7 +524,11 @@ fn affinity_backends_follow_the_eligible_endpoints_of_affinity_services_only() {
     );
     sticky.affinity_timeout_seconds = Some(10_800);
     let plain = cluster_ip_service("plain", "10.96.0.11", &[("10.244.1.3", 8080)]);
-    let report = reconciler.sync(&state(vec![sticky.clone(), plain.clone()]), &mut maps);
+    let report = reconciler.sync(
+        &state(vec![sticky.clone(), plain.clone()]),
+        &NodeEntries::default(),
+        &mut maps,
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let sticky_id = maps.entries.services[&key("10.96.0.10", 80, SCOPE_POLICY, 0)].id;
     let eligible = |maps: &MemoryMaps| -> Vec<IpAddr> {
@@ -529,7 +554,11 @@ fn affinity_backends_follow_the_eligible_endpoints_of_affinity_services_only() {
     // and its eligibility goes before the backend itself.
     sticky.internal_endpoints.remove(0);
     maps.log.clear();
-    let report = reconciler.sync(&state(vec![sticky, plain]), &mut maps);
+    let report = reconciler.sync(
+        &state(vec![sticky, plain]),
+        &NodeEntries::default(),
+        &mut maps,
+    );
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(eligible(&maps), vec![ip("10.244.2.2")]);
     let ineligible = position(&maps.log, |c| {

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::manifests::SKIP_LABELS;
-use super::{ClusterSnapshot, ObjectKey};
+use crate::cluster::{ClusterSnapshot, ObjectKey};
 
 /// kube-proxy's informer label selector for Services and EndpointSlices.
 pub fn service_label_selector() -> String {

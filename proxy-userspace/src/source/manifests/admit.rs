@@ -20,42 +20,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::ManifestSettings;
 use super::parse::{Origin, diagnostic};
-use crate::model::Diagnostic;
-use crate::source::{Allocation, ObjectKey};
-
-/// kube-apiserver's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
-const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10_800;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    IPv4,
-    IPv6,
-}
-
-impl Family {
-    pub fn of(ip: IpAddr) -> Family {
-        if ip.is_ipv4() {
-            Family::IPv4
-        } else {
-            Family::IPv6
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::IPv4 => "IPv4",
-            Family::IPv6 => "IPv6",
-        }
-    }
-
-    fn parse(name: &str) -> Option<Family> {
-        match name {
-            "IPv4" => Some(Family::IPv4),
-            "IPv6" => Some(Family::IPv6),
-            _ => None,
-        }
-    }
-}
+use super::parsed::ParsedFiles;
+use crate::cluster::Diagnostic;
+use crate::cluster::{Allocation, IpFamily, ObjectKey};
 
 /// A Service waiting for admission, with where it came from.
 pub struct Candidate {
@@ -67,16 +34,22 @@ pub struct Candidate {
 }
 
 /// What earlier reads of the folder admitted, as the API server's storage would hold it: the
-/// admission order and each Service as admitted, allocations included. Empty for a folder read
-/// from scratch.
+/// admission order and each Service as admitted, allocations included; and the files as they
+/// were parsed. Empty for a folder read from scratch.
 #[derive(Default)]
 pub struct History {
     rank: HashMap<ObjectKey, u64>,
     next_rank: u64,
     admitted: BTreeMap<ObjectKey, (Origin, Service)>,
+    parsed: ParsedFiles,
 }
 
 impl History {
+    /// The files as earlier reads parsed them.
+    pub fn parsed_files(&mut self) -> &mut ParsedFiles {
+        &mut self.parsed
+    }
+
     /// The file the admitted version of `key` came from.
     pub fn origin(&self, key: &ObjectKey) -> Option<&Origin> {
         self.admitted.get(key).map(|(origin, _)| origin)
@@ -273,7 +246,7 @@ fn apply_defaults(spec: &mut ServiceSpec) {
         let client_ip = config.client_ip.get_or_insert_with(ClientIPConfig::default);
         client_ip
             .timeout_seconds
-            .get_or_insert(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+            .get_or_insert(crate::cluster::DEFAULT_AFFINITY_TIMEOUT_SECONDS.cast_signed());
     }
     for port in spec.ports.iter_mut().flatten() {
         port.protocol.get_or_insert_with(|| "TCP".to_owned());
@@ -446,7 +419,7 @@ fn validate_spec(spec: &ServiceSpec) -> Result<(), String> {
     }
     let families = spec.ip_families.as_deref().unwrap_or_default();
     for (index, family) in families.iter().enumerate() {
-        Family::parse(family)
+        IpFamily::parse(family)
             .ok_or_else(|| format!("spec.ipFamilies[{index}] {family:?} is not IPv4 or IPv6"))?;
         if families[..index].contains(family) {
             return Err(format!(
@@ -463,7 +436,7 @@ fn validate_spec(spec: &ServiceSpec) -> Result<(), String> {
     }
     if let [first, second] = cluster_ips.as_slice()
         && let (Ok(a), Ok(b)) = (first.parse::<IpAddr>(), second.parse::<IpAddr>())
-        && Family::of(a) == Family::of(b)
+        && IpFamily::of(a) == IpFamily::of(b)
     {
         return Err(format!(
             "spec.clusterIPs {a} and {b} are of one family: two must be of different families"
@@ -590,17 +563,17 @@ fn ip_to_u128(ip: IpAddr) -> u128 {
     }
 }
 
-fn u128_to_ip(family: Family, value: u128) -> IpAddr {
+fn u128_to_ip(family: IpFamily, value: u128) -> IpAddr {
     match family {
-        Family::IPv4 => IpAddr::V4(std::net::Ipv4Addr::from(value as u32)),
-        Family::IPv6 => IpAddr::V6(std::net::Ipv6Addr::from(value)),
+        IpFamily::IPv4 => IpAddr::V4(std::net::Ipv4Addr::from(value as u32)),
+        IpFamily::IPv6 => IpAddr::V6(std::net::Ipv6Addr::from(value)),
     }
 }
 
 /// Allocatable addresses of a service CIDR: without the network address (and the broadcast
 /// address for IPv4), as kube-apiserver's IP allocator.
 struct IpRange {
-    family: Family,
+    family: IpFamily,
     net: IpNet,
     first: u128,
     size: u128,
@@ -614,10 +587,10 @@ impl IpRange {
         } else {
             1u128 << host_bits
         };
-        let family = Family::of(net.network());
+        let family = IpFamily::of(net.network());
         let reserved = match family {
-            Family::IPv4 if total > 2 => 2,
-            Family::IPv6 if total > 1 => 1,
+            IpFamily::IPv4 if total > 2 => 2,
+            IpFamily::IPv6 if total > 1 => 1,
             _ => 0,
         };
         IpRange {
@@ -715,7 +688,7 @@ impl Pools {
         }
     }
 
-    fn range(&self, family: Family) -> Option<&IpRange> {
+    fn range(&self, family: IpFamily) -> Option<&IpRange> {
         self.ranges.iter().find(|r| r.family == family)
     }
 
@@ -809,7 +782,7 @@ impl Pools {
         Ok(())
     }
 
-    fn allocate_ip(&mut self, key: &ObjectKey, family: Family) -> Result<IpAddr, String> {
+    fn allocate_ip(&mut self, key: &ObjectKey, family: IpFamily) -> Result<IpAddr, String> {
         let used = self.ips.len();
         let range = self.range(family).ok_or_else(|| {
             format!(
@@ -928,18 +901,18 @@ impl Pools {
     ) -> Result<(), String> {
         let explicit = explicit_cluster_ips(spec);
         let headless = explicit.first().is_some_and(|ip| ip == "None");
-        let configured: Vec<Family> = self.ranges.iter().map(|r| r.family).collect();
+        let configured: Vec<IpFamily> = self.ranges.iter().map(|r| r.family).collect();
         let policy = spec
             .ip_family_policy
             .clone()
             .unwrap_or_else(|| "SingleStack".to_owned());
-        let mut families: Vec<Family> = match &spec.ip_families {
+        let mut families: Vec<IpFamily> = match &spec.ip_families {
             Some(families) if !families.is_empty() => {
-                families.iter().filter_map(|f| Family::parse(f)).collect()
+                families.iter().filter_map(|f| IpFamily::parse(f)).collect()
             }
             _ if !headless && !explicit.is_empty() => explicit
                 .iter()
-                .map(|ip| Family::of(ip.parse().expect("validated")))
+                .map(|ip| IpFamily::of(ip.parse().expect("validated")))
                 .collect(),
             _ => configured.iter().take(1).copied().collect(),
         };
@@ -971,7 +944,7 @@ impl Pools {
         for (index, family) in families.iter().enumerate() {
             if let Some(text) = explicit.get(index) {
                 let ip: IpAddr = text.parse().expect("validated");
-                if Family::of(ip) != *family {
+                if IpFamily::of(ip) != *family {
                     return Err(format!(
                         "spec.clusterIPs[{index}] {ip} is not of spec.ipFamilies[{index}] {}",
                         family.name()
@@ -1002,7 +975,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::source::manifests::PortRange;
+    use crate::port_range::PortRange;
 
     fn settings(cidrs: &[&str]) -> ManifestSettings {
         ManifestSettings {

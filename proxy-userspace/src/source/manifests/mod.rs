@@ -22,13 +22,12 @@
 mod admit;
 mod hints;
 mod parse;
+mod parsed;
 mod slices;
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -42,12 +41,13 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::task::JoinHandle;
 
+use self::admit::Candidate;
 pub use self::admit::History;
-use self::admit::{Candidate, Family};
 use self::parse::{Object, Origin, diagnostic};
 use self::slices::PodTemplates;
-use super::{ClusterSnapshot, ObjectKey};
-use crate::model::Diagnostic;
+use crate::cluster::Diagnostic;
+use crate::cluster::{ClusterSnapshot, IpFamily, ObjectKey};
+use crate::port_range::PortRange;
 
 /// kube-apiserver's default `--service-cluster-ip-range`.
 pub const DEFAULT_SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/12";
@@ -68,52 +68,6 @@ pub const SKIP_LABELS: [&str; 2] = [
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Re-read at the latest this long after the first change, even if changes keep coming.
 const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
-
-/// An inclusive port range in kube-apiserver's `--service-node-port-range` syntax
-/// (`30000-32767`, or `30000+2767` for base+size).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PortRangeError {
-    #[error("port range {0:?} is not FIRST-LAST or BASE+SIZE")]
-    Syntax(String),
-    #[error("port range {0:?} is empty or exceeds 65535")]
-    Bounds(String),
-}
-
-impl FromStr for PortRange {
-    type Err = PortRangeError;
-
-    fn from_str(text: &str) -> Result<PortRange, PortRangeError> {
-        let syntax = || PortRangeError::Syntax(text.to_owned());
-        let bounds = || PortRangeError::Bounds(text.to_owned());
-        let (first, last) = if let Some((first, last)) = text.split_once('-') {
-            let first: u16 = first.trim().parse().map_err(|_| syntax())?;
-            let last: u16 = last.trim().parse().map_err(|_| syntax())?;
-            (first, last)
-        } else if let Some((base, size)) = text.split_once('+') {
-            let base: u16 = base.trim().parse().map_err(|_| syntax())?;
-            let size: u16 = size.trim().parse().map_err(|_| syntax())?;
-            (base, base.checked_add(size).ok_or_else(bounds)?)
-        } else {
-            return Err(syntax());
-        };
-        if first == 0 || first > last {
-            return Err(bounds());
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceCidrError {
@@ -306,18 +260,20 @@ fn check_pod(pod: &Pod) -> Result<(), String> {
 }
 
 fn check_slice(slice: &EndpointSlice) -> Result<(), String> {
-    let family = match slice.address_type.as_str() {
-        "IPv4" => Some(Family::IPv4),
-        "IPv6" => Some(Family::IPv6),
-        "FQDN" => None,
-        other => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
+    let family = match (
+        slice.address_type.as_str(),
+        IpFamily::parse(&slice.address_type),
+    ) {
+        (_, Some(family)) => Some(family),
+        ("FQDN", None) => None,
+        (other, None) => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
     };
     if let Some(family) = family {
         for address in slice.endpoints.iter().flat_map(|e| &e.addresses) {
             let ip: IpAddr = address
                 .parse()
                 .map_err(|_| format!("endpoints address {address:?} is not a valid IP address"))?;
-            if Family::of(ip) != family {
+            if IpFamily::of(ip) != family {
                 return Err(format!("endpoints address {ip} is not {}", family.name()));
             }
         }
@@ -407,10 +363,12 @@ pub fn load_dir_after(
     let mut diagnostics = Vec::new();
     let mut parsed = Vec::new();
     let mut created = BTreeMap::new();
+    let mut present = HashSet::new();
     for (modified, file) in manifest_files(dir, &mut diagnostics) {
         created.insert(file.clone(), modified);
+        present.insert(file.clone());
         match std::fs::read_to_string(&file) {
-            Ok(text) => parsed.extend(parse::parse_file(&file, &text, &mut diagnostics)),
+            Ok(text) => parsed.extend(history.parsed_files().parse(&file, &text, &mut diagnostics)),
             Err(error) => diagnostics.push(Diagnostic {
                 object: format!("file {}", file.display()),
                 message: format!("cannot read: {error}"),
@@ -418,6 +376,7 @@ pub fn load_dir_after(
         }
     }
 
+    history.parsed_files().keep_only(&present);
     let mut services = Registry::new("Service");
     let mut endpoints: Registry<Endpoints> = Registry::new("Endpoints");
     let mut explicit_slices: Registry<EndpointSlice> = Registry::new("EndpointSlice");
@@ -679,6 +638,7 @@ pub fn watch(
                     history = read_history;
                     tracing::info!(
                         dir = %dir.display(),
+                        files_parsed = history.parsed_files().take_parsed_count(),
                         services = snapshot.services.len(),
                         endpoint_slices = snapshot.endpoint_slices.len(),
                         diagnostics = snapshot.diagnostics.len(),

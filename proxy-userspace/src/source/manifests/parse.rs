@@ -12,7 +12,7 @@ use k8s_openapi::api::networking::v1::ServiceCIDR;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::model::Diagnostic;
+use crate::cluster::Diagnostic;
 
 /// Where an object was read from: the file and, for multi-document files, which document.
 #[derive(Clone, Debug, PartialEq, Eq)]

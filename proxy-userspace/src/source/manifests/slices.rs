@@ -10,7 +10,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::admit::Family;
+use crate::cluster::IpFamily;
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
@@ -144,24 +144,20 @@ fn find_port(pod: &Pod, templates: &PodTemplates, service_port: &ServicePort) ->
     }
 }
 
-fn address_type(family: Family) -> String {
+fn address_type(family: IpFamily) -> String {
     family.name().to_owned()
 }
 
-fn service_families(service: &Service) -> Vec<Family> {
+fn service_families(service: &Service) -> Vec<IpFamily> {
     let spec = service.spec.as_ref();
-    let families: Vec<Family> = spec
+    let families: Vec<IpFamily> = spec
         .and_then(|s| s.ip_families.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|f| match f.as_str() {
-            "IPv4" => Some(Family::IPv4),
-            "IPv6" => Some(Family::IPv6),
-            _ => None,
-        })
+        .filter_map(|f| IpFamily::parse(f))
         .collect();
     if families.is_empty() {
-        vec![Family::IPv4, Family::IPv6]
+        vec![IpFamily::IPv4, IpFamily::IPv6]
     } else {
         families
     }
@@ -339,7 +335,7 @@ pub fn synthesize(
             let addresses: Vec<String> = pod_ips(pod)
                 .iter()
                 .filter_map(|ip| ip.parse::<IpAddr>().ok())
-                .filter(|ip| Family::of(*ip) == *family)
+                .filter(|ip| IpFamily::of(*ip) == *family)
                 .map(|ip| ip.to_string())
                 .collect();
             if addresses.is_empty() {
@@ -457,7 +453,7 @@ pub fn mirror(service: &Service, endpoints: &Endpoints) -> (Vec<EndpointSlice>, 
                 ..Endpoint::default()
             };
             let group = &mut groups
-                .entry((address_type(Family::of(ip)), port_key(&ports)))
+                .entry((address_type(IpFamily::of(ip)), port_key(&ports)))
                 .or_insert_with(|| (ports.clone(), Vec::new()))
                 .1;
             // Subsets with the same ports share one slice, which holds a set of endpoints.

@@ -1073,3 +1073,36 @@ fn topology_hints_follow_the_endpointslice_controller() {
         hints_of(&slices)
     );
 }
+
+#[test]
+fn a_re_read_parses_only_the_files_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: None\n  ports: [{{port: {port}}}]\n"
+        )
+    };
+    for name in ["a", "b", "c"] {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), service(name, 80)).unwrap();
+    }
+    let settings = ManifestSettings::new("node-a");
+    let mut history = History::default();
+    let first = load_dir_after(dir.path(), &settings, &mut history);
+    assert_eq!(first.services.len(), 3, "{:?}", first.diagnostics);
+    assert_eq!(history.parsed_files().take_parsed_count(), 3);
+    std::fs::write(dir.path().join("b.yaml"), service("b", 81)).unwrap();
+    std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+    let second = load_dir_after(dir.path(), &settings, &mut history);
+    assert_eq!(history.parsed_files().take_parsed_count(), 1);
+    assert_eq!(service_names(&second), ["default/a", "default/b"]);
+    let b_port = second.services.values().find_map(|s| {
+        (s.metadata.name.as_deref() == Some("b"))
+            .then(|| s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port)
+    });
+    assert_eq!(b_port, Some(81));
+    // The same folder read from scratch gives the same snapshot.
+    assert_eq!(
+        format!("{:?}", load_dir(dir.path(), &settings)),
+        format!("{second:?}")
+    );
+}
