@@ -488,6 +488,8 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "no frontend is programmed for the ExternalName Service",
     );
 
+    sctp_node_port(&lab, &worker.name, &client, worker.ip, &mut w)?;
+
     w.step("Scaling hostname-deployment to 0: the ClusterIP refuses connections");
     lab.scale("hostname-deployment", 0)?;
     let reply = wait_for(&toolbox, vip, port, |r| *r == Reply::Refused)?;
@@ -515,6 +517,44 @@ pub fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     if w.check && !w.failures.is_empty() {
         bail!("demo check failed:\n- {}", w.failures.join("\n- "));
     }
+    Ok(())
+}
+
+/// Applies an SCTP NodePort Service to the running lab and opens an SCTP association to it
+/// from the external client: the port rewrite (NodePort → 80) must keep the CRC32c valid.
+fn sctp_node_port(
+    lab: &Lab,
+    hostname: &str,
+    client: &str,
+    node: std::net::Ipv4Addr,
+    w: &mut Walkthrough,
+) -> anyhow::Result<()> {
+    w.step("SCTP: an SCTP NodePort Service is applied; an SCTP client reaches the pods through it");
+    let path = lab.manifests_dir().join("hostname-svc-sctp.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: hostname-svc-sctp\nspec:\n  \
+         type: NodePort\n  selector:\n    app: webserver\n  ports:\n  - protocol: SCTP\n    \
+         port: 8080\n    targetPort: 80\n",
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    let (_, port) = Plan::load(lab, hostname)?.frontend("hostname-svc-sctp", "nodePort")?;
+    let target = std::net::SocketAddr::from((node, port));
+    let deadline = Instant::now() + PROPAGATION;
+    let answer = loop {
+        let answer = proxy_lab::enter(client, move || {
+            proxy_lab::sctp::sctp_exchange(target, TIMEOUT)
+        })?;
+        if answer.is_ok() || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("   client -> {target} (SCTP): {answer:?}");
+    w.expect(
+        answer.is_ok_and(|a| a.starts_with("hostname-deployment")),
+        "a pod answered the SCTP association through the NodePort",
+    );
     Ok(())
 }
 
