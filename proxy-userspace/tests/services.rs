@@ -24,7 +24,8 @@ const DROP_BOUND: Duration = Duration::from_millis(400);
 /// tries has a probability below 1e-7).
 const MAX_REQUESTS: usize = 40;
 /// How long a manifest change may take to reach the kernel (the bound is 50 ms; this
-/// also covers the file watcher's own delay on a loaded test machine).
+/// also covers the file watcher's own delay on a loaded test machine), before
+/// `proxy_lab::scaled` stretches it for an emulated machine (a thousand files parsed under TCG).
 const UPDATE_BOUND: Duration = Duration::from_secs(5);
 
 fn cluster() -> Cluster {
@@ -362,7 +363,8 @@ fn wait_programmed(
     what: &str,
     check: impl Fn(&Trace) -> bool,
 ) {
-    let deadline = Instant::now() + UPDATE_BOUND;
+    let bound = proxy_lab::scaled(UPDATE_BOUND);
+    let deadline = Instant::now() + bound;
     loop {
         let now = trace(cluster, true, src, dst, proto, from);
         if check(&now) {
@@ -370,7 +372,7 @@ fn wait_programmed(
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: not programmed within {UPDATE_BOUND:?}; the kernel does {now:?}"
+            "{what}: not programmed within {bound:?}; the kernel does {now:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }

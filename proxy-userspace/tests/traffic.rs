@@ -372,7 +372,8 @@ fn reject_refuses_at_once_and_drop_times_out() {
 }
 
 /// Runs `script` with bash in the node namespace, inside `cgroup` when given (the socket hooks
-/// are attached to the test's cgroup), bounded by `timeout(1)`.
+/// are attached to the test's cgroup), bounded by `timeout(1)`: 5 s, scaled where process
+/// start-up is slow (a Python client under qemu's emulation).
 fn node_shell(lab: &Lab, script: &str, in_cgroup: bool) -> std::process::Output {
     let script = if in_cgroup {
         format!(
@@ -384,7 +385,12 @@ fn node_shell(lab: &Lab, script: &str, in_cgroup: bool) -> std::process::Output 
     };
     lab.node
         .command("timeout")
-        .args(["5", "bash", "-c", &script])
+        .arg(
+            proxy_lab::scaled(Duration::from_secs(5))
+                .as_secs()
+                .to_string(),
+        )
+        .args(["bash", "-c", &script])
         .output()
         .expect("run bash in the node namespace")
 }

@@ -417,7 +417,8 @@ impl Proxy {
             log,
             lines: Vec::new(),
         };
-        proxy.wait_for_log("initial sync programmed", scaled(Duration::from_secs(30)))?;
+        // wait_for_log scales the bound.
+        proxy.wait_for_log("initial sync programmed", Duration::from_secs(30))?;
         Ok(proxy)
     }
 

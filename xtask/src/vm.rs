@@ -26,24 +26,94 @@ const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/kube-ebpf-proxy-backport
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 /// The modules the initramfs loads to mount the host root; the rest load on demand.
 const BOOT_MODULES: &[&str] = &["9p", "9pnet_virtio", "virtio_pci"];
-/// The cargo test targets that need a kernel (eBPF programs, namespaces, traffic).
-pub const KERNEL_SUITES: &[&str] = &[
-    "tc_test_run",
-    "kernel_smoke",
-    "metrics_run",
-    "traffic",
-    "services",
-    "restarts",
-    "snat_load",
-    "fragments",
+/// One run of a cargo test target of proxy-userspace in the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Suite {
+    /// What `--suite` selects and the results name.
+    pub name: &'static str,
+    /// The test target (`proxy-userspace/tests/TARGET.rs`).
+    pub target: &'static str,
+    /// [`proxy_lab::host::PROTECTIONS_VAR`] for this run (empty: permissive nodes).
+    pub protections: &'static str,
+}
+
+/// The protections of the hardened runs, on the host as in the VM.
+pub const HARDENED_PROTECTIONS: &str = "firewall,rp_filter";
+/// The test targets that run a second time on hardened nodes, on the host as in the VM.
+pub const HARDENED_TARGETS: &[&str] = &["services", "traffic", "fragments"];
+
+const fn suite(target: &'static str) -> Suite {
+    Suite {
+        name: target,
+        target,
+        protections: "",
+    }
+}
+
+const fn hardened(name: &'static str, target: &'static str) -> Suite {
+    Suite {
+        name,
+        target,
+        protections: HARDENED_PROTECTIONS,
+    }
+}
+
+/// Every run that needs a kernel (eBPF programs, namespaces, traffic), in the order the VM runs
+/// them: a new test target that loads programs or makes namespaces gets a line here.
+pub const KERNEL_SUITES: &[Suite] = &[
+    suite("tc_test_run"),
+    suite("kernel_smoke"),
+    suite("metrics_run"),
+    suite("traffic"),
+    suite("services"),
+    suite("restarts"),
+    suite("snat_load"),
+    suite("fragments"),
+    hardened("traffic-hardened", "traffic"),
+    hardened("fragments-hardened", "fragments"),
+    hardened("services-hardened", "services"),
 ];
-/// The suites `cargo xtask test` runs in the VM: under TCG a dataplane load (the verifier over
-/// the tc program) takes tens of seconds, so the whole set would not fit CI's time; these are
-/// the BPF_PROG_TEST_RUN suite, which covers every NAT decision of the tc program, and the
-/// smoke test of the binary attaching to a namespace's interfaces and cgroup.
-pub const CI_SUITES: &[&str] = &["tc_test_run", "kernel_smoke"];
-/// The line the guest prints last: the number of failed suites.
+/// The suites `cargo xtask test` leaves out of its 6.1 VM run, each for a reason the README's
+/// "Kernels" section repeats; `cargo xtask vm-test` runs them all:
+/// - `services`: `a_thousand_bad_files_beside_working_services_take_nothing_from_them` is not
+///   reliable under TCG (passed in a full 6.1 run, failed on 6.12 and in a 6.1 run of it alone);
+///   the other 19 pass on both kernels; the suite took 25-50 minutes here;
+/// - `restarts`: the two restart-under-load tests fail under TCG on both kernels (a restarted
+///   proxy not started within its bound, a connection not answered within 5 s, a UDP EAGAIN,
+///   exchanges slower than the 900 ms the tests take for a retransmission),
+///   and on 6.1 `programs_stay_attached_…` asks for `--tc-attach tcx`, which the proxy rightly
+///   refuses there ("this kernel has no TCX links (probed)"): the test needs a probed branch;
+/// - `snat_load`: 50,000 connections do not fit its 150 s bound under TCG (17,889 did);
+/// - `services-hardened`: as `services`;
+/// - and with `services` (~25 min under TCG) the step would not fit CI's time.
+pub const LEFT_OUT_OF_CI: &[&str] = &["services", "restarts", "snat_load", "services-hardened"];
+
+/// The suites `cargo xtask test` runs in the VM: every kernel suite but [`LEFT_OUT_OF_CI`].
+pub fn ci_suites() -> Vec<String> {
+    KERNEL_SUITES
+        .iter()
+        .filter(|s| !LEFT_OUT_OF_CI.contains(&s.name))
+        .map(|s| s.name.to_owned())
+        .collect()
+}
+
+/// The guest's console lines the host reads: the number of failed suites (the last line), a
+/// probed feature, the end of boot, a suite's start ("NAME") and end ("NAME passed|FAILED SECONDS").
 const EXIT_MARKER: &str = "vm-test: failed suites: ";
+const FEATURE_MARKER: &str = "vm-test: feature ";
+const READY_MARKER: &str = "vm-test: guest ready, uptime ";
+const SUITE_START_MARKER: &str = "vm-test: suite ";
+const SUITE_END_MARKER: &str = "vm-test: result ";
+/// The guest's memory: the test binaries' pages stay in its cache (9p `cache=loose`), and a
+/// Service test runs several proxies at once.
+const GUEST_MEMORY: &str = "3072";
+/// `PROXY_LAB_TIMEOUT_SCALE` in the guest: under TCG a dataplane load (the verifier over the tc
+/// program) and a process start take several times as long as on the host, and more on a
+/// shared machine: 4 let a proxy restart under the restart suite's load miss its 2-minute
+/// start bound on 6.12 while other VMs and builds ran (load average 15-20 on 2 cores).
+const TIMEOUT_SCALE: u32 = 8;
+/// Tests each suite runs at once, as `cargo test` would on a 2-CPU machine (the guest's).
+const TEST_THREADS: u32 = 2;
 /// Without output from a KVM guest for this long, KVM is taken as not working (nested
 /// virtualisation that opens /dev/kvm but never runs the guest) and TCG is used.
 const KVM_FIRST_OUTPUT: Duration = Duration::from_secs(30);
@@ -106,13 +176,10 @@ pub fn vm_test(args: &VmTestArgs) -> anyhow::Result<()> {
         KernelChoice::V6_12 => vec![&SERIES_6_12],
         KernelChoice::All => vec![&SERIES_6_1, &SERIES_6_12],
     };
-    let suites: Vec<String> = if args.suites.is_empty() {
-        KERNEL_SUITES.iter().map(|s| (*s).to_owned()).collect()
-    } else {
-        args.suites.clone()
-    };
+    let suites = selected_suites(&args.suites)?;
     let (proxy, binaries) = build_test_binaries(&suites)?;
     let mut failed = Vec::new();
+    let mut reports = Vec::new();
     for series in series {
         let kernel = cached_kernel(series)?;
         let started = Instant::now();
@@ -120,24 +187,33 @@ pub fn vm_test(args: &VmTestArgs) -> anyhow::Result<()> {
             "vm-test: {} ({}): suites {}",
             series.name,
             kernel.release,
-            suites.join(" ")
+            suites.iter().map(|s| s.name).collect::<Vec<_>>().join(" ")
         );
         let outcome = run_in_vm(
             &kernel,
             &proxy,
+            &suites,
             &binaries,
             args.filter.as_deref(),
             args.accel,
         );
         let took = started.elapsed().as_secs();
         match outcome {
-            Ok(0) => println!("vm-test: {}: all suites passed in {took} s", kernel.release),
-            Ok(n) => {
-                println!(
-                    "vm-test: {}: {n} suite(s) failed ({took} s)",
-                    kernel.release
-                );
-                failed.push(kernel.release.clone());
+            Ok(report) => {
+                match report.failed {
+                    Some(0) => {
+                        println!("vm-test: {}: all suites passed in {took} s", kernel.release);
+                    }
+                    n => {
+                        println!(
+                            "vm-test: {}: {} suite(s) failed ({took} s)",
+                            kernel.release,
+                            n.unwrap_or_default()
+                        );
+                        failed.push(kernel.release.clone());
+                    }
+                }
+                reports.push((kernel.release, took, report));
             }
             Err(e) => {
                 println!("vm-test: {}: {e:#} ({took} s)", kernel.release);
@@ -145,22 +221,120 @@ pub fn vm_test(args: &VmTestArgs) -> anyhow::Result<()> {
             }
         }
     }
+    print!("{}", summary(&reports));
     if !failed.is_empty() {
         bail!("vm-test failed on {}", failed.join(", "));
     }
     Ok(())
 }
 
+/// A Markdown table of the kernels' features and suite results (README's "Kernels" table).
+fn summary(reports: &[(String, u64, Report)]) -> String {
+    if reports.is_empty() {
+        return String::new();
+    }
+    let mut table = String::from("\nvm-test: summary\n\n|");
+    for (release, _, _) in reports {
+        let _ = write!(table, " | {release}");
+    }
+    table.push_str(" |\n| ---");
+    table.push_str(&" | ---".repeat(reports.len()));
+    table.push_str(" |\n");
+    let mut rows: Vec<String> = Vec::new();
+    for (_, _, report) in reports {
+        for feature in &report.features {
+            let name = feature.split(' ').next().unwrap_or(feature).to_owned();
+            if !rows.contains(&name) {
+                rows.push(name);
+            }
+        }
+    }
+    for row in &rows {
+        let _ = write!(table, "| `{row}`");
+        for (_, _, report) in reports {
+            let value = report
+                .features
+                .iter()
+                .find_map(|f| f.strip_prefix(row.as_str()))
+                .map_or("?", str::trim);
+            let _ = write!(table, " | {value}");
+        }
+        table.push_str(" |\n");
+    }
+    let mut suites: Vec<&str> = Vec::new();
+    for (_, _, report) in reports {
+        for suite in &report.suites {
+            if !suites.contains(&suite.name.as_str()) {
+                suites.push(&suite.name);
+            }
+        }
+    }
+    for name in suites {
+        let _ = write!(table, "| `{name}`");
+        for (_, _, report) in reports {
+            let cell = report.suites.iter().find(|s| s.name == name).map_or_else(
+                || "not run".to_owned(),
+                |s| {
+                    let tests = s.tests_passed + s.tests_failed;
+                    if s.passed {
+                        format!("pass ({tests} tests), {} s", s.seconds)
+                    } else {
+                        format!(
+                            "FAILED ({} of {tests} tests failed), {} s",
+                            s.tests_failed, s.seconds
+                        )
+                    }
+                },
+            );
+            let _ = write!(table, " | {cell}");
+        }
+        table.push_str(" |\n");
+    }
+    table.push_str("| boot, whole run");
+    for (_, took, report) in reports {
+        let _ = write!(
+            table,
+            " | {} s, {took} s",
+            report.boot_seconds.as_deref().unwrap_or("?")
+        );
+    }
+    table.push_str(" |\n");
+    table
+}
+
+/// The suites `--suite` names (all of [`KERNEL_SUITES`] when none), in the VM's order.
+fn selected_suites(names: &[String]) -> anyhow::Result<Vec<Suite>> {
+    if let Some(unknown) = names
+        .iter()
+        .find(|n| !KERNEL_SUITES.iter().any(|s| s.name == n.as_str()))
+    {
+        bail!(
+            "no kernel suite {unknown:?} (known: {})",
+            KERNEL_SUITES
+                .iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(KERNEL_SUITES
+        .iter()
+        .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
+        .copied()
+        .collect())
+}
+
 /// A test binary and the package directory cargo runs it in.
 struct TestBinary {
-    suite: String,
+    target: String,
     executable: PathBuf,
     package_dir: PathBuf,
 }
 
 /// `cargo test --no-run` for the suites, read back from cargo's JSON messages; also the
 /// `kube-ebpf-proxy` binary the tests run.
-fn build_test_binaries(suites: &[String]) -> anyhow::Result<(PathBuf, Vec<TestBinary>)> {
+fn build_test_binaries(suites: &[Suite]) -> anyhow::Result<(PathBuf, Vec<TestBinary>)> {
+    let targets: HashSet<&str> = suites.iter().map(|s| s.target).collect();
     let mut cmd = cargo();
     cmd.args([
         "test",
@@ -169,8 +343,8 @@ fn build_test_binaries(suites: &[String]) -> anyhow::Result<(PathBuf, Vec<TestBi
         "-p",
         "proxy-userspace",
     ]);
-    for suite in suites {
-        cmd.args(["--test", suite]);
+    for target in &targets {
+        cmd.args(["--test", target]);
     }
     let out = cmd
         .stderr(Stdio::inherit())
@@ -194,9 +368,9 @@ fn build_test_binaries(suites: &[String]) -> anyhow::Result<(PathBuf, Vec<TestBi
         };
         if name == "kube-ebpf-proxy" && message["profile"]["test"] == false {
             proxy = Some(PathBuf::from(executable));
-        } else if message["profile"]["test"] == true && suites.iter().any(|s| s == name) {
+        } else if message["profile"]["test"] == true && targets.contains(name) {
             binaries.push(TestBinary {
-                suite: name.to_owned(),
+                target: name.to_owned(),
                 executable: executable.into(),
                 package_dir: Path::new(manifest)
                     .parent()
@@ -205,11 +379,10 @@ fn build_test_binaries(suites: &[String]) -> anyhow::Result<(PathBuf, Vec<TestBi
             });
         }
     }
-    let found: HashSet<&str> = binaries.iter().map(|b| b.suite.as_str()).collect();
-    if let Some(missing) = suites.iter().find(|s| !found.contains(s.as_str())) {
+    let found: HashSet<&str> = binaries.iter().map(|b| b.target.as_str()).collect();
+    if let Some(missing) = targets.iter().find(|t| !found.contains(*t)) {
         bail!("no test target {missing} in proxy-userspace");
     }
-    binaries.sort_by_key(|b| suites.iter().position(|s| *s == b.suite));
     let proxy = proxy.context("cargo built no kube-ebpf-proxy binary")?;
     Ok((proxy, binaries))
 }
@@ -348,14 +521,87 @@ impl Drop for Vm {
     }
 }
 
-/// Boots the kernel, runs the suites, returns how many failed.
+/// What the guest reported of one kernel, read off its console.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Report {
+    /// `kube-ebpf-proxy features` lines, e.g. "tcx yes".
+    features: Vec<String>,
+    /// Seconds from power-on until the guest script started (the guest's clock).
+    boot_seconds: Option<String>,
+    suites: Vec<SuiteResult>,
+    /// The guest's count of failed suites: set by its last line.
+    failed: Option<u32>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct SuiteResult {
+    name: String,
+    passed: bool,
+    seconds: u64,
+    /// Summed over the binary's "test result:" lines.
+    tests_passed: u32,
+    tests_failed: u32,
+}
+
+impl Report {
+    /// Takes in one console line.
+    fn read_line(&mut self, line: &str) {
+        let line = line.trim_end();
+        if let Some(count) = line.strip_prefix(EXIT_MARKER) {
+            self.failed = count.parse().ok();
+        } else if let Some(feature) = line.strip_prefix(FEATURE_MARKER) {
+            self.features.push(feature.to_owned());
+        } else if let Some(seconds) = line.strip_prefix(READY_MARKER) {
+            self.boot_seconds = Some(seconds.to_owned());
+        } else if let Some(name) = line.strip_prefix(SUITE_START_MARKER) {
+            self.suites.push(SuiteResult {
+                name: name.to_owned(),
+                passed: false,
+                seconds: 0,
+                tests_passed: 0,
+                tests_failed: 0,
+            });
+        } else if let Some(end) = line.strip_prefix(SUITE_END_MARKER) {
+            // "NAME passed 12" or "NAME FAILED 12"
+            let mut words = end.split(' ');
+            if let (Some(name), Some(outcome), Some(seconds), Some(suite)) = (
+                words.next(),
+                words.next(),
+                words.next(),
+                self.suites.last_mut(),
+            ) && suite.name == name
+            {
+                suite.passed = outcome == "passed";
+                suite.seconds = seconds.parse().unwrap_or(0);
+            }
+        } else if let (Some(counts), Some(suite)) =
+            (line.strip_prefix("test result: "), self.suites.last_mut())
+        {
+            // "ok. 31 passed; 0 failed; 0 ignored; …"
+            for (number, word) in counts
+                .split(';')
+                .filter_map(|part| part.trim().rsplit_once(' '))
+            {
+                let number = number.rsplit(' ').next().unwrap_or(number);
+                match (word, number.parse::<u32>()) {
+                    ("passed", Ok(n)) => suite.tests_passed += n,
+                    ("failed", Ok(n)) => suite.tests_failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Boots the kernel and runs the suites.
 fn run_in_vm(
     kernel: &CachedKernel,
     proxy: &Path,
+    suites: &[Suite],
     binaries: &[TestBinary],
     filter: Option<&str>,
     accel: Accel,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<Report> {
     let dir = RunDir(workspace_root().join("target/vm-test").join(format!(
         "{}-{}",
         kernel.release,
@@ -363,21 +609,24 @@ fn run_in_vm(
     )));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let initramfs = build_initramfs(kernel, &dir.0)?;
+    let executables: Vec<&Path> = std::iter::once(proxy)
+        .chain(binaries.iter().map(|b| b.executable.as_path()))
+        .collect();
+    let hold = hold_executables(&dir.0, &executables)?;
     let script = dir.0.join("guest.sh");
-    std::fs::write(&script, guest_script(kernel, proxy, binaries, filter))
-        .with_context(|| format!("writing {}", script.display()))?;
+    std::fs::write(
+        &script,
+        guest_script(kernel, proxy, suites, binaries, filter, &hold)?,
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
     let kvm = match accel {
         Accel::Tcg => false,
         Accel::Kvm => true,
-        Accel::Auto => std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
+        Accel::Auto => kvm_may_work(),
     };
     if kvm {
         match boot(kernel, &initramfs, &script, true, accel == Accel::Auto)? {
-            Boot::Finished(failed) => return Ok(failed),
+            Boot::Finished(report) => return Ok(report),
             Boot::NoSignOfLife => println!(
                 "vm-test: no output from the KVM guest in {} s: KVM does not work here, using TCG",
                 KVM_FIRST_OUTPUT.as_secs()
@@ -385,14 +634,57 @@ fn run_in_vm(
         }
     }
     match boot(kernel, &initramfs, &script, false, false)? {
-        Boot::Finished(failed) => Ok(failed),
+        Boot::Finished(report) => Ok(report),
         Boot::NoSignOfLife => unreachable!("only a KVM boot is given up for silence"),
     }
 }
 
+/// Hard links to the executables in the run directory, and the guest's commands that bind-mount
+/// each over its own path: a rebuild during the run (cargo replaces the file) neither changes
+/// nor, through the guest's 9p cache, corrupts what the VM runs, and the paths compiled into
+/// the tests (`CARGO_BIN_EXE_…`) still name it.
+fn hold_executables(run_dir: &Path, executables: &[&Path]) -> anyhow::Result<String> {
+    let held = run_dir.join("executables");
+    std::fs::create_dir_all(&held).with_context(|| format!("creating {}", held.display()))?;
+    let mut mounts = String::new();
+    for (i, executable) in executables.iter().enumerate() {
+        let link = held.join(i.to_string());
+        std::fs::hard_link(executable, &link).with_context(|| {
+            format!(
+                "hard-linking {} to {}",
+                executable.display(),
+                link.display()
+            )
+        })?;
+        let _ = writeln!(
+            mounts,
+            "mount --bind {} {}",
+            shell_quote(&link.to_string_lossy()),
+            shell_quote(&executable.to_string_lossy())
+        );
+    }
+    Ok(mounts)
+}
+
+/// Whether /dev/kvm opens and the CPU offers hardware virtualisation: a nested guest (a
+/// microVM, say) may have the device but no vmx/svm flag, and then KVM never runs a guest.
+fn kvm_may_work() -> bool {
+    let opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    opens
+        && flags
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
 enum Boot {
-    /// The guest ran the suites; this many failed.
-    Finished(u32),
+    /// The guest ran the suites.
+    Finished(Report),
     /// A KVM guest printed nothing in time (auto mode only).
     NoSignOfLife,
 }
@@ -412,7 +704,14 @@ fn boot(
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
     }
     cmd.args([
-        "-m", "2048", "-smp", "2", "-nic", "none", "-display", "none",
+        "-m",
+        GUEST_MEMORY,
+        "-smp",
+        "2",
+        "-nic",
+        "none",
+        "-display",
+        "none",
     ])
     .args([
         "-no-reboot",
@@ -459,7 +758,7 @@ fn boot(
     });
     let started = Instant::now();
     let mut seen_output = false;
-    let mut failed = None;
+    let mut report = Report::default();
     loop {
         let wait = if give_up_when_silent && !seen_output {
             KVM_FIRST_OUTPUT.saturating_sub(started.elapsed())
@@ -470,9 +769,7 @@ fn boot(
             Ok(Ok(line)) => {
                 seen_output = true;
                 println!("{line}");
-                if let Some(count) = line.trim_end().strip_prefix(EXIT_MARKER) {
-                    failed = count.parse().ok();
-                }
+                report.read_line(&line);
             }
             Ok(Err(e)) => bail!("reading the VM's console: {e}"),
             // qemu exited and closed its stdout.
@@ -484,10 +781,10 @@ fn boot(
         }
     }
     let status = vm.0.wait().context("waiting for qemu")?;
-    match failed {
-        Some(count) => Ok(Boot::Finished(count)),
-        None => bail!("the VM stopped ({status}) before reporting its results"),
+    if report.failed.is_none() {
+        bail!("the VM stopped ({status}) before reporting its results");
     }
+    Ok(Boot::Finished(report))
 }
 
 /// A gzipped newc cpio with busybox, the modules that mount the host root (decompressed:
@@ -568,7 +865,7 @@ const INIT: &str = r#"#!/bin/busybox sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 echo "vm-init: $(uname -r) up"
 for m in /modules/*.ko; do insmod "$m" || echo "vm-init: insmod $m failed"; done
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot; then
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /newroot; then
   echo "vm-init: mounting the host root failed"; echo o > /proc/sysrq-trigger
 fi
 for d in tmp run; do mount -t tmpfs tmpfs "/newroot/$d"; done
@@ -586,15 +883,17 @@ fn shell_quote(s: &str) -> String {
 fn guest_script(
     kernel: &CachedKernel,
     proxy: &Path,
+    suites: &[Suite],
     binaries: &[TestBinary],
     filter: Option<&str>,
-) -> String {
-    let mut script = String::from(
+    hold_executables: &str,
+) -> anyhow::Result<String> {
+    let mut script = format!(
         "set -u\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1\n\
-         export PROXY_LAB_TIMEOUT_SCALE=4\n\
+         export PROXY_LAB_TIMEOUT_SCALE={TIMEOUT_SCALE}\n\
          mount -t bpf bpf /sys/fs/bpf; mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm\n\
-         ip link set lo up\n",
+         ip link set lo up\n{hold_executables}"
     );
     // The kernel runs kernel.modprobe for `ip link add type veth`, nft's expressions, etc.
     let _ = writeln!(
@@ -607,19 +906,28 @@ fn guest_script(
     );
     let _ = writeln!(
         script,
-        "echo 'vm-test: kernel features (kube-ebpf-proxy features):'\n{} features | sed 's/^/vm-test: feature /'",
+        "echo \"{READY_MARKER}$(cut -d' ' -f1 /proc/uptime)\"\n\
+         echo 'vm-test: kernel features (kube-ebpf-proxy features):'\n\
+         {} features | sed 's/^/{FEATURE_MARKER}/'",
         shell_quote(&proxy.to_string_lossy())
     );
     script.push_str("failed=0\n");
-    for binary in binaries {
-        let filter = filter.map(shell_quote).unwrap_or_default();
+    let filter = filter.map(shell_quote).unwrap_or_default();
+    for suite in suites {
+        let binary = binaries
+            .iter()
+            .find(|b| b.target == suite.target)
+            .with_context(|| format!("no test binary for suite {}", suite.name))?;
         let _ = writeln!(
             script,
-            "echo 'vm-test: suite {suite}'; start=$(date +%s)\n\
-             if (cd {dir} && {exe} --test-threads=2 {filter}); then r=passed; else r=FAILED; failed=$((failed+1)); fi\n\
-             echo \"vm-test: suite {suite} $r in $(( $(date +%s) - start )) s\"",
-            suite = binary.suite,
+            "echo '{SUITE_START_MARKER}{name}'; start=$(date +%s)\n\
+             if (cd {dir} && {protections}={set} {exe} --test-threads={TEST_THREADS} {filter}); \
+             then r=passed; else r=FAILED; failed=$((failed+1)); fi\n\
+             echo \"{SUITE_END_MARKER}{name} $r $(( $(date +%s) - start ))\"",
+            name = suite.name,
             dir = shell_quote(&binary.package_dir.to_string_lossy()),
+            protections = proxy_lab::host::PROTECTIONS_VAR,
+            set = shell_quote(suite.protections),
             exe = shell_quote(&binary.executable.to_string_lossy()),
         );
     }
@@ -628,5 +936,126 @@ fn guest_script(
         script,
         "echo \"{EXIT_MARKER}$failed\"\necho o > /proc/sysrq-trigger\nsleep 60"
     );
-    script
+    Ok(script)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_console_becomes_a_report() {
+        let mut report = Report::default();
+        for line in [
+            "vm-init: 6.1.0-57-amd64 up",
+            "vm-test: guest ready, uptime 14.20",
+            "vm-test: feature tcx no",
+            "vm-test: feature bpf_loop yes",
+            "vm-test: suite traffic-hardened",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s",
+            "test result: FAILED. 13 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+            "vm-test: result traffic-hardened FAILED 950\r",
+            "vm-test: suite kernel_smoke",
+            "vm-test: result kernel_smoke passed 44",
+            "vm-test: failed suites: 1",
+        ] {
+            report.read_line(line);
+        }
+        assert_eq!(
+            report,
+            Report {
+                features: vec!["tcx no".into(), "bpf_loop yes".into()],
+                boot_seconds: Some("14.20".into()),
+                suites: vec![
+                    SuiteResult {
+                        name: "traffic-hardened".into(),
+                        passed: false,
+                        seconds: 950,
+                        tests_passed: 16,
+                        tests_failed: 2,
+                    },
+                    SuiteResult {
+                        name: "kernel_smoke".into(),
+                        passed: true,
+                        seconds: 44,
+                        tests_passed: 0,
+                        tests_failed: 0,
+                    },
+                ],
+                failed: Some(1),
+            }
+        );
+    }
+
+    #[test]
+    fn the_summary_has_a_column_per_kernel_and_a_row_per_feature_and_suite() {
+        let report = |tcx: &str, passed| Report {
+            features: vec![format!("tcx {tcx}")],
+            boot_seconds: Some("9.5".into()),
+            suites: vec![SuiteResult {
+                name: "services".into(),
+                passed,
+                seconds: 300,
+                tests_passed: 14,
+                tests_failed: u32::from(!passed),
+            }],
+            failed: Some(u32::from(!passed)),
+        };
+        let table = summary(&[
+            ("6.1.0-57-amd64".into(), 400, report("no", false)),
+            ("6.12.117+deb12-amd64".into(), 380, report("yes", true)),
+        ]);
+        assert_eq!(
+            table,
+            "\nvm-test: summary\n\n\
+             | | 6.1.0-57-amd64 | 6.12.117+deb12-amd64 |\n\
+             | --- | --- | --- |\n\
+             | `tcx` | no | yes |\n\
+             | `services` | FAILED (1 of 15 tests failed), 300 s | pass (14 tests), 300 s |\n\
+             | boot, whole run | 9.5 s, 400 s | 9.5 s, 380 s |\n"
+        );
+    }
+
+    #[test]
+    fn suites_are_chosen_by_name_in_the_vm_order_and_an_unknown_one_is_named() {
+        let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let chosen = selected_suites(&names(&["services-hardened", "kernel_smoke"])).unwrap();
+        assert_eq!(
+            chosen.iter().map(|s| s.name).collect::<Vec<_>>(),
+            ["kernel_smoke", "services-hardened"]
+        );
+        assert_eq!(chosen[1].target, "services");
+        assert_eq!(chosen[1].protections, HARDENED_PROTECTIONS);
+        assert_eq!(selected_suites(&[]).unwrap(), KERNEL_SUITES);
+        let error = selected_suites(&names(&["ipip"])).unwrap_err().to_string();
+        assert!(
+            error.starts_with("no kernel suite \"ipip\" (known: tc_test_run,"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn ci_leaves_out_only_known_suites() {
+        assert!(
+            LEFT_OUT_OF_CI
+                .iter()
+                .all(|n| KERNEL_SUITES.iter().any(|s| s.name == *n))
+        );
+        assert_eq!(
+            ci_suites().len(),
+            KERNEL_SUITES.len() - LEFT_OUT_OF_CI.len()
+        );
+    }
+
+    #[test]
+    fn every_target_the_host_hardens_is_hardened_in_the_vm_too() {
+        for target in HARDENED_TARGETS {
+            assert!(
+                KERNEL_SUITES
+                    .iter()
+                    .any(|s| s.target == *target && s.protections == HARDENED_PROTECTIONS),
+                "{target}"
+            );
+        }
+    }
 }
