@@ -54,6 +54,10 @@ pub struct DataplaneFlags {
     /// Log every new flow's decision from the kernel (aya-log).
     #[arg(long)]
     pub bpf_debug: bool,
+    /// Deliver translated packets straight to the next hop's device (`on`), or leave them to
+    /// the node's stack (`off`: netfilter and rp_filter see them; for measuring the fast path).
+    #[arg(long, default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub fast_path: bool,
     /// Conntrack map size (entries); takes effect when the map is created.
     #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_max: u32,
@@ -85,7 +89,12 @@ fn load_dataplane(flags: &DataplaneFlags) -> anyhow::Result<(dataplane::Loaded, 
     let mut loaded =
         dataplane::load_migrating(&flags.bpf_pin_path, &sizes).context("loading the dataplane")?;
     let mut maps = Maps::open(&flags.bpf_pin_path)?;
-    program_dataplane_config(&mut maps, flags.snat_ports, flags.bpf_debug, true)?;
+    program_dataplane_config(
+        &mut maps,
+        flags.snat_ports,
+        flags.bpf_debug,
+        flags.fast_path,
+    )?;
     if flags.bpf_debug {
         spawn_kernel_logger(&mut loaded)?;
     }
