@@ -163,23 +163,29 @@ pub fn run(
                     }
                 }
             }
-            Kind::TcpRr => match TcpStream::connect_timeout(&target, TRANSACTION_TIMEOUT) {
-                Ok(mut stream) => {
-                    let _ = stream.set_nodelay(true);
-                    let _ = stream.set_read_timeout(Some(TRANSACTION_TIMEOUT));
-                    while outcome.latencies.len() < count && started.elapsed() < bound {
-                        let t = Instant::now();
-                        match exchange(&mut stream) {
-                            Ok(()) => outcome.latencies.push(t.elapsed()),
-                            Err(e) => {
-                                fail(&mut outcome, e);
-                                break;
+            Kind::TcpRr => {
+                // One connection for all, connected again only if it fails (counted).
+                let mut stream: Option<TcpStream> = None;
+                while outcome.latencies.len() < count && started.elapsed() < bound {
+                    let connection = match stream.take() {
+                        Some(connection) => Ok(connection),
+                        None => rr_connection(target),
+                    };
+                    match connection {
+                        Ok(mut connection) => {
+                            let t = Instant::now();
+                            match exchange(&mut connection) {
+                                Ok(()) => {
+                                    outcome.latencies.push(t.elapsed());
+                                    stream = Some(connection);
+                                }
+                                Err(e) => fail(&mut outcome, e),
                             }
                         }
+                        Err(e) => fail(&mut outcome, e),
                     }
                 }
-                Err(e) => fail(&mut outcome, e),
-            },
+            }
             Kind::UdpRr => match udp_socket(target) {
                 Ok(socket) => {
                     let mut buf = [0u8; 64];
@@ -201,11 +207,15 @@ pub fn run(
     })?)
 }
 
-fn crr(target: SocketAddr) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&target, TRANSACTION_TIMEOUT)?;
+fn rr_connection(target: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&target, TRANSACTION_TIMEOUT)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(TRANSACTION_TIMEOUT))?;
-    exchange(&mut stream)
+    Ok(stream)
+}
+
+fn crr(target: SocketAddr) -> std::io::Result<()> {
+    exchange(&mut rr_connection(target)?)
 }
 
 fn exchange(stream: &mut TcpStream) -> std::io::Result<()> {
