@@ -162,10 +162,16 @@ impl Round<'_> {
     pub fn put_load(&mut self, kind: Kind, placement: Placement, outcome: &Outcome) {
         let mut latencies = outcome.latencies.clone();
         latencies.sort();
-        let micros = |q| percentile(&latencies, q).map_or(0.0, |d| d.as_secs_f64() * 1e6);
         self.put(Metric::Rate(kind, placement), outcome.rate());
-        self.put(Metric::P50(kind, placement), micros(0.50));
-        self.put(Metric::P99(kind, placement), micros(0.99));
+        // No latency when every transaction failed (the failed row says so).
+        for (metric, q) in [
+            (Metric::P50(kind, placement), 0.50),
+            (Metric::P99(kind, placement), 0.99),
+        ] {
+            if let Some(latency) = percentile(&latencies, q) {
+                self.put(metric, latency.as_secs_f64() * 1e6);
+            }
+        }
         // Counts stay far below 2^52.
         #[allow(clippy::cast_precision_loss)]
         let failed = outcome.failures as f64;
