@@ -183,7 +183,13 @@ impl Lab {
         cluster.set_service_cluster_ip_range(Some(SERVICE_CIDRS));
         let local = cluster.add_pod("bench-local", 0, 10, "bench")?.ip;
         let remote = cluster.add_pod("bench-remote", 1, 10, "bench")?.ip;
-        cluster.add_pod("client", 0, 250, "client")?;
+        let client = cluster.add_pod("client", 0, 250, "client")?;
+        // Thousands of short connections a minute, closed by the client: TIME_WAIT ports are
+        // reused (this namespace's own sysctl) instead of running out (EAGAIN on connect).
+        client.netns.sysctl("net.ipv4.tcp_tw_reuse=1")?;
+        client
+            .netns
+            .sysctl("net.ipv4.ip_local_port_range=10000 60999")?;
         let servers = vec![
             BenchServer::start(&cluster.pod("bench-local").netns)?,
             BenchServer::start(&cluster.pod("bench-remote").netns)?,
