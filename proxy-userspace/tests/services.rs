@@ -1965,3 +1965,53 @@ fn host_behind_node1(
         proxy_lab::EchoServer::start(&netns, "host", proxy_lab::cluster::SERVER_PORT).unwrap();
     (server, netns)
 }
+
+/// `--fast-path off` (what `cargo xtask bench` compares against) leaves translated packets to
+/// the node's stack: no packet is redirected, and on a permissive node the Service still
+/// answers; with the fast path back on, the same requests are redirected.
+#[test]
+fn fast_path_off_leaves_translated_packets_to_the_node_stack() {
+    let (mut cluster, _pods, toolbox) = web_cluster();
+    cluster.set_proxy_flags(&["--fast-path", "off"]);
+    cluster.restart_proxy().unwrap();
+    cluster
+        .manifests
+        .write(
+            "web.yaml",
+            &service(
+                "web",
+                &format!("  clusterIP: 10.96.0.10\n{WEB_SELECTOR}{TCP_UDP_80}"),
+            ),
+        )
+        .unwrap();
+    let vip = v4(10, 96, 0, 10, 80);
+    wait_programmed(&cluster, toolbox, vip, Proto::Tcp, "pod", "web", |t| {
+        t.verdict == "DNAT"
+    });
+    let redirects = |cluster: &Cluster| {
+        proxy_userspace::dataplane::read_counters(cluster.pin_dir.path())
+            .unwrap()
+            .iter()
+            .find(|(name, _)| *name == "fast_path_redirects")
+            .map_or(0, |(_, value)| *value)
+    };
+    let protections = proxy_lab::host::Protections::from_env().unwrap();
+    let client = &cluster.pod("toolbox").netns;
+    if protections.firewall || protections.rp_filter {
+        // The node's stack sees the translated flows there and may drop them: only try.
+        for _ in 0..4 {
+            let _ = request(client, vip, Proto::Tcp, DROP_BOUND);
+        }
+    } else {
+        assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    }
+    assert_eq!(redirects(&cluster), 0, "nothing went by the fast path");
+    cluster.set_proxy_flags(&[]);
+    cluster.restart_proxy().unwrap();
+    let client = &cluster.pod("toolbox").netns;
+    assert_answers(client, vip, Proto::Tcp, &["a", "b"], toolbox);
+    assert!(
+        redirects(&cluster) > 0,
+        "the default delivers by the fast path"
+    );
+}

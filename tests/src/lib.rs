@@ -452,6 +452,11 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The proxy's process id (for its memory and file descriptors under /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the proxy with `signal` (SIGTERM: a clean stop; SIGKILL: a crash) and waits for it.
     pub fn stop(mut self, signal: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(

@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | lab | image`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo | lab | image | vm-test | bench`.
 
+mod bench;
 mod control_plane;
 mod demo;
 mod ebpf_build;
@@ -42,6 +43,10 @@ enum Task {
     Image(image::ImageArgs),
     /// The kernel test suites on Debian's 6.1 and 6.12 kernels under qemu.
     VmTest(vm::VmTestArgs),
+    /// Measure pod → ClusterIP traffic, cold start, changes and memory with N Services:
+    /// direct, kube-proxy's iptables and nftables rules, ours with and without the fast path.
+    /// Writes target/bench/bench.md and bench.png.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -89,6 +94,10 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => {
             setup::setup()?;
             demo::demo(&args)
+        }
+        Task::Bench(args) => {
+            setup::setup()?;
+            bench::bench(&args)
         }
     }
 }
@@ -169,6 +178,14 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         host_firewall: false,
         control_plane: true,
         bad_files: false,
+    })?;
+    // Catches the bench breaking (rule generation, the five modes, the report), cheaply.
+    println!("test: cargo xtask bench --services 10 --rounds 1 --changes 2 --quick");
+    bench::bench(&bench::BenchArgs {
+        services: vec![10],
+        rounds: 1,
+        changes: 2,
+        quick: true,
     })?;
     if !args.no_vm {
         let suites = vm::ci_suites();

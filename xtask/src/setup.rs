@@ -24,6 +24,11 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // Reads the image archive `cargo xtask image` writes (its test checks it loads).
     "skopeo",
+    // `cargo xtask bench`: kube-proxy's iptables-mode rules (iptables-nft-restore), and the
+    // chart's text (plotters finds a font through fontconfig, loaded at run time).
+    "iptables",
+    "libfontconfig1",
+    "fonts-dejavu-core",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

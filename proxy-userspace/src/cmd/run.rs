@@ -55,6 +55,10 @@ pub struct DataplaneFlags {
     /// Log every new flow's decision from the kernel (aya-log).
     #[arg(long)]
     pub bpf_debug: bool,
+    /// Deliver translated packets straight to the next hop's device (`on`), or leave them to
+    /// the node's stack (`off`: netfilter and rp_filter see them; for measuring the fast path).
+    #[arg(long, default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub fast_path: bool,
     /// Conntrack map size (entries); takes effect when the map is created.
     #[arg(long, default_value_t = proxy_common::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_max: u32,
@@ -417,7 +421,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         netns_cookie: dataplane::netns_cookie()?,
         snat_ports: args.dataplane.snat_ports,
         debug: args.dataplane.bpf_debug,
-        fast_path: true,
+        fast_path: args.dataplane.fast_path,
     };
     let (mut snapshots, source) = super::start_source(&config).await?;
     let conntrack = config.conntrack;
