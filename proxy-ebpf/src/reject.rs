@@ -1,5 +1,6 @@
 //! REJECT: turns the packet into an ICMP / ICMPv6 port unreachable addressed to its sender and
-//! sends it back out of the interface it came in on. Like kube-proxy's nftables `reject`, this
+//! sends it back out of the interface it came in on (an Ethernet frame with the addresses
+//! swapped, or on a layer-3 device a bare IP packet). Like kube-proxy's nftables `reject`, this
 //! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
 
 use aya_ebpf::{
@@ -13,7 +14,7 @@ use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     maps::count,
-    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr},
+    parse::{IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3_OFF_BARE_IP},
 };
 
 /// Bytes of the offending packet's L4 header quoted after its IP header (the minimum both
@@ -89,8 +90,13 @@ fn fold(sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Swaps the Ethernet addresses of a frame (a layer-3 device's packet, whose IP header starts
+/// at `l3_off` 0, has none).
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+fn swap_macs(ctx: &TcContext, l3_off: usize) -> Result<(), ()> {
+    if l3_off == L3_OFF_BARE_IP {
+        return Ok(());
+    }
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
@@ -114,19 +120,20 @@ fn send_back(ctx: &TcContext) -> i32 {
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
-/// Replaces the packet with a port unreachable for its sender. The caller has checked that the
-/// packet has a plain IP header (no options) and at least 8 bytes of L4 header.
+/// Replaces the packet, whose IP header starts at `l3_off`, with a port unreachable for its
+/// sender. The caller has checked that the packet has a plain IP header (no options) and at
+/// least 8 bytes of L4 header.
 #[inline(never)]
-pub fn reject(ctx: &TcContext, family: u8) -> i32 {
+pub fn reject(ctx: &TcContext, family: u8, l3_off: usize) -> i32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT as i32;
     };
     // SAFETY: this CPU's scratch slot, used by this program run only.
     let scratch = unsafe { &mut *scratch };
     let built = if family == FAMILY_IPV4 {
-        reject_ipv4(ctx, scratch)
+        reject_ipv4(ctx, scratch, l3_off)
     } else {
-        reject_ipv6(ctx, scratch)
+        reject_ipv6(ctx, scratch, l3_off)
     };
     if built.is_err() {
         count(Counter::RewriteFailures);
@@ -136,10 +143,10 @@ pub fn reject(ctx: &TcContext, family: u8) -> i32 {
 }
 
 #[inline(always)]
-fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch, l3_off: usize) -> Result<(), ()> {
     let reply = &mut scratch.v4;
-    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV4_HLEN).map_err(|_| ())?;
+    reply.quoted_ip = ctx.load(l3_off).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(l3_off + IPV4_HLEN).map_err(|_| ())?;
     let body_len = size_of::<Icmp4Reply>();
     reply.ip = Ipv4Hdr {
         version_ihl: 0x45,
@@ -169,16 +176,16 @@ fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
         (body_len - IPV4_HLEN) as u32,
         0,
     ));
-    swap_macs(ctx)?;
-    resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
+    swap_macs(ctx, l3_off)?;
+    resize(ctx, l3_off + body_len)?;
+    ctx.store(l3_off, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }
 
 #[inline(always)]
-fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
+fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch, l3_off: usize) -> Result<(), ()> {
     let reply = &mut scratch.v6;
-    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV6_HLEN).map_err(|_| ())?;
+    reply.quoted_ip = ctx.load(l3_off).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(l3_off + IPV6_HLEN).map_err(|_| ())?;
     let body_len = size_of::<Icmp6Reply>();
     let icmp_len = body_len - IPV6_HLEN;
     reply.ip = Ipv6Hdr {
@@ -214,7 +221,7 @@ fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch) -> Result<(), ()> {
         icmp_len as u32,
         sum,
     ));
-    swap_macs(ctx)?;
-    resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
+    swap_macs(ctx, l3_off)?;
+    resize(ctx, l3_off + body_len)?;
+    ctx.store(l3_off, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }

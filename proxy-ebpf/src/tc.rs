@@ -27,21 +27,22 @@ const OK: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
 /// `Ok(verdict)` for packets the dataplane handled; `Err(TC_ACT_OK)` for packets that are not
-/// ours (other protocols, malformed headers), which pass untouched.
+/// ours (other protocols, malformed headers), which pass untouched. `l3_off` is where the IP
+/// header starts on the program's device (`parse::L3_OFF_ETHERNET` or `L3_OFF_BARE_IP`).
 #[inline(always)]
-pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
+pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
-    match parse::parse(ctx) {
+    match parse::parse(ctx, l3_off) {
         Parsed::Flow => {}
-        Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx))),
-        Parsed::Echo => return Ok(echo().apply(ctx)),
+        Parsed::IcmpError => return Ok(delivered(ctx, icmp::translate_error(ctx), l3_off)),
+        Parsed::Echo => return Ok(echo().apply(ctx, l3_off)),
         Parsed::Pass => return Err(OK),
     }
     let mut verdict = known_flow(ctx);
     if verdict == NOT_KNOWN {
         let decided = new_flow(ctx);
         if !decided.is_chosen() {
-            return Ok(decided.apply(ctx));
+            return Ok(decided.apply(ctx, l3_off));
         }
         verdict = open_flow();
         if verdict == NOT_KNOWN {
@@ -49,7 +50,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
-    Ok(delivered(ctx, sctp::finish(ctx, verdict)))
+    Ok(delivered(ctx, sctp::finish(ctx, verdict), l3_off))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
@@ -137,11 +138,14 @@ impl NewFlow {
         NewFlow(REJECT_BASE + i32::from(family))
     }
 
-    /// The verdict, building the REJECT reply when that was the decision.
+    /// The verdict, building the REJECT reply (to the packet whose IP header starts at
+    /// `l3_off`) when that was the decision.
     #[inline(always)]
-    fn apply(self, ctx: &TcContext) -> i32 {
+    fn apply(self, ctx: &TcContext, l3_off: usize) -> i32 {
         match u8::try_from(self.0.wrapping_sub(REJECT_BASE)) {
-            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => reject(ctx, family),
+            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => {
+                reject(ctx, family, l3_off)
+            }
             _ => self.0,
         }
     }
