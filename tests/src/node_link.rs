@@ -59,6 +59,25 @@ impl NodeLink {
         }
     }
 
+    /// The tunnel this kernel can make: `Ipip` when it has IP-in-IP and SIT devices (tried in a
+    /// namespace of its own), else `Tun`.
+    pub fn kernel_tunnel() -> Result<NodeLink> {
+        let probe = Netns::new("probe")?;
+        let made = [(IPIP_DEVICE, "ipip"), (SIT_DEVICE, "sit")]
+            .iter()
+            .all(|(device, kind)| probe.ip(&["link", "add", device, "type", kind]).is_ok());
+        Ok(if made { NodeLink::Ipip } else { NodeLink::Tun })
+    }
+
+    /// The name [`NodeLink::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeLink::Direct => "direct",
+            NodeLink::Ipip => "ipip",
+            NodeLink::Tun => "tun",
+        }
+    }
+
     /// The MTU a pod's interface gets (`None`: the default).
     pub fn pod_mtu(self) -> Option<u32> {
         (self != NodeLink::Direct).then_some(TUNNEL_MTU)
@@ -274,5 +293,8 @@ mod tests {
         assert_eq!(NodeLink::parse(" ipip ").unwrap(), NodeLink::Ipip);
         assert_eq!(NodeLink::parse("tun").unwrap(), NodeLink::Tun);
         assert!(NodeLink::parse("vxlan").is_err());
+        for link in [NodeLink::Direct, NodeLink::Ipip, NodeLink::Tun] {
+            assert_eq!(NodeLink::parse(link.name()).unwrap(), link);
+        }
     }
 }

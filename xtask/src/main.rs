@@ -153,6 +153,24 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
             ])
             .env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"),
     )?;
+    // Once more with the nodes' cross-node pod routes (and the single-node lab's client link)
+    // through tunnels, so that traffic arrives on layer-3 devices (proxy_lab::node_link): the
+    // kernel's ipip/sit devices where it has them, else tun devices.
+    let tunnel = proxy_lab::node_link::NodeLink::kernel_tunnel()?;
+    println!("test: Service suites through {} tunnels", tunnel.name());
+    setup::run(
+        cargo()
+            .args([
+                "test",
+                "-p",
+                "proxy-userspace",
+                "--test",
+                "services",
+                "--test",
+                "traffic",
+            ])
+            .env(proxy_lab::node_link::NODE_LINK_VAR, tunnel.name()),
+    )?;
     println!("test: cargo xtask demo --check");
     demo::demo(&demo::DemoArgs {
         check: true,
