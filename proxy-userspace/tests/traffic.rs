@@ -194,6 +194,23 @@ impl Lab {
             .collect()
     }
 
+    /// Requests and replies both went by the fast path, never by the node's stack.
+    fn assert_every_translated_packet_took_the_fast_path(&self) {
+        let counters = proxy_userspace::dataplane::read_counters(self.pins.path()).unwrap();
+        let counter = |name: &str| {
+            counters
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, value)| *value)
+        };
+        assert!(
+            counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
+            "every translated packet was redirected:\n{}",
+            self.stats()
+        );
+        assert_eq!(counter("fast_path_fallbacks"), 0, "{}", self.stats());
+    }
+
     fn stats(&self) -> String {
         run(Command::new(BINARY)
             .args(["stats", "--bpf-pin-path"])
@@ -269,20 +286,7 @@ fn cluster_ip_tcp_and_udp_reach_every_backend_with_the_client_address_preserved(
             || proxy_lab::host::Protections::from_env().unwrap().firewall,
         "the node namespace has no ruleset but the host firewall's"
     );
-    // Requests and replies both went by the fast path, never by the node's stack.
-    let counters = proxy_userspace::dataplane::read_counters(lab.pins.path()).unwrap();
-    let counter = |name: &str| {
-        counters
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, value)| *value)
-    };
-    assert!(
-        counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
-        "every translated packet was redirected:\n{}",
-        lab.stats()
-    );
-    assert_eq!(counter("fast_path_fallbacks"), 0, "{}", lab.stats());
+    lab.assert_every_translated_packet_took_the_fast_path();
 }
 
 #[test]
@@ -624,17 +628,5 @@ fn clients_behind_a_layer3_tunnel_reach_cluster_ips_and_are_rejected() {
             "v6 {v6}: REJECT through the tunnel"
         );
     }
-    let counters = proxy_userspace::dataplane::read_counters(lab.pins.path()).unwrap();
-    let counter = |name: &str| {
-        counters
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, value)| *value)
-    };
-    assert!(
-        counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
-        "every translated packet was redirected:\n{}",
-        lab.stats()
-    );
-    assert_eq!(counter("fast_path_fallbacks"), 0, "{}", lab.stats());
+    lab.assert_every_translated_packet_took_the_fast_path();
 }

@@ -113,6 +113,21 @@ fn cargo() -> Command {
     cmd
 }
 
+/// `cargo test` of the namespace Service suites, which `test` runs again on other node setups.
+fn service_suites() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "proxy-userspace",
+        "--test",
+        "services",
+        "--test",
+        "traffic",
+    ]);
+    cmd
+}
+
 fn test(args: &TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
     // The end-to-end tests run against it (tests/control-plane/).
@@ -140,37 +155,13 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
     // The namespace Service suites once more on nodes with a host firewall dropping conntrack
     // INVALID packets and strict reverse-path filtering (proxy_lab::host).
     println!("test: Service suites on hardened nodes (firewall, rp_filter)");
-    setup::run(
-        cargo()
-            .args([
-                "test",
-                "-p",
-                "proxy-userspace",
-                "--test",
-                "services",
-                "--test",
-                "traffic",
-            ])
-            .env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"),
-    )?;
+    setup::run(service_suites().env(proxy_lab::host::PROTECTIONS_VAR, "firewall,rp_filter"))?;
     // Once more with the nodes' cross-node pod routes (and the single-node lab's client link)
     // through tunnels, so that traffic arrives on layer-3 devices (proxy_lab::node_link): the
     // kernel's ipip/sit devices where it has them, else tun devices.
     let tunnel = proxy_lab::node_link::NodeLink::kernel_tunnel()?;
     println!("test: Service suites through {} tunnels", tunnel.name());
-    setup::run(
-        cargo()
-            .args([
-                "test",
-                "-p",
-                "proxy-userspace",
-                "--test",
-                "services",
-                "--test",
-                "traffic",
-            ])
-            .env(proxy_lab::node_link::NODE_LINK_VAR, tunnel.name()),
-    )?;
+    setup::run(service_suites().env(proxy_lab::node_link::NODE_LINK_VAR, tunnel.name()))?;
     println!("test: cargo xtask demo --check");
     demo::demo(&demo::DemoArgs {
         check: true,

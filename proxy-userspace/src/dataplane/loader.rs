@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use aya::programs::{CgroupSockAddr, SchedClassifier};
+use aya::programs::{CgroupSockAddr, Program, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
 use super::migrate::{self, PinnedLayout};
@@ -241,32 +241,31 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// anything is attached.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     for name in [TC_INGRESS, TC_INGRESS_L3] {
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })?;
-        tc.load().map_err(|source| LoadError::Program {
-            program: name,
-            source,
-        })?;
+        load_program(ebpf, name, SchedClassifier::load)?;
     }
     for name in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })?;
-        program.load().map_err(|source| LoadError::Program {
-            program: name,
-            source,
-        })?;
+        load_program(ebpf, name, CgroupSockAddr::load)?;
     }
     Ok(())
+}
+
+/// Loads program `name` of type `P` with `load`.
+fn load_program<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+) -> Result<(), LoadError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let failed = |source| LoadError::Program {
+        program: name,
+        source,
+    };
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NoProgram(name))?
+        .try_into()
+        .map_err(failed)?;
+    load(program).map_err(failed)
 }
