@@ -84,12 +84,13 @@ fn translate(
     };
     // Outer addresses: the IPv4 header checksum, or the ICMPv6 pseudo header.
     let outer_addr = Csums {
-        l3: v4.then_some(err.l3_off + IPV4_CSUM),
+        l3: v4.then_some(usize::from(err.l3_off) + IPV4_CSUM),
         l4: if v4 { L4Csum::None } else { icmp_csum },
         pseudo: true,
     };
     let (outer_src_off, outer_dst_off) = addr_offsets(err.family);
-    let (outer_src_off, outer_dst_off) = (err.l3_off + outer_src_off, err.l3_off + outer_dst_off);
+    let l3_off = usize::from(err.l3_off);
+    let (outer_src_off, outer_dst_off) = (l3_off + outer_src_off, l3_off + outer_dst_off);
     if new_inner_src.set {
         let src = new_inner_src.endpoint;
         replace_addr(

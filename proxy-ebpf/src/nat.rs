@@ -140,7 +140,7 @@ pub fn replace_port(
 /// Rewrites a flow's packet: destination and/or source, addresses and ports.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -> Result<(), ()> {
-    let l3 = (flow.family == FAMILY_IPV4).then_some(flow.l3_off + IPV4_CSUM);
+    let l3 = (flow.family == FAMILY_IPV4).then_some(usize::from(flow.l3_off) + IPV4_CSUM);
     let addr_csums = Csums {
         l3,
         l4: flow.l4_csum(),

@@ -74,8 +74,10 @@ pub struct Ipv6Hdr {
 /// A TCP/UDP/SCTP packet with clean headers: its tuple and where its fields are.
 #[derive(Clone, Copy)]
 pub struct Flow {
-    /// Where the IP header starts (see [`L3_OFF_ETHERNET`]).
-    pub l3_off: usize,
+    /// Where the IP header starts (see [`L3_OFF_ETHERNET`]). A `u8`, which keeps the struct
+    /// at its size: `open_flow`'s frame holds copies of it, and Linux 6.1's verifier limits
+    /// the stack of the call chain it is in (see `tc::open_flow`).
+    pub l3_off: u8,
     pub family: u8,
     pub proto: u8,
     pub src: Addr,
@@ -93,12 +95,12 @@ impl Flow {
     /// Where the source address starts.
     #[inline(always)]
     pub fn src_off(&self) -> usize {
-        self.l3_off + addr_offsets(self.family).0
+        usize::from(self.l3_off) + addr_offsets(self.family).0
     }
 
     #[inline(always)]
     pub fn dst_off(&self) -> usize {
-        self.l3_off + addr_offsets(self.family).1
+        usize::from(self.l3_off) + addr_offsets(self.family).1
     }
 
     /// The L4 checksum covering the pseudo header, if the protocol has one.
@@ -126,8 +128,8 @@ pub enum L4Csum {
 /// An ICMP or ICMPv6 error whose embedded packet may belong to a NATed flow.
 #[derive(Clone, Copy)]
 pub struct IcmpError {
-    /// Where the outer IP header starts (see [`L3_OFF_ETHERNET`]).
-    pub l3_off: usize,
+    /// Where the outer IP header starts (see [`L3_OFF_ETHERNET`]; a `u8` as in [`Flow`]).
+    pub l3_off: u8,
     pub family: u8,
     pub outer_src: Addr,
     pub outer_dst: Addr,
@@ -335,12 +337,12 @@ fn parse_l4(
     // The IP header ends where the L4 header starts (no IPv4 options, no IPv6 extension
     // headers: those packets were passed).
     *out = Flow {
-        l3_off: l4_off
+        l3_off: (l4_off
             - if family == FAMILY_IPV4 {
                 IPV4_HLEN
             } else {
                 IPV6_HLEN
-            },
+            }) as u8,
         family,
         proto,
         src,
@@ -417,12 +419,12 @@ fn parse_icmp(
     let ports: [u16; 2] = ctx.load(inner_l4_off).map_err(fail)?;
     // As in `parse_l4`: a plain IP header right before the ICMP header.
     *out = IcmpError {
-        l3_off: icmp_off
+        l3_off: (icmp_off
             - if family == FAMILY_IPV4 {
                 IPV4_HLEN
             } else {
                 IPV6_HLEN
-            },
+            }) as u8,
         family,
         outer_src,
         outer_dst,
