@@ -9,20 +9,28 @@
 //! answered by the program itself (`reject::too_big`): the stack would quote the translated
 //! packet, which the client cannot match, or drop a masqueraded one as a martian.
 //! `bpf_redirect_neigh` needs Linux 5.10; every supported kernel has it.
+//!
+//! On a layer-3 device (no link-layer header: tun, WireGuard, IP tunnels) the packet starts at
+//! its IP header, and both redirect helpers need a MAC header to take off again
+//! (`bpf_redirect_neigh` drops a packet without one): the program first pushes an Ethernet
+//! header (`bpf_skb_change_head`, the helper's documented use: layer-3 to layer-2 redirects).
+//! Sent to an Ethernet device, that header carries the neighbour's addresses (or the kernel
+//! fills them, `bpf_redirect_neigh`); sent to another layer-3 device, the kernel takes it off
+//! before transmitting, and no neighbour is involved.
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         TC_ACT_OK, bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 use proxy_common::{CONFIG_F_FAST_PATH, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{config, count},
-    parse::{ETH_HLEN, IPV4_CSUM_OFF},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_CSUM, L3_OFF_BARE_IP, ethertype},
 };
 
 const OK: i32 = TC_ACT_OK as i32;
@@ -36,26 +44,24 @@ pub const TRANSLATED: i32 = i32::MIN + 1;
 const TOO_BIG_BASE: i32 = i32::MIN + 0x1_0000;
 /// IPv4's don't-fragment flag in the (host order) fragment field.
 const IPV4_DF: u16 = 0x4000;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// Offsets in the IPv4 and IPv6 headers.
-const IPV4_TTL: usize = ETH_HLEN + 8;
-const IPV6_HOP_LIMIT: usize = ETH_HLEN + 7;
+const IPV4_TTL: usize = 8;
+const IPV6_HOP_LIMIT: usize = 7;
 /// The traffic class and flow label of an IPv6 header's first word (network order).
 const IPV6_FLOWINFO_MASK: u32 = 0x0FFF_FFFF_u32.to_be();
 
-/// The final verdict for a step's `verdict`: a translated packet goes through the fast path
-/// when the controller turned it on, else to the stack. A packet the egress MTU refuses comes
-/// back as a [`too_big_mtu`] marker, never as a verdict.
+/// The final verdict for a step's `verdict`: a translated packet (whose IP header starts at
+/// `l3_off`) goes through the fast path when the controller turned it on, else to the stack. A
+/// packet the egress MTU refuses comes back as a [`too_big_mtu`] marker, never as a verdict.
 #[inline(always)]
-pub fn delivered(ctx: &TcContext, verdict: i32) -> i32 {
+pub fn delivered(ctx: &TcContext, verdict: i32, l3_off: usize) -> i32 {
     if verdict != TRANSLATED {
         return verdict;
     }
     match config() {
-        Some(cfg) if cfg.flags & CONFIG_F_FAST_PATH != 0 => deliver(ctx),
+        Some(cfg) if cfg.flags & CONFIG_F_FAST_PATH != 0 => deliver(ctx, l3_off),
         _ => OK,
     }
 }
@@ -64,25 +70,25 @@ pub fn delivered(ctx: &TcContext, verdict: i32) -> i32 {
 /// to the next hop, `TC_ACT_OK` to leave it to the stack. Its own subprogram taking only the
 /// context, called after the translation's frame is gone (the FIB parameters are 64 bytes).
 #[inline(never)]
-fn deliver(ctx: &TcContext) -> i32 {
+fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
     // SAFETY: an all-zero `bpf_fib_lookup` is the helper's documented "no extra input".
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Some(ethertype) = ethertype(ctx, l3_off) else {
         return fallback();
     };
     // IPv6 routers never fragment: only an IPv4 packet without DF may be left to the stack's
     // fragmentation.
     let mut may_fragment = false;
-    let hop_limit = match u16::from_be(ethertype) {
+    let hop_limit = match ethertype {
         ETH_P_IP => {
             let (Ok(ttl), Ok(tos), Ok(proto), Ok(tot_len), Ok(src), Ok(dst), Ok(frag_off)) = (
-                ctx.load::<u8>(IPV4_TTL),
-                ctx.load::<u8>(ETH_HLEN + 1),
-                ctx.load::<u8>(ETH_HLEN + 9),
-                ctx.load::<u16>(ETH_HLEN + 2),
-                ctx.load::<u32>(ETH_HLEN + 12),
-                ctx.load::<u32>(ETH_HLEN + 16),
-                ctx.load::<u16>(ETH_HLEN + 6),
+                ctx.load::<u8>(l3_off + IPV4_TTL),
+                ctx.load::<u8>(l3_off + 1),
+                ctx.load::<u8>(l3_off + 9),
+                ctx.load::<u16>(l3_off + 2),
+                ctx.load::<u32>(l3_off + 12),
+                ctx.load::<u32>(l3_off + 16),
+                ctx.load::<u16>(l3_off + 6),
             ) else {
                 return fallback();
             };
@@ -97,12 +103,12 @@ fn deliver(ctx: &TcContext) -> i32 {
         }
         ETH_P_IPV6 => {
             let (Ok(first), Ok(payload_len), Ok(next), Ok(hops), Ok(src), Ok(dst)) = (
-                ctx.load::<u32>(ETH_HLEN),
-                ctx.load::<u16>(ETH_HLEN + 4),
-                ctx.load::<u8>(ETH_HLEN + 6),
-                ctx.load::<u8>(IPV6_HOP_LIMIT),
-                ctx.load::<[u32; 4]>(ETH_HLEN + 8),
-                ctx.load::<[u32; 4]>(ETH_HLEN + 24),
+                ctx.load::<u32>(l3_off),
+                ctx.load::<u16>(l3_off + 4),
+                ctx.load::<u8>(l3_off + 6),
+                ctx.load::<u8>(l3_off + IPV6_HOP_LIMIT),
+                ctx.load::<[u32; 4]>(l3_off + 8),
+                ctx.load::<[u32; 4]>(l3_off + 24),
             ) else {
                 return fallback();
             };
@@ -126,7 +132,7 @@ fn deliver(ctx: &TcContext) -> i32 {
     if gso_size != 0 {
         let l3_len = if params.family == AF_INET { 20 } else { 40 };
         params.__bindgen_anon_1.tot_len =
-            gso_segment_len(ctx, l3_len, params.l4_protocol, gso_size);
+            gso_segment_len(ctx, l3_off, l3_len, params.l4_protocol, gso_size);
     }
     // A router must not forward a packet whose TTL runs out: the stack answers it.
     if hop_limit <= 1 {
@@ -156,7 +162,10 @@ fn deliver(ctx: &TcContext) -> i32 {
     if found != BPF_FIB_LKUP_RET_SUCCESS && found != BPF_FIB_LKUP_RET_NO_NEIGH {
         return fallback();
     }
-    if decrement_hop_limit(ctx, params.family, hop_limit).is_err() {
+    if decrement_hop_limit(ctx, l3_off, params.family, hop_limit).is_err() {
+        return fallback();
+    }
+    if l3_off == L3_OFF_BARE_IP && push_ethernet_header(ctx, ethertype).is_err() {
         return fallback();
     }
     count(Counter::FastPathRedirects);
@@ -203,9 +212,9 @@ fn fallback() -> i32 {
 /// options) and `gso_size` bytes of payload. 0 when the headers cannot be read: the helper then
 /// checks the packet against the device alone, which lets any GSO packet through (as before).
 #[inline(always)]
-fn gso_segment_len(ctx: &TcContext, l3_len: usize, proto: u8, gso_size: u32) -> u16 {
+fn gso_segment_len(ctx: &TcContext, l3_off: usize, l3_len: usize, proto: u8, gso_size: u32) -> u16 {
     let l4_len = match proto {
-        IPPROTO_TCP => match ctx.load::<u8>(ETH_HLEN + l3_len + 12) {
+        IPPROTO_TCP => match ctx.load::<u8>(l3_off + l3_len + 12) {
             Ok(data_offset) => usize::from(data_offset >> 4) * 4,
             Err(_) => return 0,
         },
@@ -215,17 +224,37 @@ fn gso_segment_len(ctx: &TcContext, l3_len: usize, proto: u8, gso_size: u32) -> 
     u16::try_from(l3_len + l4_len + gso_size as usize).unwrap_or(u16::MAX)
 }
 
-/// What forwarding does to the header: TTL (with the IPv4 checksum) or hop limit minus one.
+/// What forwarding does to the header (at `l3_off`): TTL (with the IPv4 checksum) or hop limit
+/// minus one.
 #[inline(always)]
-fn decrement_hop_limit(ctx: &TcContext, family: u8, hop_limit: u8) -> Result<(), i64> {
+fn decrement_hop_limit(
+    ctx: &TcContext,
+    l3_off: usize,
+    family: u8,
+    hop_limit: u8,
+) -> Result<(), i64> {
     let lowered = hop_limit - 1;
     if family == AF_INET {
-        let proto: u8 = ctx.load(IPV4_TTL + 1)?;
+        let proto: u8 = ctx.load(l3_off + IPV4_TTL + 1)?;
         let old = u16::from_ne_bytes([hop_limit, proto]);
         let new = u16::from_ne_bytes([lowered, proto]);
-        ctx.l3_csum_replace(IPV4_CSUM_OFF, u64::from(old), u64::from(new), 2)?;
-        ctx.store(IPV4_TTL, &lowered, 0)
+        ctx.l3_csum_replace(l3_off + IPV4_CSUM, u64::from(old), u64::from(new), 2)?;
+        ctx.store(l3_off + IPV4_TTL, &lowered, 0)
     } else {
-        ctx.store(IPV6_HOP_LIMIT, &lowered, 0)
+        ctx.store(l3_off + IPV6_HOP_LIMIT, &lowered, 0)
     }
+}
+
+/// Gives a packet of a layer-3 device an Ethernet header (addresses zero until the caller or
+/// the kernel's neighbour output writes them) so that it can be redirected (see the module
+/// doc). Once pushed, the header is the MAC header of the skb: should the packet still go to
+/// the stack, tc takes it off again before the stack sees the packet.
+#[inline(always)]
+fn push_ethernet_header(ctx: &TcContext, ethertype: u16) -> Result<(), i64> {
+    // SAFETY: the helper takes the program's own skb.
+    let pushed = unsafe { bpf_skb_change_head(ctx.skb.skb.cast(), ETH_HLEN as u32, 0) };
+    if pushed != 0 {
+        return Err(pushed);
+    }
+    ctx.store(12, &ethertype.to_be(), 0)
 }

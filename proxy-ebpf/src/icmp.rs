@@ -9,7 +9,7 @@ use proxy_common::{CT_F_REPLY, CT_F_SNAT, Counter, CtKey, FAMILY_IPV4};
 use crate::{
     maps::{CONNTRACK, count},
     nat::{Csums, Endpoint, Target, replace_addr, replace_port},
-    parse::{IPV4_CSUM_OFF, IcmpError, L4Csum, scratch},
+    parse::{IPV4_CSUM, IcmpError, L4Csum, addr_offsets, scratch},
 };
 
 #[inline(never)]
@@ -84,15 +84,13 @@ fn translate(
     };
     // Outer addresses: the IPv4 header checksum, or the ICMPv6 pseudo header.
     let outer_addr = Csums {
-        l3: v4.then_some(IPV4_CSUM_OFF),
+        l3: v4.then_some(usize::from(err.l3_off) + IPV4_CSUM),
         l4: if v4 { L4Csum::None } else { icmp_csum },
         pseudo: true,
     };
-    let (outer_src_off, outer_dst_off) = if v4 {
-        (14 + 12, 14 + 16)
-    } else {
-        (14 + 8, 14 + 24)
-    };
+    let (outer_src_off, outer_dst_off) = addr_offsets(err.family);
+    let l3_off = usize::from(err.l3_off);
+    let (outer_src_off, outer_dst_off) = (l3_off + outer_src_off, l3_off + outer_dst_off);
     if new_inner_src.set {
         let src = new_inner_src.endpoint;
         replace_addr(

@@ -25,9 +25,18 @@ use aya_ebpf::{
 };
 use proxy_common::{FAMILY_IPV4, FAMILY_IPV6};
 
+/// For Ethernet devices.
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    match tc::try_ingress(&ctx) {
+    match tc::try_ingress(&ctx, parse::L3_OFF_ETHERNET) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// For layer-3 devices (tun, WireGuard, IP tunnels), whose packets start at the IP header.
+#[classifier]
+pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
+    match tc::try_ingress(&ctx, parse::L3_OFF_BARE_IP) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }

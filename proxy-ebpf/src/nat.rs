@@ -10,7 +10,7 @@ use proxy_common::{Addr, Counter, FAMILY_IPV4};
 
 use crate::{
     maps::count,
-    parse::{Flow, IPV4_CSUM_OFF, L4Csum},
+    parse::{Flow, IPV4_CSUM, L4Csum},
 };
 
 /// An address and port a packet's source or destination becomes.
@@ -141,7 +141,7 @@ pub fn replace_port(
 /// has no ports: its addresses only).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, flow: &Flow, new_src: Target, new_dst: Target) -> Result<(), ()> {
-    let l3 = (flow.family == FAMILY_IPV4).then_some(IPV4_CSUM_OFF);
+    let l3 = (flow.family == FAMILY_IPV4).then_some(usize::from(flow.l3_off) + IPV4_CSUM);
     let addr_csums = Csums {
         l3,
         l4: flow.l4_csum(),

@@ -14,14 +14,41 @@ use crate::{
 };
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 const IPV6_FRAGMENT_HEADER: u8 = 44;
 const IPV6_FRAG_HLEN: usize = 8;
-/// Offset of the IPv4 header checksum.
-pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+/// Offset of the checksum inside an IPv4 header.
+pub const IPV4_CSUM: usize = 10;
+
+/// Where the IP header starts in the packets of the device a tc program runs on: after the
+/// Ethernet header, or at the start of the packet on layer-3 devices (tun, WireGuard, IP
+/// tunnels), whose packets carry no link-layer header. Each entry point passes its own.
+pub const L3_OFF_ETHERNET: usize = ETH_HLEN;
+pub const L3_OFF_BARE_IP: usize = 0;
+
+/// The packet's network protocol (an ethertype, host order): the Ethernet header's, or on a
+/// layer-3 device, where there is none, `skb->protocol`, which its driver set.
+#[inline(always)]
+pub fn ethertype(ctx: &TcContext, l3_off: usize) -> Option<u16> {
+    if l3_off == L3_OFF_BARE_IP {
+        // `skb->protocol` holds a big-endian 16-bit value.
+        return Some(u16::from_be(ctx.skb.protocol() as u16));
+    }
+    ctx.load::<u16>(12).ok().map(u16::from_be)
+}
+
+/// Offsets of a family's source and destination addresses inside its IP header.
+#[inline(always)]
+pub fn addr_offsets(family: u8) -> (usize, usize) {
+    if family == FAMILY_IPV4 {
+        (12, 16)
+    } else {
+        (8, 24)
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -63,6 +90,10 @@ struct Ipv6FragHdr {
 /// A TCP/UDP/SCTP packet with clean headers: its tuple and where its fields are.
 #[derive(Clone, Copy)]
 pub struct Flow {
+    /// Where the IP header starts (see [`L3_OFF_ETHERNET`]). A `u8`, which keeps the struct
+    /// at its size: `open_flow`'s frame holds copies of it, and Linux 6.1's verifier limits
+    /// the stack of the call chain it is in (see `tc::open_flow`).
+    pub l3_off: u8,
     pub family: u8,
     pub proto: u8,
     pub src: Addr,
@@ -83,20 +114,12 @@ impl Flow {
     /// Where the source address starts.
     #[inline(always)]
     pub fn src_off(&self) -> usize {
-        if self.family == FAMILY_IPV4 {
-            ETH_HLEN + 12
-        } else {
-            ETH_HLEN + 8
-        }
+        usize::from(self.l3_off) + addr_offsets(self.family).0
     }
 
     #[inline(always)]
     pub fn dst_off(&self) -> usize {
-        if self.family == FAMILY_IPV4 {
-            ETH_HLEN + 16
-        } else {
-            ETH_HLEN + 24
-        }
+        usize::from(self.l3_off) + addr_offsets(self.family).1
     }
 
     /// The L4 checksum covering the pseudo header, if the protocol has one.
@@ -127,6 +150,8 @@ pub enum L4Csum {
 /// An ICMP or ICMPv6 error whose embedded packet may belong to a NATed flow.
 #[derive(Clone, Copy)]
 pub struct IcmpError {
+    /// Where the outer IP header starts (see [`L3_OFF_ETHERNET`]; a `u8` as in [`Flow`]).
+    pub l3_off: u8,
     pub family: u8,
     pub outer_src: Addr,
     pub outer_dst: Addr,
@@ -185,28 +210,29 @@ fn be16(v: u16) -> u16 {
     u16::from_be(v)
 }
 
-/// Parses the packet at `ctx` into [`scratch`]. Inconsistent headers are counted and passed.
+/// Parses the packet at `ctx`, whose IP header starts at `l3_off`, into [`scratch`].
+/// Inconsistent headers are counted and passed.
 #[inline(never)]
-pub fn parse(ctx: &TcContext) -> Parsed {
+pub fn parse(ctx: &TcContext, l3_off: usize) -> Parsed {
     let Some(out) = scratch() else {
         return Parsed::Pass;
     };
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Some(ethertype) = ethertype(ctx, l3_off) else {
         count(Counter::ParseFailures);
         return Parsed::Pass;
     };
-    let parsed = match be16(ethertype) {
-        ETH_P_IP => parse_ipv4(ctx, out),
-        ETH_P_IPV6 => parse_ipv6(ctx, out),
+    let parsed = match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, out, l3_off),
+        ETH_P_IPV6 => parse_ipv6(ctx, out, l3_off),
         _ => Ok(Parsed::Pass),
     };
     parsed.unwrap_or(Parsed::Pass)
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
+fn parse_ipv4(ctx: &TcContext, out: &mut Scratch, l3_off: usize) -> Result<Parsed, ()> {
     let fail = |_| count(Counter::ParseFailures);
-    let ip: Ipv4Hdr = ctx.load(ETH_HLEN).map_err(fail)?;
+    let ip: Ipv4Hdr = ctx.load(l3_off).map_err(fail)?;
     if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0x0f < 5 {
         count(Counter::ParseFailures);
         return Err(());
@@ -216,12 +242,12 @@ fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
         return Ok(Parsed::Pass);
     }
     let total = u32::from(be16(ip.tot_len));
-    let available = ctx.len().saturating_sub(ETH_HLEN as u32);
+    let available = ctx.len().saturating_sub(l3_off as u32);
     if total < IPV4_HLEN as u32 || total > available {
         count(Counter::ParseFailures);
         return Err(());
     }
-    let l4_off = ETH_HLEN + IPV4_HLEN;
+    let l4_off = l3_off + IPV4_HLEN;
     let l4_len = total - IPV4_HLEN as u32;
     let src = [ip.saddr, 0, 0, 0];
     let dst = [ip.daddr, 0, 0, 0];
@@ -236,7 +262,7 @@ fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
             family: FAMILY_IPV4,
             _pad: [0; 2],
         };
-        return parse_fragment(ctx, out, frag_off & 0x1fff == 0, l4_off, l4_len);
+        return parse_fragment(ctx, out, frag_off & 0x1fff == 0, l3_off, l4_off, l4_len);
     }
     if ip.proto == IPPROTO_ICMP {
         return parse_icmp(ctx, &mut out.icmp, FAMILY_IPV4, src, dst, l4_off, l4_len);
@@ -244,6 +270,7 @@ fn parse_ipv4(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
     parse_l4(
         ctx,
         &mut out.flow,
+        l3_off,
         FAMILY_IPV4,
         ip.proto,
         src,
@@ -262,6 +289,7 @@ fn parse_fragment(
     ctx: &TcContext,
     out: &mut Scratch,
     first: bool,
+    l3_off: usize,
     l4_off: usize,
     l4_len: u32,
 ) -> Result<Parsed, ()> {
@@ -289,6 +317,7 @@ fn parse_fragment(
         return Ok(Parsed::Pass);
     };
     out.flow = Flow {
+        l3_off: l3_off as u8,
         family: key.family,
         proto: key.proto,
         src: key.src,
@@ -304,24 +333,25 @@ fn parse_fragment(
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
+fn parse_ipv6(ctx: &TcContext, out: &mut Scratch, l3_off: usize) -> Result<Parsed, ()> {
     let fail = |_| count(Counter::ParseFailures);
-    let ip: Ipv6Hdr = ctx.load(ETH_HLEN).map_err(fail)?;
+    let ip: Ipv6Hdr = ctx.load(l3_off).map_err(fail)?;
     if u32::from_be(ip.version_class_flow) >> 28 != 6 {
         count(Counter::ParseFailures);
         return Err(());
     }
     let payload = u32::from(be16(ip.payload_len));
-    let available = ctx.len().saturating_sub((ETH_HLEN + IPV6_HLEN) as u32);
+    let available = ctx.len().saturating_sub((l3_off + IPV6_HLEN) as u32);
     if payload > available {
         count(Counter::ParseFailures);
         return Err(());
     }
-    let l4_off = ETH_HLEN + IPV6_HLEN;
+    let l4_off = l3_off + IPV6_HLEN;
     match ip.next_header {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => parse_l4(
             ctx,
             &mut out.flow,
+            l3_off,
             FAMILY_IPV6,
             ip.next_header,
             ip.saddr,
@@ -359,6 +389,7 @@ fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
                 ctx,
                 out,
                 first,
+                l3_off,
                 l4_off + IPV6_FRAG_HLEN,
                 payload - IPV6_FRAG_HLEN as u32,
             )
@@ -377,6 +408,7 @@ fn parse_ipv6(ctx: &TcContext, out: &mut Scratch) -> Result<Parsed, ()> {
 fn parse_l4(
     ctx: &TcContext,
     out: &mut Flow,
+    l3_off: usize,
     family: u8,
     proto: u8,
     src: Addr,
@@ -416,6 +448,8 @@ fn parse_l4(
         }
     }
     *out = Flow {
+        // At most ETH_HLEN.
+        l3_off: l3_off as u8,
         family,
         proto,
         src,
@@ -491,7 +525,14 @@ fn parse_icmp(
         return Ok(Parsed::Pass);
     }
     let ports: [u16; 2] = ctx.load(inner_l4_off).map_err(fail)?;
+    // As in `parse_l4`: a plain IP header right before the ICMP header.
     *out = IcmpError {
+        l3_off: (icmp_off
+            - if family == FAMILY_IPV4 {
+                IPV4_HLEN
+            } else {
+                IPV6_HLEN
+            }) as u8,
         family,
         outer_src,
         outer_dst,

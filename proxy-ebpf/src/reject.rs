@@ -1,5 +1,6 @@
 //! REJECT: turns the packet into an ICMP / ICMPv6 port unreachable addressed to its sender and
-//! sends it back out of the interface it came in on. The same builder answers a translated
+//! sends it back out of the interface it came in on (an Ethernet frame with the addresses
+//! swapped, or on a layer-3 device a bare IP packet). The same builder answers a translated
 //! packet too big for its egress device (`too_big`). Like kube-proxy's nftables `reject`, this
 //! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
 
@@ -14,7 +15,7 @@ use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
     maps::count,
-    parse::{self, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr},
+    parse::{self, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3_OFF_BARE_IP},
 };
 
 /// Bytes of the offending packet's L4 header quoted after its IP header (the minimum both
@@ -90,8 +91,13 @@ fn fold(sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Swaps the Ethernet addresses of a frame (a layer-3 device's packet, whose IP header starts
+/// at `l3_off` 0, has none).
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), ()> {
+fn swap_macs(ctx: &TcContext, l3_off: usize) -> Result<(), ()> {
+    if l3_off == L3_OFF_BARE_IP {
+        return Ok(());
+    }
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&macs[6..]);
@@ -129,17 +135,18 @@ struct ErrorKind {
     quote_original: bool,
 }
 
-/// Replaces the packet with a port unreachable for its sender. The caller has checked that the
-/// packet has a plain IP header (no options) and at least 8 bytes of L4 header.
+/// Replaces the packet, whose IP header starts at `l3_off`, with a port unreachable for its
+/// sender. The caller has checked that the packet has a plain IP header (no options) and at
+/// least 8 bytes of L4 header.
 #[inline(never)]
-pub fn reject(ctx: &TcContext, family: u8) -> i32 {
+pub fn reject(ctx: &TcContext, family: u8, l3_off: usize) -> i32 {
     let kind = ErrorKind {
         v4: (3, 3),
         v6: (1, 4),
         info: 0,
         quote_original: false,
     };
-    answer(ctx, family, kind)
+    answer(ctx, family, kind, l3_off)
 }
 
 /// Replaces the translated packet of the parsed flow, which does not fit the egress device's
@@ -158,7 +165,8 @@ pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
     } else {
         IPV6_HLEN
     };
-    if flow.later_fragment || flow.l4_off != ETH_HLEN + plain_hlen {
+    let l3_off = usize::from(flow.l3_off);
+    if flow.later_fragment || flow.l4_off != l3_off + plain_hlen {
         count(Counter::FastPathFallbacks);
         return TC_ACT_OK as i32;
     }
@@ -168,7 +176,7 @@ pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
         info: u32::from(mtu).to_be(),
         quote_original: true,
     };
-    let verdict = answer(ctx, flow.family, kind);
+    let verdict = answer(ctx, flow.family, kind, l3_off);
     if verdict != TC_ACT_SHOT as i32 {
         count(Counter::IcmpTooBigSent);
     }
@@ -176,16 +184,16 @@ pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
 }
 
 #[inline(always)]
-fn answer(ctx: &TcContext, family: u8, kind: ErrorKind) -> i32 {
+fn answer(ctx: &TcContext, family: u8, kind: ErrorKind, l3_off: usize) -> i32 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT as i32;
     };
     // SAFETY: this CPU's scratch slot, used by this program run only.
     let scratch = unsafe { &mut *scratch };
     let built = if family == FAMILY_IPV4 {
-        reject_ipv4(ctx, scratch, kind)
+        reject_ipv4(ctx, scratch, kind, l3_off)
     } else {
-        reject_ipv6(ctx, scratch, kind)
+        reject_ipv6(ctx, scratch, kind, l3_off)
     };
     if built.is_err() {
         count(Counter::RewriteFailures);
@@ -204,10 +212,15 @@ fn restore_ports(quoted_l4: &mut [u8; QUOTED_L4], flow: &parse::Flow) {
 }
 
 #[inline(always)]
-fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Result<(), ()> {
+fn reject_ipv4(
+    ctx: &TcContext,
+    scratch: &mut Scratch,
+    kind: ErrorKind,
+    l3_off: usize,
+) -> Result<(), ()> {
     let reply = &mut scratch.v4;
-    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV4_HLEN).map_err(|_| ())?;
+    reply.quoted_ip = ctx.load(l3_off).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(l3_off + IPV4_HLEN).map_err(|_| ())?;
     if kind.quote_original {
         let flow = &parse::scratch().ok_or(())?.flow;
         reply.quoted_ip.saddr = flow.src[0];
@@ -249,16 +262,21 @@ fn reject_ipv4(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Resul
         (body_len - IPV4_HLEN) as u32,
         0,
     ));
-    swap_macs(ctx)?;
-    resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
+    swap_macs(ctx, l3_off)?;
+    resize(ctx, l3_off + body_len)?;
+    ctx.store(l3_off, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }
 
 #[inline(always)]
-fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Result<(), ()> {
+fn reject_ipv6(
+    ctx: &TcContext,
+    scratch: &mut Scratch,
+    kind: ErrorKind,
+    l3_off: usize,
+) -> Result<(), ()> {
     let reply = &mut scratch.v6;
-    reply.quoted_ip = ctx.load(ETH_HLEN).map_err(|_| ())?;
-    reply.quoted_l4 = ctx.load(ETH_HLEN + IPV6_HLEN).map_err(|_| ())?;
+    reply.quoted_ip = ctx.load(l3_off).map_err(|_| ())?;
+    reply.quoted_l4 = ctx.load(l3_off + IPV6_HLEN).map_err(|_| ())?;
     if kind.quote_original {
         let flow = &parse::scratch().ok_or(())?.flow;
         reply.quoted_ip.saddr = flow.src;
@@ -299,7 +317,7 @@ fn reject_ipv6(ctx: &TcContext, scratch: &mut Scratch, kind: ErrorKind) -> Resul
         icmp_len as u32,
         sum,
     ));
-    swap_macs(ctx)?;
-    resize(ctx, ETH_HLEN + body_len)?;
-    ctx.store(ETH_HLEN, reply, RECOMPUTE_CSUM).map_err(|_| ())
+    swap_macs(ctx, l3_off)?;
+    resize(ctx, l3_off + body_len)?;
+    ctx.store(l3_off, reply, RECOMPUTE_CSUM).map_err(|_| ())
 }

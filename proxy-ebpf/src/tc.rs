@@ -27,22 +27,28 @@ const OK: i32 = TC_ACT_OK as i32;
 const SHOT: i32 = TC_ACT_SHOT as i32;
 
 /// `Ok(verdict)` for packets the dataplane handled; `Err(TC_ACT_OK)` for packets that are not
-/// ours (other protocols, malformed headers), which pass untouched.
+/// ours (other protocols, malformed headers), which pass untouched. `l3_off` is where the IP
+/// header starts on the program's device (`parse::L3_OFF_ETHERNET` or `L3_OFF_BARE_IP`).
 #[inline(always)]
-pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
+pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
     count(Counter::TcIngressPackets);
-    match parse::parse(ctx) {
+    match parse::parse(ctx, l3_off) {
         Parsed::Flow => {}
-        Parsed::LaterFragment => return Ok(later_fragment(ctx)),
-        Parsed::IcmpError => return Ok(or_stack(delivered(ctx, icmp::translate_error(ctx)))),
-        Parsed::Echo => return Ok(echo().apply(ctx)),
+        Parsed::LaterFragment => return Ok(later_fragment(ctx, l3_off)),
+        Parsed::IcmpError => {
+            return Ok(or_stack(delivered(ctx, icmp::translate_error(ctx), l3_off)));
+        }
+        Parsed::Echo => return Ok(echo().apply(ctx, l3_off)),
         Parsed::Pass => return Err(OK),
     }
     let mut verdict = known_flow(ctx);
+    if verdict == REPLY {
+        verdict = reply(ctx);
+    }
     if verdict == NOT_KNOWN {
         let decided = new_flow(ctx);
         if !decided.is_chosen() {
-            return Ok(decided.apply(ctx));
+            return Ok(decided.apply(ctx, l3_off));
         }
         verdict = open_flow();
         if verdict == NOT_KNOWN {
@@ -50,7 +56,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
-    let answer = delivered(ctx, sctp::finish(ctx, verdict));
+    let answer = delivered(ctx, sctp::finish(ctx, verdict), l3_off);
     match too_big_mtu(answer) {
         0 => Ok(answer),
         mtu => Ok(reject::too_big(ctx, mtu)),
@@ -60,7 +66,7 @@ pub fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 /// A fragment after the first, with its first fragment's ports: translated only by its flow's
 /// conntrack entry (the first fragment made every decision and opened the flow).
 #[inline(always)]
-fn later_fragment(ctx: &TcContext) -> i32 {
+fn later_fragment(ctx: &TcContext, l3_off: usize) -> i32 {
     let verdict = known_flow(ctx);
     if verdict == NOT_KNOWN {
         return OK;
@@ -68,11 +74,16 @@ fn later_fragment(ctx: &TcContext) -> i32 {
     if verdict == TRANSLATED {
         count(Counter::FragmentsFollowed);
     }
-    or_stack(delivered(ctx, verdict))
+    or_stack(delivered(ctx, verdict, l3_off))
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
 const NOT_KNOWN: i32 = i32::MIN;
+/// `known_flow`'s answer for a reply of a tracked flow: `reply` translates it, called from
+/// `ingress` rather than from `known_flow` so that their frames are never stacked (together
+/// over the 512 bytes Linux 6.1's verifier allows the chain, 32-byte rounding included). Apart
+/// from `NOT_KNOWN`, the fast path's `TRANSLATED` and `REJECT_BASE`'s range.
+const REPLY: i32 = i32::MIN + 2;
 
 /// Each step below is its own BPF subprogram taking only the context (the packet is in the
 /// per-CPU scratch), called one after the other from `ingress`: their stack frames are never
@@ -88,7 +99,7 @@ fn known_flow(ctx: &TcContext) -> i32 {
     // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
     let entry = unsafe { &mut *entry };
     if conntrack::is_reply_entry(entry) {
-        return reply(ctx);
+        return REPLY;
     }
     let backend_exists = service::backend_exists(entry.backend_id);
     if conntrack::is_opening_syn(flow) && conntrack::reopens(entry, backend_exists) {
@@ -156,11 +167,14 @@ impl NewFlow {
         NewFlow(REJECT_BASE + i32::from(family))
     }
 
-    /// The verdict, building the REJECT reply when that was the decision.
+    /// The verdict, building the REJECT reply (to the packet whose IP header starts at
+    /// `l3_off`) when that was the decision.
     #[inline(always)]
-    fn apply(self, ctx: &TcContext) -> i32 {
+    fn apply(self, ctx: &TcContext, l3_off: usize) -> i32 {
         match u8::try_from(self.0.wrapping_sub(REJECT_BASE)) {
-            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => reject(ctx, family),
+            Ok(family) if family == FAMILY_IPV4 || family == FAMILY_IPV6 => {
+                reject(ctx, family, l3_off)
+            }
             _ => self.0,
         }
     }

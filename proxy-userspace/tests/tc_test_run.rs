@@ -77,6 +77,12 @@ impl Fixture {
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         run_tc_program(&self.loaded, frame, 0).expect("BPF_PROG_TEST_RUN")
     }
+
+    /// Runs a bare IP packet (see [`l3_addresses`]) through the layer-3 devices' program.
+    fn run_l3(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        dataplane::run_tc(&self.loaded, dataplane::TC_INGRESS_L3, packet, 0)
+            .expect("BPF_PROG_TEST_RUN")
+    }
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -123,6 +129,77 @@ fn first_packet_is_dnated_and_the_reply_reverse_translated_with_valid_checksums(
             // A second packet of the same flow hits conntrack and goes to the same backend.
             let (_, out) = fx.run(&packet::build(client, frontend, proto, b"again"));
             assert_eq!(packet::summarize(&out).unwrap().dst, backend, "{case}");
+        }
+    }
+}
+
+/// (client, frontend, backend) for `tc_ingress_l3`, whose packets start at the IP header.
+/// BPF_PROG_TEST_RUN takes every packet as an Ethernet frame and sets `skb->protocol` (which
+/// the program reads on layer-3 devices) from its bytes 12-13: the first two bytes of an IPv4
+/// source address, bytes 4-5 of an IPv6 one. Sources in 8.0.0.0/16 and fd00:1:86dd::/48 make
+/// those bytes their own ethertype (0x0800, 0x86dd), so the kernel sees what a tun device's
+/// driver would have set.
+fn l3_addresses(v6: bool) -> (SocketAddr, SocketAddr, SocketAddr) {
+    if v6 {
+        (
+            sa("[fd00:1:86dd::2]:40000"),
+            sa("[fd00:96::10]:80"),
+            sa("[fd00:1:86dd::5]:8080"),
+        )
+    } else {
+        (sa("8.0.0.2:40000"), sa("10.96.0.10:80"), sa("8.0.1.5:8080"))
+    }
+}
+
+/// A first packet as a layer-3 device carries it: no Ethernet header. Its payload makes it long
+/// enough for the test run, which wants an IP header after the 14 bytes it takes for Ethernet.
+fn bare_ip(src: SocketAddr, dst: SocketAddr, proto: u8) -> Vec<u8> {
+    let payload = [b'x'; 32];
+    packet::build(src, dst, proto, &payload)[packet::ETH_HLEN..].to_vec()
+}
+
+/// What the program made of a bare IP packet, read back (behind a blank Ethernet header).
+fn summarize_bare_ip(packet: &[u8]) -> packet::Summary {
+    let frame = [&[0u8; packet::ETH_HLEN][..], packet].concat();
+    packet::summarize(&frame).expect("an IP packet")
+}
+
+#[test]
+fn the_layer3_program_translates_bare_ip_packets_both_ways_and_rejects() {
+    for v6 in [false, true] {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let mut fx = Fixture::new();
+            let (client, frontend, backend) = l3_addresses(v6);
+            let case = format!("v6 {v6} proto {proto}");
+            fx.service(1, frontend, proto, &[backend], |_| {});
+            let (code, out) = fx.run_l3(&bare_ip(client, frontend, proto));
+            assert_eq!(code, TC_ACT_OK, "{case}");
+            let s = summarize_bare_ip(&out);
+            assert_eq!((s.src, s.dst), (client, backend), "{case}: DNAT");
+            assert!(s.checksums_ok, "{case}: checksums after DNAT");
+
+            let (code, out) = fx.run_l3(&bare_ip(backend, client, proto));
+            assert_eq!(code, TC_ACT_OK, "{case}");
+            let s = summarize_bare_ip(&out);
+            assert_eq!((s.src, s.dst), (frontend, client), "{case}: reverse NAT");
+            assert!(s.checksums_ok, "{case}: checksums after reverse NAT");
+
+            // No endpoints: REJECT, a bare ICMP packet sent back out of the device.
+            let closed = SocketAddr::new(frontend.ip(), 81);
+            fx.service(2, closed, proto, &[], |_| {});
+            let (code, out) = fx.run_l3(&bare_ip(client, closed, proto));
+            assert_eq!(code, TC_ACT_REDIRECT, "{case}: sent back out");
+            let ip_header = if v6 { 40 } else { 20 };
+            assert_eq!(
+                out.len(),
+                2 * ip_header + 16,
+                "{case}: no link-layer header"
+            );
+            let s = summarize_bare_ip(&out);
+            assert_eq!(s.icmp, Some(if v6 { (1, 4) } else { (3, 3) }), "{case}");
+            assert_eq!((s.src.ip(), s.dst.ip()), (frontend.ip(), client.ip()));
+            assert_eq!(s.quoted, Some((client, closed)), "{case}");
+            assert!(s.checksums_ok, "{case}: ICMP checksums");
         }
     }
 }

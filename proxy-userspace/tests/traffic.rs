@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, SOURCE_OTHER};
+use proxy_lab::node_link::{NodeLink, Tunnel};
 use proxy_lab::{
     Cgroup, EchoServer, ManifestsDir, Netns, PinDir, Proxy, run, tcp_request, udp_request,
     unique_name, veth,
@@ -43,6 +44,7 @@ struct Lab {
     proxy: Proxy,
     _servers: Vec<EchoServer>,
     cgroup: Cgroup,
+    _tunnel: Tunnel,
     client: Netns,
     pods: Vec<Netns>,
     node: Netns,
@@ -84,18 +86,24 @@ fn nft_ruleset(ns: &Netns) -> String {
 }
 
 impl Lab {
+    /// The client's link as PROXY_LAB_NODE_LINK says: Ethernet, or a tunnel.
     fn new() -> Self {
+        Self::with_client_link(NodeLink::from_env().unwrap())
+    }
+
+    fn with_client_link(link: NodeLink) -> Self {
         let node = Netns::new("n").unwrap();
         let client = Netns::new("c").unwrap();
-        veth(
-            &node,
-            &unique_name("a"),
-            &["10.0.0.1/24", "fd00:c::1/64"],
-            &client,
-            &unique_name("b"),
-            &["10.0.0.2/24", "fd00:c::2/64"],
-        )
-        .unwrap();
+        let tunnel = link
+            .connect(
+                &node,
+                &unique_name("a"),
+                &["10.0.0.1/24", "fd00:c::1/64"],
+                &client,
+                &unique_name("b"),
+                &["10.0.0.2/24", "fd00:c::2/64"],
+            )
+            .unwrap();
         client
             .ip(&["route", "add", "default", "via", "10.0.0.1"])
             .unwrap();
@@ -170,6 +178,7 @@ impl Lab {
             proxy,
             _servers: servers,
             cgroup,
+            _tunnel: tunnel,
             client,
             pods,
             node,
@@ -183,6 +192,23 @@ impl Lab {
         (0..self.pods.len())
             .map(|i| SocketAddr::new(pod_address(i, v6), BACKEND_PORT))
             .collect()
+    }
+
+    /// Requests and replies both went by the fast path, never by the node's stack.
+    fn assert_every_translated_packet_took_the_fast_path(&self) {
+        let counters = proxy_userspace::dataplane::read_counters(self.pins.path()).unwrap();
+        let counter = |name: &str| {
+            counters
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, value)| *value)
+        };
+        assert!(
+            counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
+            "every translated packet was redirected:\n{}",
+            self.stats()
+        );
+        assert_eq!(counter("fast_path_fallbacks"), 0, "{}", self.stats());
     }
 
     fn stats(&self) -> String {
@@ -260,20 +286,7 @@ fn cluster_ip_tcp_and_udp_reach_every_backend_with_the_client_address_preserved(
             || proxy_lab::host::Protections::from_env().unwrap().firewall,
         "the node namespace has no ruleset but the host firewall's"
     );
-    // Requests and replies both went by the fast path, never by the node's stack.
-    let counters = proxy_userspace::dataplane::read_counters(lab.pins.path()).unwrap();
-    let counter = |name: &str| {
-        counters
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, value)| *value)
-    };
-    assert!(
-        counter("fast_path_redirects") >= counter("ct_forward_hits") + counter("ct_reply_hits"),
-        "every translated packet was redirected:\n{}",
-        lab.stats()
-    );
-    assert_eq!(counter("fast_path_fallbacks"), 0, "{}", lab.stats());
+    lab.assert_every_translated_packet_took_the_fast_path();
 }
 
 #[test]
@@ -561,9 +574,9 @@ print(data.decode().split()[0], peer[0], peer[1], *t.getpeername())
 }
 
 #[test]
-fn layer3_interfaces_get_no_tc_program() {
+fn layer3_interfaces_get_the_program_for_bare_ip_packets() {
     let mut lab = Lab::new();
-    // A tun device hands the tc hook bare IP packets, which an Ethernet parser would misread.
+    // A tun device hands the tc hook bare IP packets: it gets the layer-3 variant.
     let tun = unique_name("t");
     lab.node
         .ip(&["tuntap", "add", "mode", "tun", "name", &tun])
@@ -576,7 +589,50 @@ fn layer3_interfaces_get_no_tc_program() {
         lab.proxy
             .log_lines()
             .iter()
-            .any(|l| l.contains(&tun) && l.contains("not an Ethernet interface")),
-        "the proxy says why it skips {tun}"
+            .any(|l| l.contains(&tun) && l.contains("tc_ingress_l3")),
+        "the proxy attaches tc_ingress_l3 to {tun}"
     );
+}
+
+/// The client reaches the node through a tun-device tunnel, whatever PROXY_LAB_NODE_LINK says:
+/// its packets arrive on a layer-3 device, where new flows are translated, REJECT answers and
+/// the fast path delivers to the pods' Ethernet devices (and replies back into the tunnel).
+#[test]
+fn clients_behind_a_layer3_tunnel_reach_cluster_ips_and_are_rejected() {
+    let mut lab = Lab::with_client_link(NodeLink::Tun);
+    for (id, v6) in [(1, false), (2, true)] {
+        let backends = lab.backends(v6);
+        common::program_service(
+            &mut lab.maps,
+            id,
+            cluster_ip(v6, 80),
+            IPPROTO_TCP,
+            &backends,
+            |_| {},
+        );
+        let (names, clients) = lab.spread(cluster_ip(v6, 80), IPPROTO_TCP);
+        assert_eq!(names, all_pods(), "v6 {v6}: every backend answered");
+        assert_eq!(
+            clients,
+            BTreeSet::from([client_address(v6).to_string()]),
+            "v6 {v6}: backends saw the real client"
+        );
+        common::program_service(
+            &mut lab.maps,
+            id + 10,
+            cluster_ip(v6, 81),
+            IPPROTO_UDP,
+            &[],
+            |_| {},
+        );
+        let error = udp_request(&lab.client, cluster_ip(v6, 81), TIMEOUT)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            error.kind(),
+            ErrorKind::ConnectionRefused,
+            "v6 {v6}: REJECT through the tunnel"
+        );
+    }
+    lab.assert_every_translated_packet_took_the_fast_path();
 }

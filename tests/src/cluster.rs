@@ -5,7 +5,8 @@
 //! - `node1` at 198.18.0.11 / fd00:18::11, pod CIDRs 198.19.1.0/24 and fd00:19:1::/64, running
 //!   `kube-ebpf-proxy run --manifests DIR --hostname-override node1` (socket hooks on the test's
 //!   own cgroup); `node2` at .12, pod CIDRs 198.19.2.0/24 and fd00:19:2::/64, runs no proxy:
-//!   its pods are the remote endpoints, reached through routes as on a real node network.
+//!   its pods are the remote endpoints, reached through routes as on a real node network:
+//!   over the node link, or through tunnels ([`crate::node_link`]).
 //! - pods: each its own namespace behind a veth to its node (ptp-CNI style: the node side holds
 //!   the pod CIDR's gateway), serving [`EchoServer`] (TCP, UDP) and [`SctpServer`] on [`SERVER_PORT`].
 //! - `client` (203.0.113.10) and `outsider` (203.0.113.200): external clients on the node
@@ -18,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::node_link::{NodeLink, Tunnel};
 use crate::sctp::SctpServer;
 use crate::{Cgroup, EchoServer, LabError, ManifestsDir, Netns, PinDir, Proxy, Result, veth};
 
@@ -67,6 +69,7 @@ pub struct Cluster {
     pods: Vec<Pod>,
     pub client: Netns,
     pub outsider: Netns,
+    _tunnel: Tunnel,
     pub nodes: [Netns; 2],
     _net: Netns,
     pub cgroup: Cgroup,
@@ -78,6 +81,8 @@ pub struct Cluster {
     pub nft_before: String,
     /// Flags the proxy runs with besides the source's and `--cgroup-path`.
     proxy_flags: Vec<String>,
+    /// How the nodes reach each other's pods.
+    node_link: NodeLink,
     /// The source's `--service-cluster-ip-range` (none: the ServiceCIDR objects alone).
     service_cluster_ip_range: Option<String>,
 }
@@ -102,6 +107,7 @@ impl Cluster {
             "0",
         ])?;
         net.ip(&["link", "set", "br0", "up"])?;
+        let node_link = NodeLink::from_env()?;
         let nodes = [Netns::new("n1")?, Netns::new("n2")?];
         let client = Netns::new("cl")?;
         let outsider = Netns::new("out")?;
@@ -119,22 +125,14 @@ impl Cluster {
             node.sysctl("net.ipv4.ip_forward=1")?;
             node.sysctl("net.ipv6.conf.all.forwarding=1")?;
             node.ip(&["route", "add", "203.0.113.0/24", "dev", "eth0"])?;
+        }
+        let tunnel = node_link.tunnel(&nodes[0], &nodes[1], NODE_IPS)?;
+        for (i, node) in nodes.iter().enumerate() {
             let other = 1 - i;
-            node.ip(&[
-                "route",
-                "add",
-                &format!("198.19.{}.0/24", other + 1),
-                "via",
-                &NODE_IPS[other].to_string(),
-            ])?;
-            node.ip(&[
-                "-6",
-                "route",
-                "add",
-                &format!("fd00:19:{}::/64", other + 1),
-                "via",
-                &NODE_IP6S[other].to_string(),
-            ])?;
+            let pods = format!("198.19.{}.0/24", other + 1);
+            node_link.route(node, &pods, NODE_IPS[other].into())?;
+            let pods6 = format!("fd00:19:{}::/64", other + 1);
+            node_link.route(node, &pods6, NODE_IP6S[other].into())?;
         }
         for (ns, port, ip) in [(&client, "cl", CLIENT_IP), (&outsider, "out", OUTSIDER_IP)] {
             attach_to_bridge(&net, port, ns, &[&format!("{ip}/24")])?;
@@ -160,6 +158,7 @@ impl Cluster {
             pods: Vec::new(),
             client,
             outsider,
+            _tunnel: tunnel,
             nodes,
             _net: net,
             cgroup,
@@ -169,6 +168,7 @@ impl Cluster {
             next_interface: 0,
             nft_before,
             proxy_flags: proxy_flags.iter().map(|f| (*f).to_owned()).collect(),
+            node_link,
             service_cluster_ip_range: Some(SERVICE_CIDRS.to_owned()),
         };
         cluster.proxy = Some(cluster.launch_proxy()?);
@@ -266,6 +266,11 @@ impl Cluster {
             "eth0",
             &[&format!("{ip}/32"), &format!("{ip6}/128")],
         )?;
+        if let Some(mtu) = self.node_link.pod_mtu() {
+            let mtu = mtu.to_string();
+            node_ns.ip(&["link", "set", &host_if, "mtu", &mtu])?;
+            netns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        }
         node_ns.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_if])?;
         node_ns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
         netns.ip(&["link", "set", "lo", "up"])?;

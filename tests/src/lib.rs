@@ -11,6 +11,7 @@ pub mod host;
 pub mod kube_cluster;
 pub mod kubelet;
 pub mod load;
+pub mod node_link;
 pub mod sctp;
 
 use std::io::{BufRead as _, BufReader};

@@ -122,6 +122,22 @@ fn cargo() -> Command {
     cmd
 }
 
+/// `cargo test` of the namespace Service suites, which `test` runs again on other node setups.
+/// The Service suites the tunnel run repeats (proxy_lab::node_link).
+fn service_suites() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "proxy-userspace",
+        "--test",
+        "services",
+        "--test",
+        "traffic",
+    ]);
+    cmd
+}
+
 fn test(args: &TestArgs) -> anyhow::Result<()> {
     setup::setup()?;
     // The end-to-end tests run against it (tests/control-plane/).
@@ -155,6 +171,12 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
             .args(vm::HARDENED_TARGETS.iter().flat_map(|t| ["--test", t]))
             .env(proxy_lab::host::PROTECTIONS_VAR, vm::HARDENED_PROTECTIONS),
     )?;
+    // Once more with the nodes' cross-node pod routes (and the single-node lab's client link)
+    // through tunnels, so that traffic arrives on layer-3 devices (proxy_lab::node_link): the
+    // kernel's ipip/sit devices where it has them, else tun devices.
+    let tunnel = proxy_lab::node_link::NodeLink::kernel_tunnel()?;
+    println!("test: Service suites through {} tunnels", tunnel.name());
+    setup::run(service_suites().env(proxy_lab::node_link::NODE_LINK_VAR, tunnel.name()))?;
     println!("test: cargo xtask demo --check --bad-files");
     demo::demo(&demo::DemoArgs {
         check: true,

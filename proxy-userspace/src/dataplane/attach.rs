@@ -8,7 +8,7 @@ use procfs_core::FromRead as _;
 use procfs_core::process::MountInfos;
 
 use super::Loaded;
-use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS};
+use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS, TC_INGRESS_L3};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -47,6 +47,11 @@ pub enum AttachError {
     MountInfo(procfs_core::ProcError),
     #[error("listing interfaces: {0}")]
     ListInterfaces(nix::Error),
+    #[error("reading the hardware type of interface {interface} (SIOCGIFHWADDR): {source}")]
+    LinkLayer {
+        interface: String,
+        source: std::io::Error,
+    },
     #[error("creating the links directory {path}: {source}")]
     LinksDir {
         path: PathBuf,
@@ -80,17 +85,61 @@ pub fn tc_interfaces() -> Result<Vec<String>, AttachError> {
     Ok(names)
 }
 
-/// Whether `name` carries Ethernet frames (`ARPHRD_ETHER`): the tc program reads the
-/// ethertype at offset 12 and the IP header at 14. Layer-3 devices (tun, WireGuard, IP tunnels)
-/// hand it bare IP packets, which it would misparse. Asked with `SIOCGIFHWADDR` on a socket of
-/// this network namespace (sysfs may show another namespace, see [`tc_interfaces`]).
-fn is_ethernet(name: &str) -> bool {
+/// What an interface's packets start with at the tc hook, from its hardware type (`ARPHRD_*`):
+/// this picks the tc program it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkLayer {
+    /// Ethernet frames (`ARPHRD_ETHER`: veth, bridges, bonds, VXLAN, gretap…): the IP header
+    /// at offset 14.
+    Ethernet,
+    /// Bare IP packets, no link-layer header: tun and WireGuard (`ARPHRD_NONE`), IP-in-IP,
+    /// ip6tnl, SIT and GRE tunnels, raw-IP modems, PPP.
+    BareIp,
+    /// Another link layer (InfiniBand, CAN, …), which neither program parses.
+    Other(u16),
+}
+
+/// `ARPHRD_IP6GRE` and `ARPHRD_RAWIP` (linux/if_arp.h), which the libc crate lacks.
+const ARPHRD_IP6GRE: u16 = 823;
+const ARPHRD_RAWIP: u16 = 519;
+
+impl LinkLayer {
+    pub fn of_hardware_type(hardware_type: u16) -> Self {
+        match hardware_type {
+            libc::ARPHRD_ETHER => Self::Ethernet,
+            libc::ARPHRD_NONE
+            | libc::ARPHRD_TUNNEL
+            | libc::ARPHRD_TUNNEL6
+            | libc::ARPHRD_SIT
+            | libc::ARPHRD_IPGRE
+            | ARPHRD_IP6GRE
+            | ARPHRD_RAWIP
+            | libc::ARPHRD_PPP => Self::BareIp,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The tc program for this link layer, if there is one.
+    pub fn tc_program(self) -> Option<&'static str> {
+        match self {
+            Self::Ethernet => Some(TC_INGRESS),
+            Self::BareIp => Some(TC_INGRESS_L3),
+            Self::Other(_) => None,
+        }
+    }
+}
+
+/// The link layer of interface `name`; `None` when it is gone. Asked with `SIOCGIFHWADDR` on a
+/// socket of this network namespace (sysfs may show another namespace, see [`tc_interfaces`]).
+fn link_layer(name: &str) -> Result<Option<LinkLayer>, AttachError> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     // SAFETY: plain socket(2); the result is checked and owned right away.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
-        // No socket to ask through: keep the previous behaviour (attach).
-        return true;
+        return Err(AttachError::LinkLayer {
+            interface: name.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: `raw` is a fresh descriptor nobody else owns.
     let socket = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -106,10 +155,19 @@ fn is_ethernet(name: &str) -> bool {
             *dst = libc::c_char::from_ne_bytes([src]);
         }
         if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut request) < 0 {
+            let error = std::io::Error::last_os_error();
             // Gone already: nothing to attach to.
-            return false;
+            if error.raw_os_error() == Some(libc::ENODEV) {
+                return Ok(None);
+            }
+            return Err(AttachError::LinkLayer {
+                interface: name.to_owned(),
+                source: error,
+            });
         }
-        request.ifr_ifru.ifru_hwaddr.sa_family == libc::ARPHRD_ETHER
+        Ok(Some(LinkLayer::of_hardware_type(
+            request.ifr_ifru.ifru_hwaddr.sa_family,
+        )))
     }
 }
 
@@ -237,29 +295,34 @@ fn unpin(path: &Path) -> Result<(), AttachError> {
     }
 }
 
-/// The interfaces the tc ingress program is attached to. Attachments outlive the process: TCX
+/// The interfaces the tc ingress programs are attached to. Attachments outlive the process: TCX
 /// links are pinned under the pin path's `links/`, clsact filters stay in the kernel. A new
 /// proxy replaces the program of each in place (no moment without one) and removes those of
 /// interfaces no longer selected.
 pub struct Attachments {
     /// Attached interface names (sorted).
     pub interfaces: Vec<String>,
+    /// The program attached to each of `interfaces` (same order).
+    programs: Vec<&'static str>,
     mode: TcAttachMode,
     links: PathBuf,
-    /// Non-Ethernet interfaces already reported (warned about once).
+    /// Interfaces no program is for, already reported (warned about once).
     skipped: Vec<String>,
     /// Whether attachments left by an earlier proxy were looked for.
     adopted: bool,
 }
 
-fn tc_program(loaded: &mut Loaded) -> Result<&mut SchedClassifier, AttachError> {
+fn tc_program<'a>(
+    loaded: &'a mut Loaded,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, AttachError> {
     loaded
         .ebpf
-        .program_mut(TC_INGRESS)
-        .ok_or(AttachError::NoProgram(TC_INGRESS))?
+        .program_mut(name)
+        .ok_or(AttachError::NoProgram(name))?
         .try_into()
         .map_err(|source| AttachError::Program {
-            program: TC_INGRESS,
+            program: name,
             source,
         })
 }
@@ -269,6 +332,7 @@ impl Attachments {
     pub fn new(pin_path: &Path, mode: TcAttachMode) -> Self {
         Self {
             interfaces: Vec::new(),
+            programs: Vec::new(),
             mode: mode.resolve(),
             links: links_dir(pin_path),
             skipped: Vec::new(),
@@ -276,11 +340,17 @@ impl Attachments {
         }
     }
 
-    /// Puts the tc ingress program on `interface`, replacing the program of an attachment an
-    /// earlier proxy left there (atomically: packets see the old program or the new one).
-    pub fn attach(&mut self, loaded: &mut Loaded, interface: &str) -> Result<(), AttachError> {
+    /// Puts the tc program `name` ([`LinkLayer::tc_program`]) on `interface`'s ingress,
+    /// replacing the program of an attachment an earlier proxy (or an earlier link layer of the
+    /// same name) left there, atomically: packets see the old program or the new one.
+    pub fn attach(
+        &mut self,
+        loaded: &mut Loaded,
+        interface: &str,
+        name: &'static str,
+    ) -> Result<(), AttachError> {
         let failed = |source| AttachError::Attach {
-            program: TC_INGRESS,
+            program: name,
             interface: interface.to_owned(),
             source,
         };
@@ -288,11 +358,11 @@ impl Attachments {
             path: self.links.clone(),
             source,
         })?;
-        let program = tc_program(loaded)?;
+        let program = tc_program(loaded, name)?;
         let pin = tc_link_pin(&self.links, interface);
         match self.mode {
             TcAttachMode::Tcx => {
-                if !replace_pinned_tcx(program, &pin, interface)? {
+                if !replace_pinned_tcx(program, name, &pin, interface)? {
                     let id = program
                         .attach_with_options(
                             interface,
@@ -349,67 +419,101 @@ impl Attachments {
                 unpin(&pin)?;
             }
         }
-        if let Err(at) = self
+        match self
             .interfaces
             .binary_search_by(|n| n.as_str().cmp(interface))
         {
-            self.interfaces.insert(at, interface.to_owned());
+            Ok(at) => self.programs[at] = name,
+            Err(at) => {
+                self.interfaces.insert(at, interface.to_owned());
+                self.programs.insert(at, name);
+            }
         }
         Ok(())
     }
 
     /// Removes the program from `interface` (its pinned link or its filter).
     pub fn detach(&mut self, interface: &str) -> Result<(), AttachError> {
-        self.interfaces.retain(|n| n != interface);
+        if let Some(at) = self.interfaces.iter().position(|n| n == interface) {
+            self.interfaces.remove(at);
+            self.programs.remove(at);
+        }
         unpin(&tc_link_pin(&self.links, interface))?;
         // An interface that went away took its filter with it.
         remove_netlink_filter(interface);
         Ok(())
     }
 
-    /// Attaches to every current interface `filter` selects and detaches from those that are
-    /// gone or no longer selected, including, on the first call, those an earlier proxy left.
-    /// Returns the interfaces attached and detached.
+    /// The program attached to `interface`, if any.
+    fn program_of(&self, interface: &str) -> Option<&'static str> {
+        let at = self.interfaces.iter().position(|n| n == interface)?;
+        Some(self.programs[at])
+    }
+
+    /// The interfaces `filter` selects among `present`, each with the program its link layer
+    /// needs. An interface no program is for, or whose link layer cannot be read, is reported
+    /// (once) and left out; the others are still attached.
+    fn wanted(
+        &mut self,
+        present: &[String],
+        filter: &InterfaceFilter,
+    ) -> Vec<(String, &'static str)> {
+        let mut wanted = Vec::new();
+        for name in present.iter().filter(|n| filter.matches(n)) {
+            let program = match link_layer(name) {
+                Ok(Some(layer)) => layer.tc_program().ok_or_else(|| {
+                    format!(
+                        "link layer {layer:?} is neither Ethernet nor bare IP: no tc program \
+                         parses its packets, none is attached"
+                    )
+                }),
+                // Gone since it was listed.
+                Ok(None) => continue,
+                Err(error) => Err(format!("{error}: no tc program attached")),
+            };
+            match program {
+                Ok(program) => wanted.push((name.clone(), program)),
+                Err(reason) => {
+                    if !self.skipped.contains(name) {
+                        tracing::warn!(interface = name.as_str(), "{reason}");
+                        self.skipped.push(name.clone());
+                    }
+                }
+            }
+        }
+        wanted
+    }
+
+    /// Attaches to every current interface `filter` selects (the program of its link layer)
+    /// and detaches from those that are gone or no longer selected, including, on the first
+    /// call, those an earlier proxy left. Returns the interfaces attached and detached.
     pub fn sync(
         &mut self,
         loaded: &mut Loaded,
         filter: &InterfaceFilter,
     ) -> Result<(Vec<String>, Vec<String>), AttachError> {
         let present = tc_interfaces()?;
-        let wanted: Vec<String> = present
-            .iter()
-            .filter(|n| filter.matches(n))
-            .filter(|n| {
-                let ethernet = is_ethernet(n);
-                if !ethernet && !self.skipped.contains(n) {
-                    tracing::warn!(
-                        interface = n.as_str(),
-                        "not an Ethernet interface: the tc program (which parses Ethernet \
-                         frames) is not attached"
-                    );
-                    self.skipped.push((*n).clone());
-                }
-                ethernet
-            })
-            .cloned()
-            .collect();
+        let wanted = self.wanted(&present, filter);
+        let wanted_names: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
         let mut gone: Vec<String> = self
             .interfaces
             .iter()
-            .filter(|n| !wanted.contains(n))
+            .filter(|n| !wanted_names.contains(n))
             .cloned()
             .collect();
         if !self.adopted {
             self.adopted = true;
-            gone.extend(self.left_behind(&present, &wanted)?);
+            gone.extend(self.left_behind(&present, &wanted_names)?);
         }
         for interface in &gone {
             self.detach(interface)?;
         }
         let mut added = Vec::new();
-        for interface in wanted {
-            if !self.interfaces.contains(&interface) {
-                self.attach(loaded, &interface)?;
+        for (interface, program) in wanted {
+            // New, or a new link layer under a known name (the interface was replaced).
+            if self.program_of(&interface) != Some(program) {
+                tracing::info!(interface = interface.as_str(), program, "attaching");
+                self.attach(loaded, &interface, program)?;
                 added.push(interface);
             }
         }
@@ -453,6 +557,7 @@ impl Attachments {
 /// answers ENOLINK), whose stale pin is then removed.
 fn replace_pinned_tcx(
     program: &mut SchedClassifier,
+    name: &'static str,
     pin: &Path,
     interface: &str,
 ) -> Result<bool, AttachError> {
@@ -480,7 +585,7 @@ fn replace_pinned_tcx(
             let taken = program
                 .take_link(id)
                 .map_err(|source| AttachError::Attach {
-                    program: TC_INGRESS,
+                    program: name,
                     interface: interface.to_owned(),
                     source,
                 })?;
@@ -577,6 +682,33 @@ mod tests {
             assert_eq!(tc_link_interface(name).as_deref(), Some(interface));
         }
         assert_eq!(tc_link_interface("cgroup-sock_connect4"), None);
+    }
+
+    #[test]
+    fn link_layers_pick_their_program() {
+        let cases: &[(u16, Option<&str>)] = &[
+            (libc::ARPHRD_ETHER, Some(TC_INGRESS)),
+            // tun, WireGuard
+            (libc::ARPHRD_NONE, Some(TC_INGRESS_L3)),
+            // ipip, ip6tnl, sit, gre, ip6gre, rmnet, ppp
+            (libc::ARPHRD_TUNNEL, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_TUNNEL6, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_SIT, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_IPGRE, Some(TC_INGRESS_L3)),
+            (823, Some(TC_INGRESS_L3)),
+            (519, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_PPP, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_INFINIBAND, None),
+            (libc::ARPHRD_CAN, None),
+            (libc::ARPHRD_LOOPBACK, None),
+        ];
+        for (hardware_type, program) in cases {
+            assert_eq!(
+                LinkLayer::of_hardware_type(*hardware_type).tc_program(),
+                *program,
+                "ARPHRD {hardware_type}"
+            );
+        }
     }
 
     #[test]

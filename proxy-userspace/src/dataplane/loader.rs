@@ -1,6 +1,6 @@
 use std::path::{Path, PathBuf};
 
-use aya::programs::{CgroupSockAddr, SchedClassifier};
+use aya::programs::{CgroupSockAddr, Program, ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
 use super::migrate::{self, PinnedLayout};
@@ -219,8 +219,11 @@ fn sock_addr_has_set_retval() -> bool {
     super::KernelFeatures::get().sock_addr_set_retval
 }
 
-/// The tc program attached to every selected interface's ingress.
+/// The tc program attached to the ingress of every selected Ethernet interface.
 pub const TC_INGRESS: &str = "tc_ingress";
+/// Its variant for layer-3 interfaces (tun, WireGuard, IP tunnels: packets without a
+/// link-layer header), attached by the same interface rules.
+pub const TC_INGRESS_L3: &str = "tc_ingress_l3";
 
 /// The cgroup sock_addr programs for host-originated traffic (see `proxy-ebpf/src/sock.rs`).
 pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
@@ -237,31 +240,32 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// Loads every program into the kernel, so the verifier has accepted all of them before
 /// anything is attached.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(TC_INGRESS)
-        .ok_or(LoadError::NoProgram(TC_INGRESS))?
-        .try_into()
-        .map_err(|source| LoadError::Program {
-            program: TC_INGRESS,
-            source,
-        })?;
-    tc.load().map_err(|source| LoadError::Program {
-        program: TC_INGRESS,
-        source,
-    })?;
+    for name in [TC_INGRESS, TC_INGRESS_L3] {
+        load_program(ebpf, name, SchedClassifier::load)?;
+    }
     for name in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::NoProgram(name))?
-            .try_into()
-            .map_err(|source| LoadError::Program {
-                program: name,
-                source,
-            })?;
-        program.load().map_err(|source| LoadError::Program {
-            program: name,
-            source,
-        })?;
+        load_program(ebpf, name, CgroupSockAddr::load)?;
     }
     Ok(())
+}
+
+/// Loads program `name` of type `P` with `load`.
+fn load_program<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+) -> Result<(), LoadError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let failed = |source| LoadError::Program {
+        program: name,
+        source,
+    };
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::NoProgram(name))?
+        .try_into()
+        .map_err(failed)?;
+    load(program).map_err(failed)
 }

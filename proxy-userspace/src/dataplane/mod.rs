@@ -28,10 +28,13 @@ pub use counters::{CountersError, read_counters};
 pub use features::KernelFeatures;
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{
-    LoadError, Loaded, MapSizes, ensure_bpffs, load, load_migrating, load_with_sizes,
+    LoadError, Loaded, MapSizes, TC_INGRESS, TC_INGRESS_L3, ensure_bpffs, load, load_migrating,
+    load_with_sizes,
 };
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
-pub use trace::{TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc_program, trace};
+pub use trace::{
+    TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc, run_tc_program, trace,
+};
 pub use watch::{LinkWatcher, WatchError, netns_cookie};

@@ -19,10 +19,13 @@ use super::packet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("the eBPF object has no loaded program {TC_INGRESS}")]
-    NoProgram,
-    #[error("BPF_PROG_TEST_RUN of {TC_INGRESS}: {0}")]
-    TestRun(aya::programs::ProgramError),
+    #[error("the eBPF object has no loaded program {0}")]
+    NoProgram(&'static str),
+    #[error("BPF_PROG_TEST_RUN of {program}: {source}")]
+    TestRun {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("source {src} and destination {dst} are not of the same family")]
     MixedFamilies { src: IpAddr, dst: IpAddr },
     #[error("no free source port to trace from {src} (every probed tuple is a live flow)")]
@@ -173,30 +176,45 @@ const SKB_CTX_LEN: usize = 44;
 /// Source ports the synthetic packets use.
 const FIRST_TRACE_PORT: u16 = 61_000;
 
-/// Runs one frame through the loaded tc program (`BPF_PROG_TEST_RUN`) as if it arrived on
-/// `ifindex`; returns the program's TC verdict and the frame as it left the program.
+/// Runs one frame through the loaded tc program for Ethernet devices (`BPF_PROG_TEST_RUN`) as
+/// if it arrived on `ifindex`; returns the program's TC verdict and the frame as it left the
+/// program.
 pub fn run_tc_program(
     loaded: &Loaded,
     frame: &[u8],
     ifindex: u32,
 ) -> Result<(u32, Vec<u8>), TraceError> {
+    run_tc(loaded, TC_INGRESS, frame, ifindex)
+}
+
+/// [`run_tc_program`] with the loaded tc program `name` (`TC_INGRESS` or `TC_INGRESS_L3`). The
+/// kernel's test run reads `skb->protocol` from bytes 12-13 of `data` whichever the program.
+pub fn run_tc(
+    loaded: &Loaded,
+    name: &'static str,
+    data: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>), TraceError> {
     let program: &SchedClassifier = loaded
         .ebpf
-        .program(TC_INGRESS)
+        .program(name)
         .and_then(|p| p.try_into().ok())
-        .ok_or(TraceError::NoProgram)?;
+        .ok_or(TraceError::NoProgram(name))?;
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
         .copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
+    let mut out = vec![0u8; data.len() + 256];
     let result = program
         .test_run(TestRunOptions {
-            data_in: Some(frame),
+            data_in: Some(data),
             data_out: Some(&mut out),
             ctx_in: Some(&ctx),
             ..TestRunOptions::default()
         })
-        .map_err(TraceError::TestRun)?;
+        .map_err(|source| TraceError::TestRun {
+            program: name,
+            source,
+        })?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }
