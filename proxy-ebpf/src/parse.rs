@@ -302,6 +302,7 @@ fn parse_fragment(
         let parsed = parse_l4(
             ctx,
             &mut out.flow,
+            l3_off,
             key.family,
             key.proto,
             key.src,

@@ -122,8 +122,7 @@ fn cargo() -> Command {
     cmd
 }
 
-/// `cargo test` of the namespace Service suites, which `test` runs again on other node setups.
-/// The Service suites the tunnel run repeats (proxy_lab::node_link).
+/// `cargo test` of the namespace Service suites, which `test` runs again through tunnels.
 fn service_suites() -> Command {
     let mut cmd = cargo();
     cmd.args([
