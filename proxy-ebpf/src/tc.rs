@@ -67,7 +67,10 @@ pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
 /// conntrack entry (the first fragment made every decision and opened the flow).
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, l3_off: usize) -> i32 {
-    let verdict = known_flow(ctx);
+    let mut verdict = known_flow(ctx);
+    if verdict == REPLY {
+        verdict = reply(ctx);
+    }
     if verdict == NOT_KNOWN {
         return OK;
     }
