@@ -41,10 +41,7 @@ pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
         Parsed::Echo => return Ok(echo().apply(ctx, l3_off)),
         Parsed::Pass => return Err(OK),
     }
-    let mut verdict = known_flow(ctx);
-    if verdict == REPLY {
-        verdict = reply(ctx);
-    }
+    let mut verdict = tracked_flow(ctx);
     if verdict == NOT_KNOWN {
         let decided = new_flow(ctx);
         if !decided.is_chosen() {
@@ -67,10 +64,7 @@ pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
 /// conntrack entry (the first fragment made every decision and opened the flow).
 #[inline(always)]
 fn later_fragment(ctx: &TcContext, l3_off: usize) -> i32 {
-    let mut verdict = known_flow(ctx);
-    if verdict == REPLY {
-        verdict = reply(ctx);
-    }
+    let verdict = tracked_flow(ctx);
     if verdict == NOT_KNOWN {
         return OK;
     }
@@ -78,6 +72,17 @@ fn later_fragment(ctx: &TcContext, l3_off: usize) -> i32 {
         count(Counter::FragmentsFollowed);
     }
     or_stack(delivered(ctx, verdict, l3_off))
+}
+
+/// The packet's tracked flow translated: `known_flow`, then `reply` for a reply, both called
+/// from the entry point's frame (see [`REPLY`]). `NOT_KNOWN` when no flow tracks it.
+#[inline(always)]
+fn tracked_flow(ctx: &TcContext) -> i32 {
+    let verdict = known_flow(ctx);
+    if verdict == REPLY {
+        return reply(ctx);
+    }
+    verdict
 }
 
 /// `known_flow`'s answer for a packet that starts (or restarts) a flow.
