@@ -215,7 +215,22 @@ fn rr_connection(target: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 fn crr(target: SocketAddr) -> std::io::Result<()> {
-    exchange(&mut rr_connection(target)?)
+    let mut stream = rr_connection(target)?;
+    exchange(&mut stream)?;
+    close_with_reset(&stream)
+}
+
+/// Makes dropping `stream` send a RST instead of a FIN, as netperf-style CRR loads do: a
+/// client closing with FIN keeps every port in TIME_WAIT for a minute, and thousands of
+/// connections per second then run the client out of ports (EAGAIN, or connects waiting on a
+/// port's old flow), which made the rates noise.
+fn close_with_reset(stream: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger)
+        .map_err(std::io::Error::from)
 }
 
 fn exchange(stream: &mut TcpStream) -> std::io::Result<()> {
