@@ -134,6 +134,18 @@ pub(super) fn parse_file(
     if let Some(mode) = &file.mode {
         warnings.push(format!("{}: {}", path.display(), check_mode("mode", mode)?));
     }
+    // kubeadm writes `0s`, kube-proxy's "default".
+    if file
+        .config_sync_period
+        .as_ref()
+        .is_some_and(|period| !matches!(period.as_str(), "" | "0" | "0s"))
+    {
+        warnings.push(format!(
+            "{}: configSyncPeriod is accepted but ignored: {}",
+            path.display(),
+            super::ignored::CONFIG_SYNC_PERIOD
+        ));
+    }
     let mut unsupported = |field: &str, why: &str| {
         warnings.push(format!(
             "{}: {field} is not supported yet ({why}); ignored",

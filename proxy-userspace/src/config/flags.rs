@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use std::str::FromStr;
 
+use super::configz::go_duration;
 use super::defaults::{
     DEFAULT_CONFIG_SYNC_PERIOD, DEFAULT_HEALTHZ_BIND_ADDRESS, DEFAULT_METRICS_BIND_ADDRESS,
     DEFAULT_MIN_SYNC_PERIOD, DEFAULT_SYNC_PERIOD, system_hostname,
@@ -15,7 +16,7 @@ use super::values::{
     check_mode, duration_setting, file_duration, parse_bind_address, parse_cidr_pair,
     parse_duration, parse_nodeport_addresses,
 };
-use super::{ConfigError, ConntrackTimeouts, DetectLocalMode, IgnoredFlags, ProxyConfig};
+use super::{ConfigError, ConntrackTimeouts, DetectLocalMode, IgnoredFlags, ProxyConfig, ignored};
 use crate::model::NodePortAddresses;
 use crate::port_range::PortRange;
 
@@ -59,7 +60,8 @@ pub struct ProxyFlags {
     /// kubeconfig file for the API server (in-cluster configuration when unset).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
-    /// How often the API server objects are re-listed (Go duration, e.g. 15m0s). [default: 15m]
+    /// kube-proxy's informer resync period (Go duration, e.g. 15m0s): accepted and shown in
+    /// /configz, but ignored (kube-rs watchers have no resync). [default: 15m]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub config_sync_period: Option<Duration>,
     /// The API server's ClusterIP range(s), comma-separated: the manifests source allocates
@@ -122,6 +124,13 @@ impl ProxyFlags {
             warnings.push(check_mode("--proxy-mode", mode)?);
         }
         warnings.extend(self.ignored.warnings());
+        if let Some(period) = self.config_sync_period {
+            warnings.push(ignored::warning(
+                "config-sync-period",
+                &go_duration(period),
+                ignored::CONFIG_SYNC_PERIOD,
+            ));
+        }
         let config = self.merge(file, system_hostname)?;
         Ok((config, warnings))
     }

@@ -283,8 +283,23 @@ fn unsupported_fields_are_warnings() {
             "{field}: {joined}"
         );
     }
-    let (_, none) = file(FILE).unwrap();
-    assert!(none.is_empty(), "{none:?}");
+    // FILE's only unsupported setting: its configSyncPeriod, accepted and named as ignored.
+    let (_, resync) = file(FILE).unwrap();
+    assert_eq!(resync.len(), 1, "{resync:?}");
+    assert!(
+        resync[0].contains(
+            "configSyncPeriod is accepted but ignored: kube-rs watchers have no informer resync"
+        ),
+        "{resync:?}"
+    );
+    let (_, warnings) = flags(&["--config-sync-period=10m"]).resolve().unwrap();
+    assert_eq!(
+        warnings,
+        [format!(
+            "--config-sync-period=10m0s is accepted for kube-proxy compatibility but ignored: {}",
+            ignored::CONFIG_SYNC_PERIOD
+        )]
+    );
 }
 
 /// kubeadm's `config.conf` (its kube-proxy ConfigMap): every field, zero values included.
