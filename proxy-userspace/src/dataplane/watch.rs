@@ -151,6 +151,7 @@ impl LinkWatcher {
 
 /// The cookie of the current network namespace, as `bpf_get_netns_cookie` reports it to the
 /// socket hooks (`SO_NETNS_COOKIE`, Linux ≥ 5.14).
+/// Kept as a raw getsockopt: neither nix nor socket2 has `SO_NETNS_COOKIE`.
 pub fn netns_cookie() -> Result<u64, WatchError> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))

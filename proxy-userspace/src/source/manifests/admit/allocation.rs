@@ -14,14 +14,13 @@ use super::{Candidate, object_name};
 use crate::cluster::Diagnostic;
 use crate::cluster::{Allocation, IpFamily, ObjectKey};
 
-/// FNV-1a: stable across Rust versions and runs, unlike `DefaultHasher`.
+/// FNV-1a (the fnv crate, fed the bytes alone): stable across Rust versions and runs, unlike
+/// `DefaultHasher`, so allocations stay where they were.
 pub(super) fn stable_hash(text: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    use std::hash::Hasher as _;
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(text.as_bytes());
+    hasher.finish()
 }
 
 /// kube-apiserver's split of a range into a static (lower) band for explicitly chosen values and
@@ -480,4 +479,15 @@ pub(super) fn join(nets: &[IpNet]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The published FNV-1a 64-bit values: the allocations made before depend on them.
+    #[test]
+    fn stable_hash_is_fnv_1a() {
+        assert_eq!(super::stable_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(super::stable_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(super::stable_hash("foobar"), 0x8594_4171_f739_67e8);
+    }
 }
