@@ -283,26 +283,33 @@ fn http_io_error(error: ureq::Error) -> std::io::Error {
     }
 }
 
-/// `GET /` to `target` from inside the named namespace: the status code and the body, or the
-/// connection's error (refused, timed out — what a client there would see). Connecting and
-/// the exchange are each bounded by `timeout`.
+/// `GET path` to `target` on the calling thread (so in its network namespace): the status code
+/// and the body, or the connection's error (refused, timed out — what a client there would
+/// see). Connecting and the exchange are each bounded by `timeout`.
+pub fn http_get_here(
+    target: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    // ureq connects on the calling thread.
+    let mut response = http_agent(timeout)
+        .get(format!("http://{target}{path}"))
+        .call()
+        .map_err(http_io_error)?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(http_io_error)?;
+    Ok((response.status().as_u16(), body))
+}
+
+/// `GET /` to `target` from inside the named namespace ([`http_get_here`] on a thread there).
 pub fn http_get_in(
     netns: &str,
     target: std::net::SocketAddr,
     timeout: Duration,
 ) -> Result<std::io::Result<(u16, String)>> {
-    // ureq connects on the calling thread, the one `enter` moved into the namespace.
-    enter(netns, move || {
-        let mut response = http_agent(timeout)
-            .get(format!("http://{target}/"))
-            .call()
-            .map_err(http_io_error)?;
-        let body = response
-            .body_mut()
-            .read_to_string()
-            .map_err(http_io_error)?;
-        Ok((response.status().as_u16(), body))
-    })
+    enter(netns, move || http_get_here(target, "/", timeout))
 }
 
 /// A GET to a server under test (health, metrics): (status, the headers as `name: value\r\n`
