@@ -2,7 +2,8 @@
 //! listing the links of this network namespace with their link layer, and watching link (or
 //! address) notifications. A notification means "interfaces (addresses) changed": the caller
 //! then re-lists them and resyncs, which keeps the watching side free of message parsing and
-//! can never miss a state (a resync is always complete).
+//! can never miss a state (a resync is always complete). Not rtnetlink's async handle: the
+//! attach path that lists links is synchronous, and the watchers need no parsed messages.
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
