@@ -5,13 +5,15 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 
+use etherparse::icmpv4::DestUnreachableHeader;
+use etherparse::{Icmpv4Type, Icmpv6Type};
 use proxy_common::{
     AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
     CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
     CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
-    CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
-    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
+    CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
+    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -460,7 +462,7 @@ fn fragment(frame: &[u8], v6: bool, id: u32, offset: u16, more: bool) -> Vec<u8>
         out[ip + 4..ip + 6].copy_from_slice(&u16::try_from(id).unwrap().to_be_bytes());
         out[ip + 6..ip + 8].copy_from_slice(&offset_flags.to_be_bytes());
         out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-        let check = packet::internet_checksum(&out[ip..ip + 20], 0);
+        let check = packet::internet_checksum(&out[ip..ip + 20]);
         out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
     }
     out
@@ -507,7 +509,7 @@ fn fragments_follow_their_first_fragment() {
         if !v6 {
             let ip = packet::ETH_HLEN;
             assert_eq!(
-                packet::internet_checksum(&out[ip..ip + 20], 0),
+                packet::internet_checksum(&out[ip..ip + 20]),
                 0,
                 "{case}: IPv4 header checksum"
             );
@@ -536,22 +538,22 @@ fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
         let (_, translated) = fx.run(&syn);
         // The backend answers a too-big packet of the flow with "fragmentation needed" /
         // "packet too big", quoting the packet as it received it (client → backend).
-        let (ip_len, proto, kind, code) = if v6 {
-            (40, IPPROTO_ICMPV6, 2, 0)
-        } else {
-            (20, IPPROTO_ICMP, 3, 4)
-        };
+        let ip_len = if v6 { 40 } else { 20 };
         let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
-        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc];
-        icmp.extend_from_slice(quoted);
-        let seed = if v6 {
-            packet::pseudo_sum(backend.ip(), client.ip(), proto, icmp.len())
+        let builder = packet::frame_builder(backend.ip(), client.ip());
+        let mut error = Vec::new();
+        if v6 {
+            builder
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1500 })
+                .write(&mut error, quoted)
         } else {
-            0
-        };
-        let sum = packet::internet_checksum(&icmp, seed);
-        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-        let error = packet::frame(backend.ip(), client.ip(), proto, &icmp);
+            builder
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1500 },
+                ))
+                .write(&mut error, quoted)
+        }
+        .expect("build the ICMP error");
         let (code, out) = fx.run(&error);
         assert_eq!(code, TC_ACT_OK);
         let s = packet::summarize(&out).unwrap();
@@ -957,21 +959,19 @@ fn established_flows_keep_a_terminating_backend_while_new_flows_avoid_it() {
 
 /// An ICMP / ICMPv6 echo request from `src` to `dst`.
 fn echo_request(src: IpAddr, dst: IpAddr) -> Vec<u8> {
-    let v6 = dst.is_ipv6();
-    let (proto, kind) = if v6 {
-        (IPPROTO_ICMPV6, 128)
+    let builder = packet::frame_builder(src, dst);
+    let mut frame = Vec::new();
+    if dst.is_ipv6() {
+        builder
+            .icmpv6_echo_request(0x1234, 1)
+            .write(&mut frame, b"ping")
     } else {
-        (IPPROTO_ICMP, 8)
-    };
-    let mut icmp = vec![kind, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'];
-    let seed = if v6 {
-        packet::pseudo_sum(src, dst, proto, icmp.len())
-    } else {
-        0
-    };
-    let sum = packet::internet_checksum(&icmp, seed);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-    packet::frame(src, dst, proto, &icmp)
+        builder
+            .icmpv4_echo_request(0x1234, 1)
+            .write(&mut frame, b"ping")
+    }
+    .expect("build the echo request");
+    frame
 }
 
 #[test]

@@ -261,65 +261,81 @@ impl Drop for PinDir {
     }
 }
 
-/// `GET /` to `target` from inside the named namespace: the status code and the body, or the
-/// connection's error (refused, timed out — what a client there would see). Connecting and
-/// reading are each bounded by `timeout`.
+/// An HTTP/1.1 client for tests (ureq: blocking, plain HTTP, no redirects): every status is an
+/// answer, not an error; connecting and the whole exchange are each bounded by `timeout`.
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_connect(Some(timeout))
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// A ureq error as the `io::Error` a raw client would have seen (refused, timed out).
+fn http_io_error(error: ureq::Error) -> std::io::Error {
+    match error {
+        ureq::Error::Timeout(what) => {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("timed out: {what}"))
+        }
+        other => other.into_io(),
+    }
+}
+
+/// `GET path` to `target` on the calling thread (so in its network namespace): the status code
+/// and the body, or the connection's error (refused, timed out — what a client there would
+/// see). Connecting and the exchange are each bounded by `timeout`.
+pub fn http_get_here(
+    target: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    // ureq connects on the calling thread.
+    let mut response = http_agent(timeout)
+        .get(format!("http://{target}{path}"))
+        .call()
+        .map_err(http_io_error)?;
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(http_io_error)?;
+    Ok((response.status().as_u16(), body))
+}
+
+/// `GET /` to `target` from inside the named namespace ([`http_get_here`] on a thread there).
 pub fn http_get_in(
     netns: &str,
     target: std::net::SocketAddr,
     timeout: Duration,
 ) -> Result<std::io::Result<(u16, String)>> {
-    enter(netns, move || {
-        use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        write!(
-            stream,
-            "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            target.ip()
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let code = response
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("no status line in {response:?}"),
-                )
-            })?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        Ok((code, body))
-    })
+    enter(netns, move || http_get_here(target, "/", timeout))
 }
 
-/// A raw HTTP/1.1 GET to a server under test (health, metrics): (status, head lowercased,
-/// body). Connecting and reading are each bounded to 5 s.
+/// A GET to a server under test (health, metrics): (status, the headers as `name: value\r\n`
+/// lines lowercased, body). Bounded to 5 s; the blocking client runs on tokio's blocking pool
+/// so a server on the test's own runtime keeps answering.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let bound = Duration::from_secs(5);
-    let mut stream = tokio::time::timeout(bound, tokio::net::TcpStream::connect(addr))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send the request");
-    let mut response = String::new();
-    tokio::time::timeout(bound, stream.read_to_string(&mut response))
-        .await
-        .expect("response in time")
-        .expect("read the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a full response");
-    let status = head[9..12].parse().expect("a status code");
-    (status, head.to_lowercase(), body.to_owned())
+    let url = format!("http://{addr}{path}");
+    tokio::task::spawn_blocking(move || {
+        use std::fmt::Write as _;
+        let mut response = http_agent(Duration::from_secs(5))
+            .get(&url)
+            .call()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let mut head = String::new();
+        for (name, value) in response.headers() {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            write!(head, "{name}: {value}\r\n").expect("a String takes any text");
+        }
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
+        (response.status().as_u16(), head.to_lowercase(), body)
+    })
+    .await
+    .expect("the HTTP client thread")
 }
 
 /// A manifests folder for a proxy under test (`--manifests`), removed on drop.

@@ -177,33 +177,6 @@ fn spawn_kernel_logger(loaded: &mut dataplane::Loaded) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Link (or address) events arrive on a blocking netlink socket: a thread turns them into
-/// wakeups.
-fn spawn_link_watcher(watcher: dataplane::LinkWatcher) -> tokio::sync::mpsc::Receiver<()> {
-    let (link_tx, link_rx) = tokio::sync::mpsc::channel::<()>(1);
-    std::thread::spawn(move || {
-        loop {
-            match watcher.wait(Duration::from_secs(1)) {
-                Ok(true) => {
-                    // A full channel already holds a wakeup: the sync will see this change too.
-                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
-                        link_tx.try_send(())
-                    {
-                        break;
-                    }
-                }
-                Ok(false) if link_tx.is_closed() => break,
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::error!(%error, "netlink watcher stopped");
-                    break;
-                }
-            }
-        }
-    });
-    link_rx
-}
-
 /// Counters of conditions an operator must hear about (the kernel can only count them).
 const FAILURE_COUNTERS: [proxy_common::Counter; 4] = [
     proxy_common::Counter::CtMapFull,
@@ -394,8 +367,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Watching before reading: an address or interface that comes while the proxy starts is
     // either read now or announced by a watcher.
-    let mut links = spawn_link_watcher(dataplane::LinkWatcher::new()?);
-    let mut addresses = spawn_link_watcher(dataplane::LinkWatcher::addresses()?);
+    let mut links = dataplane::LinkWatcher::new()?.spawn();
+    let mut addresses = dataplane::LinkWatcher::addresses()?.spawn();
     let local = super::local_addresses()?;
     let mut observers = Observers {
         service_health: ServiceHealthServer::new(

@@ -32,6 +32,12 @@ const IPVS: &str = "there are no IPVS rules; the eBPF dataplane is used instead"
 const OWN_CONNTRACK: &str =
     "the eBPF dataplane keeps its own connection tracking (see --conntrack-max)";
 const LOGGING: &str = "logging is configured with RUST_LOG";
+/// Why `--config-sync-period` / `configSyncPeriod` is parsed (and shown in /configz) but changes
+/// nothing: kube-proxy hands it to client-go's informers as their resync period.
+pub const CONFIG_SYNC_PERIOD: &str = "kube-rs watchers have no informer resync (client-go's \
+     only replays its cache as unchanged updates, which kube-proxy's change trackers drop); \
+     every --iptables-sync-period a full resync repairs the maps instead, and a broken watch \
+     re-lists";
 const CLIENT: &str = "kube-rs client defaults are used";
 
 const IGNORED: &[Ignored] = &[
@@ -110,6 +116,11 @@ const IGNORED: &[Ignored] = &[
     flag("alsologtostderr", Kind::Bool, LOGGING),
 ];
 
+/// The warning for flag `--name=value`, accepted but ignored for reason `why`.
+pub fn warning(name: &str, value: &str, why: &str) -> String {
+    format!("--{name}={value} is accepted for kube-proxy compatibility but ignored: {why}")
+}
+
 /// The ignored flags given on the command line, in the order of the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IgnoredFlags {
@@ -121,11 +132,7 @@ impl IgnoredFlags {
     pub fn warnings(&self) -> Vec<String> {
         self.given
             .iter()
-            .map(|(name, why, value)| {
-                format!(
-                    "--{name}={value} is accepted for kube-proxy compatibility but ignored: {why}"
-                )
-            })
+            .map(|(name, why, value)| warning(name, value, why))
             .collect()
     }
 }

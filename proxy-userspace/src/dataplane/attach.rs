@@ -7,8 +7,11 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use procfs_core::FromRead as _;
 use procfs_core::process::MountInfos;
 
+use netlink_packet_route::link::LinkLayerType;
+
 use super::Loaded;
 use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS, TC_INGRESS_L3};
+use super::watch::{Link, WatchError, list_links};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -45,13 +48,8 @@ pub enum AttachError {
     NoCgroup2Mount,
     #[error("reading /proc/self/mountinfo: {0}")]
     MountInfo(procfs_core::ProcError),
-    #[error("listing interfaces: {0}")]
-    ListInterfaces(nix::Error),
-    #[error("reading the hardware type of interface {interface} (SIOCGIFHWADDR): {source}")]
-    LinkLayer {
-        interface: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ListInterfaces(#[from] WatchError),
     #[error("creating the links directory {path}: {source}")]
     LinksDir {
         path: PathBuf,
@@ -71,22 +69,24 @@ pub enum AttachError {
     },
 }
 
-/// Interfaces of the current network namespace the tc programs go on: all but loopback. Listed
-/// through netlink (`if_nameindex`), not sysfs, because a process moved into a namespace with
-/// `nsenter --net` still sees the sysfs of the namespace it came from.
+/// Interfaces of the current network namespace the tc programs may go on: all but loopback,
+/// sorted by name.
 pub fn tc_interfaces() -> Result<Vec<String>, AttachError> {
-    let mut names: Vec<String> = nix::net::if_::if_nameindex()
-        .map_err(AttachError::ListInterfaces)?
-        .iter()
-        .map(|i| i.name().to_string_lossy().into_owned())
-        .filter(|n| n != "lo")
-        .collect();
-    names.sort();
-    Ok(names)
+    Ok(tc_links()?.into_iter().map(|link| link.name).collect())
 }
 
-/// What an interface's packets start with at the tc hook, from its hardware type (`ARPHRD_*`):
-/// this picks the tc program it gets.
+/// The links of the current network namespace but loopback, from rtnetlink, sorted by name.
+fn tc_links() -> Result<Vec<Link>, AttachError> {
+    let mut links: Vec<Link> = list_links()?
+        .into_iter()
+        .filter(|link| link.name != "lo")
+        .collect();
+    links.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(links)
+}
+
+/// What an interface's packets start with at the tc hook, from its hardware type (`ARPHRD_*`,
+/// as netlink-packet-route names them): this picks the tc program it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinkLayer {
     /// Ethernet frames (`ARPHRD_ETHER`: veth, bridges, bonds, VXLAN, gretap…): the IP header
@@ -96,25 +96,21 @@ pub enum LinkLayer {
     /// ip6tnl, SIT and GRE tunnels, raw-IP modems, PPP.
     BareIp,
     /// Another link layer (InfiniBand, CAN, …), which neither program parses.
-    Other(u16),
+    Other(LinkLayerType),
 }
 
-/// `ARPHRD_IP6GRE` and `ARPHRD_RAWIP` (linux/if_arp.h), which the libc crate lacks.
-const ARPHRD_IP6GRE: u16 = 823;
-const ARPHRD_RAWIP: u16 = 519;
-
 impl LinkLayer {
-    pub fn of_hardware_type(hardware_type: u16) -> Self {
+    pub fn of_hardware_type(hardware_type: LinkLayerType) -> Self {
         match hardware_type {
-            libc::ARPHRD_ETHER => Self::Ethernet,
-            libc::ARPHRD_NONE
-            | libc::ARPHRD_TUNNEL
-            | libc::ARPHRD_TUNNEL6
-            | libc::ARPHRD_SIT
-            | libc::ARPHRD_IPGRE
-            | ARPHRD_IP6GRE
-            | ARPHRD_RAWIP
-            | libc::ARPHRD_PPP => Self::BareIp,
+            LinkLayerType::Ether => Self::Ethernet,
+            LinkLayerType::None
+            | LinkLayerType::Tunnel
+            | LinkLayerType::Tunnel6
+            | LinkLayerType::Sit
+            | LinkLayerType::Ipgre
+            | LinkLayerType::Ip6gre
+            | LinkLayerType::Rawip
+            | LinkLayerType::Ppp => Self::BareIp,
             other => Self::Other(other),
         }
     }
@@ -126,48 +122,6 @@ impl LinkLayer {
             Self::BareIp => Some(TC_INGRESS_L3),
             Self::Other(_) => None,
         }
-    }
-}
-
-/// The link layer of interface `name`; `None` when it is gone. Asked with `SIOCGIFHWADDR` on a
-/// socket of this network namespace (sysfs may show another namespace, see [`tc_interfaces`]).
-fn link_layer(name: &str) -> Result<Option<LinkLayer>, AttachError> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    // SAFETY: plain socket(2); the result is checked and owned right away.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(AttachError::LinkLayer {
-            interface: name.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: an all-zero ifreq is valid; the name is copied in bounded by IFNAMSIZ - 1 so it
-    // stays NUL-terminated; the ioctl writes only into the ifreq.
-    unsafe {
-        let mut request: libc::ifreq = std::mem::zeroed();
-        for (dst, src) in request
-            .ifr_name
-            .iter_mut()
-            .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-        {
-            *dst = libc::c_char::from_ne_bytes([src]);
-        }
-        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut request) < 0 {
-            let error = std::io::Error::last_os_error();
-            // Gone already: nothing to attach to.
-            if error.raw_os_error() == Some(libc::ENODEV) {
-                return Ok(None);
-            }
-            return Err(AttachError::LinkLayer {
-                interface: name.to_owned(),
-                source: error,
-            });
-        }
-        Ok(Some(LinkLayer::of_hardware_type(
-            request.ifr_ifru.ifru_hwaddr.sa_family,
-        )))
     }
 }
 
@@ -450,35 +404,26 @@ impl Attachments {
         Some(self.programs[at])
     }
 
-    /// The interfaces `filter` selects among `present`, each with the program its link layer
-    /// needs. An interface no program is for, or whose link layer cannot be read, is reported
-    /// (once) and left out; the others are still attached.
+    /// The links `filter` selects among `present`, each with the program its link layer needs.
+    /// An interface no program is for is reported (once) and left out; the others are still
+    /// attached.
     fn wanted(
         &mut self,
-        present: &[String],
+        present: &[Link],
         filter: &InterfaceFilter,
     ) -> Vec<(String, &'static str)> {
         let mut wanted = Vec::new();
-        for name in present.iter().filter(|n| filter.matches(n)) {
-            let program = match link_layer(name) {
-                Ok(Some(layer)) => layer.tc_program().ok_or_else(|| {
-                    format!(
-                        "link layer {layer:?} is neither Ethernet nor bare IP: no tc program \
-                         parses its packets, none is attached"
-                    )
-                }),
-                // Gone since it was listed.
-                Ok(None) => continue,
-                Err(error) => Err(format!("{error}: no tc program attached")),
-            };
-            match program {
-                Ok(program) => wanted.push((name.clone(), program)),
-                Err(reason) => {
-                    if !self.skipped.contains(name) {
-                        tracing::warn!(interface = name.as_str(), "{reason}");
-                        self.skipped.push(name.clone());
-                    }
-                }
+        for link in present.iter().filter(|link| filter.matches(&link.name)) {
+            let layer = LinkLayer::of_hardware_type(link.hardware_type);
+            if let Some(program) = layer.tc_program() {
+                wanted.push((link.name.clone(), program));
+            } else if !self.skipped.contains(&link.name) {
+                tracing::warn!(
+                    interface = link.name.as_str(),
+                    "link layer {layer:?} is neither Ethernet nor bare IP: no tc program parses \
+                     its packets, none is attached"
+                );
+                self.skipped.push(link.name.clone());
             }
         }
         wanted
@@ -492,7 +437,7 @@ impl Attachments {
         loaded: &mut Loaded,
         filter: &InterfaceFilter,
     ) -> Result<(Vec<String>, Vec<String>), AttachError> {
-        let present = tc_interfaces()?;
+        let present = tc_links()?;
         let wanted = self.wanted(&present, filter);
         let wanted_names: Vec<String> = wanted.iter().map(|(n, _)| n.clone()).collect();
         let mut gone: Vec<String> = self
@@ -503,6 +448,7 @@ impl Attachments {
             .collect();
         if !self.adopted {
             self.adopted = true;
+            let present: Vec<String> = present.into_iter().map(|link| link.name).collect();
             gone.extend(self.left_behind(&present, &wanted_names)?);
         }
         for interface in &gone {
@@ -690,7 +636,7 @@ mod tests {
             (libc::ARPHRD_ETHER, Some(TC_INGRESS)),
             // tun, WireGuard
             (libc::ARPHRD_NONE, Some(TC_INGRESS_L3)),
-            // ipip, ip6tnl, sit, gre, ip6gre, rmnet, ppp
+            // ipip, ip6tnl, sit, gre, ip6gre (823), rmnet (raw IP, 519), ppp
             (libc::ARPHRD_TUNNEL, Some(TC_INGRESS_L3)),
             (libc::ARPHRD_TUNNEL6, Some(TC_INGRESS_L3)),
             (libc::ARPHRD_SIT, Some(TC_INGRESS_L3)),
@@ -704,7 +650,7 @@ mod tests {
         ];
         for (hardware_type, program) in cases {
             assert_eq!(
-                LinkLayer::of_hardware_type(*hardware_type).tc_program(),
+                LinkLayer::of_hardware_type(LinkLayerType::from(*hardware_type)).tc_program(),
                 *program,
                 "ARPHRD {hardware_type}"
             );

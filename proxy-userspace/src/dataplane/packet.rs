@@ -3,57 +3,53 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use etherparse::TcpHeader;
+use etherparse::checksum::Sum16BitWords;
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6Header, PacketBuilder,
+    PacketBuilderStep,
+};
 use proxy_common::crc32c::{SCTP_CHECKSUM_OFF, sctp_checksum, set_sctp_checksum};
 use proxy_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 /// Locally administered MACs: the frame's source (the client) and destination (the node).
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-/// One's-complement sum of `data` added to `initial`, folded and complemented (RFC 1071).
-pub fn internet_checksum(data: &[u8], initial: u32) -> u16 {
-    let mut sum = u64::from(initial);
-    for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 {
-            u16::from_be_bytes([chunk[0], chunk[1]])
-        } else {
-            u16::from_be_bytes([chunk[0], 0])
-        };
-        sum += u64::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+/// The internet checksum of `data` (RFC 1071, etherparse's one's-complement sum): zero over a
+/// header whose checksum is valid.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    // etherparse sums in native byte order: `to_be` gives the value as the header holds it.
+    Sum16BitWords::new()
+        .add_slice(data)
+        .ones_complement()
+        .to_be()
 }
 
-/// The unfolded sum of the pseudo header for `len` bytes of protocol `proto`.
-pub fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
-    let mut bytes = Vec::new();
-    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
-        bytes.extend_from_slice(&s.octets());
-        bytes.extend_from_slice(&d.octets());
-        bytes.extend_from_slice(&[0, proto]);
-        bytes.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        bytes.extend_from_slice(&ip_octets(src));
-        bytes.extend_from_slice(&ip_octets(dst));
-        bytes.extend_from_slice(&(len as u32).to_be_bytes());
-        bytes.extend_from_slice(&[0, 0, 0, proto]);
-    }
-    bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum()
-}
-
-fn ip_octets(ip: IpAddr) -> Vec<u8> {
+/// `ip` as the 16 bytes of an IPv6 address (an IPv4 address mapped).
+fn v6_octets(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The sum of the pseudo header for `len` bytes of protocol `proto` (RFC 9293 3.1, RFC 8200
+/// 8.1).
+fn pseudo_header_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Sum16BitWords {
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        Sum16BitWords::new()
+            .add_4bytes(s.octets())
+            .add_4bytes(d.octets())
+            .add_2bytes([0, proto])
+            .add_2bytes((len as u16).to_be_bytes())
+    } else {
+        Sum16BitWords::new()
+            .add_16bytes(v6_octets(src))
+            .add_16bytes(v6_octets(dst))
+            .add_4bytes((len as u32).to_be_bytes())
+            .add_4bytes([0, 0, 0, proto])
     }
 }
 
@@ -70,6 +66,35 @@ fn l4_csum_offset(proto: u8) -> Option<usize> {
 /// TCP's SYN flag, what [`build`] sends.
 pub const TCP_SYN: u8 = 0x02;
 
+/// An Ethernet frame from [`CLIENT_MAC`] to [`NODE_MAC`] with an IPv4 header (no options,
+/// don't-fragment, TTL 64) or an IPv6 header (hop limit 64), built by etherparse: add the L4
+/// header (`.tcp_header()`, `.udp()`, `.icmpv4()`, …) or `.write()` a raw L4 payload.
+pub fn frame_builder(src: IpAddr, dst: IpAddr) -> PacketBuilderStep<IpHeaders> {
+    let ip = if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        IpHeaders::Ipv4(
+            Ipv4Header {
+                identification: 0x1234,
+                time_to_live: 64,
+                source: s.octets(),
+                destination: d.octets(),
+                ..Ipv4Header::default()
+            },
+            Ipv4Extensions::default(),
+        )
+    } else {
+        IpHeaders::Ipv6(
+            Ipv6Header {
+                hop_limit: 64,
+                source: v6_octets(src),
+                destination: v6_octets(dst),
+                ..Ipv6Header::default()
+            },
+            Ipv6Extensions::default(),
+        )
+    };
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC).ip(ip)
+}
+
 /// A first packet from `src` to `dst`: a TCP SYN, a UDP datagram carrying `payload`, or an SCTP
 /// packet with one chunk carrying `payload` (padded). Checksums are valid.
 pub fn build(src: SocketAddr, dst: SocketAddr, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -84,64 +109,44 @@ pub fn build_with_tcp_flags(
     tcp_flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&src.port().to_be_bytes());
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    match proto {
-        IPPROTO_TCP => {
-            l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, tcp_flags]); // data offset 5
-            l4.extend_from_slice(&64240u16.to_be_bytes());
-            l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-            l4.extend_from_slice(payload);
-        }
-        IPPROTO_UDP => {
-            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-            l4.extend_from_slice(payload);
-        }
-        _ => {
-            l4.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // verification tag, CRC32c
-            // A chunk of an unassigned type whose high bits say "skip it" (RFC 9260 3.2).
-            l4.extend_from_slice(&[0xbf, 0]);
-            l4.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(payload);
-            l4.resize(l4.len().next_multiple_of(4), 0);
-            set_sctp_checksum(&mut l4);
-        }
-    }
-    if let Some(off) = l4_csum_offset(proto) {
-        let sum = internet_checksum(&l4, pseudo_sum(src.ip(), dst.ip(), proto, l4.len()));
-        l4[off..off + 2].copy_from_slice(&sum.to_be_bytes());
-    }
-    frame(src.ip(), dst.ip(), proto, &l4)
-}
-
-/// An Ethernet frame around `l4` with a valid IPv4 header (no options) or IPv6 header.
-pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let builder = frame_builder(src.ip(), dst.ip());
+    let flag = |bit: u8| tcp_flags & bit != 0;
     let mut out = Vec::new();
-    out.extend_from_slice(&NODE_MAC);
-    out.extend_from_slice(&CLIENT_MAC);
-    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
-        out.extend_from_slice(&ETH_P_IP);
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
-        ip.extend_from_slice(&s.octets());
-        ip.extend_from_slice(&d.octets());
-        let sum = internet_checksum(&ip, 0);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        out.extend_from_slice(&ip);
-    } else {
-        out.extend_from_slice(&ETH_P_IPV6);
-        out.extend_from_slice(&[0x60, 0, 0, 0]);
-        out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        out.extend_from_slice(&[proto, 64]);
-        out.extend_from_slice(&ip_octets(src));
-        out.extend_from_slice(&ip_octets(dst));
-    }
-    out.extend_from_slice(l4);
+    let written = match proto {
+        IPPROTO_TCP => builder
+            .tcp_header(TcpHeader {
+                source_port: src.port(),
+                destination_port: dst.port(),
+                sequence_number: 1,
+                window_size: 64240,
+                fin: flag(0x01),
+                syn: flag(0x02),
+                rst: flag(0x04),
+                psh: flag(0x08),
+                ack: flag(0x10),
+                urg: flag(0x20),
+                ece: flag(0x40),
+                cwr: flag(0x80),
+                ..TcpHeader::default()
+            })
+            .write(&mut out, payload),
+        IPPROTO_UDP => builder.udp(src.port(), dst.port()).write(&mut out, payload),
+        // Kept by hand: etherparse has no SCTP; its CRC32c comes from the crc crate.
+        _ => {
+            let mut sctp = Vec::new();
+            sctp.extend_from_slice(&src.port().to_be_bytes());
+            sctp.extend_from_slice(&dst.port().to_be_bytes());
+            sctp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // verification tag, CRC32c
+            // A chunk of an unassigned type whose high bits say "skip it" (RFC 9260 3.2).
+            sctp.extend_from_slice(&[0xbf, 0]);
+            sctp.extend_from_slice(&((4 + payload.len()) as u16).to_be_bytes());
+            sctp.extend_from_slice(payload);
+            sctp.resize(sctp.len().next_multiple_of(4), 0);
+            set_sctp_checksum(&mut sctp);
+            builder.write(&mut out, IpNumber(proto), &sctp)
+        }
+    };
+    written.expect("a test packet fits in a frame");
     out
 }
 
@@ -209,12 +214,13 @@ pub fn summarize(frame: &[u8]) -> Option<Summary> {
         usize::from(u16::from_be_bytes([ip[4], ip[5]]))
     };
     let l4 = ip.get(hlen..hlen + l4_len)?;
-    let mut checksums_ok = !v4 || internet_checksum(&ip[..hlen], 0) == 0;
+    let mut checksums_ok = !v4 || internet_checksum(&ip[..hlen]) == 0;
     match proto {
-        IPPROTO_ICMP => checksums_ok &= internet_checksum(l4, 0) == 0,
+        IPPROTO_ICMP => checksums_ok &= internet_checksum(l4) == 0,
         IPPROTO_UDP if v4 && l4.get(6..8)? == [0, 0] => {}
         p if l4_csum_offset(p).is_some() => {
-            checksums_ok &= internet_checksum(l4, pseudo_sum(src, dst, proto, l4.len())) == 0;
+            let sum = pseudo_header_sum(src, dst, proto, l4.len()).add_slice(l4);
+            checksums_ok &= sum.ones_complement() == 0;
         }
         IPPROTO_SCTP => {
             let stored = l4.get(SCTP_CHECKSUM_OFF..SCTP_CHECKSUM_OFF + 4)?;

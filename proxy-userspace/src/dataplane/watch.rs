@@ -1,23 +1,98 @@
-//! Interface and address watching: a NETLINK_ROUTE socket subscribed to link (or address)
-//! notifications. A message means "interfaces (addresses) changed": the caller then re-lists
-//! them and resyncs, which keeps the netlink side free of message parsing and can never miss a
-//! state (a resync is always complete).
+//! Interfaces and addresses over rtnetlink (netlink-sys sockets, netlink-packet-route messages):
+//! listing the links of this network namespace with their link layer, and watching link (or
+//! address) notifications. A notification means "interfaces (addresses) changed": the caller
+//! then re-lists them and resyncs, which keeps the watching side free of message parsing and
+//! can never miss a state (a resync is always complete). Not rtnetlink's async handle: the
+//! attach path that lists links is synchronous, and the watchers need no parsed messages.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::time::Duration;
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkLayerType, LinkMessage};
+use netlink_sys::protocols::NETLINK_ROUTE;
+use netlink_sys::{AsyncSocket as _, AsyncSocketExt as _, Socket, SocketAddr, TokioSocket};
+use std::os::fd::AsRawFd as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("opening a NETLINK_ROUTE socket for link or address events: {0}")]
     Socket(std::io::Error),
+    #[error("listing the links of this network namespace (RTM_GETLINK dump): {0}")]
+    ListLinks(std::io::Error),
     #[error("reading the cookie of this network namespace (SO_NETNS_COOKIE): {0}")]
     NetnsCookie(std::io::Error),
+}
+
+/// An interface of the current network namespace, as rtnetlink lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    /// Its hardware type (`ARPHRD_*`): what its packets start with.
+    pub hardware_type: LinkLayerType,
+}
+
+/// Every link of the current network namespace (one RTM_GETLINK dump), in the kernel's order.
+/// Asked over netlink, not sysfs, because a process moved into a namespace with `nsenter --net`
+/// still sees the sysfs of the namespace it came from.
+pub fn list_links() -> Result<Vec<Link>, WatchError> {
+    let failed = WatchError::ListLinks;
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(failed)?;
+    socket.bind_auto().map_err(failed)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(failed)?;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())),
+    );
+    request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut bytes = vec![0; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0).map_err(failed)?;
+    let mut links = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().map_err(failed)?;
+        let mut rest = datagram.as_slice();
+        while !rest.is_empty() {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+                .map_err(|e| failed(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(links),
+                NetlinkPayload::Error(error) => return Err(failed(error.to_io())),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                    let name = link
+                        .attributes
+                        .iter()
+                        .find_map(|attribute| match attribute {
+                            LinkAttribute::IfName(name) => Some(name.clone()),
+                            _ => None,
+                        });
+                    if let Some(name) = name {
+                        links.push(Link {
+                            name,
+                            index: link.header.index,
+                            hardware_type: link.header.link_layer_type,
+                        });
+                    }
+                }
+                _ => {}
+            }
+            // Messages in a datagram are 4-byte aligned (NLMSG_ALIGN).
+            let length = (message.header.length as usize).next_multiple_of(4);
+            if length == 0 {
+                break;
+            }
+            rest = rest.get(length..).unwrap_or_default();
+        }
+    }
 }
 
 /// Subscribed to RTMGRP_LINK (or the address groups) in the network namespace it was created
 /// in.
 pub struct LinkWatcher {
-    fd: OwnedFd,
+    socket: TokioSocket,
 }
 
 impl LinkWatcher {
@@ -32,79 +107,52 @@ impl LinkWatcher {
     }
 
     fn subscribe(groups: u32) -> Result<Self, WatchError> {
-        // SAFETY: plain socket(2); the result is checked and owned right away.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(WatchError::Socket(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: a zeroed sockaddr_nl is valid; we fill in family and groups.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = groups;
-        // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
-        let bound = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&addr).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if bound < 0 {
-            return Err(WatchError::Socket(std::io::Error::last_os_error()));
-        }
-        Ok(Self { fd })
+        let mut socket = TokioSocket::new(NETLINK_ROUTE).map_err(WatchError::Socket)?;
+        socket
+            .socket_mut()
+            .bind(&SocketAddr::new(0, groups))
+            .map_err(WatchError::Socket)?;
+        Ok(Self { socket })
     }
 
-    /// Waits up to `timeout` for link events; returns whether any arrived (all pending ones
-    /// are consumed, so a burst of changes costs one resync).
-    pub fn wait(&self, timeout: Duration) -> Result<bool, WatchError> {
-        let mut poll = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&raw mut poll, 1, millis) };
-        if ready < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(false);
+    /// Turns the events into wakeups on the returned channel, from a task of the current tokio
+    /// runtime that ends when the receiver is dropped. The channel holds one wakeup: a burst of
+    /// changes costs one resync.
+    pub fn spawn(self) -> tokio::sync::mpsc::Receiver<()> {
+        let (wakeups, receiver) = tokio::sync::mpsc::channel::<()>(1);
+        tokio::spawn(async move {
+            // Only that a message came matters: a longer one is cut, unread.
+            let mut buf = Vec::with_capacity(16 * 1024);
+            loop {
+                buf.clear();
+                let received = tokio::select! {
+                    () = wakeups.closed() => break,
+                    received = self.socket.recv(&mut buf) => received,
+                };
+                match received {
+                    Ok(()) => {}
+                    // Overrun: events were lost, a resync covers them.
+                    Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "netlink watcher stopped");
+                        break;
+                    }
+                }
+                // A full channel already holds a wakeup: the sync will see this change too.
+                if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                    wakeups.try_send(())
+                {
+                    break;
+                }
             }
-            return Err(WatchError::Socket(error));
-        }
-        if ready == 0 {
-            return Ok(false);
-        }
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            // SAFETY: `buf` is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                // EAGAIN: drained. ENOBUFS (overrun): events were lost, a resync covers them.
-                return Ok(true);
-            }
-        }
+        });
+        receiver
     }
 }
 
 /// The cookie of the current network namespace, as `bpf_get_netns_cookie` reports it to the
 /// socket hooks (`SO_NETNS_COOKIE`, Linux ≥ 5.14).
+/// Kept as a raw getsockopt: neither nix nor socket2 has `SO_NETNS_COOKIE`.
 pub fn netns_cookie() -> Result<u64, WatchError> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")
         .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))

@@ -593,23 +593,12 @@ fn millis(d: Duration) -> f64 {
 
 /// `GET /metrics` (bounded to 5 s), the body.
 fn metrics_body(address: SocketAddr) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let timeout = Duration::from_secs(5);
-    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP response from {address}: {response:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{address}/metrics answered {head}");
+    let (status, body) = proxy_lab::http_get_here(address, "/metrics", Duration::from_secs(5))
+        .with_context(|| format!("GET http://{address}/metrics"))?;
+    if status != 200 {
+        bail!("{address}/metrics answered {status}");
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// The text of every `/proc/PID/fdinfo/*`.
