@@ -582,7 +582,8 @@ pub enum Counter {
     SctpPortRewrite = 18,
     /// A packet rewrite or checksum helper failed.
     RewriteFailures = 19,
-    /// ICMP errors about a NATed flow reverse-translated (PMTU discovery).
+    /// ICMP errors about a NATed flow translated (PMTU discovery, TTL expiry, unreachable
+    /// destinations): those arriving at tc ingress and those the node generates, at egress.
     IcmpErrorsTranslated = 20,
     /// New flows sent to the backend remembered by session affinity.
     AffinityHits = 21,
@@ -623,10 +624,18 @@ pub enum Counter {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" the program sent to a client whose
     /// translated packet did not fit the egress MTU (PMTU discovery through a Service).
     IcmpTooBigSent = 36,
+    /// ICMP / ICMPv6 errors the node's own stack generated about a translated packet (TTL
+    /// expired, no route, port unreachable from a local backend…), translated back at tc egress
+    /// so that the client's socket matches them.
+    EgressIcmpErrorsTranslated = 37,
+    /// ICMP / ICMPv6 packets seen at tc egress that are not an error about a translated flow
+    /// (other ICMP types, errors about untranslated or unknown flows): passed untouched.
+    /// Other protocols leave the egress program uncounted (one header byte read).
+    EgressIcmpPassed = 38,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 37] = [
+    pub const ALL: [Counter; 39] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -664,6 +673,8 @@ impl Counter {
         Counter::FragmentsWithoutFirst,
         Counter::FragmentRecordFailures,
         Counter::IcmpTooBigSent,
+        Counter::EgressIcmpErrorsTranslated,
+        Counter::EgressIcmpPassed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -705,6 +716,8 @@ impl Counter {
             Counter::FragmentsWithoutFirst => "fragments_without_first",
             Counter::FragmentRecordFailures => "fragment_record_failures",
             Counter::IcmpTooBigSent => "icmp_too_big_sent",
+            Counter::EgressIcmpErrorsTranslated => "egress_icmp_errors_translated",
+            Counter::EgressIcmpPassed => "egress_icmp_passed",
         }
     }
 }
