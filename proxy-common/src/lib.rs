@@ -611,7 +611,8 @@ pub enum Counter {
     /// hop's device), bypassing the node's netfilter and rp_filter.
     FastPathRedirects = 31,
     /// Translated packets the FIB lookup sent to the stack (local destination, no route,
-    /// fragmentation needed, TTL expiring): delivered as without the fast path.
+    /// fragmentation allowed and needed; TTL expiring or a refusing route, unless masqueraded
+    /// or a reply): delivered as without the fast path.
     FastPathFallbacks = 32,
     /// Later fragments of a datagram translated like its first fragment (its flow's entry).
     FragmentsFollowed = 33,
@@ -632,10 +633,18 @@ pub enum Counter {
     /// (other ICMP types, errors about untranslated or unknown flows): passed untouched.
     /// Other protocols leave the egress program uncounted (one header byte read).
     EgressIcmpPassed = 38,
+    /// ICMP / ICMPv6 "time exceeded" the program sent for a translated packet whose TTL / hop
+    /// limit expired at the node and whose source it rewrote (masqueraded, or a reply): the
+    /// stack would drop it as a martian, or send its error to the service address.
+    IcmpTimeExceededSent = 39,
+    /// ICMP host unreachable / administratively prohibited (ICMPv6 no route / prohibited) the
+    /// program sent for such a packet whose destination has an `unreachable` or `prohibit`
+    /// route.
+    IcmpUnreachableSent = 40,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 39] = [
+    pub const ALL: [Counter; 41] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -675,6 +684,8 @@ impl Counter {
         Counter::IcmpTooBigSent,
         Counter::EgressIcmpErrorsTranslated,
         Counter::EgressIcmpPassed,
+        Counter::IcmpTimeExceededSent,
+        Counter::IcmpUnreachableSent,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -718,6 +729,8 @@ impl Counter {
             Counter::IcmpTooBigSent => "icmp_too_big_sent",
             Counter::EgressIcmpErrorsTranslated => "egress_icmp_errors_translated",
             Counter::EgressIcmpPassed => "egress_icmp_passed",
+            Counter::IcmpTimeExceededSent => "icmp_time_exceeded_sent",
+            Counter::IcmpUnreachableSent => "icmp_unreachable_sent",
         }
     }
 }

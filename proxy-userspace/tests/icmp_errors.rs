@@ -3,16 +3,18 @@
 //! connect to a ClusterIP whose SYN cannot be forwarded (its TTL / hop limit expires at the
 //! node, or the backend's address has an `unreachable` route there) fails at once with the
 //! error's errno, as with kube-proxy, instead of hanging until its timeout: the error quotes the
-//! packet after DNAT, and only its translation back (the tc egress program's, or the program's
-//! own answer) lets the client's socket match it. With and without the fast path, and on
-//! hardened nodes when `PROXY_LAB_NODE_PROTECTIONS` says so.
+//! packet after DNAT, and only its translation back (the tc egress program's) lets the client's
+//! socket match it. With and without the fast path, and on hardened nodes when
+//! `PROXY_LAB_NODE_PROTECTIONS` says so. An external client's connect to a NodePort
+//! (masqueraded, which the stack would drop as a martian without answering) fails the same way:
+//! the program answers it itself.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proxy_lab::Netns;
-use proxy_lab::cluster::{Cluster, SERVER_PORT};
+use proxy_lab::cluster::{Cluster, SERVER_PORT, node_ip};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_kube-ebpf-proxy");
@@ -58,11 +60,26 @@ fn counter(cluster: &Cluster, name: &str) -> u64 {
         .map_or(0, |(_, value)| *value)
 }
 
+/// Where a connect comes from: the `toolbox` pod on node1, or the external client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum From {
+    Pod,
+    External,
+}
+
+fn netns(cluster: &Cluster, from: From) -> &Netns {
+    match from {
+        From::Pod => &cluster.pod("toolbox").netns,
+        From::External => &cluster.client,
+    }
+}
+
 /// A cluster with a `toolbox` client pod on node1, a `far` pod on node2 and the dual-stack
-/// Service `far` (ClusterIPs 10.96.0.95 and fd00:96::95, TCP port 80) in front of it, which the
-/// toolbox pod reaches (checked: the fast path delivers it whatever the node's protections).
-/// Returns the cluster and the Service's two frontends.
-fn far_cluster() -> (Cluster, [SocketAddr; 2]) {
+/// NodePort Service `far` (ClusterIPs 10.96.0.95 and fd00:96::95, TCP port 80, NodePort 30095)
+/// in front of it, which the toolbox pod (ClusterIPs) and the external client (node1's NodePort,
+/// masqueraded) reach: checked, the fast path delivers them whatever the node's protections.
+/// Returns the cluster and the frontends with their clients.
+fn far_cluster() -> (Cluster, [(From, SocketAddr); 3]) {
     let cluster = Cluster::start(Path::new(BINARY)).expect("start the cluster");
     let mut cluster = cluster;
     cluster.add_pod("far", 1, 30, "far").expect("far pod");
@@ -80,6 +97,7 @@ metadata:
   name: far
   namespace: default
 spec:
+  type: NodePort
   ipFamilyPolicy: RequireDualStack
   ipFamilies: [IPv4, IPv6]
   clusterIP: 10.96.0.95
@@ -89,6 +107,7 @@ spec:
   ports:
   - port: 80
     targetPort: {SERVER_PORT}
+    nodePort: 30095
     protocol: TCP
 "
             ),
@@ -96,13 +115,13 @@ spec:
         .expect("write the Service");
     cluster.wait_ipv6_ready().expect("IPv6 addresses ready");
     let frontends = [
-        "10.96.0.95:80".parse().unwrap(),
-        "[fd00:96::95]:80".parse().unwrap(),
+        (From::Pod, "10.96.0.95:80".parse().unwrap()),
+        (From::Pod, "[fd00:96::95]:80".parse().unwrap()),
+        (From::External, SocketAddr::new(node_ip(0, false), 30095)),
     ];
-    let toolbox = &cluster.pod("toolbox").netns;
-    for frontend in frontends {
+    for (from, frontend) in frontends {
         let deadline = Instant::now() + PROGRAMMED_BOUND;
-        while let Err(error) = connect(toolbox, frontend, None) {
+        while let Err(error) = connect(netns(&cluster, from), frontend, None) {
             assert!(
                 Instant::now() < deadline,
                 "{frontend} answers: {error}; counters:\n{}",
@@ -114,13 +133,16 @@ spec:
     (cluster, frontends)
 }
 
-/// Connects from the toolbox pod to each of `frontends` with `hops`, with the fast path on and
-/// then off (the proxy restarted on the same pins), and checks that each connect fails at once
-/// with the errno `expected` gives for the frontend, the node's error translated back.
+/// Connects to each of `frontends` from its client with `hops`, with the fast path on and then
+/// off (the proxy restarted on the same pins), and checks that each connect fails at once with
+/// the errno `expected` gives for the frontend: for the pod, the node's error translated back
+/// at egress; for the external client (masqueraded), the program's own answer, counted as
+/// `answered` (without the fast path the stack drops masqueraded packets: not tried).
 fn each_connect_fails_at_once(
     cluster: &mut Cluster,
-    frontends: [SocketAddr; 2],
+    frontends: [(From, SocketAddr); 3],
     hops: Option<u32>,
+    answered: &str,
     expected: impl Fn(SocketAddr) -> i32,
 ) {
     for fast_path in ["on", "off"] {
@@ -128,11 +150,20 @@ fn each_connect_fails_at_once(
             cluster.set_proxy_flags(&["--fast-path", "off"]);
             cluster.restart_proxy().expect("restart the proxy");
         }
-        for frontend in frontends {
-            let case = format!("{frontend} with hops {hops:?}, fast path {fast_path}");
-            let translated_before = counter(cluster, "egress_icmp_errors_translated");
+        for (from, frontend) in frontends {
+            if from == From::External && fast_path == "off" {
+                continue;
+            }
+            let case =
+                format!("{frontend} from {from:?} with hops {hops:?}, fast path {fast_path}");
+            let counted = if from == From::Pod {
+                "egress_icmp_errors_translated"
+            } else {
+                answered
+            };
+            let counted_before = counter(cluster, counted);
             let started = Instant::now();
-            let result = connect(&cluster.pod("toolbox").netns, frontend, hops);
+            let result = connect(netns(cluster, from), frontend, hops);
             let took = started.elapsed();
             let error = result.expect_err(&case);
             assert_eq!(
@@ -142,8 +173,8 @@ fn each_connect_fails_at_once(
                 stats(cluster)
             );
             assert!(
-                counter(cluster, "egress_icmp_errors_translated") > translated_before,
-                "{case}: the node's error was translated at egress; counters:\n{}",
+                counter(cluster, counted) > counted_before,
+                "{case}: {counted} counted it; counters:\n{}",
                 stats(cluster)
             );
         }
@@ -155,7 +186,13 @@ fn a_connect_whose_ttl_expires_at_the_node_fails_at_once_with_ehostunreach() {
     let (mut cluster, frontends) = far_cluster();
     // The pod's SYN leaves it with TTL / hop limit 1: node1 may not forward it and answers
     // "time exceeded", which the client's TCP takes as EHOSTUNREACH.
-    each_connect_fails_at_once(&mut cluster, frontends, Some(1), |_| libc::EHOSTUNREACH);
+    each_connect_fails_at_once(
+        &mut cluster,
+        frontends,
+        Some(1),
+        "icmp_time_exceeded_sent",
+        |_| libc::EHOSTUNREACH,
+    );
 }
 
 #[test]
@@ -171,11 +208,17 @@ fn a_connect_to_a_backend_with_an_unreachable_route_fails_at_once() {
     cluster.nodes[0]
         .ip(&["-6", "route", "add", "unreachable", &format!("{far6}/128")])
         .expect("IPv6 unreachable route to the backend");
-    each_connect_fails_at_once(&mut cluster, frontends, None, |frontend| {
-        if frontend.is_ipv4() {
-            libc::EHOSTUNREACH
-        } else {
-            libc::ENETUNREACH
-        }
-    });
+    each_connect_fails_at_once(
+        &mut cluster,
+        frontends,
+        None,
+        "icmp_unreachable_sent",
+        |frontend| {
+            if frontend.is_ipv4() {
+                libc::EHOSTUNREACH
+            } else {
+                libc::ENETUNREACH
+            }
+        },
+    );
 }
