@@ -25,7 +25,10 @@ const PROGRAMMED_BOUND: Duration = Duration::from_secs(10);
 const CONNECT_BOUND: Duration = Duration::from_secs(5);
 
 /// One TCP connect from inside `ns` to `target`, its packets sent with a TTL / hop limit of
-/// `hops` (the system's default when `None`), bounded by [`CONNECT_BOUND`].
+/// `hops` (the system's default when `None`), bounded by [`CONNECT_BOUND`]. A connection made
+/// is reset as it closes: no packet of it is still on its way once this returns (after a route
+/// changes, the stack's errors about such stragglers would take from the node's per-address ICMP
+/// rate limit, about one a second, what the connect a test then checks needs).
 fn connect(ns: &Netns, target: SocketAddr, hops: Option<u32>) -> std::io::Result<()> {
     ns.enter(move || {
         let socket = Socket::new(
@@ -33,6 +36,7 @@ fn connect(ns: &Netns, target: SocketAddr, hops: Option<u32>) -> std::io::Result
             Type::STREAM,
             Some(Protocol::TCP),
         )?;
+        socket.set_linger(Some(Duration::ZERO))?;
         match hops {
             Some(hops) if target.is_ipv4() => socket.set_ttl_v4(hops)?,
             Some(hops) => socket.set_unicast_hops_v6(hops)?,
