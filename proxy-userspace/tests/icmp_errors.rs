@@ -47,23 +47,6 @@ fn connect(ns: &Netns, target: SocketAddr, hops: Option<u32>) -> std::io::Result
     .expect("enter the pod")
 }
 
-fn stats(cluster: &Cluster) -> String {
-    proxy_lab::run(
-        std::process::Command::new(BINARY)
-            .args(["stats", "--bpf-pin-path"])
-            .arg(cluster.pin_dir.path()),
-    )
-    .unwrap_or_else(|e| e.to_string())
-}
-
-fn counter(cluster: &Cluster, name: &str) -> u64 {
-    proxy_userspace::dataplane::read_counters(cluster.pin_dir.path())
-        .expect("read the counters")
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0, |(_, value)| *value)
-}
-
 /// Where a connect comes from: the `toolbox` pod on node1, or the external client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum From {
@@ -84,8 +67,7 @@ fn netns(cluster: &Cluster, from: From) -> &Netns {
 /// masqueraded) reach: checked, the fast path delivers them whatever the node's protections.
 /// Returns the cluster and the frontends with their clients.
 fn far_cluster() -> (Cluster, [(From, SocketAddr); 3]) {
-    let cluster = Cluster::start(Path::new(BINARY)).expect("start the cluster");
-    let mut cluster = cluster;
+    let mut cluster = Cluster::start(Path::new(BINARY)).expect("start the cluster");
     cluster.add_pod("far", 1, 30, "far").expect("far pod");
     cluster
         .add_pod("toolbox", 0, 250, "toolbox")
@@ -129,7 +111,7 @@ spec:
             assert!(
                 Instant::now() < deadline,
                 "{frontend} answers: {error}; counters:\n{}",
-                stats(&cluster)
+                cluster.stats()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -165,7 +147,7 @@ fn each_connect_fails_at_once(
             } else {
                 answered
             };
-            let counted_before = counter(cluster, counted);
+            let counted_before = cluster.counter(counted);
             let started = Instant::now();
             let result = connect(netns(cluster, from), frontend, hops);
             let took = started.elapsed();
@@ -174,12 +156,12 @@ fn each_connect_fails_at_once(
                 error.raw_os_error(),
                 Some(expected(frontend)),
                 "{case}: {error} after {took:?}; counters:\n{}",
-                stats(cluster)
+                cluster.stats()
             );
             assert!(
-                counter(cluster, counted) > counted_before,
+                cluster.counter(counted) > counted_before,
                 "{case}: {counted} counted it; counters:\n{}",
-                stats(cluster)
+                cluster.stats()
             );
         }
     }
