@@ -34,7 +34,10 @@ use proxy_common::{CONFIG_F_FAST_PATH, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{config, count},
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_CSUM, L3_OFF_BARE_IP, ethertype},
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_CSUM, IPV4_PROTO, IPV4_TTL, IPV6_HOP_LIMIT,
+        IPV6_NEXT_HEADER, L3_OFF_BARE_IP, ethertype,
+    },
 };
 
 const OK: i32 = TC_ACT_OK as i32;
@@ -55,9 +58,6 @@ pub const REFUSED_PROHIBITED: u32 = 0x1_0002;
 const IPV4_DF: u16 = 0x4000;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Offsets in the IPv4 and IPv6 headers.
-const IPV4_TTL: usize = 8;
-const IPV6_HOP_LIMIT: usize = 7;
 /// The traffic class and flow label of an IPv6 header's first word (network order).
 const IPV6_FLOWINFO_MASK: u32 = 0x0FFF_FFFF_u32.to_be();
 
@@ -93,7 +93,7 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
             let (Ok(ttl), Ok(tos), Ok(proto), Ok(tot_len), Ok(src), Ok(dst), Ok(frag_off)) = (
                 ctx.load::<u8>(l3_off + IPV4_TTL),
                 ctx.load::<u8>(l3_off + 1),
-                ctx.load::<u8>(l3_off + 9),
+                ctx.load::<u8>(l3_off + IPV4_PROTO),
                 ctx.load::<u16>(l3_off + 2),
                 ctx.load::<u32>(l3_off + 12),
                 ctx.load::<u32>(l3_off + 16),
@@ -114,7 +114,7 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
             let (Ok(first), Ok(payload_len), Ok(next), Ok(hops), Ok(src), Ok(dst)) = (
                 ctx.load::<u32>(l3_off),
                 ctx.load::<u16>(l3_off + 4),
-                ctx.load::<u8>(l3_off + 6),
+                ctx.load::<u8>(l3_off + IPV6_NEXT_HEADER),
                 ctx.load::<u8>(l3_off + IPV6_HOP_LIMIT),
                 ctx.load::<[u32; 4]>(l3_off + 8),
                 ctx.load::<[u32; 4]>(l3_off + 24),
@@ -250,7 +250,7 @@ fn decrement_hop_limit(
 ) -> Result<(), i64> {
     let lowered = hop_limit - 1;
     if family == AF_INET {
-        let proto: u8 = ctx.load(l3_off + IPV4_TTL + 1)?;
+        let proto: u8 = ctx.load(l3_off + IPV4_PROTO)?;
         let old = u16::from_ne_bytes([hop_limit, proto]);
         let new = u16::from_ne_bytes([lowered, proto]);
         ctx.l3_csum_replace(l3_off + IPV4_CSUM, u64::from(old), u64::from(new), 2)?;

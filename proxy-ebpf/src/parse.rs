@@ -22,9 +22,12 @@ const IPV6_FRAGMENT_HEADER: u8 = 44;
 const IPV6_FRAG_HLEN: usize = 8;
 /// Offset of the checksum inside an IPv4 header.
 pub const IPV4_CSUM: usize = 10;
-/// Offsets of the protocol (IPv4) and next-header (IPv6) fields inside their IP headers.
+/// Offsets of fields inside the IPv4 and IPv6 headers: TTL / hop limit, protocol / next
+/// header.
+pub const IPV4_TTL: usize = 8;
 pub const IPV4_PROTO: usize = 9;
 pub const IPV6_NEXT_HEADER: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
 /// ICMP error types (RFC 792) and ICMPv6 error types (RFC 4443: 1 to 4, destination
 /// unreachable, packet too big, time exceeded, parameter problem).
 const ICMP_DEST_UNREACH: u8 = 3;
