@@ -582,7 +582,8 @@ pub enum Counter {
     SctpPortRewrite = 18,
     /// A packet rewrite or checksum helper failed.
     RewriteFailures = 19,
-    /// ICMP errors about a NATed flow reverse-translated (PMTU discovery).
+    /// ICMP errors about a NATed flow translated (PMTU discovery, TTL expiry, unreachable
+    /// destinations): those arriving at tc ingress and those the node generates, at egress.
     IcmpErrorsTranslated = 20,
     /// New flows sent to the backend remembered by session affinity.
     AffinityHits = 21,
@@ -610,7 +611,8 @@ pub enum Counter {
     /// hop's device), bypassing the node's netfilter and rp_filter.
     FastPathRedirects = 31,
     /// Translated packets the FIB lookup sent to the stack (local destination, no route,
-    /// fragmentation needed, TTL expiring): delivered as without the fast path.
+    /// fragmentation allowed and needed; TTL expiring or a refusing route, unless masqueraded
+    /// or a reply): delivered as without the fast path.
     FastPathFallbacks = 32,
     /// Later fragments of a datagram translated like its first fragment (its flow's entry).
     FragmentsFollowed = 33,
@@ -623,10 +625,26 @@ pub enum Counter {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" the program sent to a client whose
     /// translated packet did not fit the egress MTU (PMTU discovery through a Service).
     IcmpTooBigSent = 36,
+    /// ICMP / ICMPv6 errors the node's own stack generated about a translated packet (TTL
+    /// expired, no route, port unreachable from a local backend…), translated back at tc egress
+    /// so that the client's socket matches them.
+    EgressIcmpErrorsTranslated = 37,
+    /// ICMP / ICMPv6 packets seen at tc egress that are not an error about a translated flow
+    /// (other ICMP types, errors about untranslated or unknown flows): passed untouched.
+    /// Other protocols leave the egress program uncounted (one header byte read).
+    EgressIcmpPassed = 38,
+    /// ICMP / ICMPv6 "time exceeded" the program sent for a translated packet whose TTL / hop
+    /// limit expired at the node and whose source it rewrote (masqueraded, or a reply): the
+    /// stack would drop it as a martian, or send its error to the service address.
+    IcmpTimeExceededSent = 39,
+    /// ICMP host unreachable / administratively prohibited (ICMPv6 no route / prohibited) the
+    /// program sent for such a packet whose destination has an `unreachable` or `prohibit`
+    /// route.
+    IcmpUnreachableSent = 40,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 37] = [
+    pub const ALL: [Counter; 41] = [
         Counter::TcIngressPackets,
         Counter::NewFlows,
         Counter::CtForwardHits,
@@ -664,6 +682,10 @@ impl Counter {
         Counter::FragmentsWithoutFirst,
         Counter::FragmentRecordFailures,
         Counter::IcmpTooBigSent,
+        Counter::EgressIcmpErrorsTranslated,
+        Counter::EgressIcmpPassed,
+        Counter::IcmpTimeExceededSent,
+        Counter::IcmpUnreachableSent,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -705,6 +727,10 @@ impl Counter {
             Counter::FragmentsWithoutFirst => "fragments_without_first",
             Counter::FragmentRecordFailures => "fragment_record_failures",
             Counter::IcmpTooBigSent => "icmp_too_big_sent",
+            Counter::EgressIcmpErrorsTranslated => "egress_icmp_errors_translated",
+            Counter::EgressIcmpPassed => "egress_icmp_passed",
+            Counter::IcmpTimeExceededSent => "icmp_time_exceeded_sent",
+            Counter::IcmpUnreachableSent => "icmp_unreachable_sent",
         }
     }
 }

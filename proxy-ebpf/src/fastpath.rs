@@ -6,8 +6,11 @@
 //! or a masqueraded packet carrying a node address). Everything the FIB cannot forward (a local
 //! destination, no route, an IPv4 packet without DF needing fragmentation, an expiring TTL)
 //! goes to the stack as before. A packet over the egress MTU that may not be fragmented is
-//! answered by the program itself (`reject::too_big`): the stack would quote the translated
-//! packet, which the client cannot match, or drop a masqueraded one as a martian.
+//! answered by the program itself (`reject::refused`): the stack would quote the translated
+//! packet, which the client cannot match, or drop a masqueraded one as a martian. So are a
+//! masqueraded packet whose TTL expires here and one whose destination has an `unreachable` or
+//! `prohibit` route (the stack would drop them as martians before answering); other flows'
+//! get the stack's own error, which the egress program translates (`egress`).
 //! `bpf_redirect_neigh` needs Linux 5.10; every supported kernel has it.
 //!
 //! On a layer-3 device (no link-layer header: tun, WireGuard, IP tunnels) the packet starts at
@@ -20,8 +23,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        TC_ACT_OK, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_OK,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
@@ -30,31 +34,36 @@ use proxy_common::{CONFIG_F_FAST_PATH, Counter, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     maps::{config, count},
-    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_CSUM, L3_OFF_BARE_IP, ethertype},
+    parse::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV4_CSUM, IPV4_PROTO, IPV4_TTL, IPV6_HOP_LIMIT,
+        IPV6_NEXT_HEADER, L3_OFF_BARE_IP, ethertype,
+    },
 };
 
 const OK: i32 = TC_ACT_OK as i32;
 /// What a step returns for a packet it translated: the entry point then delivers it
 /// ([`delivered`]), outside the step's stack frame.
 pub const TRANSLATED: i32 = i32::MIN + 1;
-/// What [`delivered`] returns for a translated packet larger than its egress device's MTU that
-/// may not be fragmented (IPv4 with DF, any IPv6): this plus the MTU (at most 65535), for the
-/// caller to answer the client ([`too_big_mtu`]). Apart from every tc verdict and from the other
-/// markers (all below `i32::MIN + 32`).
-const TOO_BIG_BASE: i32 = i32::MIN + 0x1_0000;
+/// What [`delivered`] returns for a translated packet it refuses to forward with an ICMP error
+/// due: this plus the [`refusal`]. Apart from every tc verdict and from the other markers (all
+/// below `i32::MIN + 32`).
+const REFUSAL_BASE: i32 = i32::MIN + 0x1_0000;
+/// [`refusal`]s other than an MTU (1 to 65535, the packet too big for the egress device and
+/// not to be fragmented: IPv4 with DF, any IPv6): its TTL / hop limit expires here, or its
+/// destination's route is `unreachable` / `prohibit`.
+pub const REFUSED_TIME_EXCEEDED: u32 = 0x1_0000;
+pub const REFUSED_UNREACHABLE: u32 = 0x1_0001;
+pub const REFUSED_PROHIBITED: u32 = 0x1_0002;
 /// IPv4's don't-fragment flag in the (host order) fragment field.
 const IPV4_DF: u16 = 0x4000;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Offsets in the IPv4 and IPv6 headers.
-const IPV4_TTL: usize = 8;
-const IPV6_HOP_LIMIT: usize = 7;
 /// The traffic class and flow label of an IPv6 header's first word (network order).
 const IPV6_FLOWINFO_MASK: u32 = 0x0FFF_FFFF_u32.to_be();
 
 /// The final verdict for a step's `verdict`: a translated packet (whose IP header starts at
 /// `l3_off`) goes through the fast path when the controller turned it on, else to the stack. A
-/// packet the egress MTU refuses comes back as a [`too_big_mtu`] marker, never as a verdict.
+/// packet refused with an ICMP error due comes back as a [`refusal`] marker, never as a verdict.
 #[inline(always)]
 pub fn delivered(ctx: &TcContext, verdict: i32, l3_off: usize) -> i32 {
     if verdict != TRANSLATED {
@@ -84,7 +93,7 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
             let (Ok(ttl), Ok(tos), Ok(proto), Ok(tot_len), Ok(src), Ok(dst), Ok(frag_off)) = (
                 ctx.load::<u8>(l3_off + IPV4_TTL),
                 ctx.load::<u8>(l3_off + 1),
-                ctx.load::<u8>(l3_off + 9),
+                ctx.load::<u8>(l3_off + IPV4_PROTO),
                 ctx.load::<u16>(l3_off + 2),
                 ctx.load::<u32>(l3_off + 12),
                 ctx.load::<u32>(l3_off + 16),
@@ -105,7 +114,7 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
             let (Ok(first), Ok(payload_len), Ok(next), Ok(hops), Ok(src), Ok(dst)) = (
                 ctx.load::<u32>(l3_off),
                 ctx.load::<u16>(l3_off + 4),
-                ctx.load::<u8>(l3_off + 6),
+                ctx.load::<u8>(l3_off + IPV6_NEXT_HEADER),
                 ctx.load::<u8>(l3_off + IPV6_HOP_LIMIT),
                 ctx.load::<[u32; 4]>(l3_off + 8),
                 ctx.load::<[u32; 4]>(l3_off + 24),
@@ -134,10 +143,6 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
         params.__bindgen_anon_1.tot_len =
             gso_segment_len(ctx, l3_off, l3_len, params.l4_protocol, gso_size);
     }
-    // A router must not forward a packet whose TTL runs out: the stack answers it.
-    if hop_limit <= 1 {
-        return fallback();
-    }
     // SAFETY: `params` is a valid `bpf_fib_lookup` of the size given.
     let found = unsafe {
         bpf_fib_lookup(
@@ -148,6 +153,14 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
         )
     };
     let found = u32::try_from(found).unwrap_or(u32::MAX);
+    // In the stack's order: the route, then the TTL, then the MTU (a router must not forward a
+    // packet whose TTL runs out).
+    match found {
+        BPF_FIB_LKUP_RET_UNREACHABLE => return REFUSAL_BASE + REFUSED_UNREACHABLE as i32,
+        BPF_FIB_LKUP_RET_PROHIBIT => return REFUSAL_BASE + REFUSED_PROHIBITED as i32,
+        _ if hop_limit <= 1 => return REFUSAL_BASE + REFUSED_TIME_EXCEEDED as i32,
+        _ => {}
+    }
     if found == BPF_FIB_LKUP_RET_FRAG_NEEDED && !may_fragment {
         // The stack would answer "fragmentation needed" about the translated packet (which the
         // client cannot match), or drop it as a martian when masqueraded: the caller answers.
@@ -157,7 +170,7 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
         if mtu == 0 {
             return fallback();
         }
-        return TOO_BIG_BASE + i32::from(mtu);
+        return REFUSAL_BASE + i32::from(mtu);
     }
     if found != BPF_FIB_LKUP_RET_SUCCESS && found != BPF_FIB_LKUP_RET_NO_NEIGH {
         return fallback();
@@ -182,28 +195,30 @@ fn deliver(ctx: &TcContext, l3_off: usize) -> i32 {
     unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// The MTU a [`delivered`] answer reports as too small for the packet, or 0 for a verdict.
+/// Why a [`delivered`] answer refuses the packet: the egress MTU it does not fit (1 to 65535)
+/// or a `REFUSED_*`; 0 for a verdict.
 #[inline(always)]
-pub fn too_big_mtu(answer: i32) -> u16 {
-    match answer.checked_sub(TOO_BIG_BASE) {
-        Some(mtu) if (1..=0xffff).contains(&mtu) => mtu as u16,
+pub fn refusal(answer: i32) -> u32 {
+    match answer.checked_sub(REFUSAL_BASE) {
+        Some(refusal) if (1..=REFUSED_PROHIBITED as i32).contains(&refusal) => refusal as u32,
         _ => 0,
     }
 }
 
-/// [`delivered`]'s answer for a caller that has no error to send: a packet over the MTU goes to
-/// the stack.
+/// [`delivered`]'s answer for a caller that has no error to send: a refused packet goes to the
+/// stack.
 #[inline(always)]
 pub fn or_stack(answer: i32) -> i32 {
-    if too_big_mtu(answer) == 0 {
+    if refusal(answer) == 0 {
         answer
     } else {
         fallback()
     }
 }
 
+/// Leaves a translated packet to the stack (counted).
 #[inline(always)]
-fn fallback() -> i32 {
+pub fn fallback() -> i32 {
     count(Counter::FastPathFallbacks);
     OK
 }
@@ -235,7 +250,7 @@ fn decrement_hop_limit(
 ) -> Result<(), i64> {
     let lowered = hop_limit - 1;
     if family == AF_INET {
-        let proto: u8 = ctx.load(l3_off + IPV4_TTL + 1)?;
+        let proto: u8 = ctx.load(l3_off + IPV4_PROTO)?;
         let old = u16::from_ne_bytes([hop_limit, proto]);
         let new = u16::from_ne_bytes([lowered, proto]);
         ctx.l3_csum_replace(l3_off + IPV4_CSUM, u64::from(old), u64::from(new), 2)?;

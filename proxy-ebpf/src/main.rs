@@ -1,5 +1,5 @@
 //! kube-ebpf-proxy's kernel programs. Entry points stay thin; the work is in the modules:
-//! `parse` (headers), `frag` (fragments follow their first), `service` (lookup,
+//! `parse` (headers), `egress` (the node's ICMP errors about translated flows), `frag` (fragments follow their first), `service` (lookup,
 //! classification, backend choice), `conntrack`, `nat` (rewrites and checksums), `sctp` (its
 //! CRC32c), `reject` (ICMP generation: REJECT, packet too big), `icmp` (error translation),
 //! `sock` (host-originated traffic) and `maps`.
@@ -7,6 +7,7 @@
 #![no_main]
 
 mod conntrack;
+mod egress;
 mod fastpath;
 mod frag;
 mod icmp;
@@ -39,6 +40,18 @@ pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
     match tc::try_ingress(&ctx, parse::L3_OFF_BARE_IP) {
         Ok(verdict) | Err(verdict) => verdict,
     }
+}
+
+/// The egress of the same Ethernet devices: the node's ICMP errors about translated flows.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    egress::egress(&ctx, parse::L3_OFF_ETHERNET)
+}
+
+/// The egress of the same layer-3 devices.
+#[classifier]
+pub fn tc_egress_l3(ctx: TcContext) -> i32 {
+    egress::egress(&ctx, parse::L3_OFF_BARE_IP)
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -22,6 +22,19 @@ const IPV6_FRAGMENT_HEADER: u8 = 44;
 const IPV6_FRAG_HLEN: usize = 8;
 /// Offset of the checksum inside an IPv4 header.
 pub const IPV4_CSUM: usize = 10;
+/// Offsets of fields inside the IPv4 and IPv6 headers: TTL / hop limit, protocol / next
+/// header.
+pub const IPV4_TTL: usize = 8;
+pub const IPV4_PROTO: usize = 9;
+pub const IPV6_NEXT_HEADER: usize = 6;
+pub const IPV6_HOP_LIMIT: usize = 7;
+/// ICMP error types (RFC 792) and ICMPv6 error types (RFC 4443: 1 to 4, destination
+/// unreachable, packet too big, time exceeded, parameter problem).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
 
 /// Where the IP header starts in the packets of the device a tc program runs on: after the
 /// Ethernet header, or at the start of the packet on layer-3 devices (tun, WireGuard, IP
@@ -466,8 +479,10 @@ fn parse_l4(
     Ok(Parsed::Flow)
 }
 
-/// ICMP destination-unreachable (fragmentation needed included) and ICMPv6 destination
-/// unreachable / packet too big carry the packet that caused them; everything else passes.
+/// ICMP errors carry the packet that caused them: destination unreachable (fragmentation
+/// needed included), time exceeded and parameter problem, and ICMPv6's destination unreachable,
+/// packet too big, time exceeded and parameter problem (RFC 792, RFC 4443). Everything else
+/// passes.
 #[inline(always)]
 fn parse_icmp(
     ctx: &TcContext,
@@ -485,9 +500,12 @@ fn parse_icmp(
     }
     let icmp_type: u8 = ctx.load(icmp_off).map_err(fail)?;
     let is_error = if family == FAMILY_IPV4 {
-        icmp_type == 3
+        matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
     } else {
-        icmp_type == 1 || icmp_type == 2
+        (ICMPV6_DEST_UNREACH..=ICMPV6_PARAMETER_PROBLEM).contains(&icmp_type)
     };
     if !is_error {
         let echo_request = if family == FAMILY_IPV4 { 8 } else { 128 };

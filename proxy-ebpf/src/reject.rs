@@ -1,7 +1,8 @@
 //! REJECT: turns the packet into an ICMP / ICMPv6 port unreachable addressed to its sender and
 //! sends it back out of the interface it came in on (an Ethernet frame with the addresses
 //! swapped, or on a layer-3 device a bare IP packet). The same builder answers a translated
-//! packet too big for its egress device (`too_big`). Like kube-proxy's nftables `reject`, this
+//! packet the fast path refuses (`refused`: too big for its egress device, TTL expiring, a
+//! refusing route). Like kube-proxy's nftables `reject`, this
 //! is ICMP for every protocol (TCP included): a TCP client gets ECONNREFUSED from it.
 
 use aya_ebpf::{
@@ -14,6 +15,7 @@ use aya_ebpf::{
 use proxy_common::{Addr, Counter, FAMILY_IPV4, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use crate::{
+    fastpath::{REFUSED_PROHIBITED, REFUSED_TIME_EXCEEDED, REFUSED_UNREACHABLE, fallback},
     maps::count,
     parse::{self, IPV4_HLEN, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, L3_OFF_BARE_IP},
 };
@@ -149,13 +151,19 @@ pub fn reject(ctx: &TcContext, family: u8, l3_off: usize) -> i32 {
     answer(ctx, family, kind, l3_off)
 }
 
-/// Replaces the translated packet of the parsed flow, which does not fit the egress device's
-/// `mtu`, with an ICMP "fragmentation needed" / ICMPv6 "packet too big" for its sender, about
-/// the packet as the sender sent it and from the address it sent to, so that the sender's PMTU
-/// discovery matches it to its socket. A fragment, or a packet whose headers the error could
-/// not quote as sent, goes to the stack instead (counted as a fast-path fallback).
+/// Replaces the translated packet of the parsed flow, which the fast path refused
+/// (`fastpath::refusal`), with the ICMP error for its sender, about the packet as the sender
+/// sent it and from the address it sent to, so that the sender matches it to its socket:
+/// "fragmentation needed" / "packet too big" carrying the egress MTU, "time exceeded", or
+/// "destination unreachable" (host unreachable / no route; administratively prohibited). An
+/// expired TTL or a refusing route of a packet whose source the translation kept (a forward
+/// packet not masqueraded) goes to the stack instead, which answers as it does for kube-proxy
+/// (its own address, its rate limits) and whose error the egress program translates; with its
+/// source rewritten (masqueraded, or a reply), the stack would drop it as a martian or send its
+/// error to the service address. A fragment, or a packet whose headers the error could not
+/// quote as sent, goes to the stack too (counted as a fast-path fallback).
 #[inline(never)]
-pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
+pub fn refused(ctx: &TcContext, refusal: u32) -> i32 {
     let Some(parsed) = parse::scratch() else {
         return TC_ACT_OK as i32;
     };
@@ -167,20 +175,40 @@ pub fn too_big(ctx: &TcContext, mtu: u16) -> i32 {
     };
     let l3_off = usize::from(flow.l3_off);
     if flow.later_fragment || flow.l4_off != l3_off + plain_hlen {
-        count(Counter::FastPathFallbacks);
-        return TC_ACT_OK as i32;
+        return fallback();
+    }
+    let (v4, v6, info, counter) = match refusal {
+        REFUSED_TIME_EXCEEDED => ((11, 0), (3, 0), 0, Counter::IcmpTimeExceededSent),
+        REFUSED_UNREACHABLE => ((3, 1), (1, 0), 0, Counter::IcmpUnreachableSent),
+        REFUSED_PROHIBITED => ((3, 13), (1, 1), 0, Counter::IcmpUnreachableSent),
+        mtu => ((3, 4), (2, 0), mtu.to_be(), Counter::IcmpTooBigSent),
+    };
+    if refusal > 0xffff && !source_rewritten(ctx, flow) {
+        return fallback();
     }
     let kind = ErrorKind {
-        v4: (3, 4),
-        v6: (2, 0),
-        info: u32::from(mtu).to_be(),
+        v4,
+        v6,
+        info,
         quote_original: true,
     };
     let verdict = answer(ctx, flow.family, kind, l3_off);
     if verdict != TC_ACT_SHOT as i32 {
-        count(Counter::IcmpTooBigSent);
+        count(counter);
     }
     verdict
+}
+
+/// Whether the translated packet's source differs from the one its sender gave it.
+#[inline(always)]
+fn source_rewritten(ctx: &TcContext, flow: &parse::Flow) -> bool {
+    if flow.family == FAMILY_IPV4 {
+        ctx.load::<u32>(flow.src_off())
+            .is_ok_and(|src| src != flow.src[0])
+    } else {
+        ctx.load::<Addr>(flow.src_off())
+            .is_ok_and(|src| src != flow.src)
+    }
 }
 
 #[inline(always)]

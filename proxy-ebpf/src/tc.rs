@@ -13,7 +13,7 @@ use proxy_common::{
 
 use crate::{
     conntrack,
-    fastpath::{TRANSLATED, delivered, or_stack, too_big_mtu},
+    fastpath::{TRANSLATED, delivered, or_stack, refusal},
     icmp,
     maps::{CONNTRACK, VIPS, config, count},
     nat::{self, Endpoint, Target},
@@ -54,9 +54,9 @@ pub fn try_ingress(ctx: &TcContext, l3_off: usize) -> Result<i32, i32> {
     }
     // The SCTP checksum covers the rewritten ports: fixed before the packet is delivered.
     let answer = delivered(ctx, sctp::finish(ctx, verdict), l3_off);
-    match too_big_mtu(answer) {
+    match refusal(answer) {
         0 => Ok(answer),
-        mtu => Ok(reject::too_big(ctx, mtu)),
+        refused => Ok(reject::refused(ctx, refused)),
     }
 }
 

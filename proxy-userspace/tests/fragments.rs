@@ -156,26 +156,9 @@ fn eventually<T>(
         match exchange() {
             Ok(answer) => return answer,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("{what}: {e}; counters:\n{}", stats(cluster)),
+            Err(e) => panic!("{what}: {e}; counters:\n{}", cluster.stats()),
         }
     }
-}
-
-fn stats(cluster: &Cluster) -> String {
-    proxy_lab::run(
-        std::process::Command::new(BINARY)
-            .args(["stats", "--bpf-pin-path"])
-            .arg(cluster.pin_dir.path()),
-    )
-    .unwrap_or_else(|e| e.to_string())
-}
-
-fn counter(cluster: &Cluster, name: &str) -> u64 {
-    proxy_userspace::dataplane::read_counters(cluster.pin_dir.path())
-        .expect("read the counters")
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map_or(0, |(_, value)| *value)
 }
 
 /// A cluster with a `big` pod on node2 serving [`BigServer`] and a `toolbox` client pod on
@@ -242,7 +225,7 @@ fn a_4000_byte_udp_datagram_through_a_cluster_ip_arrives_whole_and_so_does_its_a
                 .unwrap_or_else(|e| {
                     panic!(
                         "{DATAGRAM_LEN}-byte datagram to {vip}, round {round}: {e}; counters:\n{}",
-                        stats(&cluster)
+                        cluster.stats()
                     )
                 });
             assert_eq!(answer.len(), DATAGRAM_LEN, "{vip}: the echo's length");
@@ -252,9 +235,9 @@ fn a_4000_byte_udp_datagram_through_a_cluster_ip_arrives_whole_and_so_does_its_a
     // Each datagram and each echo is 3 fragments: 2 later ones each way per exchange, all of
     // them translated on node1 (4 exchanges × 2 directions × 2 families at least).
     assert!(
-        counter(&cluster, "fragments_followed") >= 2 * 2 * 5 * 2,
+        cluster.counter("fragments_followed") >= 2 * 2 * 5 * 2,
         "later fragments followed their first:\n{}",
-        stats(&cluster)
+        cluster.stats()
     );
 }
 
@@ -350,8 +333,8 @@ fn tcp_through_a_node_port_and_a_cluster_ip_completes_over_a_path_with_a_1280_by
     });
     assert_eq!(read, TRANSFER_LEN, "{vip6}: bytes the backend read");
     assert!(
-        counter(&cluster, "icmp_too_big_sent") >= 2,
+        cluster.counter("icmp_too_big_sent") >= 2,
         "both clients were told the path's MTU by the program:\n{}",
-        stats(&cluster)
+        cluster.stats()
     );
 }

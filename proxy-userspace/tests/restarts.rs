@@ -395,20 +395,31 @@ fn restart_under_load(cluster: &mut Cluster, count: usize) -> String {
 
 /// The tc programs on node1's `interface` ingress: (TCX programs, `tc filter show` lines naming
 /// ours).
+/// The proxy's programs on `interface`, ingress and egress together: (TCX programs, clsact
+/// filters).
 fn tc_programs(cluster: &Cluster, interface: &str) -> (usize, usize) {
-    let name = interface.to_owned();
-    let tcx = cluster.nodes[0]
-        .enter(move || SchedClassifier::query_tcx(&name, TcAttachType::Ingress))
-        .expect("enter node1")
-        .map_or(0, |(_, programs)| programs.len());
-    let filters = proxy_lab::run(
-        cluster.nodes[0]
-            .command("tc")
-            .args(["filter", "show", "dev", interface, "ingress"]),
-    )
-    .unwrap_or_default();
-    let ours = filters.lines().filter(|l| l.contains("tc_ingress")).count();
-    (tcx, ours)
+    let mut counts = (0, 0);
+    for (hook, direction) in [
+        (TcAttachType::Ingress, "ingress"),
+        (TcAttachType::Egress, "egress"),
+    ] {
+        let name = interface.to_owned();
+        counts.0 += cluster.nodes[0]
+            .enter(move || SchedClassifier::query_tcx(&name, hook))
+            .expect("enter node1")
+            .map_or(0, |(_, programs)| programs.len());
+        let filters = proxy_lab::run(
+            cluster.nodes[0]
+                .command("tc")
+                .args(["filter", "show", "dev", interface, direction]),
+        )
+        .unwrap_or_default();
+        counts.1 += filters
+            .lines()
+            .filter(|l| l.contains("tc_ingress") || l.contains("tc_egress"))
+            .count();
+    }
+    counts
 }
 
 fn node1_interfaces(cluster: &Cluster) -> Vec<String> {
@@ -436,12 +447,13 @@ fn restarts_under_load_break_no_connection_and_lose_no_reply() {
     let (mut cluster, _servers) = restart_cluster(&[]);
     let summary = restart_under_load(&mut cluster, 10);
     eprintln!("{summary}");
-    // Replaced in place: one program per interface after ten starts, held by its pinned link.
+    // Replaced in place: one program per hook and interface after ten starts, each held by its
+    // pinned link.
     for interface in node1_interfaces(&cluster) {
         assert_eq!(
             tc_programs(&cluster, &interface),
-            (1, 0),
-            "{interface}: one TCX program, no clsact filter"
+            (2, 0),
+            "{interface}: one TCX program per hook, no clsact filter"
         );
         assert!(
             pinned_links(&cluster).contains(&format!("tc-ingress-{interface}")),
@@ -459,8 +471,8 @@ fn restarts_in_netlink_mode_break_no_connection_and_lose_no_reply() {
     for interface in node1_interfaces(&cluster) {
         assert_eq!(
             tc_programs(&cluster, &interface),
-            (0, 1),
-            "{interface}: our clsact filter, replaced in place (not added again)"
+            (0, 2),
+            "{interface}: our clsact filters, replaced in place (not added again)"
         );
     }
     assert!(
@@ -688,7 +700,7 @@ fn programs_stay_attached_without_a_proxy_pins_follow_interfaces_and_cleanup_rem
     cluster.stop_proxy(Signal::SIGTERM);
     // No proxy runs: its filters and cgroup links still serve.
     for interface in &interfaces {
-        assert_eq!(tc_programs(&cluster, interface), (0, 1), "{interface}");
+        assert_eq!(tc_programs(&cluster, interface), (0, 2), "{interface}");
     }
     wait_connects(&cluster.pod("toolbox").netns, WEB_VIP);
     assert!(
@@ -699,7 +711,7 @@ fn programs_stay_attached_without_a_proxy_pins_follow_interfaces_and_cleanup_rem
     cluster.set_proxy_flags(&["--tc-attach", "tcx"]);
     cluster.start_proxy().expect("the proxy starts in TCX mode");
     for interface in &interfaces {
-        assert_eq!(tc_programs(&cluster, interface), (1, 0), "{interface}");
+        assert_eq!(tc_programs(&cluster, interface), (2, 0), "{interface}");
     }
     // An interface that goes away while no proxy runs: the next proxy removes its pins.
     cluster.nodes[0]
@@ -708,7 +720,13 @@ fn programs_stay_attached_without_a_proxy_pins_follow_interfaces_and_cleanup_rem
     cluster.nodes[0]
         .ip(&["link", "set", "kx0", "up"])
         .expect("set kx0 up");
-    let extra = ["tc-ingress-kx0".to_owned(), "tc-ingress-kx1".to_owned()];
+    let extra = [
+        "tc-ingress-kx0",
+        "tc-ingress-kx1",
+        "tc-egress-kx0",
+        "tc-egress-kx1",
+    ]
+    .map(str::to_owned);
     let deadline = Instant::now() + UPDATE_BOUND;
     while !extra.iter().all(|l| pinned_links(&cluster).contains(l)) {
         assert!(

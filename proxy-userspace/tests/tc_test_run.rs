@@ -5,15 +5,14 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 
-use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{Icmpv4Type, Icmpv6Type};
 use proxy_common::{
     AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
     CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
     CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
-    CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD, SVC_F_HAS_CLUSTER_SCOPE,
-    SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
+    CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
+    SVC_F_HAS_CLUSTER_SCOPE, SVC_F_SOURCE_RANGES, ServiceValue, VIP_F_CLUSTER_IP,
 };
 use proxy_lab::PinDir;
 use proxy_userspace::dataplane::{
@@ -528,6 +527,165 @@ fn fragments_follow_their_first_fragment() {
     }
 }
 
+/// An ICMP (`proto` 1) or ICMPv6 (58) error frame from `from` to `to` of `kind` and `code`,
+/// with `info` in the header's last four bytes, quoting `quoted`; valid checksums.
+fn icmp_error(
+    from: IpAddr,
+    to: IpAddr,
+    (proto, kind, code): (u8, u8, u8),
+    info: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let builder = packet::frame_builder(from, to);
+    let mut error = Vec::new();
+    if proto == IPPROTO_ICMPV6 {
+        builder
+            .icmpv6(Icmpv6Type::Unknown {
+                type_u8: kind,
+                code_u8: code,
+                bytes5to8: info,
+            })
+            .write(&mut error, quoted)
+    } else {
+        builder
+            .icmpv4(Icmpv4Type::Unknown {
+                type_u8: kind,
+                code_u8: code,
+                bytes5to8: info,
+            })
+            .write(&mut error, quoted)
+    }
+    .expect("build the ICMP error");
+    error
+}
+
+/// The node's own ICMP errors about a translated packet (its stack forwarding the client's
+/// packet after DNAT: TTL expired, no route, parameter problem) quote the packet as translated.
+/// The egress program gives them the flow's translation back on their way to the client, so
+/// that the client's socket matches them; the ingress program does the same for such errors
+/// arriving from a router. An error about no flow, and any other packet, pass untouched.
+#[test]
+fn node_generated_icmp_errors_about_translated_flows_are_translated_at_egress() {
+    for v6 in [false, true] {
+        // (ICMP type, code) of time exceeded, host / no-route unreachable, parameter problem.
+        let (proto, ip_len, router, kinds) = if v6 {
+            (IPPROTO_ICMPV6, 40, "fd00:1::1", [(3, 0), (1, 0), (4, 0)])
+        } else {
+            (IPPROTO_ICMP, 20, "10.0.0.1", [(11, 0), (3, 1), (12, 0)])
+        };
+        let router: IpAddr = router.parse().unwrap();
+        for (kind, code) in kinds {
+            for program in [dataplane::TC_EGRESS, dataplane::TC_INGRESS] {
+                let case = format!("v6 {v6} type {kind} code {code} {program}");
+                let mut fx = Fixture::new();
+                let (client, frontend, backend) = addresses(v6);
+                fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+                let (_, translated) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+                let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
+                let error = icmp_error(router, client.ip(), (proto, kind, code), [0; 4], quoted);
+                let (verdict, out) =
+                    dataplane::run_tc(&fx.loaded, program, &error, 0).expect("BPF_PROG_TEST_RUN");
+                assert_eq!(verdict, TC_ACT_OK, "{case}");
+                let s = packet::summarize(&out).unwrap();
+                assert_eq!(
+                    (s.src.ip(), s.dst.ip()),
+                    (router, client.ip()),
+                    "{case}: outer addresses unchanged (a router's error, to the client)"
+                );
+                assert_eq!(
+                    s.quoted,
+                    Some((client, frontend)),
+                    "{case}: quoted packet as the client sent it"
+                );
+                assert!(
+                    s.checksums_ok,
+                    "{case}: outer, quoted-header and ICMP checksums"
+                );
+                let egress = usize::from(program == dataplane::TC_EGRESS);
+                assert_eq!(
+                    fx.counter("egress_icmp_errors_translated"),
+                    egress as u64,
+                    "{case}"
+                );
+                assert_eq!(fx.counter("icmp_errors_translated"), 1, "{case}");
+
+                // An error quoting a packet of no flow (the client's own, untranslated) passes.
+                let untranslated = packet::build(client, frontend, IPPROTO_TCP, b"");
+                let quoted = &untranslated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
+                let error = icmp_error(router, client.ip(), (proto, kind, code), [0; 4], quoted);
+                let (verdict, out) =
+                    dataplane::run_tc(&fx.loaded, program, &error, 0).expect("BPF_PROG_TEST_RUN");
+                assert_eq!((verdict, &out), (TC_ACT_OK, &error), "{case}: no flow");
+                assert_eq!(
+                    fx.counter("egress_icmp_passed"),
+                    egress as u64,
+                    "{case}: no flow"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_egress_programs_pass_every_other_packet_untouched_and_uncounted() {
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = addresses(v6);
+        fx.service(1, frontend, IPPROTO_TCP, &[backend], |_| {});
+        let (_, translated) = fx.run(&packet::build(client, frontend, IPPROTO_TCP, b""));
+        let reply = packet::build(backend, client, IPPROTO_TCP, b"hello");
+        for frame in [translated, reply, echo_request(client.ip(), frontend.ip())] {
+            let (verdict, out) = dataplane::run_tc(&fx.loaded, dataplane::TC_EGRESS, &frame, 0)
+                .expect("BPF_PROG_TEST_RUN");
+            assert_eq!((verdict, &out), (TC_ACT_OK, &frame), "v6 {v6}");
+        }
+        assert_eq!(fx.counter("egress_icmp_errors_translated"), 0, "v6 {v6}");
+        // The echo request is ICMP: counted as passed; TCP leaves after one byte, uncounted.
+        assert_eq!(fx.counter("egress_icmp_passed"), 1, "v6 {v6}");
+        assert_eq!(
+            fx.counter("ct_reply_hits"),
+            0,
+            "v6 {v6}: egress never reverse-translates"
+        );
+    }
+    // The layer-3 devices' variant: an error about a translated flow, as a bare IP packet.
+    for v6 in [false, true] {
+        let mut fx = Fixture::new();
+        let (client, frontend, backend) = l3_addresses(v6);
+        fx.service(1, frontend, IPPROTO_UDP, &[backend], |_| {});
+        let (_, translated) = fx.run_l3(&bare_ip(client, frontend, IPPROTO_UDP));
+        let (proto, ip_len, kind) = if v6 {
+            (IPPROTO_ICMPV6, 40, 3)
+        } else {
+            (IPPROTO_ICMP, 20, 11)
+        };
+        // A source that gives the test run's `skb->protocol` the family (see `l3_addresses`).
+        let router: IpAddr = if v6 { "fd00:1:86dd::1" } else { "8.0.0.1" }
+            .parse()
+            .unwrap();
+        let error = icmp_error(
+            router,
+            client.ip(),
+            (proto, kind, 0),
+            [0; 4],
+            &translated[..ip_len + 8],
+        );
+        let (verdict, out) = dataplane::run_tc(
+            &fx.loaded,
+            dataplane::TC_EGRESS_L3,
+            &error[packet::ETH_HLEN..],
+            0,
+        )
+        .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(verdict, TC_ACT_OK, "v6 {v6}");
+        assert_eq!(
+            summarize_bare_ip(&out).quoted,
+            Some((client, frontend)),
+            "v6 {v6}: layer-3 egress"
+        );
+    }
+}
+
 #[test]
 fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
     for v6 in [false, true] {
@@ -538,22 +696,19 @@ fn icmp_fragmentation_needed_from_the_backend_reaches_the_client_translated() {
         let (_, translated) = fx.run(&syn);
         // The backend answers a too-big packet of the flow with "fragmentation needed" /
         // "packet too big", quoting the packet as it received it (client → backend).
-        let ip_len = if v6 { 40 } else { 20 };
-        let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
-        let builder = packet::frame_builder(backend.ip(), client.ip());
-        let mut error = Vec::new();
-        if v6 {
-            builder
-                .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1500 })
-                .write(&mut error, quoted)
+        let (ip_len, proto, kind, code) = if v6 {
+            (40, IPPROTO_ICMPV6, 2, 0)
         } else {
-            builder
-                .icmpv4(Icmpv4Type::DestinationUnreachable(
-                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1500 },
-                ))
-                .write(&mut error, quoted)
-        }
-        .expect("build the ICMP error");
+            (20, IPPROTO_ICMP, 3, 4)
+        };
+        let quoted = &translated[packet::ETH_HLEN..packet::ETH_HLEN + ip_len + 8];
+        let error = icmp_error(
+            backend.ip(),
+            client.ip(),
+            (proto, kind, code),
+            [0, 0, 0x05, 0xdc],
+            quoted,
+        );
         let (code, out) = fx.run(&error);
         assert_eq!(code, TC_ACT_OK);
         let s = packet::summarize(&out).unwrap();

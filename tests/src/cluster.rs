@@ -380,6 +380,30 @@ status:
         )
     }
 
+    /// `kube-ebpf-proxy stats` of the cluster's pins (for a failing test's message), or the
+    /// error that kept it from running.
+    pub fn stats(&self) -> String {
+        let args = [
+            "stats",
+            "--bpf-pin-path",
+            &self.pin_dir.path().to_string_lossy(),
+        ];
+        self.proxy_command(&args.map(str::to_owned))
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    /// The value of the dataplane counter `name` (summed over CPUs, as `stats` prints it); 0
+    /// when `stats` does not print it.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()
+            .lines()
+            .find_map(|line| match line.split_once(' ') {
+                Some((n, value)) if n == name => value.parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
     /// Runs `script` with bash in node1 inside the test's cgroup (where the socket hooks act),
     /// bounded by `timeout 5`.
     pub fn node_shell(&self, script: &str) -> Result<std::process::Output> {

@@ -40,7 +40,7 @@ pub struct Suite {
 /// The protections of the hardened runs, on the host as in the VM.
 pub const HARDENED_PROTECTIONS: &str = "firewall,rp_filter";
 /// The test targets that run a second time on hardened nodes, on the host as in the VM.
-pub const HARDENED_TARGETS: &[&str] = &["services", "traffic", "fragments"];
+pub const HARDENED_TARGETS: &[&str] = &["services", "traffic", "fragments", "icmp_errors"];
 
 const fn suite(target: &'static str) -> Suite {
     Suite {
@@ -69,8 +69,10 @@ pub const KERNEL_SUITES: &[Suite] = &[
     suite("restarts"),
     suite("snat_load"),
     suite("fragments"),
+    suite("icmp_errors"),
     hardened("traffic-hardened", "traffic"),
     hardened("fragments-hardened", "fragments"),
+    hardened("icmp_errors-hardened", "icmp_errors"),
     hardened("services-hardened", "services"),
 ];
 /// The suites `cargo xtask test` leaves out of its 6.1 VM run, each for a reason the README's

@@ -10,7 +10,7 @@ use procfs_core::process::MountInfos;
 use netlink_packet_route::link::LinkLayerType;
 
 use super::Loaded;
-use super::loader::{SOCK_ADDR_PROGRAMS, TC_INGRESS, TC_INGRESS_L3};
+use super::loader::{SOCK_ADDR_PROGRAMS, TC_EGRESS, TC_EGRESS_L3, TC_INGRESS, TC_INGRESS_L3};
 use super::watch::{Link, WatchError, list_links};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,12 +115,42 @@ impl LinkLayer {
         }
     }
 
-    /// The tc program for this link layer, if there is one.
-    pub fn tc_program(self) -> Option<&'static str> {
+    /// The tc programs for this link layer, if there are any.
+    pub fn tc_programs(self) -> Option<TcPrograms> {
         match self {
-            Self::Ethernet => Some(TC_INGRESS),
-            Self::BareIp => Some(TC_INGRESS_L3),
+            Self::Ethernet => Some(TcPrograms {
+                ingress: TC_INGRESS,
+                egress: TC_EGRESS,
+            }),
+            Self::BareIp => Some(TcPrograms {
+                ingress: TC_INGRESS_L3,
+                egress: TC_EGRESS_L3,
+            }),
             Self::Other(_) => None,
+        }
+    }
+}
+
+/// The programs an interface gets: translation at ingress, the node's ICMP errors about
+/// translated flows at egress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcPrograms {
+    pub ingress: &'static str,
+    pub egress: &'static str,
+}
+
+/// The two tc hooks, each with its program of a [`TcPrograms`] and the prefix of its links'
+/// pin names.
+const HOOKS: [(TcAttachType, &str); 2] = [
+    (TcAttachType::Ingress, "tc-ingress-"),
+    (TcAttachType::Egress, "tc-egress-"),
+];
+
+impl TcPrograms {
+    fn of_hook(self, hook: TcAttachType) -> &'static str {
+        match hook {
+            TcAttachType::Egress => self.egress,
+            _ => self.ingress,
         }
     }
 }
@@ -210,31 +240,35 @@ pub fn links_dir(pin_path: &Path) -> PathBuf {
     pin_path.join("links")
 }
 
-/// Prefix of the tc links' pin names; the interface name follows, escaped (bpffs refuses names
-/// with a dot, which interface names such as VLANs' `eth0.100` may have).
-const TC_LINK_PREFIX: &str = "tc-ingress-";
-
-fn tc_link_pin(links: &Path, interface: &str) -> PathBuf {
+/// The pin of a tc link: the hook's prefix ([`HOOKS`]), then the interface name, escaped (bpffs
+/// refuses names with a dot, which interface names such as VLANs' `eth0.100` may have).
+fn tc_link_pin(links: &Path, prefix: &str, interface: &str) -> PathBuf {
     let escaped = interface.replace('%', "%25").replace('.', "%2e");
-    links.join(format!("{TC_LINK_PREFIX}{escaped}"))
+    links.join(format!("{prefix}{escaped}"))
 }
 
-/// The interface a tc link pin name is for.
+/// The interface a tc link pin name (of either hook) is for.
 fn tc_link_interface(pin_name: &str) -> Option<String> {
-    let escaped = pin_name.strip_prefix(TC_LINK_PREFIX)?;
+    let escaped = HOOKS
+        .iter()
+        .find_map(|(_, prefix)| pin_name.strip_prefix(prefix))?;
     Some(escaped.replace("%2e", ".").replace("%25", "%"))
 }
 
-/// Removes this proxy's clsact filter from `interface`; `false` when there was none.
+/// Removes this proxy's clsact filters (ingress and egress) from `interface`; `false` when
+/// there was none.
 pub(super) fn remove_netlink_filter(interface: &str) -> bool {
-    SchedClassifierLink::attached(
-        interface,
-        TcAttachType::Ingress,
-        NETLINK_PRIORITY,
-        NETLINK_HANDLE,
-        None,
-    )
-    .is_ok_and(|link| link.detach().is_ok())
+    let mut removed = false;
+    for (hook, _) in HOOKS {
+        removed |= remove_netlink_filter_of(interface, hook);
+    }
+    removed
+}
+
+/// Removes this proxy's clsact filter from `interface`'s `hook`; `false` when there was none.
+fn remove_netlink_filter_of(interface: &str, hook: TcAttachType) -> bool {
+    SchedClassifierLink::attached(interface, hook, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+        .is_ok_and(|link| link.detach().is_ok())
 }
 
 /// Removes a pinned link; an absent pin is not an error. The link (and the attachment) goes
@@ -249,15 +283,15 @@ fn unpin(path: &Path) -> Result<(), AttachError> {
     }
 }
 
-/// The interfaces the tc ingress programs are attached to. Attachments outlive the process: TCX
+/// The interfaces the tc programs are attached to (ingress and egress). Attachments outlive the process: TCX
 /// links are pinned under the pin path's `links/`, clsact filters stay in the kernel. A new
 /// proxy replaces the program of each in place (no moment without one) and removes those of
 /// interfaces no longer selected.
 pub struct Attachments {
     /// Attached interface names (sorted).
     pub interfaces: Vec<String>,
-    /// The program attached to each of `interfaces` (same order).
-    programs: Vec<&'static str>,
+    /// The programs attached to each of `interfaces` (same order).
+    programs: Vec<TcPrograms>,
     mode: TcAttachMode,
     links: PathBuf,
     /// Interfaces no program is for, already reported (warned about once).
@@ -294,33 +328,59 @@ impl Attachments {
         }
     }
 
-    /// Puts the tc program `name` ([`LinkLayer::tc_program`]) on `interface`'s ingress,
-    /// replacing the program of an attachment an earlier proxy (or an earlier link layer of the
+    /// Puts the tc programs ([`LinkLayer::tc_programs`]) on `interface`'s ingress and egress,
+    /// replacing the programs of attachments an earlier proxy (or an earlier link layer of the
     /// same name) left there, atomically: packets see the old program or the new one.
     pub fn attach(
         &mut self,
         loaded: &mut Loaded,
         interface: &str,
+        programs: TcPrograms,
+    ) -> Result<(), AttachError> {
+        std::fs::create_dir_all(&self.links).map_err(|source| AttachError::LinksDir {
+            path: self.links.clone(),
+            source,
+        })?;
+        for (hook, prefix) in HOOKS {
+            let pin = tc_link_pin(&self.links, prefix, interface);
+            self.attach_hook(loaded, interface, programs.of_hook(hook), hook, &pin)?;
+        }
+        match self
+            .interfaces
+            .binary_search_by(|n| n.as_str().cmp(interface))
+        {
+            Ok(at) => self.programs[at] = programs,
+            Err(at) => {
+                self.interfaces.insert(at, interface.to_owned());
+                self.programs.insert(at, programs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts program `name` on `interface`'s `hook`, its TCX link pinned at `pin` (see
+    /// [`Self::attach`]).
+    fn attach_hook(
+        &self,
+        loaded: &mut Loaded,
+        interface: &str,
         name: &'static str,
+        hook: TcAttachType,
+        pin: &Path,
     ) -> Result<(), AttachError> {
         let failed = |source| AttachError::Attach {
             program: name,
             interface: interface.to_owned(),
             source,
         };
-        std::fs::create_dir_all(&self.links).map_err(|source| AttachError::LinksDir {
-            path: self.links.clone(),
-            source,
-        })?;
         let program = tc_program(loaded, name)?;
-        let pin = tc_link_pin(&self.links, interface);
         match self.mode {
             TcAttachMode::Tcx => {
-                if !replace_pinned_tcx(program, name, &pin, interface)? {
+                if !replace_pinned_tcx(program, name, pin, interface)? {
                     let id = program
                         .attach_with_options(
                             interface,
-                            TcAttachType::Ingress,
+                            hook,
                             TcAttachOptions::TcxOrder(LinkOrder::default()),
                         )
                         .map_err(failed)?;
@@ -330,20 +390,20 @@ impl Attachments {
                             source,
                         },
                     )?;
-                    link.pin(&pin).map_err(|source| AttachError::Pin {
-                        path: pin.clone(),
+                    link.pin(pin).map_err(|source| AttachError::Pin {
+                        path: pin.to_owned(),
                         source,
                     })?;
                 }
                 // Switched from netlink mode: the TCX program runs first, the filter goes now.
-                remove_netlink_filter(interface);
+                remove_netlink_filter_of(interface, hook);
             }
             TcAttachMode::Netlink | TcAttachMode::Auto => {
                 // An existing clsact qdisc is fine: ours or another tool's.
                 let _ = tc::qdisc_add_clsact(interface);
                 let existing = SchedClassifierLink::attached(
                     interface,
-                    TcAttachType::Ingress,
+                    hook,
                     NETLINK_PRIORITY,
                     NETLINK_HANDLE,
                     None,
@@ -356,7 +416,7 @@ impl Attachments {
                     Err(_) => program
                         .attach_with_options(
                             interface,
-                            TcAttachType::Ingress,
+                            hook,
                             TcAttachOptions::Netlink(NlOptions {
                                 priority: NETLINK_PRIORITY,
                                 handle: NETLINK_HANDLE,
@@ -370,36 +430,28 @@ impl Attachments {
                 // forget it deliberately.
                 std::mem::forget(program.take_link(id).map_err(failed)?);
                 // Switched from TCX mode: its link goes after the filter is in place.
-                unpin(&pin)?;
-            }
-        }
-        match self
-            .interfaces
-            .binary_search_by(|n| n.as_str().cmp(interface))
-        {
-            Ok(at) => self.programs[at] = name,
-            Err(at) => {
-                self.interfaces.insert(at, interface.to_owned());
-                self.programs.insert(at, name);
+                unpin(pin)?;
             }
         }
         Ok(())
     }
 
-    /// Removes the program from `interface` (its pinned link or its filter).
+    /// Removes the programs from `interface` (their pinned links or their filters).
     pub fn detach(&mut self, interface: &str) -> Result<(), AttachError> {
         if let Some(at) = self.interfaces.iter().position(|n| n == interface) {
             self.interfaces.remove(at);
             self.programs.remove(at);
         }
-        unpin(&tc_link_pin(&self.links, interface))?;
+        for (_, prefix) in HOOKS {
+            unpin(&tc_link_pin(&self.links, prefix, interface))?;
+        }
         // An interface that went away took its filter with it.
         remove_netlink_filter(interface);
         Ok(())
     }
 
-    /// The program attached to `interface`, if any.
-    fn program_of(&self, interface: &str) -> Option<&'static str> {
+    /// The programs attached to `interface`, if any.
+    fn programs_of(&self, interface: &str) -> Option<TcPrograms> {
         let at = self.interfaces.iter().position(|n| n == interface)?;
         Some(self.programs[at])
     }
@@ -407,15 +459,11 @@ impl Attachments {
     /// The links `filter` selects among `present`, each with the program its link layer needs.
     /// An interface no program is for is reported (once) and left out; the others are still
     /// attached.
-    fn wanted(
-        &mut self,
-        present: &[Link],
-        filter: &InterfaceFilter,
-    ) -> Vec<(String, &'static str)> {
+    fn wanted(&mut self, present: &[Link], filter: &InterfaceFilter) -> Vec<(String, TcPrograms)> {
         let mut wanted = Vec::new();
         for link in present.iter().filter(|link| filter.matches(&link.name)) {
             let layer = LinkLayer::of_hardware_type(link.hardware_type);
-            if let Some(program) = layer.tc_program() {
+            if let Some(program) = layer.tc_programs() {
                 wanted.push((link.name.clone(), program));
             } else if !self.skipped.contains(&link.name) {
                 tracing::warn!(
@@ -455,11 +503,16 @@ impl Attachments {
             self.detach(interface)?;
         }
         let mut added = Vec::new();
-        for (interface, program) in wanted {
+        for (interface, programs) in wanted {
             // New, or a new link layer under a known name (the interface was replaced).
-            if self.program_of(&interface) != Some(program) {
-                tracing::info!(interface = interface.as_str(), program, "attaching");
-                self.attach(loaded, &interface, program)?;
+            if self.programs_of(&interface) != Some(programs) {
+                tracing::info!(
+                    interface = interface.as_str(),
+                    ingress = programs.ingress,
+                    egress = programs.egress,
+                    "attaching"
+                );
+                self.attach(loaded, &interface, programs)?;
                 added.push(interface);
             }
         }
@@ -622,35 +675,45 @@ mod tests {
     #[test]
     fn tc_link_pins_name_their_interface() {
         for interface in ["eth0", "eth0.100", "a%2eb", "veth.%"] {
-            let pin = tc_link_pin(Path::new("/links"), interface);
-            let name = pin.file_name().unwrap().to_str().unwrap();
-            assert!(!name.contains('.'), "{name}: bpffs refuses dots");
-            assert_eq!(tc_link_interface(name).as_deref(), Some(interface));
+            for (_, prefix) in HOOKS {
+                let pin = tc_link_pin(Path::new("/links"), prefix, interface);
+                let name = pin.file_name().unwrap().to_str().unwrap();
+                assert!(!name.contains('.'), "{name}: bpffs refuses dots");
+                assert_eq!(tc_link_interface(name).as_deref(), Some(interface));
+            }
         }
         assert_eq!(tc_link_interface("cgroup-sock_connect4"), None);
     }
 
     #[test]
     fn link_layers_pick_their_program() {
-        let cases: &[(u16, Option<&str>)] = &[
-            (libc::ARPHRD_ETHER, Some(TC_INGRESS)),
+        let ethernet = Some(TcPrograms {
+            ingress: TC_INGRESS,
+            egress: TC_EGRESS,
+        });
+        let bare_ip = Some(TcPrograms {
+            ingress: TC_INGRESS_L3,
+            egress: TC_EGRESS_L3,
+        });
+        let cases: &[(u16, Option<TcPrograms>)] = &[
+            (libc::ARPHRD_ETHER, ethernet),
             // tun, WireGuard
-            (libc::ARPHRD_NONE, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_NONE, bare_ip),
             // ipip, ip6tnl, sit, gre, ip6gre (823), rmnet (raw IP, 519), ppp
-            (libc::ARPHRD_TUNNEL, Some(TC_INGRESS_L3)),
-            (libc::ARPHRD_TUNNEL6, Some(TC_INGRESS_L3)),
-            (libc::ARPHRD_SIT, Some(TC_INGRESS_L3)),
-            (libc::ARPHRD_IPGRE, Some(TC_INGRESS_L3)),
-            (823, Some(TC_INGRESS_L3)),
-            (519, Some(TC_INGRESS_L3)),
-            (libc::ARPHRD_PPP, Some(TC_INGRESS_L3)),
+            (libc::ARPHRD_TUNNEL, bare_ip),
+            (libc::ARPHRD_TUNNEL6, bare_ip),
+            (libc::ARPHRD_SIT, bare_ip),
+            (libc::ARPHRD_IPGRE, bare_ip),
+            (823, bare_ip),
+            (519, bare_ip),
+            (libc::ARPHRD_PPP, bare_ip),
             (libc::ARPHRD_INFINIBAND, None),
             (libc::ARPHRD_CAN, None),
             (libc::ARPHRD_LOOPBACK, None),
         ];
         for (hardware_type, program) in cases {
             assert_eq!(
-                LinkLayer::of_hardware_type(LinkLayerType::from(*hardware_type)).tc_program(),
+                LinkLayer::of_hardware_type(LinkLayerType::from(*hardware_type)).tc_programs(),
                 *program,
                 "ARPHRD {hardware_type}"
             );

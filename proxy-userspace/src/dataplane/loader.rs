@@ -224,6 +224,10 @@ pub const TC_INGRESS: &str = "tc_ingress";
 /// Its variant for layer-3 interfaces (tun, WireGuard, IP tunnels: packets without a
 /// link-layer header), attached by the same interface rules.
 pub const TC_INGRESS_L3: &str = "tc_ingress_l3";
+/// The tc programs on the egress of the same interfaces (Ethernet, layer-3): the node's own ICMP
+/// errors about translated flows get the flow's translation back.
+pub const TC_EGRESS: &str = "tc_egress";
+pub const TC_EGRESS_L3: &str = "tc_egress_l3";
 
 /// The cgroup sock_addr programs for host-originated traffic (see `proxy-ebpf/src/sock.rs`).
 pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
@@ -240,7 +244,7 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// Loads every program into the kernel, so the verifier has accepted all of them before
 /// anything is attached.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for name in [TC_INGRESS, TC_INGRESS_L3] {
+    for name in [TC_INGRESS, TC_INGRESS_L3, TC_EGRESS, TC_EGRESS_L3] {
         load_program(ebpf, name, SchedClassifier::load)?;
     }
     for name in SOCK_ADDR_PROGRAMS {

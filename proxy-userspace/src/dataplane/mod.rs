@@ -28,8 +28,8 @@ pub use counters::{CountersError, read_counters};
 pub use features::KernelFeatures;
 pub use gc::{CtTimeouts, GcStats, collect_garbage, monotonic_now_ns, orphan_entries};
 pub use loader::{
-    LoadError, Loaded, MapSizes, TC_INGRESS, TC_INGRESS_L3, ensure_bpffs, load, load_migrating,
-    load_with_sizes,
+    LoadError, Loaded, MapSizes, TC_EGRESS, TC_EGRESS_L3, TC_INGRESS, TC_INGRESS_L3, ensure_bpffs,
+    load, load_migrating, load_with_sizes,
 };
 pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};

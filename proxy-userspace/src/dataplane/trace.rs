@@ -187,8 +187,9 @@ pub fn run_tc_program(
     run_tc(loaded, TC_INGRESS, frame, ifindex)
 }
 
-/// [`run_tc_program`] with the loaded tc program `name` (`TC_INGRESS` or `TC_INGRESS_L3`). The
-/// kernel's test run reads `skb->protocol` from bytes 12-13 of `data` whichever the program.
+/// [`run_tc_program`] with the loaded tc program `name` (`TC_INGRESS`, `TC_EGRESS` or their
+/// `_L3` variants). The kernel's test run reads `skb->protocol` from bytes 12-13 of `data`
+/// whichever the program.
 pub fn run_tc(
     loaded: &Loaded,
     name: &'static str,
