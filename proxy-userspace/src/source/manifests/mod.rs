@@ -547,7 +547,7 @@ pub fn load_dir_changed(
 
     let mut endpoint_slices = BTreeMap::new();
     for (key, (_, slice)) in explicit_slices.objects {
-        endpoint_slices.insert(key, slice);
+        endpoint_slices.insert(key, Arc::new(slice));
     }
     for (key, service) in &admitted {
         let generated = if slices::selector(service).is_some() {
@@ -570,7 +570,9 @@ pub fn load_dir_changed(
                 namespace: key.namespace.clone(),
                 name: slice.metadata.name.clone().unwrap_or_default(),
             };
-            endpoint_slices.entry(slice_key).or_insert(slice);
+            endpoint_slices
+                .entry(slice_key)
+                .or_insert_with(|| Arc::new(slice));
         }
     }
     endpoint_slices.retain(|_, slice| !skipped_by_kube_proxy(&slice.metadata));
@@ -578,6 +580,7 @@ pub fn load_dir_changed(
     let services = admitted
         .into_iter()
         .filter(|(_, service)| !skipped_by_kube_proxy(&service.metadata))
+        .map(|(key, service)| (key, Arc::new(service)))
         .collect();
     ClusterSnapshot {
         services,

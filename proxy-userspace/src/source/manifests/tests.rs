@@ -356,6 +356,7 @@ fn slices_of<'a>(snapshot: &'a ClusterSnapshot, service: &str) -> Vec<&'a Endpoi
     snapshot
         .endpoint_slices
         .values()
+        .map(Arc::as_ref)
         .filter(|s| {
             s.metadata
                 .labels
