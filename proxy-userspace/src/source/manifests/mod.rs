@@ -389,10 +389,13 @@ pub fn load_dir_changed(
                 &text,
                 &mut diagnostics,
             )),
-            Err(error) => diagnostics.push(Diagnostic {
-                object: format!("file {}", file.display()),
-                message: format!("cannot read: {error}"),
-            }),
+            Err(error) => {
+                history.parsed_files().read_failed(&file);
+                diagnostics.push(Diagnostic {
+                    object: format!("file {}", file.display()),
+                    message: format!("cannot read: {error}"),
+                });
+            }
         }
     }
 
@@ -634,6 +637,7 @@ pub fn watch(
         })?;
     let mut history = History::default();
     tx.send_replace(Arc::new(load_dir_after(&dir, &settings, &mut history)));
+    history.parsed_files().take_content_changed();
     Ok(tokio::spawn(async move {
         // The watcher stops watching when dropped: the task owns it.
         let _watcher = watcher;
@@ -662,6 +666,12 @@ pub fn watch(
             match read.await {
                 Ok((snapshot, read_history)) => {
                     history = read_history;
+                    // Not a change for the proxy: the same snapshot again would only spend a
+                    // sync (and, under minSyncPeriod, hold back the next real change).
+                    if !history.parsed_files().take_content_changed() {
+                        tracing::debug!(dir = %dir.display(), "manifests folder event without a change");
+                        continue;
+                    }
                     tracing::info!(
                         dir = %dir.display(),
                         files_parsed = history.parsed_files().take_parsed_count(),

@@ -27,6 +27,9 @@ pub struct ParsedFiles {
     files: HashMap<PathBuf, ParsedFile>,
     /// Files parsed (not taken from here) since the last [`ParsedFiles::take_parsed_count`].
     parsed_since: usize,
+    /// Since the last [`ParsedFiles::take_content_changed`], a file's objects or diagnostics
+    /// may have changed (a new empty file, or an unchanged text, is no change).
+    content_changed: bool,
 }
 
 /// Which files may have changed since the last read of the folder.
@@ -60,6 +63,11 @@ impl ChangedFiles {
             ChangedFiles::Paths(paths) => paths.iter().any(|path| file.starts_with(path)),
         }
     }
+}
+
+/// Whether a file contributes anything to the snapshot.
+fn says_something(file: &ParsedFile) -> bool {
+    !file.objects.is_empty() || !file.diagnostics.is_empty()
 }
 
 fn text_hash(text: &str) -> u64 {
@@ -107,16 +115,17 @@ impl ParsedFiles {
                 self.parsed_since += 1;
                 let mut file_diagnostics = Vec::new();
                 let objects = parse::parse_file(path, text, &mut file_diagnostics);
-                self.files.insert(
-                    path.to_owned(),
-                    ParsedFile {
-                        modified,
-                        text_hash: hash,
-                        objects,
-                        diagnostics: file_diagnostics,
-                    },
-                );
-                &self.files[path]
+                let parsed = ParsedFile {
+                    modified,
+                    text_hash: hash,
+                    objects,
+                    diagnostics: file_diagnostics,
+                };
+                let before = self.files.insert(path.to_owned(), parsed);
+                let after = &self.files[path];
+                self.content_changed |=
+                    before.as_ref().is_some_and(says_something) || says_something(after);
+                after
             }
         };
         diagnostics.extend(file.diagnostics.iter().cloned());
@@ -125,7 +134,26 @@ impl ParsedFiles {
 
     /// Forgets the files not in `present` (deleted from the folder).
     pub fn keep_only(&mut self, present: &HashSet<PathBuf>) {
-        self.files.retain(|path, _| present.contains(path));
+        let mut removed_something = false;
+        self.files.retain(|path, file| {
+            let keep = present.contains(path);
+            removed_something |= !keep && says_something(file);
+            keep
+        });
+        self.content_changed |= removed_something;
+    }
+
+    /// Forgets a file that could not be read (its error is a diagnostic of this read).
+    pub fn read_failed(&mut self, path: &Path) {
+        self.files.remove(path);
+        self.content_changed = true;
+    }
+
+    /// Whether what the files say may have changed since the last call: when it has not, a
+    /// re-read gives the snapshot the last one gave (an editor creating an empty file before
+    /// writing it, a file touched or rewritten with the same text).
+    pub fn take_content_changed(&mut self) -> bool {
+        std::mem::take(&mut self.content_changed)
     }
 
     /// How many files were parsed since the last call.
@@ -171,6 +199,28 @@ mod tests {
         // A file deleted and written again with the same text is parsed again.
         assert_eq!(files.parse(b, T0, "kind: [", &mut Vec::new()).len(), 0);
         assert_eq!(files.take_parsed_count(), 1);
+    }
+
+    #[test]
+    fn only_what_changes_objects_or_diagnostics_is_a_content_change() {
+        let mut files = ParsedFiles::default();
+        let (a, empty) = (Path::new("/m/a.yaml"), Path::new("/m/empty.yaml"));
+        files.parse(a, T0, SERVICE, &mut Vec::new());
+        assert!(files.take_content_changed());
+        // An editor creating a file before writing it; the same text written again.
+        files.parse(empty, T0, "", &mut Vec::new());
+        files.parse(a, T0, SERVICE, &mut Vec::new());
+        files.keep_only(&[a.to_owned()].into());
+        assert!(!files.take_content_changed());
+        files.parse(empty, T0, "kind: [", &mut Vec::new());
+        assert!(files.take_content_changed(), "a diagnostic");
+        files.keep_only(&[a.to_owned(), empty.to_owned()].into());
+        files.parse(empty, T0, "", &mut Vec::new());
+        assert!(files.take_content_changed(), "its diagnostic gone");
+        files.keep_only(&HashSet::new());
+        assert!(files.take_content_changed(), "a's Service gone");
+        files.read_failed(a);
+        assert!(files.take_content_changed());
     }
 
     #[test]
