@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -21,11 +22,13 @@ pub struct ObjectKey {
     pub name: String,
 }
 
-/// Everything the model reads, as one consistent snapshot.
+/// Everything the model reads, as one consistent snapshot. Objects are shared (`Arc`) with the
+/// source's stores and with earlier snapshots: a snapshot copies keys and pointers, never the
+/// objects themselves.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     /// This node's Node object (zone label, addresses, deletion), when known.
     pub node: Option<Node>,
     /// The cluster's ServiceCIDR objects (networking.k8s.io/v1): the ranges ClusterIPs come

@@ -230,7 +230,7 @@ mod tests {
                 namespace: "shop".into(),
                 name: "web".into(),
             },
-            service,
+            std::sync::Arc::new(service),
         );
         snapshot
     }

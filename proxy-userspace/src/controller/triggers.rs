@@ -68,7 +68,7 @@ impl TriggerTimes {
 mod tests {
     use super::*;
 
-    fn slice(name: &str, trigger: Option<&str>) -> (ObjectKey, EndpointSlice) {
+    fn slice(name: &str, trigger: Option<&str>) -> (ObjectKey, std::sync::Arc<EndpointSlice>) {
         let mut slice = EndpointSlice::default();
         if let Some(trigger) = trigger {
             slice.metadata.annotations = Some(
@@ -81,7 +81,7 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
         };
-        (key, slice)
+        (key, std::sync::Arc::new(slice))
     }
 
     fn snapshot(slices: &[(&str, Option<&str>)]) -> ClusterSnapshot {

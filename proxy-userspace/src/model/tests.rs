@@ -100,11 +100,15 @@ fn snapshot(objects: &[Value]) -> ClusterSnapshot {
         match object["kind"].as_str().unwrap() {
             "Service" => {
                 let service: Service = serde_json::from_value(object.clone()).unwrap();
-                snapshot.services.insert(key_of(object), service);
+                snapshot
+                    .services
+                    .insert(key_of(object), std::sync::Arc::new(service));
             }
             "EndpointSlice" => {
                 let slice: EndpointSlice = serde_json::from_value(object.clone()).unwrap();
-                snapshot.endpoint_slices.insert(key_of(object), slice);
+                snapshot
+                    .endpoint_slices
+                    .insert(key_of(object), std::sync::Arc::new(slice));
             }
             other => panic!("unexpected kind {other}"),
         }

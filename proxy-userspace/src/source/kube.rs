@@ -145,7 +145,8 @@ where
         })
 }
 
-fn by_key<K>(store: &Store<K>) -> BTreeMap<ObjectKey, K>
+/// The store's objects by key, shared with the store (no object is copied).
+fn by_key<K>(store: &Store<K>) -> BTreeMap<ObjectKey, Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -157,7 +158,7 @@ where
                 namespace: object.meta().namespace.clone().unwrap_or_default(),
                 name: object.meta().name.clone().unwrap_or_default(),
             };
-            (key, (*object).clone())
+            (key, object)
         })
         .collect()
 }
@@ -234,7 +235,11 @@ pub async fn run(client: Client, hostname: String, tx: watch::Sender<Arc<Cluster
                 .into_iter()
                 .find(|node| node.metadata.name.as_deref() == Some(hostname.as_str()))
                 .map(|node| (*node).clone()),
-            service_cidrs: by_key(&service_cidrs),
+            // A handful of objects: the model takes them by value.
+            service_cidrs: by_key(&service_cidrs)
+                .into_iter()
+                .map(|(key, object)| (key, Arc::unwrap_or_clone(object)))
+                .collect(),
             diagnostics: Vec::new(),
             allocations: Vec::new(),
         };

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Endpoints, Node, Pod};
@@ -44,6 +44,7 @@ use tokio::task::JoinHandle;
 use self::admit::Candidate;
 pub use self::admit::History;
 use self::parse::{Object, Origin, diagnostic};
+pub use self::parsed::ChangedFiles;
 use self::slices::PodTemplates;
 use crate::cluster::Diagnostic;
 use crate::cluster::{ClusterSnapshot, IpFamily, ObjectKey};
@@ -63,11 +64,6 @@ pub const SKIP_LABELS: [&str; 2] = [
     "service.kubernetes.io/service-proxy-name",
     "service.kubernetes.io/headless",
 ];
-
-/// How long the folder must be quiet after a change before it is re-read.
-const DEBOUNCE: Duration = Duration::from_millis(100);
-/// Re-read at the latest this long after the first change, even if changes keep coming.
-const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceCidrError {
@@ -360,6 +356,17 @@ pub fn load_dir_after(
     settings: &ManifestSettings,
     history: &mut History,
 ) -> ClusterSnapshot {
+    load_dir_changed(dir, settings, history, &ChangedFiles::All)
+}
+
+/// [`load_dir_after`], reading again only the files `changed` names or whose modification
+/// time moved; the others are taken as `history` last parsed them.
+pub fn load_dir_changed(
+    dir: &Path,
+    settings: &ManifestSettings,
+    history: &mut History,
+    changed: &ChangedFiles,
+) -> ClusterSnapshot {
     let mut diagnostics = Vec::new();
     let mut parsed = Vec::new();
     let mut created = BTreeMap::new();
@@ -367,12 +374,28 @@ pub fn load_dir_after(
     for (modified, file) in manifest_files(dir, &mut diagnostics) {
         created.insert(file.clone(), modified);
         present.insert(file.clone());
+        if let Some(objects) =
+            history
+                .parsed_files()
+                .unchanged(&file, modified, changed, &mut diagnostics)
+        {
+            parsed.extend(objects);
+            continue;
+        }
         match std::fs::read_to_string(&file) {
-            Ok(text) => parsed.extend(history.parsed_files().parse(&file, &text, &mut diagnostics)),
-            Err(error) => diagnostics.push(Diagnostic {
-                object: format!("file {}", file.display()),
-                message: format!("cannot read: {error}"),
-            }),
+            Ok(text) => parsed.extend(history.parsed_files().parse(
+                &file,
+                modified,
+                &text,
+                &mut diagnostics,
+            )),
+            Err(error) => {
+                history.parsed_files().read_failed(&file);
+                diagnostics.push(Diagnostic {
+                    object: format!("file {}", file.display()),
+                    message: format!("cannot read: {error}"),
+                });
+            }
         }
     }
 
@@ -527,7 +550,7 @@ pub fn load_dir_after(
 
     let mut endpoint_slices = BTreeMap::new();
     for (key, (_, slice)) in explicit_slices.objects {
-        endpoint_slices.insert(key, slice);
+        endpoint_slices.insert(key, Arc::new(slice));
     }
     for (key, service) in &admitted {
         let generated = if slices::selector(service).is_some() {
@@ -550,7 +573,9 @@ pub fn load_dir_after(
                 namespace: key.namespace.clone(),
                 name: slice.metadata.name.clone().unwrap_or_default(),
             };
-            endpoint_slices.entry(slice_key).or_insert(slice);
+            endpoint_slices
+                .entry(slice_key)
+                .or_insert_with(|| Arc::new(slice));
         }
     }
     endpoint_slices.retain(|_, slice| !skipped_by_kube_proxy(&slice.metadata));
@@ -558,6 +583,7 @@ pub fn load_dir_after(
     let services = admitted
         .into_iter()
         .filter(|(_, service)| !skipped_by_kube_proxy(&service.metadata))
+        .map(|(key, service)| (key, Arc::new(service)))
         .collect();
     ClusterSnapshot {
         services,
@@ -572,9 +598,11 @@ pub fn load_dir_after(
     }
 }
 
-/// Publishes `load_dir(dir)` on `tx` now and again within a second of every change in the
-/// folder (debounced, so an editor's burst of writes is one re-read). The task runs until it is
-/// aborted; dropping the returned handle does not stop it.
+/// Publishes `load_dir(dir)` on `tx` now and again after every change in the folder: a lone
+/// change is read at once; the events of a burst (an editor's writes) that arrive while a read
+/// runs are one next read, of the files they name only. A file caught half-written is a
+/// diagnostic (the rest of the folder is still used) until its next write is read. The task
+/// runs until it is aborted; dropping the returned handle does not stop it.
 pub fn watch(
     dir: PathBuf,
     settings: ManifestSettings,
@@ -609,33 +637,41 @@ pub fn watch(
         })?;
     let mut history = History::default();
     tx.send_replace(Arc::new(load_dir_after(&dir, &settings, &mut history)));
+    history.parsed_files().take_content_changed();
     Ok(tokio::spawn(async move {
         // The watcher stops watching when dropped: the task owns it.
         let _watcher = watcher;
         while let Some(event) = changes.recv().await {
-            if let Err(error) = event {
-                tracing::warn!(dir = %dir.display(), %error, "manifests folder watch error; re-reading");
-            }
-            let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
-            loop {
-                let quiet = tokio::time::sleep(DEBOUNCE);
-                tokio::select! {
-                    more = changes.recv() => if more.is_none() { return },
-                    () = quiet => break,
+            // Everything already queued is read together: no waiting for the folder to go
+            // quiet, the read itself is the batching window.
+            let mut changed = ChangedFiles::none();
+            let mut next = Some(event);
+            while let Some(event) = next {
+                match event {
+                    Ok(event) => changed.add(&event.paths),
+                    Err(error) => {
+                        tracing::warn!(dir = %dir.display(), %error, "manifests folder watch error; re-reading it all");
+                        changed = ChangedFiles::All;
+                    }
                 }
-                if tokio::time::Instant::now() >= deadline {
-                    break;
-                }
+                next = changes.try_recv().ok();
             }
             let (read_dir, read_settings) = (dir.clone(), settings.clone());
             let mut read_history = std::mem::take(&mut history);
             let read = tokio::task::spawn_blocking(move || {
-                let snapshot = load_dir_after(&read_dir, &read_settings, &mut read_history);
+                let snapshot =
+                    load_dir_changed(&read_dir, &read_settings, &mut read_history, &changed);
                 (snapshot, read_history)
             });
             match read.await {
                 Ok((snapshot, read_history)) => {
                     history = read_history;
+                    // Not a change for the proxy: the same snapshot again would only spend a
+                    // sync (and, under minSyncPeriod, hold back the next real change).
+                    if !history.parsed_files().take_content_changed() {
+                        tracing::debug!(dir = %dir.display(), "manifests folder event without a change");
+                        continue;
+                    }
                     tracing::info!(
                         dir = %dir.display(),
                         files_parsed = history.parsed_files().take_parsed_count(),

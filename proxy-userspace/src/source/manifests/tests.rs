@@ -356,6 +356,7 @@ fn slices_of<'a>(snapshot: &'a ClusterSnapshot, service: &str) -> Vec<&'a Endpoi
     snapshot
         .endpoint_slices
         .values()
+        .map(Arc::as_ref)
         .filter(|s| {
             s.metadata
                 .labels
@@ -861,6 +862,89 @@ async fn live_edit_is_published_within_a_second() {
         started.elapsed()
     );
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_is_an_error_until_its_next_write_and_the_rest_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n";
+    std::fs::write(dir.path().join("web.yaml"), web).unwrap();
+    let (tx, mut rx) = tokio_watch::channel(Arc::new(ClusterSnapshot::default()));
+    let task = watch(dir.path().to_owned(), ManifestSettings::new("node-a"), tx).unwrap();
+    assert_eq!(service_names(&rx.borrow_and_update()), ["default/web"]);
+    // An editor's first write: half the file, read at once (no debounce waits for the rest).
+    let api = dir.path().join("api.yaml");
+    let api_text = "apiVersion: v1\nkind: Service\nmetadata: {name: api}\nspec: {clusterIP: 10.96.0.21, ports: [{port: 80}]}\n";
+    std::fs::write(&api, &api_text[..40]).unwrap();
+    let names_api = |s: &ClusterSnapshot| {
+        s.diagnostics
+            .iter()
+            .any(|d| d.object.contains("api.yaml") || d.message.contains("api.yaml"))
+    };
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(5), names_api).await,
+        "the half-written file is not reported: {:?}",
+        rx.borrow().diagnostics
+    );
+    assert_eq!(
+        service_names(&rx.borrow()),
+        ["default/web"],
+        "the rest of the folder stays"
+    );
+    // Its next write completes it.
+    std::fs::write(&api, api_text).unwrap();
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(5), |s| {
+            service_names(s) == ["default/api", "default/web"] && s.diagnostics.is_empty()
+        })
+        .await,
+        "the completed file is not read: {:?}",
+        rx.borrow().diagnostics
+    );
+    task.abort();
+}
+
+#[test]
+fn a_re_read_of_named_files_reads_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: None\n  ports: [{{port: {port}}}]\n"
+        )
+    };
+    let port_of = |snapshot: &ClusterSnapshot, name: &str| {
+        snapshot.services.values().find_map(|s| {
+            (s.metadata.name.as_deref() == Some(name))
+                .then(|| s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port)
+        })
+    };
+    let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    std::fs::write(&a, service("a", 80)).unwrap();
+    std::fs::write(&b, service("b", 80)).unwrap();
+    let settings = ManifestSettings::new("node-a");
+    let mut history = History::default();
+    load_dir_after(dir.path(), &settings, &mut history);
+    assert_eq!(history.parsed_files().take_parsed_count(), 2);
+    // b changes behind the watcher's back, its modification time kept: a re-read of a alone
+    // does not see it, a re-read of everything does.
+    let b_modified = std::fs::metadata(&b).unwrap().modified().unwrap();
+    std::fs::write(&b, service("b", 81)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_modified(b_modified)
+        .unwrap();
+    std::fs::write(&a, service("a", 82)).unwrap();
+    let only_a = ChangedFiles::Paths([a.clone()].into());
+    let snapshot = load_dir_changed(dir.path(), &settings, &mut history, &only_a);
+    assert_eq!(history.parsed_files().take_parsed_count(), 1);
+    assert_eq!(
+        (port_of(&snapshot, "a"), port_of(&snapshot, "b")),
+        (Some(82), Some(80))
+    );
+    let snapshot = load_dir_changed(dir.path(), &settings, &mut history, &ChangedFiles::All);
+    assert_eq!(port_of(&snapshot, "b"), Some(81));
 }
 
 #[test]
