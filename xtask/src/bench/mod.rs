@@ -296,7 +296,14 @@ impl Lab {
             }
             Mode::Ours | Mode::OursWithoutFastPath => {
                 let fast_path = if mode == Mode::Ours { "on" } else { "off" };
-                self.cluster.set_proxy_flags(&["--fast-path", fast_path]);
+                // No sync pacing: the kube-proxy modes here apply rules directly, without
+                // kube-proxy's minSyncPeriod, so both measure programming alone.
+                self.cluster.set_proxy_flags(&[
+                    "--fast-path",
+                    fast_path,
+                    "--iptables-min-sync-period",
+                    "0s",
+                ]);
                 self.cluster.start_proxy()?;
             }
         }

@@ -291,7 +291,9 @@ pub fn markdown(results: &Results, command: &str, took: Duration) -> String {
          ClusterIP whose backend pod is on node1 or node2; the two measured Services sit in the \
          middle of the Service list. Changes: a new Service (file, iptables-restore --noflush, \
          nft -f) until its first connection, polled with a 20 ms connect timeout, pooled over \
-         the rounds (n: how many; at most 30 s of changes per mode and round). The netfilter \
+         the rounds (n: how many; at most 30 s of changes per mode and round); ours runs with \
+         `--iptables-min-sync-period 0s`, as the kube-proxy modes apply their rules without kube-proxy's \
+         pacing (its default 1 s would hold a change that follows another within a second). The netfilter \
          rulesets are loaded once per Service count (their cold start) and made dormant while \
          the other modes run. The machine is shared by other developers: the absolute numbers are noisy, \
          compare the ratios within one run.\n",
