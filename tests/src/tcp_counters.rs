@@ -1,0 +1,108 @@
+//! The kernel's TCP counters of one network namespace (`/proc/net/snmp` and `/proc/net/netstat`
+//! as seen from inside it): a test that must prove no TCP segment was dropped counts the
+//! kernel's retransmissions instead of timing exchanges, so the check does not depend on how
+//! fast the machine is (under qemu's emulation an exchange can take a second without any loss).
+
+use std::path::PathBuf;
+
+use crate::{LabError, Netns, Result};
+
+/// A namespace's TCP counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// `Tcp: RetransSegs`: segments sent again (RTO, fast retransmit, tail loss probe, SYN and
+    /// SYN-ACK retransmissions).
+    pub retransmitted: u64,
+    /// `TcpExt: TCPDSACKRecv`: retransmissions the peer reported as duplicates (D-SACK): the
+    /// first copy had arrived, so nothing was lost — a stalled, not a dropped, segment.
+    pub duplicates_reported: u64,
+}
+
+impl TcpCounters {
+    /// The counters of `ns` now.
+    ///
+    /// # Errors
+    /// When the namespace cannot be entered or its counters read or parsed.
+    pub fn read(ns: &Netns) -> Result<TcpCounters> {
+        // /proc/net follows the process's first thread; /proc/thread-self/net this thread's
+        // namespace, the one `enter` switched to.
+        ns.enter(|| -> Result<TcpCounters> {
+            let snmp = proc_net("snmp")?;
+            let netstat = proc_net("netstat")?;
+            Ok(TcpCounters {
+                retransmitted: counter(&snmp, "snmp", "Tcp", "RetransSegs")?,
+                duplicates_reported: counter(&netstat, "netstat", "TcpExt", "TCPDSACKRecv")?,
+            })
+        })?
+    }
+
+    /// Segments retransmitted since `before` that the peer did not report as duplicates: lost
+    /// segments (or lost acknowledgements).
+    pub fn lost_since(&self, before: &TcpCounters) -> u64 {
+        let retransmitted = self.retransmitted.saturating_sub(before.retransmitted);
+        let duplicates = self
+            .duplicates_reported
+            .saturating_sub(before.duplicates_reported);
+        retransmitted.saturating_sub(duplicates)
+    }
+}
+
+fn proc_net(file: &'static str) -> Result<String> {
+    let path = PathBuf::from("/proc/thread-self/net").join(file);
+    std::fs::read_to_string(&path).map_err(|source| LabError::Io { path, source })
+}
+
+/// The value of `name` in a `/proc/net/snmp`-style table: pairs of lines `Group: names…` and
+/// `Group: values…`.
+fn counter(text: &str, file: &'static str, group: &'static str, name: &'static str) -> Result<u64> {
+    let prefix = format!("{group}:");
+    let mut rows = text.lines().filter(|line| line.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (rows.next(), rows.next()) {
+        if let Some(at) = names.split_whitespace().position(|n| n == name) {
+            if let Some(value) = values
+                .split_whitespace()
+                .nth(at)
+                .and_then(|v| v.parse().ok())
+            {
+                return Ok(value);
+            }
+            break;
+        }
+    }
+    Err(LabError::Counter { file, group, name })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_by_name_from_their_group() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nTcp: RtoAlgorithm RtoMin RetransSegs InErrs\nTcp: 1 200 17 0\nUdp: InDatagrams\nUdp: 5\n";
+        assert_eq!(counter(snmp, "snmp", "Tcp", "RetransSegs").unwrap(), 17);
+        assert_eq!(counter(snmp, "snmp", "Udp", "InDatagrams").unwrap(), 5);
+        assert!(counter(snmp, "snmp", "Tcp", "Nope").is_err());
+        let netstat =
+            "TcpExt: SyncookiesSent TCPDSACKRecv\nTcpExt: 0 3\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            counter(netstat, "netstat", "TcpExt", "TCPDSACKRecv").unwrap(),
+            3
+        );
+    }
+
+    #[test]
+    fn only_retransmissions_not_reported_as_duplicates_are_losses() {
+        let before = TcpCounters {
+            retransmitted: 10,
+            duplicates_reported: 4,
+        };
+        let after = |retransmitted, duplicates_reported| TcpCounters {
+            retransmitted,
+            duplicates_reported,
+        };
+        assert_eq!(after(10, 4).lost_since(&before), 0);
+        assert_eq!(after(13, 6).lost_since(&before), 1);
+        assert_eq!(after(12, 6).lost_since(&before), 0);
+        assert_eq!(after(12, 9).lost_since(&before), 0);
+    }
+}
