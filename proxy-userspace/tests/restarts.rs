@@ -19,7 +19,7 @@ use proxy_common::{
 };
 use proxy_lab::cluster::{Cluster, NODE_IPS, SERVER_PORT};
 use proxy_lab::tcp_counters::TcpCounters;
-use proxy_lab::{LineServer, Netns, ask, scaled};
+use proxy_lab::{LineServer, Netns, ask, scaled, timeout_scale};
 use proxy_userspace::dataplane::KernelFeatures;
 use proxy_userspace::dataplane::migrate::CtValueV1;
 
@@ -39,6 +39,10 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A UDP request unanswered this long (scaled) is a lost reply: each is sent once, never
 /// retransmitted, so a dropped one is never answered however long the wait.
 const UDP_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Restarts under load on a slower machine ([`proxy_lab::timeout_scale`] above 1), instead of
+/// the tests' 10 and 4: one of each signal. Under qemu's emulation a proxy start (the verifier
+/// over every program) under the load takes minutes.
+const SLOW_MACHINE_RESTARTS: usize = 2;
 /// Upper bound of each load loop's iterations (they normally stop on the test's signal first).
 const MAX_ITERATIONS: u64 = 20_000;
 /// How long a change from the manifests may take to reach the kernel.
@@ -191,7 +195,8 @@ impl Load {
         self.loops += 1;
     }
 
-    /// Long-lived connections to `target`, each exchanging a line every 20 ms.
+    /// Long-lived connections to `target`, each exchanging a line every 20 ms (scaled: the load
+    /// must leave a slower machine time to start a proxy).
     fn long_lived(&mut self, ns: &Netns, target: SocketAddr, count: usize) {
         for i in 0..count {
             let what = format!("long-lived {i} {} → {target}", ns.name());
@@ -249,7 +254,7 @@ fn long_lived(stop: &AtomicBool, tally: &mut Tally, target: SocketAddr) {
         if broken {
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(scaled(Duration::from_millis(20)));
     }
 }
 
@@ -270,7 +275,7 @@ fn new_connections(stop: &AtomicBool, tally: &mut Tally, target: SocketAddr) {
             Ok(())
         })();
         tally.exchange(result);
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(scaled(Duration::from_millis(10)));
     }
 }
 
@@ -319,7 +324,7 @@ fn udp_requests(stop: &AtomicBool, tally: &mut Tally) {
                 if i % 2 == 0 { "same flow" } else { "new flow" }
             )),
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(scaled(Duration::from_millis(10)));
     }
 }
 
@@ -363,6 +368,15 @@ fn assert_no_failures(tallies: &[Tally]) -> String {
         assert!(tally.ok > 10, "{} made no progress: {tally:?}", tally.what);
     }
     summary.join("\n")
+}
+
+/// `count` restarts, or [`SLOW_MACHINE_RESTARTS`] on a slow machine.
+fn restarts(count: usize) -> usize {
+    if timeout_scale() > 1 {
+        SLOW_MACHINE_RESTARTS
+    } else {
+        count
+    }
 }
 
 /// Restarts the proxy `count` times under load, alternately stopped with SIGTERM and SIGKILL,
@@ -454,7 +468,7 @@ fn pinned_links(cluster: &Cluster) -> Vec<String> {
 #[test]
 fn restarts_under_load_break_no_connection_and_lose_no_reply() {
     let (mut cluster, _servers) = restart_cluster(&[]);
-    let summary = restart_under_load(&mut cluster, 10);
+    let summary = restart_under_load(&mut cluster, restarts(10));
     eprintln!("{summary}");
     // Replaced in place: one program per interface after ten starts, held by its pinned link
     // (TCX), or one clsact filter where the kernel has no TCX (`--tc-attach auto`'s fallback).
@@ -477,7 +491,7 @@ fn restarts_under_load_break_no_connection_and_lose_no_reply() {
 #[test]
 fn restarts_in_netlink_mode_break_no_connection_and_lose_no_reply() {
     let (mut cluster, _servers) = restart_cluster(&["--tc-attach", "netlink"]);
-    let summary = restart_under_load(&mut cluster, 4);
+    let summary = restart_under_load(&mut cluster, restarts(4));
     eprintln!("{summary}");
     for interface in node1_interfaces(&cluster) {
         assert_eq!(
