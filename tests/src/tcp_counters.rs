@@ -16,6 +16,11 @@ pub struct TcpCounters {
     /// `TcpExt: TCPDSACKRecv`: retransmissions the peer reported as duplicates (D-SACK): the
     /// first copy had arrived, so nothing was lost — a stalled, not a dropped, segment.
     pub duplicates_reported: u64,
+    /// What the retransmissions were, for the failure message: `TcpExt: TCPSynRetrans` (SYN
+    /// and SYN-ACK), `TCPTimeouts` (RTOs), `TCPLossProbes` (tail loss probes).
+    pub syn_retransmitted: u64,
+    pub timeouts: u64,
+    pub loss_probes: u64,
 }
 
 impl TcpCounters {
@@ -29,9 +34,13 @@ impl TcpCounters {
         ns.enter(|| -> Result<TcpCounters> {
             let snmp = proc_net("snmp")?;
             let netstat = proc_net("netstat")?;
+            let extended = |name| counter(&netstat, "netstat", "TcpExt", name);
             Ok(TcpCounters {
                 retransmitted: counter(&snmp, "snmp", "Tcp", "RetransSegs")?,
-                duplicates_reported: counter(&netstat, "netstat", "TcpExt", "TCPDSACKRecv")?,
+                duplicates_reported: extended("TCPDSACKRecv")?,
+                syn_retransmitted: extended("TCPSynRetrans")?,
+                timeouts: extended("TCPTimeouts")?,
+                loss_probes: extended("TCPLossProbes")?,
             })
         })?
     }
@@ -95,10 +104,12 @@ mod tests {
         let before = TcpCounters {
             retransmitted: 10,
             duplicates_reported: 4,
+            ..TcpCounters::default()
         };
         let after = |retransmitted, duplicates_reported| TcpCounters {
             retransmitted,
             duplicates_reported,
+            ..TcpCounters::default()
         };
         assert_eq!(after(10, 4).lost_since(&before), 0);
         assert_eq!(after(13, 6).lost_since(&before), 1);
