@@ -91,20 +91,17 @@ pub const KERNEL_SUITES: &[Suite] = &[
     through_ipip("traffic-ipip", "traffic"),
     through_ipip("services-ipip", "services"),
 ];
-/// The suites `cargo xtask test` leaves out of its 6.1 VM run, each for a reason the README's
+/// The suites `cargo xtask test` leaves out of its 6.1 VM run, each for a reason README's
 /// "Kernels" section repeats; `cargo xtask vm-test` runs them all:
-/// - `services`: `a_thousand_bad_files_beside_working_services_take_nothing_from_them` is not
-///   reliable under TCG (passed in a full 6.1 run, failed on 6.12 and in a 6.1 run of it alone);
-///   the other 19 pass on both kernels; the suite took 25-50 minutes here;
-/// - `restarts`: the two restart-under-load tests fail under TCG on both kernels (a restarted
-///   proxy not started within its bound, a connection not answered within 5 s, a UDP EAGAIN,
-///   exchanges slower than the 900 ms the tests take for a retransmission),
-///   and on 6.1 `programs_stay_attached_…` asks for `--tc-attach tcx`, which the proxy rightly
-///   refuses there ("this kernel has no TCX links (probed)"): the test needs a probed branch;
-/// - `snat_load`: 50,000 connections do not fit its 150 s bound under TCG (17,889 did);
-/// - `services-hardened`: as `services`;
-/// - and with `services` (~25 min under TCG) the step would not fit CI's time.
-pub const LEFT_OUT_OF_CI: &[&str] = &["services", "restarts", "snat_load", "services-hardened"];
+/// - the Service suites (`services`, `services-hardened`, `services-ipip`): time alone — they
+///   pass under TCG but take 25-50 minutes each there: every `trace` a test makes (and
+///   `wait_programmed` polls it) loads all the programs through the verifier again, and each
+///   test starts its own proxy, which does the same;
+/// - `restarts`: on 6.1 a proxy restarted under the load did not finish starting within its
+///   scaled bound (4 minutes) on a machine running four VMs, and on 6.12 (TCX) the kernel counted
+///   5 server retransmissions not reported as duplicates over two restarts (netlink mode: none);
+///   not yet told apart from emulation stalls.
+pub const LEFT_OUT_OF_CI: &[&str] = &["services", "services-hardened", "services-ipip", "restarts"];
 
 /// The suites `cargo xtask test` runs in the VM: every kernel suite but [`LEFT_OUT_OF_CI`].
 pub fn ci_suites() -> Vec<String> {
@@ -1065,6 +1062,26 @@ mod tests {
             ci_suites().len(),
             KERNEL_SUITES.len() - LEFT_OUT_OF_CI.len()
         );
+    }
+
+    #[test]
+    fn the_tunnel_suites_name_a_node_link_the_lab_knows() {
+        let tunnelled: Vec<&Suite> = KERNEL_SUITES
+            .iter()
+            .filter(|s| !s.node_link.is_empty())
+            .collect();
+        assert_eq!(
+            tunnelled.iter().map(|s| s.name).collect::<Vec<_>>(),
+            ["traffic-ipip", "services-ipip"]
+        );
+        for suite in tunnelled {
+            assert_eq!(
+                proxy_lab::node_link::NodeLink::parse(suite.node_link).unwrap(),
+                proxy_lab::node_link::NodeLink::Ipip,
+                "{}",
+                suite.name
+            );
+        }
     }
 
     #[test]
