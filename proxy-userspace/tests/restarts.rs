@@ -407,7 +407,7 @@ fn restart_under_load(cluster: &mut Cluster, count: usize) -> String {
         .collect();
     assert!(
         counted.is_empty(),
-        "TCP segments retransmitted and not reported as duplicates (dropped):\n{}\n{summary}",
+        "TCP losses the kernel counted (retransmissions but tail loss probes, and probes that repaired a loss):\n{}\n{summary}",
         counted.join("\n")
     );
     summary

@@ -13,14 +13,18 @@ pub struct TcpCounters {
     /// `Tcp: RetransSegs`: segments sent again (RTO, fast retransmit, tail loss probe, SYN and
     /// SYN-ACK retransmissions).
     pub retransmitted: u64,
-    /// `TcpExt: TCPDSACKRecv`: retransmissions the peer reported as duplicates (D-SACK): the
-    /// first copy had arrived, so nothing was lost — a stalled, not a dropped, segment.
+    /// `TcpExt: TCPLossProbes`: tail loss probes, the last segment sent again when its
+    /// acknowledgement is later than about two round trips — any stall of an emulated machine.
+    /// Counted in `retransmitted` whether or not anything was lost.
+    pub loss_probes: u64,
+    /// `TcpExt: TCPLossProbeRecovery`: probes that repaired a loss (the kernel's own verdict).
+    pub loss_probe_recoveries: u64,
+    /// For the failure message: `TcpExt: TCPDSACKRecv` (retransmissions the peer reported as
+    /// duplicates; a connection closed before the copy came reports none), `TCPSynRetrans` (SYN
+    /// and SYN-ACK), `TCPTimeouts` (RTOs).
     pub duplicates_reported: u64,
-    /// What the retransmissions were, for the failure message: `TcpExt: TCPSynRetrans` (SYN
-    /// and SYN-ACK), `TCPTimeouts` (RTOs), `TCPLossProbes` (tail loss probes).
     pub syn_retransmitted: u64,
     pub timeouts: u64,
-    pub loss_probes: u64,
 }
 
 impl TcpCounters {
@@ -37,22 +41,23 @@ impl TcpCounters {
             let extended = |name| counter(&netstat, "netstat", "TcpExt", name);
             Ok(TcpCounters {
                 retransmitted: counter(&snmp, "snmp", "Tcp", "RetransSegs")?,
+                loss_probes: extended("TCPLossProbes")?,
+                loss_probe_recoveries: extended("TCPLossProbeRecovery")?,
                 duplicates_reported: extended("TCPDSACKRecv")?,
                 syn_retransmitted: extended("TCPSynRetrans")?,
                 timeouts: extended("TCPTimeouts")?,
-                loss_probes: extended("TCPLossProbes")?,
             })
         })?
     }
 
-    /// Segments retransmitted since `before` that the peer did not report as duplicates: lost
-    /// segments (or lost acknowledgements).
+    /// Losses since `before`: every retransmission but the tail loss probes (RTOs, fast
+    /// retransmits, SYN and SYN-ACK retransmissions), and the probes that repaired a loss.
     pub fn lost_since(&self, before: &TcpCounters) -> u64 {
-        let retransmitted = self.retransmitted.saturating_sub(before.retransmitted);
-        let duplicates = self
-            .duplicates_reported
-            .saturating_sub(before.duplicates_reported);
-        retransmitted.saturating_sub(duplicates)
+        let since = |now: u64, then: u64| now.saturating_sub(then);
+        let retransmitted = since(self.retransmitted, before.retransmitted);
+        let probes = since(self.loss_probes, before.loss_probes);
+        let recoveries = since(self.loss_probe_recoveries, before.loss_probe_recoveries);
+        retransmitted.saturating_sub(probes) + recoveries
     }
 }
 
@@ -100,20 +105,34 @@ mod tests {
     }
 
     #[test]
-    fn only_retransmissions_not_reported_as_duplicates_are_losses() {
+    fn tail_loss_probes_are_losses_only_when_they_repaired_one() {
         let before = TcpCounters {
             retransmitted: 10,
-            duplicates_reported: 4,
+            loss_probes: 4,
+            loss_probe_recoveries: 1,
             ..TcpCounters::default()
         };
-        let after = |retransmitted, duplicates_reported| TcpCounters {
+        let after = |retransmitted, loss_probes, loss_probe_recoveries| TcpCounters {
             retransmitted,
-            duplicates_reported,
+            loss_probes,
+            loss_probe_recoveries,
             ..TcpCounters::default()
         };
-        assert_eq!(after(10, 4).lost_since(&before), 0);
-        assert_eq!(after(13, 6).lost_since(&before), 1);
-        assert_eq!(after(12, 6).lost_since(&before), 0);
-        assert_eq!(after(12, 9).lost_since(&before), 0);
+        assert_eq!(after(10, 4, 1).lost_since(&before), 0);
+        assert_eq!(
+            after(13, 7, 1).lost_since(&before),
+            0,
+            "three probes, no loss"
+        );
+        assert_eq!(
+            after(13, 7, 2).lost_since(&before),
+            1,
+            "one probe repaired a loss"
+        );
+        assert_eq!(
+            after(12, 5, 1).lost_since(&before),
+            1,
+            "one RTO or fast retransmit"
+        );
     }
 }
