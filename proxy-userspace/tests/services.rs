@@ -372,15 +372,19 @@ fn wait_programmed(
     check: impl Fn(&Trace) -> bool,
 ) {
     let bound = proxy_lab::scaled(UPDATE_BOUND);
-    let deadline = Instant::now() + bound;
-    loop {
+    let started = Instant::now();
+    let deadline = started + bound;
+    for traces in 1.. {
         let now = trace(cluster, true, src, dst, proto, from);
         if check(&now) {
             return;
         }
+        // Each trace loads the programs (the verifier: seconds under emulation), so say how
+        // often the kernel was asked.
         assert!(
             Instant::now() < deadline,
-            "{what}: not programmed within {bound:?}; the kernel does {now:?}"
+            "{what}: not programmed within {bound:?} ({traces} traces in {:?}); the kernel does {now:?}",
+            started.elapsed()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

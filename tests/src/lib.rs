@@ -13,6 +13,7 @@ pub mod kubelet;
 pub mod load;
 pub mod node_link;
 pub mod sctp;
+pub mod tcp_counters;
 
 use std::io::{BufRead as _, BufReader};
 use std::os::fd::AsFd as _;
@@ -42,6 +43,12 @@ pub enum LabError {
     /// A test setting (environment variable) that makes no sense.
     #[error("{0}")]
     Config(String),
+    #[error("/proc/net/{file}: no number for {group} {name}")]
+    Counter {
+        file: &'static str,
+        group: &'static str,
+        name: &'static str,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -809,12 +816,17 @@ impl Drop for LineServer {
     }
 }
 
-/// `timeout` times `PROXY_LAB_TIMEOUT_SCALE` (default 1): `cargo xtask vm-test` sets it, as a
-/// dataplane load under qemu's emulation (TCG) takes several times as long as on the host.
+/// `PROXY_LAB_TIMEOUT_SCALE` (default 1): how many times slower than the host this machine
+/// is. `cargo xtask vm-test` sets it, as a dataplane load under qemu's emulation (TCG) takes
+/// several times as long as on the host.
+pub fn timeout_scale() -> u32 {
+    std::env::var("PROXY_LAB_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+/// `timeout` times [`timeout_scale`].
 pub fn scaled(timeout: Duration) -> Duration {
-    timeout
-        * std::env::var("PROXY_LAB_TIMEOUT_SCALE")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1)
+    timeout * timeout_scale()
 }

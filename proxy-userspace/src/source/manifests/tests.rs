@@ -1,3 +1,4 @@
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -904,6 +905,48 @@ async fn a_half_written_file_is_an_error_until_its_next_write_and_the_rest_stays
     task.abort();
 }
 
+/// A file written while the folder is being re-read (here a re-read slowed by a large file,
+/// as a thousand bad files slow it under emulation) is published by the next re-read: the
+/// change is not lost to the read in progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_during_a_slow_re_read_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = tokio_watch::channel(Arc::new(ClusterSnapshot::default()));
+    let task = watch(dir.path().to_owned(), ManifestSettings::new("node-a"), tx).unwrap();
+    let service = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n{extra}spec:\n  ports: [{{port: 80}}]\n"
+        )
+    };
+    let annotations = (0..ANNOTATIONS).fold(String::new(), |mut text, i| {
+        let _ = writeln!(text, "    example.com/a{i}: \"{i}\"");
+        text
+    });
+    let slow = service("slow", &format!("  annotations:\n{annotations}"));
+    let started = Instant::now();
+    std::fs::write(dir.path().join("slow.yaml"), &slow).unwrap();
+    // A change is read at once: the re-read parsing the large file is under way.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    std::fs::write(dir.path().join("last.yaml"), service("last", "")).unwrap();
+    let wrote_last = started.elapsed();
+    assert!(
+        wait_for(&mut rx, Duration::from_secs(20), |s| service_names(s)
+            == ["default/last", "default/slow"])
+        .await,
+        "the file written during the re-read is not published: {:?}",
+        service_names(&rx.borrow())
+    );
+    // The proof that it was written during the re-read: that read alone took longer.
+    let parse = Instant::now();
+    super::parse::parse_file(Path::new("slow.yaml"), &slow, &mut Vec::new());
+    assert!(
+        parse.elapsed() > wrote_last,
+        "parsing the large file ({:?}) outlasts the write during its re-read ({wrote_last:?})",
+        parse.elapsed()
+    );
+    task.abort();
+}
+
 #[test]
 fn a_re_read_of_named_files_reads_no_other() {
     let dir = tempfile::tempdir().unwrap();
@@ -946,6 +989,9 @@ fn a_re_read_of_named_files_reads_no_other() {
     let snapshot = load_dir_changed(dir.path(), &settings, &mut history, &ChangedFiles::All);
     assert_eq!(port_of(&snapshot, "b"), Some(81));
 }
+
+/// Annotations of the large file of [`a_file_written_during_a_slow_re_read_is_published`].
+const ANNOTATIONS: usize = 60_000;
 
 #[test]
 fn service_cidr_objects_are_validated_published_and_allocated_from() {
