@@ -41,6 +41,29 @@ pub struct ClusterSnapshot {
     pub allocations: Vec<Allocation>,
 }
 
+impl ClusterSnapshot {
+    /// Takes `previous`'s object wherever this snapshot holds an equal one, so consumers that
+    /// remember what they computed per object (the model's per-Service memo) see it unchanged.
+    /// For sources that build every object anew (the manifests folder); the API server's
+    /// reflector stores already share them.
+    pub fn share_unchanged(&mut self, previous: &ClusterSnapshot) {
+        fn share<T: PartialEq>(
+            objects: &mut BTreeMap<ObjectKey, Arc<T>>,
+            previous: &BTreeMap<ObjectKey, Arc<T>>,
+        ) {
+            for (key, object) in objects.iter_mut() {
+                if let Some(old) = previous.get(key)
+                    && old == object
+                {
+                    *object = Arc::clone(old);
+                }
+            }
+        }
+        share(&mut self.services, &previous.services);
+        share(&mut self.endpoint_slices, &previous.endpoint_slices);
+    }
+}
+
 /// One value the manifests source allocated for a Service (ClusterIP, NodePort,
 /// healthCheckNodePort). The allocated value is also written into the Service in the snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -93,5 +116,55 @@ impl IpFamily {
             "IPv6" => Some(IpFamily::IPv6),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, cluster_ip: &str) -> (ObjectKey, Arc<Service>) {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip, "ports": [{"port": 80}]},
+        }))
+        .expect("a valid Service");
+        let key = ObjectKey {
+            namespace: "default".to_owned(),
+            name: name.to_owned(),
+        };
+        (key, Arc::new(service))
+    }
+
+    #[test]
+    fn a_snapshot_shares_only_the_objects_that_did_not_change() {
+        let previous = ClusterSnapshot {
+            services: [service("same", "10.96.0.1"), service("moved", "10.96.0.2")].into(),
+            ..ClusterSnapshot::default()
+        };
+        let mut next = ClusterSnapshot {
+            services: [
+                service("same", "10.96.0.1"),
+                service("moved", "10.96.0.3"),
+                service("new", "10.96.0.4"),
+            ]
+            .into(),
+            ..ClusterSnapshot::default()
+        };
+        next.share_unchanged(&previous);
+        let shared = |name: &str| {
+            let key = service(name, "").0;
+            previous
+                .services
+                .get(&key)
+                .is_some_and(|old| Arc::ptr_eq(old, &next.services[&key]))
+        };
+        assert!(shared("same"));
+        assert!(!shared("moved"));
+        assert!(!shared("new"));
+        assert_eq!(
+            next.services[&service("moved", "").0],
+            service("moved", "10.96.0.3").1
+        );
     }
 }

@@ -553,8 +553,12 @@ mod tests {
         }
     }
 
-    fn lb_port(port_name: &str, health_port: u16, external: Vec<Endpoint>) -> ServicePortState {
-        ServicePortState {
+    fn lb_port(
+        port_name: &str,
+        health_port: u16,
+        external: Vec<Endpoint>,
+    ) -> Arc<ServicePortState> {
+        Arc::new(ServicePortState {
             name: ServicePortName {
                 namespace: "default".to_owned(),
                 name: "lb".to_owned(),
@@ -571,7 +575,7 @@ mod tests {
             internal_policy_local: false,
             external_policy_local: true,
             health_check_node_port: Some(health_port),
-        }
+        })
     }
 
     fn free_port() -> u16 {
@@ -661,7 +665,7 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken_port = taken.local_addr().unwrap().port();
         let mut other = lb_port("http", taken_port, Vec::new());
-        other.name.name = "other".to_owned();
+        Arc::make_mut(&mut other).name.name = "other".to_owned();
         let both = DesiredState {
             service_ports: vec![state.service_ports[0].clone(), other],
             ..DesiredState::default()

@@ -85,7 +85,7 @@ pub struct Changes {
 }
 
 /// The service ports of one desired state, by name and family.
-pub type PortStates = BTreeMap<(ServicePortName, IpFamily), ServicePortState>;
+pub type PortStates = BTreeMap<(ServicePortName, IpFamily), Arc<ServicePortState>>;
 
 fn service_fields_equal(a: &ServicePortState, b: &ServicePortState) -> bool {
     a.frontends == b.frontends
@@ -114,6 +114,10 @@ pub fn count_changes(previous: &PortStates, next: &PortStates) -> Changes {
     let mut changes = Changes::default();
     for (key, port) in next {
         if let Some(old) = previous.get(key) {
+            // The model shares an unchanged service port between syncs.
+            if Arc::ptr_eq(old, port) {
+                continue;
+            }
             changes.services += u64::from(!service_fields_equal(old, port));
             changes.endpoints += u64::from(!endpoints_equal(old, port));
         } else {
@@ -611,7 +615,7 @@ mod tests {
     fn states(ports: &[ServicePortState]) -> PortStates {
         ports
             .iter()
-            .map(|p| ((p.name.clone(), p.family), p.clone()))
+            .map(|p| ((p.name.clone(), p.family), Arc::new(p.clone())))
             .collect()
     }
 
@@ -774,7 +778,7 @@ mod tests {
         ];
         for (name, ports, ipv4, ipv6) in cases {
             let state = DesiredState {
-                service_ports: ports,
+                service_ports: ports.into_iter().map(Arc::new).collect(),
                 ..DesiredState::default()
             };
             assert_eq!(
@@ -825,7 +829,7 @@ mod tests {
         let mut local_only = port("local-only", IpFamily::IPv6, &[]);
         local_only.external_policy_local = true;
         let first = DesiredState {
-            service_ports: vec![web.clone(), local_only],
+            service_ports: vec![Arc::new(web.clone()), Arc::new(local_only)],
             ..DesiredState::default()
         };
         metrics.synced(&first, Duration::from_millis(5), true);
@@ -833,7 +837,7 @@ mod tests {
         // The endpoint goes away: an endpoint change; the failed sync keeps the last timestamp.
         web.internal_endpoints.clear();
         let second = DesiredState {
-            service_ports: vec![web],
+            service_ports: vec![Arc::new(web)],
             ..DesiredState::default()
         };
         metrics.queued();

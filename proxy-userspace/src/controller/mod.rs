@@ -20,7 +20,7 @@ pub use triggers::{LAST_CHANGE_TRIGGER_TIME, TriggerTimes};
 
 use crate::cluster::ClusterSnapshot;
 use crate::config::ProxyConfig;
-use crate::model::{self, DesiredState, ModelConfig};
+use crate::model::{self, DesiredState, ModelCache, ModelConfig};
 use crate::reconcile::{DataplaneMaps, Reconciler, SyncReport};
 
 /// What the controller is told.
@@ -69,6 +69,8 @@ pub struct Controller<M: DataplaneMaps> {
     local_addresses: Vec<IpAddr>,
     interfaces: Vec<Interface>,
     triggers: TriggerTimes,
+    /// The model's per-Service results, so a sync recomputes only the Services that changed.
+    model: ModelCache,
 }
 
 impl<M: DataplaneMaps> Controller<M> {
@@ -90,6 +92,7 @@ impl<M: DataplaneMaps> Controller<M> {
             local_addresses: Vec::new(),
             interfaces: Vec::new(),
             triggers: TriggerTimes::new(started),
+            model: ModelCache::default(),
         })
     }
 
@@ -107,7 +110,10 @@ impl<M: DataplaneMaps> Controller<M> {
     /// full resync fails only when the maps cannot be read back.
     pub fn sync(&mut self, kind: SyncKind) -> Result<Synced, M::Error> {
         let started = Instant::now();
-        let (model_config, state) = compute(&self.config, &self.snapshot, &self.local_addresses);
+        let model_config = self
+            .config
+            .model_config(self.snapshot.node.as_ref(), &self.local_addresses);
+        let state = self.model.compute(&self.snapshot, &model_config);
         let node = node_entries(&self.settings, &model_config, &state, &self.interfaces);
         let report = match kind {
             SyncKind::Changes => self.reconciler.sync(&state, &node, &mut self.maps),

@@ -13,7 +13,7 @@ impl DataplaneMaps for Maps {
     type Error = MapsError;
 
     fn read_entries(&self) -> Result<MapEntries, MapsError> {
-        let services: HashMap<_, _> = self.service_entries()?.into_iter().collect();
+        let services: fnv::FnvHashMap<_, _> = self.service_entries()?.into_iter().collect();
         // A range's key does not say its family (a v4 /24 and a v6 /24 look alike); the
         // service entry with the same id does.
         let family_of: HashMap<u32, u8> = services

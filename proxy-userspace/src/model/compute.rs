@@ -2,8 +2,9 @@
 //! `pkg/proxy` (serviceport.go, endpointslicecache.go, topology.go `CategorizeEndpoints`) and
 //! the nftables proxier's `syncProxyRules` for the per-source verdicts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServicePort as K8sServicePort};
@@ -22,56 +23,157 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The node's desired dataplane state: every service port of every family with its frontends,
 /// per-source actions and endpoint sets.
 pub fn compute(snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState {
-    let mut diagnostics = snapshot.diagnostics.clone();
-    let service_cidrs = super::service_cidrs::drop_ranges(
-        &snapshot.service_cidrs,
-        &config.service_cidrs,
-        &mut diagnostics,
-    );
-    let endpoints_by_service = index_endpoint_slices(snapshot, config, &mut diagnostics);
-    let mut service_ports = Vec::new();
-    let mut cluster_ips = Vec::new();
-    for (key, service) in &snapshot.services {
-        let Some(service) = ServiceInfo::parse(key, service, &mut diagnostics) else {
-            continue;
-        };
-        // Like the nftables proxier's cluster-ips set: ClusterIPs of Services with ports.
-        if !service.ports.is_empty() {
-            cluster_ips.extend(service.cluster_ips.iter().copied());
+    ModelCache::default().compute(snapshot, config)
+}
+
+/// One Service's part of the desired state: what the Service and its EndpointSlices alone
+/// decide (everything but the conflicts between Services).
+#[derive(Debug, Default)]
+struct ServicePart {
+    ports: Vec<Arc<ServicePortState>>,
+    /// Its ClusterIPs when it has ports (the nftables proxier's cluster-ips set).
+    cluster_ips: Vec<IpAddr>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// A Service's part as last computed, with the objects it was computed from.
+struct Memo {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    part: ServicePart,
+}
+
+impl Memo {
+    fn computed_from(&self, service: &Arc<Service>, slices: &[KeyedSlice<'_>]) -> bool {
+        Arc::ptr_eq(&self.service, service)
+            && self.slices.len() == slices.len()
+            && self
+                .slices
+                .iter()
+                .zip(slices)
+                .all(|(memo, (_, slice))| Arc::ptr_eq(memo, slice))
+    }
+}
+
+/// [`compute`] across syncs, incremental per Service: a Service whose object and
+/// EndpointSlices are the same `Arc`s as at the last call, under the same configuration, keeps
+/// its service ports without being computed again (sources share unchanged objects between
+/// snapshots). The result is always what [`compute`] returns for the same input.
+#[derive(Default)]
+pub struct ModelCache {
+    config: Option<ModelConfig>,
+    services: HashMap<ObjectKey, Memo>,
+}
+
+impl ModelCache {
+    pub fn compute(&mut self, snapshot: &ClusterSnapshot, config: &ModelConfig) -> DesiredState {
+        if self.config.as_ref() != Some(config) {
+            self.services.clear();
+            self.config = Some(config.clone());
         }
-        let no_endpoints = BTreeMap::new();
-        let endpoints = endpoints_by_service.get(key).unwrap_or(&no_endpoints);
-        for &cluster_ip in &service.cluster_ips {
-            let family = IpFamily::of(cluster_ip);
-            for port in &service.ports {
-                let name = ServicePortName {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    port: port.name.clone(),
-                    protocol: port.protocol,
-                };
-                let candidates = endpoints
-                    .get(&(port.name.clone(), port.protocol, family))
-                    .map_or(&[][..], Vec::as_slice);
-                service_ports.push(service_port_state(
-                    &service, port, name, cluster_ip, candidates, config,
-                ));
-            }
+        let mut diagnostics = snapshot.diagnostics.clone();
+        let service_cidrs = super::service_cidrs::drop_ranges(
+            &snapshot.service_cidrs,
+            &config.service_cidrs,
+            &mut diagnostics,
+        );
+        let mut slices = slices_by_service(snapshot, &mut diagnostics);
+        let mut service_ports = Vec::new();
+        let mut cluster_ips = Vec::new();
+        let mut memos = HashMap::with_capacity(snapshot.services.len());
+        for (key, service) in &snapshot.services {
+            let own = slices
+                .remove(&(key.namespace.as_str(), key.name.as_str()))
+                .unwrap_or_default();
+            let memo = match self.services.remove(key) {
+                Some(memo) if memo.computed_from(service, &own) => memo,
+                _ => Memo {
+                    part: service_part(key, service, &own, config),
+                    service: Arc::clone(service),
+                    slices: own.iter().map(|(_, slice)| Arc::clone(slice)).collect(),
+                },
+            };
+            service_ports.extend(memo.part.ports.iter().cloned());
+            cluster_ips.extend_from_slice(&memo.part.cluster_ips);
+            diagnostics.extend(memo.part.diagnostics.iter().cloned());
+            memos.insert(key.clone(), memo);
+        }
+        self.services = memos;
+        // EndpointSlices of no known Service program nothing; their problems are still named.
+        for own in slices.values() {
+            index_endpoint_slices(own, config, &mut diagnostics);
+        }
+        service_ports.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
+        drop_conflicting_frontends(&mut service_ports, &mut diagnostics);
+        cluster_ips.sort_unstable();
+        cluster_ips.dedup();
+        DesiredState {
+            service_ports,
+            address_rules: AddressRules {
+                service_cidrs,
+                cluster_ips,
+            },
+            local_traffic_detector: config.local_traffic_detector.clone(),
+            diagnostics,
         }
     }
-    service_ports.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
-    drop_conflicting_frontends(&mut service_ports, &mut diagnostics);
-    cluster_ips.sort_unstable();
-    cluster_ips.dedup();
-    DesiredState {
-        service_ports,
-        address_rules: AddressRules {
-            service_cidrs,
-            cluster_ips,
-        },
-        local_traffic_detector: config.local_traffic_detector.clone(),
-        diagnostics,
+}
+
+/// An EndpointSlice with its key.
+type KeyedSlice<'a> = (&'a ObjectKey, &'a Arc<EndpointSlice>);
+
+/// The EndpointSlices of each Service (namespace, name), in key order; slices naming no
+/// Service are reported.
+fn slices_by_service<'a>(
+    snapshot: &'a ClusterSnapshot,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> HashMap<(&'a str, &'a str), Vec<KeyedSlice<'a>>> {
+    let mut by_service: HashMap<(&str, &str), Vec<_>> = HashMap::new();
+    for (key, slice) in &snapshot.endpoint_slices {
+        if let Some(name) = service_of(key, slice, diagnostics) {
+            by_service
+                .entry((key.namespace.as_str(), name))
+                .or_default()
+                .push((key, slice));
+        }
     }
+    by_service
+}
+
+/// What `service` and its EndpointSlices `slices` decide.
+fn service_part(
+    key: &ObjectKey,
+    service: &Service,
+    slices: &[KeyedSlice<'_>],
+    config: &ModelConfig,
+) -> ServicePart {
+    let mut part = ServicePart::default();
+    let endpoints = index_endpoint_slices(slices, config, &mut part.diagnostics);
+    let Some(service) = ServiceInfo::parse(key, service, &mut part.diagnostics) else {
+        return part;
+    };
+    // Like the nftables proxier's cluster-ips set: ClusterIPs of Services with ports.
+    if !service.ports.is_empty() {
+        part.cluster_ips.extend(service.cluster_ips.iter().copied());
+    }
+    for &cluster_ip in &service.cluster_ips {
+        let family = IpFamily::of(cluster_ip);
+        for port in &service.ports {
+            let name = ServicePortName {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                port: port.name.clone(),
+                protocol: port.protocol,
+            };
+            let candidates = endpoints
+                .get(&(port.name.clone(), port.protocol, family))
+                .map_or(&[][..], Vec::as_slice);
+            part.ports.push(Arc::new(service_port_state(
+                &service, port, name, cluster_ip, candidates, config,
+            )));
+        }
+    }
+    part
 }
 
 /// One port of a Service, as kube-proxy's `BaseServicePortInfo` reads it.
@@ -296,17 +398,14 @@ struct EndpointInfo {
 type ServiceEndpoints = BTreeMap<(String, Protocol, IpFamily), Vec<EndpointInfo>>;
 
 fn index_endpoint_slices(
-    snapshot: &ClusterSnapshot,
+    slices: &[KeyedSlice<'_>],
     config: &ModelConfig,
     diagnostics: &mut Vec<Diagnostic>,
-) -> BTreeMap<ObjectKey, ServiceEndpoints> {
+) -> ServiceEndpoints {
     // Keyed by address:port while collecting, for the dedupe.
     type ByAddress = BTreeMap<(IpAddr, u16), EndpointInfo>;
-    let mut by_service: BTreeMap<ObjectKey, BTreeMap<_, ByAddress>> = BTreeMap::new();
-    for (key, slice) in &snapshot.endpoint_slices {
-        let Some(service_key) = service_of(key, slice, diagnostics) else {
-            continue;
-        };
+    let mut by_port: BTreeMap<_, ByAddress> = BTreeMap::new();
+    for &(key, slice) in slices {
         // Each family's proxier only watches slices of its address type (FQDN slices: none).
         let Some(family) = IpFamily::parse(&slice.address_type) else {
             continue;
@@ -333,7 +432,6 @@ fn index_endpoint_slices(
                 )),
             }
         }
-        let by_port = by_service.entry(service_key).or_default();
         for port in slice.ports.iter().flatten() {
             // kube-proxy ignores ports without a name (the API defaults it to "") or number.
             let Some(port_name) = &port.name else {
@@ -358,23 +456,18 @@ fn index_endpoint_slices(
             }
         }
     }
-    by_service
+    by_port
         .into_iter()
-        .map(|(service, by_port)| {
-            let by_port = by_port
-                .into_iter()
-                .map(|(port, set)| (port, set.into_values().collect()))
-                .collect();
-            (service, by_port)
-        })
+        .map(|(port, set)| (port, set.into_values().collect()))
         .collect()
 }
 
-fn service_of(
+/// The name of the Service `slice` belongs to (its namespace is the slice's).
+fn service_of<'a>(
     key: &ObjectKey,
-    slice: &EndpointSlice,
+    slice: &'a EndpointSlice,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<ObjectKey> {
+) -> Option<&'a str> {
     let service_name = slice
         .metadata
         .labels
@@ -382,10 +475,7 @@ fn service_of(
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
         .filter(|name| !name.is_empty());
     if let Some(name) = service_name {
-        Some(ObjectKey {
-            namespace: key.namespace.clone(),
-            name: name.clone(),
-        })
+        Some(name.as_str())
     } else {
         diagnostics.push(diagnostic(
             key,
@@ -717,10 +807,14 @@ fn service_port_state(
 /// (ClusterIP, then NodePort, LoadBalancer, externalIP), then the first Service in name order;
 /// every loss is reported.
 fn drop_conflicting_frontends(
-    service_ports: &mut [ServicePortState],
+    service_ports: &mut [Arc<ServicePortState>],
     diagnostics: &mut Vec<Diagnostic>,
 ) {
-    let mut owners: BTreeMap<(IpAddr, u16, Protocol), ServicePortName> = BTreeMap::new();
+    // Owner: the index of the service port in `service_ports`.
+    let mut owners: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+    // (service port, frontend) pairs that lose, found before anything is changed: service
+    // ports are shared with the model's memo and copied only when they lose a frontend.
+    let mut losers: Vec<(usize, usize)> = Vec::new();
     // kube-proxy consults its service-ips map (ClusterIPs, externalIPs, LoadBalancer IPs)
     // before its nodeports chain: a NodePort on an address and port one of those has loses.
     let priority = [
@@ -730,14 +824,15 @@ fn drop_conflicting_frontends(
         FrontendKind::NodePort,
     ];
     for kind in priority {
-        for state in service_ports.iter_mut() {
-            let name = state.name.clone();
-            state.frontends.retain(|frontend| {
+        for (index, state) in service_ports.iter().enumerate() {
+            let name = &state.name;
+            for (position, frontend) in state.frontends.iter().enumerate() {
                 if frontend.kind != kind {
-                    return true;
+                    continue;
                 }
                 let key = (frontend.addr, frontend.port, name.protocol);
-                if let Some(owner) = owners.get(&key) {
+                if let Some(&owner) = owners.get(&key) {
+                    let owner = &service_ports[owner].name;
                     diagnostics.push(Diagnostic {
                         object: format!("Service {}/{}", name.namespace, name.name),
                         message: format!(
@@ -750,13 +845,19 @@ fn drop_conflicting_frontends(
                             owner.port
                         ),
                     });
-                    false
+                    losers.push((index, position));
                 } else {
-                    owners.insert(key, name.clone());
-                    true
+                    owners.insert(key, index);
                 }
-            });
+            }
         }
+    }
+    losers.sort_unstable();
+    // Highest position first, so the positions still to remove stay valid.
+    for &(index, position) in losers.iter().rev() {
+        Arc::make_mut(&mut service_ports[index])
+            .frontends
+            .remove(position);
     }
 }
 

@@ -1,5 +1,7 @@
 //! kube-proxy's decisions, pure: a `ClusterSnapshot` and the configuration in, the node's
-//! `DesiredState` out. No I/O, so every rule is covered by table-driven tests.
+//! `DesiredState` out. No I/O, so every rule is covered by table-driven tests. `ModelCache` is
+//! the same computation per Service, remembering each Service's result between calls (what the
+//! controller uses, so a change costs the Services it touches); the tables check both.
 
 mod compute;
 mod config;
@@ -9,7 +11,7 @@ mod service_cidrs;
 mod tests;
 mod types;
 
-pub use compute::compute;
+pub use compute::{ModelCache, compute};
 pub use config::{ModelConfig, NodePortAddresses};
 pub use render::render_text;
 pub use types::*;

@@ -239,7 +239,14 @@ fn run(cases: Vec<Case>) {
     for case in cases {
         let mut config = base_config();
         (case.config)(&mut config);
-        let state = compute(&snapshot(&case.objects), &config);
+        let snapshot = snapshot(&case.objects);
+        let state = compute(&snapshot, &config);
+        // The incremental model gives the same answer, computed or remembered.
+        let mut cache = ModelCache::default();
+        if cache.compute(&snapshot, &config) != state || cache.compute(&snapshot, &config) != state
+        {
+            failures.push(format!("[{}] ModelCache differs from compute", case.name));
+        }
         let lines = summary(&state);
         for expected in &case.expect {
             if !lines.iter().any(|line| line == expected) {
@@ -1443,4 +1450,93 @@ fn plan_renders_text_and_json() {
     );
     assert_eq!(json["servicePorts"][2]["affinityTimeoutSeconds"], 10800);
     assert_eq!(json["diagnostics"][0]["object"], "Service default/bad");
+}
+
+/// The service ports of `state` that are the very ones of `earlier` (shared, not recomputed).
+fn shared_ports(earlier: &DesiredState, state: &DesiredState) -> Vec<String> {
+    state
+        .service_ports
+        .iter()
+        .filter(|port| {
+            earlier
+                .service_ports
+                .iter()
+                .any(|old| std::sync::Arc::ptr_eq(old, port))
+        })
+        .map(|port| port.name.name.clone())
+        .collect()
+}
+
+#[test]
+fn the_model_cache_recomputes_only_the_services_whose_objects_changed() {
+    let config = base_config();
+    let dns = svc(
+        "z-dns",
+        json!({"clusterIP": "10.96.0.70", "ports": [{"port": 53, "protocol": "UDP"}]}),
+    );
+    let thief = svc(
+        "a-thief",
+        json!({"clusterIP": "10.96.0.71", "externalIPs": ["10.96.0.70"],
+               "ports": [{"port": 53, "protocol": "UDP"}]}),
+    );
+    let web = svc(
+        "web",
+        json!({"clusterIP": "10.96.0.80", "ports": [{"port": 80}]}),
+    );
+    let web_slice = slice(
+        "web-1",
+        "web",
+        "IPv4",
+        json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+        json!([ready("10.244.0.5", NODE)]),
+    );
+    let mut cache = ModelCache::default();
+    let mut current = snapshot(&[dns.clone(), thief.clone(), web.clone(), web_slice.clone()]);
+    let first = cache.compute(&current, &config);
+    assert_eq!(first, compute(&current, &config));
+
+    // A new EndpointSlice for web: only web is computed again.
+    let web_slice_2 = slice(
+        "web-2",
+        "web",
+        "IPv4",
+        json!([{"name": "", "port": 8080, "protocol": "TCP"}]),
+        json!([ready("10.244.0.6", NODE)]),
+    );
+    let added = snapshot(&[web_slice_2]);
+    current.endpoint_slices.extend(added.endpoint_slices);
+    let second = cache.compute(&current, &config);
+    assert_eq!(second, compute(&current, &config));
+    assert_eq!(shared_ports(&first, &second), ["z-dns"]);
+    let web_port = |state: &DesiredState| {
+        state
+            .service_ports
+            .iter()
+            .find(|port| port.name.name == "web")
+            .map(|port| port.cluster_endpoints.len())
+    };
+    assert_eq!(web_port(&second), Some(2));
+
+    // a-thief lost its externalIP to z-dns: the copy without that frontend is the state's,
+    // the remembered one still has it, so when z-dns goes the frontend comes back.
+    let thief_frontends = |state: &DesiredState| {
+        state
+            .service_ports
+            .iter()
+            .find(|port| port.name.name == "a-thief")
+            .map(|port| port.frontends.len())
+    };
+    assert_eq!(thief_frontends(&second), Some(1));
+    current.services.remove(&key_of(&dns));
+    let third = cache.compute(&current, &config);
+    assert_eq!(third, compute(&current, &config));
+    assert_eq!(thief_frontends(&third), Some(2));
+    assert_eq!(shared_ports(&second, &third), ["web"]);
+
+    // Another configuration computes everything again.
+    let mut other = config.clone();
+    other.masquerade_all = true;
+    let fourth = cache.compute(&current, &other);
+    assert_eq!(fourth, compute(&current, &other));
+    assert!(shared_ports(&third, &fourth).is_empty());
 }

@@ -8,6 +8,7 @@
 //! those of `CategorizeEndpoints`.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -244,7 +245,7 @@ impl LocalTrafficDetector {
 #[serde(rename_all = "camelCase")]
 pub struct DesiredState {
     /// Sorted by (name, family) so output and diffs are deterministic.
-    pub service_ports: Vec<ServicePortState>,
+    pub service_ports: Vec<Arc<ServicePortState>>,
     pub address_rules: AddressRules,
     /// How Pod-class sources are recognised (see [`SourceClass::Pod`]).
     pub local_traffic_detector: LocalTrafficDetector,

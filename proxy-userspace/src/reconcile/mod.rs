@@ -81,7 +81,7 @@ pub struct Reconciler {
 }
 
 /// Entries of `desired` that `actual` lacks or holds with another value.
-fn upserts<K, V>(actual: &HashMap<K, V>, desired: &HashMap<K, V>) -> Vec<(K, V)>
+fn upserts<K, V>(actual: &fnv::FnvHashMap<K, V>, desired: &fnv::FnvHashMap<K, V>) -> Vec<(K, V)>
 where
     K: Copy + Eq + std::hash::Hash,
     V: Copy + PartialEq,
@@ -278,7 +278,9 @@ impl Reconciler {
         target: &MapEntries,
         maps: &mut M,
     ) -> SyncReport {
-        let owners = owners(desired, target);
+        // Names for error messages only: formatting every service port's on each sync would
+        // cost more than the sync itself at 10,000 Services.
+        let owners = std::cell::LazyCell::new(|| owners(desired, target));
         let mut report = SyncReport::default();
         // Frontends (slot 0 keys) with a slot that could not be written: their service entry
         // is left as it was, so no packet is balanced over a slot that does not exist.
@@ -331,13 +333,13 @@ impl Reconciler {
 /// Each service port of `desired` with the service id its frontends carry in `services`.
 fn service_ids<'a>(
     desired: &'a DesiredState,
-    services: &'a HashMap<ServiceKey, ServiceValue>,
+    services: &'a fnv::FnvHashMap<ServiceKey, ServiceValue>,
 ) -> impl Iterator<Item = (u32, &'a crate::model::ServicePortState)> {
     desired.service_ports.iter().filter_map(|sp| {
         let front = sp.frontends.first()?;
         let proto = proto_number(sp.name.protocol);
         let key = frontend_key(front.addr, front.port, proto, proxy_common::SCOPE_POLICY);
-        services.get(&key).map(|v| (v.id, sp))
+        services.get(&key).map(|v| (v.id, &**sp))
     })
 }
 

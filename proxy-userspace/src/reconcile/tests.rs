@@ -1,4 +1,5 @@
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use proxy_common::{SCOPE_CLUSTER, SCOPE_POLICY};
 
@@ -71,7 +72,7 @@ pub(crate) fn state(service_ports: Vec<ServicePortState>) -> DesiredState {
         .map(|f| f.addr)
         .collect();
     DesiredState {
-        service_ports,
+        service_ports: service_ports.into_iter().map(Arc::new).collect(),
         address_rules: AddressRules {
             service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
             cluster_ips,

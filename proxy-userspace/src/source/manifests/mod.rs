@@ -636,7 +636,8 @@ pub fn watch(
             source,
         })?;
     let mut history = History::default();
-    tx.send_replace(Arc::new(load_dir_after(&dir, &settings, &mut history)));
+    let mut published = Arc::new(load_dir_after(&dir, &settings, &mut history));
+    tx.send_replace(Arc::clone(&published));
     history.parsed_files().take_content_changed();
     Ok(tokio::spawn(async move {
         // The watcher stops watching when dropped: the task owns it.
@@ -658,9 +659,11 @@ pub fn watch(
             }
             let (read_dir, read_settings) = (dir.clone(), settings.clone());
             let mut read_history = std::mem::take(&mut history);
+            let previous = Arc::clone(&published);
             let read = tokio::task::spawn_blocking(move || {
-                let snapshot =
+                let mut snapshot =
                     load_dir_changed(&read_dir, &read_settings, &mut read_history, &changed);
+                snapshot.share_unchanged(&previous);
                 (snapshot, read_history)
             });
             match read.await {
@@ -680,7 +683,8 @@ pub fn watch(
                         diagnostics = snapshot.diagnostics.len(),
                         "manifests folder changed"
                     );
-                    tx.send_replace(Arc::new(snapshot));
+                    published = Arc::new(snapshot);
+                    tx.send_replace(Arc::clone(&published));
                 }
                 Err(error) => {
                     tracing::error!(dir = %dir.display(), %error, "reading the manifests folder failed");
