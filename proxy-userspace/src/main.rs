@@ -2,10 +2,20 @@
 
 mod cmd;
 
-/// mimalloc: the sync path allocates per object and per map entry; glibc's malloc made a
-/// 10,000-Service sync about twice as slow (measured in-process, see the README's bench).
+/// mimalloc: the sync path allocates per object and per map entry; with glibc's malloc a
+/// 10,000-Service change took about 1.5 times as long (measured in-process).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h; libmimalloc-sys names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory goes back to the system at once: with mimalloc's default delay the proxy's
+/// resident memory at 1,000 Services was 83 MiB instead of 61 MiB (glibc: 45 MiB).
+fn return_freed_memory_at_once() {
+    // SAFETY: sets a plain integer option; mimalloc reads its options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
 
 use std::path::PathBuf;
 
@@ -98,6 +108,7 @@ struct StatsArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    return_freed_memory_at_once();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
