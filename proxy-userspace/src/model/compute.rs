@@ -99,9 +99,12 @@ impl ModelCache {
             memos.insert(key.clone(), memo);
         }
         self.services = memos;
-        // EndpointSlices of no known Service program nothing; their problems are still named.
-        for own in slices.values() {
-            index_endpoint_slices(own, config, &mut diagnostics);
+        // EndpointSlices of no known Service program nothing; their problems are still named,
+        // in the Services' name order (the map's own order would change from run to run).
+        let mut orphans: Vec<_> = slices.into_iter().collect();
+        orphans.sort_unstable_by_key(|(service, _)| *service);
+        for (_, own) in orphans {
+            index_endpoint_slices(&own, config, &mut diagnostics);
         }
         service_ports.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
         drop_conflicting_frontends(&mut service_ports, &mut diagnostics);
