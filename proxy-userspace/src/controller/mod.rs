@@ -20,7 +20,7 @@ pub use triggers::{LAST_CHANGE_TRIGGER_TIME, TriggerTimes};
 
 use crate::cluster::ClusterSnapshot;
 use crate::config::ProxyConfig;
-use crate::model::{self, DesiredState, ModelCache, ModelConfig};
+use crate::model::{DesiredState, ModelCache, ModelConfig};
 use crate::reconcile::{DataplaneMaps, Reconciler, SyncReport};
 
 /// What the controller is told.
@@ -54,8 +54,23 @@ pub fn compute(
     snapshot: &ClusterSnapshot,
     local_addresses: &[IpAddr],
 ) -> (ModelConfig, DesiredState) {
+    compute_with(
+        &mut ModelCache::default(),
+        config,
+        snapshot,
+        local_addresses,
+    )
+}
+
+/// [`compute`], reusing what `model` remembers of earlier calls.
+fn compute_with(
+    model: &mut ModelCache,
+    config: &ProxyConfig,
+    snapshot: &ClusterSnapshot,
+    local_addresses: &[IpAddr],
+) -> (ModelConfig, DesiredState) {
     let model_config = config.model_config(snapshot.node.as_ref(), local_addresses);
-    let state = model::compute(snapshot, &model_config);
+    let state = model.compute(snapshot, &model_config);
     (model_config, state)
 }
 
@@ -110,10 +125,12 @@ impl<M: DataplaneMaps> Controller<M> {
     /// full resync fails only when the maps cannot be read back.
     pub fn sync(&mut self, kind: SyncKind) -> Result<Synced, M::Error> {
         let started = Instant::now();
-        let model_config = self
-            .config
-            .model_config(self.snapshot.node.as_ref(), &self.local_addresses);
-        let state = self.model.compute(&self.snapshot, &model_config);
+        let (model_config, state) = compute_with(
+            &mut self.model,
+            &self.config,
+            &self.snapshot,
+            &self.local_addresses,
+        );
         let node = node_entries(&self.settings, &model_config, &state, &self.interfaces);
         let report = match kind {
             SyncKind::Changes => self.reconciler.sync(&state, &node, &mut self.maps),

@@ -1508,24 +1508,22 @@ fn the_model_cache_recomputes_only_the_services_whose_objects_changed() {
     let second = cache.compute(&current, &config);
     assert_eq!(second, compute(&current, &config));
     assert_eq!(shared_ports(&first, &second), ["z-dns"]);
-    let web_port = |state: &DesiredState| {
+    let port_of = |state: &DesiredState, service: &str| {
         state
             .service_ports
             .iter()
-            .find(|port| port.name.name == "web")
-            .map(|port| port.cluster_endpoints.len())
+            .find(|port| port.name.name == service)
+            .cloned()
     };
-    assert_eq!(web_port(&second), Some(2));
+    assert_eq!(
+        port_of(&second, "web").map(|port| port.cluster_endpoints.len()),
+        Some(2)
+    );
 
     // a-thief lost its externalIP to z-dns: the copy without that frontend is the state's,
     // the remembered one still has it, so when z-dns goes the frontend comes back.
-    let thief_frontends = |state: &DesiredState| {
-        state
-            .service_ports
-            .iter()
-            .find(|port| port.name.name == "a-thief")
-            .map(|port| port.frontends.len())
-    };
+    let thief_frontends =
+        |state: &DesiredState| port_of(state, "a-thief").map(|port| port.frontends.len());
     assert_eq!(thief_frontends(&second), Some(1));
     current.services.remove(&key_of(&dns));
     let third = cache.compute(&current, &config);
