@@ -328,6 +328,11 @@ pub const CT_F_FIN_ORIGINAL: u8 = 1 << 3;
 pub const CT_F_FIN_REPLY: u8 = 1 << 4;
 /// The backend sent the first FIN (forward entry): the final ACK comes from it.
 pub const CT_F_REPLY_CLOSED_FIRST: u8 = 1 << 5;
+/// A masqueraded flow's reply entry kept after the client reopened the flow's tuple (reply
+/// entry, state `TIME_WAIT`): the backend, which closed first, may still hold the SNAT tuple in
+/// TIME_WAIT, so the port is reused only as a last resort until that is over. It translates no
+/// packet, and its forward key may belong to the reopened flow.
+pub const CT_F_HELD: u8 = 1 << 6;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -8,9 +8,9 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    Addr, CT_F_REPLY, CT_F_REPLY_CLOSED_FIRST, CT_F_SNAT, CT_STATE_ESTABLISHED, CT_STATE_SYN_SENT,
-    CT_STATE_TIME_WAIT, Counter, CtKey, CtValue, IPPROTO_TCP, TCP_ACK, TCP_SYN, ct_advance,
-    ct_state_closed, ct_state_closing,
+    Addr, CT_F_HELD, CT_F_REPLY, CT_F_REPLY_CLOSED_FIRST, CT_F_SNAT, CT_STATE_ESTABLISHED,
+    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, Counter, CtKey, CtValue, IPPROTO_TCP, TCP_ACK, TCP_SYN,
+    ct_advance, ct_state_closed, ct_state_closing,
 };
 
 use crate::{
@@ -73,6 +73,34 @@ pub fn remove_flow(forward_key: &CtKey, forward: &CtValue) {
     let _ = CONNTRACK.remove(forward_key);
 }
 
+/// Ends a flow whose client reuses its tuple for a new connection, given its forward entry.
+/// A masqueraded flow the backend closed first keeps its reply entry, held (`CT_F_HELD`): the
+/// backend may keep the SNAT tuple in TIME_WAIT for a minute, and a new flow from another
+/// client taking that port has its SYN refused whenever its timestamp looks older than the
+/// last one seen there (timestamp offsets are per connection). Netfilter forgets that tuple
+/// at once here; holding it costs one entry until it expires.
+#[inline(always)]
+pub fn end_for_reopen(forward_key: &CtKey, forward: &CtValue) {
+    let backend_time_wait =
+        forward.flags & CT_F_SNAT != 0 && forward.flags & CT_F_REPLY_CLOSED_FIRST != 0;
+    let reply = if backend_time_wait {
+        CONNTRACK.get_ptr_mut(&forward_key.reply_of_forward(forward))
+    } else {
+        None
+    };
+    match reply {
+        Some(reply) => {
+            // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
+            let reply = unsafe { &mut *reply };
+            reply.flags |= CT_F_HELD;
+            reply.state = CT_STATE_TIME_WAIT;
+            reply.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+            let _ = CONNTRACK.remove(forward_key);
+        }
+        None => remove_flow(forward_key, forward),
+    }
+}
+
 /// Linux's `TCP_TIMEWAIT_LEN`: how long a backend that closed first keeps the tuple.
 const BACKEND_TIME_WAIT_NS: u64 = 60_000_000_000;
 
@@ -96,6 +124,13 @@ const CREATING_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn reuse_of(reply_key: &CtKey, reply: &CtValue, now: u64) -> Reuse {
+    if reply.flags & CT_F_HELD != 0 {
+        return if now.saturating_sub(reply.last_seen_ns) < BACKEND_TIME_WAIT_NS {
+            Reuse::LastResort
+        } else {
+            Reuse::Safe
+        };
+    }
     let forward_key = reply_key.forward_of_reply(reply);
     // SAFETY: copied out immediately.
     let Some(forward) = (unsafe { CONNTRACK.get(&forward_key) }).copied() else {
@@ -242,7 +277,10 @@ fn reserve_snat_port(
 /// Forgets the closed flow holding a SNAT port, given its reply entry.
 #[inline(always)]
 fn take_over(reply_key: &CtKey, reply: &CtValue) {
-    let _ = CONNTRACK.remove(&reply_key.forward_of_reply(reply));
+    // A held entry's forward key is the reopened flow's, if any: not ours to remove.
+    if reply.flags & CT_F_HELD == 0 {
+        let _ = CONNTRACK.remove(&reply_key.forward_of_reply(reply));
+    }
     let _ = CONNTRACK.remove(reply_key);
 }
 
@@ -378,4 +416,10 @@ pub fn stamp(reply: &mut CtValue) {
 #[inline(always)]
 pub fn is_reply_entry(entry: &CtValue) -> bool {
     entry.flags & CT_F_REPLY != 0
+}
+
+/// `true` for a reply entry kept only to hold its SNAT tuple (see [`end_for_reopen`]).
+#[inline(always)]
+pub fn is_held(entry: &CtValue) -> bool {
+    entry.flags & CT_F_HELD != 0
 }

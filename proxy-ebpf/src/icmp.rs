@@ -32,6 +32,9 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }).copied() else {
         return TC_ACT_OK as i32;
     };
+    if crate::conntrack::is_held(&entry) {
+        return TC_ACT_OK as i32;
+    }
     let snat = entry.flags & CT_F_SNAT != 0;
     let restored_frontend = Endpoint {
         addr: entry.nat_dst,

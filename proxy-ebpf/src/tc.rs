@@ -106,13 +106,17 @@ fn known_flow(ctx: &TcContext) -> i32 {
     };
     // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
     let entry = unsafe { &mut *entry };
+    if conntrack::is_held(entry) {
+        // No flow's reply: what the stack makes of it (a stray segment to the node's port).
+        return NOT_KNOWN;
+    }
     if conntrack::is_reply_entry(entry) {
         return REPLY;
     }
     let backend_exists = service::backend_exists(entry.backend_id);
     if conntrack::is_opening_syn(flow) && conntrack::reopens(entry, backend_exists) {
         // The client reuses the tuple for a new connection: select again.
-        conntrack::remove_flow(&key, entry);
+        conntrack::end_for_reopen(&key, entry);
         count(Counter::CtReopened);
         return NOT_KNOWN;
     }

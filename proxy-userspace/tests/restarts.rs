@@ -407,8 +407,9 @@ fn restart_under_load(cluster: &mut Cluster, count: usize) -> String {
         .collect();
     assert!(
         counted.is_empty(),
-        "TCP losses the kernel counted (retransmissions but tail loss probes, and probes that repaired a loss):\n{}\n{summary}",
-        counted.join("\n")
+        "TCP losses the kernel counted (retransmissions but tail loss probes, and probes that repaired a loss):\n{}\n{summary}\nthe dataplane's counters:\n{}",
+        counted.join("\n"),
+        cluster.stats()
     );
     summary
 }

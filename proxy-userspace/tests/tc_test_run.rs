@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{Icmpv4Type, Icmpv6Type};
 use proxy_common::{
-    AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_REPLY, CT_F_SEEN_REPLY,
-    CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
+    AffinityBackendKey, CONFIG_F_CLUSTER_IPS_OUTSIDE_SERVICE_CIDRS, CT_F_HELD, CT_F_REPLY,
+    CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT,
     CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, ConfigValue,
     CtValue, DETECT_LOCAL_CIDR, DETECT_LOCAL_NONE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
     IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER, SCOPE_POLICY, SOURCE_NODE, SOURCE_OTHER, SOURCE_POD,
@@ -1698,6 +1698,61 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     assert_eq!(code, TC_ACT_OK);
     assert_eq!(third_node.port(), node.port());
     assert_eq!(fx.counter("snat_ports_reused"), 1);
+}
+
+#[test]
+fn a_client_reopening_its_tuple_leaves_the_backend_time_wait_port_held() {
+    let mut fx = Fixture::new();
+    let (client, frontend, backend) = fx.masqueraded_service(30001);
+    let (_, old, _) = fx.tcp(client, frontend, TCP_SYN);
+    fx.tcp(backend, old, TCP_SYN | TCP_ACK);
+    fx.tcp(client, frontend, TCP_ACK);
+    // The backend closes first: it keeps (backend, old port) in TIME_WAIT for a minute.
+    fx.tcp(backend, old, TCP_FIN | TCP_ACK);
+    fx.tcp(client, frontend, TCP_FIN | TCP_ACK);
+    fx.tcp(backend, old, TCP_ACK);
+    // The client reuses its tuple at once: a new flow, on the other (free) port, whatever the
+    // probe's random start; the old port stays held rather than forgotten.
+    let (code, reopened, _) = fx.tcp(client, frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(fx.counter("ct_reopened"), 1);
+    assert_ne!(reopened.port(), old.port());
+    let held: Vec<CtValue> = fx
+        .maps
+        .conntrack_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.dport == old.port().to_be())
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        matches!(held.as_slice(), [v] if v.flags & CT_F_HELD != 0 && v.state == CT_STATE_TIME_WAIT),
+        "the old port's reply entry is held: {held:?}"
+    );
+    // It translates nothing: the backend's stray segment to the old port reaches the node as
+    // it is (the reopened flow's replies go through the new port).
+    assert_eq!(fx.tcp(backend, old, TCP_ACK), (TC_ACT_OK, backend, old));
+    assert_eq!(
+        fx.tcp(backend, reopened, TCP_SYN | TCP_ACK),
+        (TC_ACT_OK, frontend, client)
+    );
+    // Garbage collection keeps it, and counts no orphan.
+    let stats =
+        dataplane::collect_garbage(&mut fx.maps, &dataplane::CtTimeouts::default()).unwrap();
+    assert_eq!((stats.expired, stats.orphans), (0, 0));
+    // Another client gets the held port only as the last one left, and the reopened flow
+    // keeps its entries.
+    let (code, third, _) = fx.tcp(sa("10.0.0.2:40002"), frontend, TCP_SYN);
+    assert_eq!((code, third.port()), (TC_ACT_OK, old.port()));
+    assert_eq!(fx.counter("snat_ports_reused"), 1);
+    assert_eq!(
+        fx.forward_entry(client).unwrap().nat_sport,
+        reopened.port().to_be()
+    );
+    assert_eq!(
+        fx.tcp(client, frontend, TCP_ACK),
+        (TC_ACT_OK, reopened, backend)
+    );
 }
 
 #[test]

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proxy_common::{
-    CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED,
-    CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT,
-    CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    CT_F_HELD, CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT,
+    CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV,
+    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use super::maps::{Maps, MapsError};
@@ -139,13 +139,18 @@ fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
     }
 }
 
+/// `true` for a reply entry held after its flow was reopened (`CT_F_HELD`): it has no partner.
+fn is_held(value: &CtValue) -> bool {
+    value.flags & CT_F_HELD != 0
+}
+
 /// Entries of a conntrack snapshot whose other direction is missing: what the full LRU map
 /// evicted (an estimate: a flow being created has one entry for an instant too).
 pub fn orphan_entries(entries: &[(CtKey, CtValue)]) -> usize {
     let keys: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
     entries
         .iter()
-        .filter(|(k, v)| !keys.contains(&partner_key(k, v)))
+        .filter(|(k, v)| !is_held(v) && !keys.contains(&partner_key(k, v)))
         .count()
 }
 
@@ -165,7 +170,12 @@ pub fn expired_keys(
     };
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
-        let partner = by_key.get(&partner_key(key, value));
+        // A held entry's forward key may be the reopened flow's: its own state decides.
+        let partner = if is_held(value) {
+            None
+        } else {
+            by_key.get(&partner_key(key, value))
+        };
         let (forward, last_seen) = match (is_reply, partner) {
             (false, partner) => (
                 *value,
@@ -177,7 +187,7 @@ pub fn expired_keys(
             // An orphaned reply entry (its forward entry was evicted): its own state decides.
             (true, None) => (*value, value.last_seen_ns),
         };
-        if partner.is_none() {
+        if partner.is_none() && !is_held(value) {
             stats.orphans += 1;
         }
         let connectionless = matches!(key.proto, IPPROTO_UDP | IPPROTO_SCTP);
@@ -351,5 +361,36 @@ mod tests {
         assert_eq!(stats.orphans, 1);
         assert_eq!(orphan_entries(&[(rk, reply)]), 1);
         assert_eq!(orphan_entries(&[(fk, forward), (rk, reply)]), 0);
+    }
+
+    #[test]
+    fn a_held_reply_entry_lives_by_its_own_time_wait_beside_the_reopened_flow() {
+        let t = CtTimeouts::default();
+        let now = 200_000 * SEC;
+        // The reopened flow is fresh and established; the entry held for its old SNAT tuple
+        // (the same forward key) expires after `tcp_time_wait` of its own, and is no orphan.
+        let [(fk, forward), _] = flow(
+            IPPROTO_TCP,
+            CT_STATE_ESTABLISHED,
+            CT_F_SEEN_REPLY,
+            200_000,
+            7,
+        );
+        let [_, (mut held_key, mut held)] =
+            flow(IPPROTO_TCP, CT_STATE_TIME_WAIT, 0, 200_000 - 119, 7);
+        held.flags |= CT_F_HELD;
+        // Another SNAT port than the reopened flow's.
+        held_key.dport = 9999;
+        let entries = |held: CtValue| [(fk, forward), (held_key, held)];
+        let (doomed, stats) = expired_keys(&entries(held), |_| true, now, &t);
+        assert!(doomed.is_empty());
+        assert_eq!(
+            (stats.orphans, orphan_entries(&entries(held))),
+            (1, 1),
+            "the reopened flow's reply entry is not in the snapshot"
+        );
+        held.last_seen_ns = (200_000 - 121) * SEC;
+        let (doomed, _) = expired_keys(&entries(held), |_| true, now, &t);
+        assert_eq!(doomed, [held_key]);
     }
 }
