@@ -6,6 +6,7 @@
 //! are not observed: the proxy was not there to program them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,7 +20,17 @@ pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-
 #[derive(Debug)]
 pub struct TriggerTimes {
     started: SystemTime,
-    seen: HashMap<ObjectKey, Option<SystemTime>>,
+    /// Each slice's trigger time, with the slice it was read from: the same `Arc` again (an
+    /// unchanged slice in a new snapshot) is not read again.
+    seen: HashMap<ObjectKey, Seen>,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Seen {
+    slice: Arc<EndpointSlice>,
+    time: Option<SystemTime>,
+    generation: u64,
 }
 
 /// A slice's trigger time; an absent or unparsable annotation has none (kube-proxy ignores it).
@@ -39,27 +50,45 @@ impl TriggerTimes {
         TriggerTimes {
             started,
             seen: HashMap::new(),
+            generation: 0,
         }
     }
 
     /// The trigger times `snapshot` brings that the last call had not seen (new slices, or
     /// slices whose trigger time moved), to be observed once they are programmed.
     pub fn changed(&mut self, snapshot: &ClusterSnapshot) -> Vec<SystemTime> {
+        self.generation += 1;
+        let generation = self.generation;
         let mut new = Vec::new();
-        self.seen
-            .retain(|key, _| snapshot.endpoint_slices.contains_key(key));
         for (key, slice) in &snapshot.endpoint_slices {
-            let time = trigger_time(slice);
-            if self.seen.get(key) == Some(&time) {
-                continue;
+            if let Some(seen) = self.seen.get_mut(key) {
+                seen.generation = generation;
+                if Arc::ptr_eq(&seen.slice, slice) {
+                    continue;
+                }
+                seen.slice = Arc::clone(slice);
+                let time = trigger_time(slice);
+                if seen.time == time {
+                    continue;
+                }
+                seen.time = time;
+            } else {
+                self.seen.insert(
+                    key.clone(),
+                    Seen {
+                        slice: Arc::clone(slice),
+                        time: trigger_time(slice),
+                        generation,
+                    },
+                );
             }
-            self.seen.insert(key.clone(), time);
-            if let Some(time) = time
+            if let Some(time) = self.seen[key].time
                 && time > self.started
             {
                 new.push(time);
             }
         }
+        self.seen.retain(|_, seen| seen.generation == generation);
         new
     }
 }

@@ -41,6 +41,8 @@ struct Memo {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     part: ServicePart,
+    /// The last call that found the Service.
+    generation: u64,
 }
 
 impl Memo {
@@ -63,6 +65,7 @@ impl Memo {
 pub struct ModelCache {
     config: Option<ModelConfig>,
     services: HashMap<ObjectKey, Memo>,
+    generation: u64,
 }
 
 impl ModelCache {
@@ -80,25 +83,36 @@ impl ModelCache {
         let mut slices = slices_by_service(snapshot, &mut diagnostics);
         let mut service_ports = Vec::new();
         let mut cluster_ips = Vec::new();
-        let mut memos = HashMap::with_capacity(snapshot.services.len());
+        self.generation += 1;
+        let generation = self.generation;
         for (key, service) in &snapshot.services {
             let own = slices
                 .remove(&(key.namespace.as_str(), key.name.as_str()))
                 .unwrap_or_default();
-            let memo = match self.services.remove(key) {
-                Some(memo) if memo.computed_from(service, &own) => memo,
-                _ => Memo {
-                    part: service_part(key, service, &own, config),
-                    service: Arc::clone(service),
-                    slices: own.iter().map(|(_, slice)| Arc::clone(slice)).collect(),
-                },
+            let computed = || Memo {
+                part: service_part(key, service, &own, config),
+                service: Arc::clone(service),
+                slices: own.iter().map(|(_, slice)| Arc::clone(slice)).collect(),
+                generation,
+            };
+            // Updated in place: rebuilding the map (or `entry`) would clone every key on every
+            // call.
+            let memo = if let Some(memo) = self.services.get_mut(key) {
+                if !memo.computed_from(service, &own) {
+                    *memo = computed();
+                }
+                memo.generation = generation;
+                &*memo
+            } else {
+                self.services.insert(key.clone(), computed());
+                &self.services[key]
             };
             service_ports.extend(memo.part.ports.iter().cloned());
             cluster_ips.extend_from_slice(&memo.part.cluster_ips);
             diagnostics.extend(memo.part.diagnostics.iter().cloned());
-            memos.insert(key.clone(), memo);
         }
-        self.services = memos;
+        self.services
+            .retain(|_, memo| memo.generation == generation);
         // EndpointSlices of no known Service program nothing; their problems are still named,
         // in the Services' name order (the map's own order would change from run to run).
         let mut orphans: Vec<_> = slices.into_iter().collect();

@@ -18,7 +18,7 @@ fn identity(b: &Backend) -> BackendIdentity {
 
 /// Ids from 1 up, handed out lowest free first (0 is never an id, so a zeroed slot points
 /// nowhere). Every operation is O(log n): a large first sync must not be quadratic.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Pool {
     /// Every id at or above `next` is free, except those in `claimed_ahead`.
     next: u32,
@@ -69,16 +69,20 @@ impl Pool {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Ids {
-    backends: HashMap<BackendIdentity, u32>,
+    /// Each backend's id and how many laid-out service ports name it.
+    backends: HashMap<BackendIdentity, (u32, u32)>,
     services: HashMap<(ServicePortName, IpFamily), u32>,
     backend_pool: Pool,
     service_pool: Pool,
-    seen_backends: HashSet<BackendIdentity>,
-    seen_services: HashSet<(ServicePortName, IpFamily)>,
+    /// Backends whose count fell to 0 (or recovered ones not named yet): released by
+    /// [`Ids::settle`] unless named again first.
+    unreferenced: Vec<BackendIdentity>,
     /// Service ids read back from the maps after a restart that no service port took yet.
     recovered_services: HashSet<u32>,
+    /// Ids of service ports gone since the last [`Ids::settle`].
+    released_services: Vec<u32>,
 }
 
 impl Ids {
@@ -88,7 +92,8 @@ impl Ids {
         let mut ids = Ids::default();
         for (&id, backend) in &programmed.backends {
             if ids.backend_pool.claim(id) {
-                ids.backends.insert(identity(backend), id);
+                ids.backends.insert(identity(backend), (id, 0));
+                ids.unreferenced.push(identity(backend));
             }
         }
         for value in programmed.services.iter().filter(|(k, _)| k.slot == 0) {
@@ -99,45 +104,48 @@ impl Ids {
         ids
     }
 
-    pub(super) fn begin_generation(&mut self) {
-        self.seen_backends.clear();
-        self.seen_services.clear();
+    /// The id of `backend`, counted as named once more.
+    pub(super) fn acquire_backend(&mut self, backend: &Backend) -> u32 {
+        let pool = &mut self.backend_pool;
+        let (id, count) = self
+            .backends
+            .entry(identity(backend))
+            .or_insert_with(|| (pool.allocate(), 0));
+        *count += 1;
+        *id
     }
 
-    /// Releases the ids of everything not seen since `begin_generation`.
-    pub(super) fn end_generation(&mut self) {
-        let (seen_b, seen_s) = (&self.seen_backends, &self.seen_services);
-        let pool = &mut self.backend_pool;
-        self.backends.retain(|k, id| {
-            let keep = seen_b.contains(k);
-            if !keep {
-                pool.release(*id);
+    /// `backend` is named once less; at 0 its id goes at the next [`Ids::settle`].
+    pub(super) fn release_backend(&mut self, backend: &Backend) {
+        let key = identity(backend);
+        if let Some((_, count)) = self.backends.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.unreferenced.push(key);
             }
-            keep
-        });
-        let pool = &mut self.service_pool;
-        self.services.retain(|k, id| {
-            let keep = seen_s.contains(k);
-            if !keep {
-                pool.release(*id);
+        }
+    }
+
+    /// Frees the ids of the backends no service port names any more (and of the service ids
+    /// recovered after a restart that nobody took) and returns the backend ids freed. Called
+    /// once a layout is complete, so an id is never handed to another backend within one sync.
+    pub(super) fn settle(&mut self) -> Vec<u32> {
+        let mut freed = Vec::new();
+        for key in std::mem::take(&mut self.unreferenced) {
+            if let Some(&(id, 0)) = self.backends.get(&key) {
+                self.backends.remove(&key);
+                self.backend_pool.release(id);
+                freed.push(id);
             }
-            keep
-        });
-        // Service ids recovered from the maps but claimed by nobody this generation are free.
-        for id in self.recovered_services.drain() {
+        }
+        for id in self
+            .recovered_services
+            .drain()
+            .chain(self.released_services.drain(..))
+        {
             self.service_pool.release(id);
         }
-    }
-
-    pub(super) fn backend(&mut self, backend: &Backend) -> u32 {
-        let key = identity(backend);
-        self.seen_backends.insert(key);
-        if let Some(&id) = self.backends.get(&key) {
-            return id;
-        }
-        let id = self.backend_pool.allocate();
-        self.backends.insert(key, id);
-        id
+        freed
     }
 
     /// The id of a service port; after a restart, the id its frontends already carry.
@@ -149,7 +157,6 @@ impl Ids {
         previous: &MapEntries,
     ) -> u32 {
         let key = (name.clone(), family);
-        self.seen_services.insert(key.clone());
         if let Some(&id) = self.services.get(&key) {
             return id;
         }
@@ -169,6 +176,13 @@ impl Ids {
         let id = recovered.unwrap_or_else(|| self.service_pool.allocate());
         self.services.insert(key, id);
         id
+    }
+
+    /// The service port is gone: its id goes at the next [`Ids::settle`].
+    pub(super) fn release_service(&mut self, name: &ServicePortName, family: IpFamily) {
+        if let Some(id) = self.services.remove(&(name.clone(), family)) {
+            self.released_services.push(id);
+        }
     }
 }
 

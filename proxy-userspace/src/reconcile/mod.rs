@@ -9,7 +9,9 @@ mod memory;
 
 use std::collections::{HashMap, HashSet};
 
-pub use entries::{MapEntries, NodeEntries, SourceRange, frontend_key, proto_number};
+pub use entries::{
+    Layout, MapEntries, NodeEntries, SourceRange, Touched, frontend_key, proto_number,
+};
 pub use ids::Ids;
 use ipnet::IpNet;
 pub use memory::MemoryMaps;
@@ -66,6 +68,8 @@ pub struct ChangeError {
 #[derive(Debug, Default)]
 pub struct SyncReport {
     pub applied: usize,
+    /// Service ports laid out again (added or changed); the others kept their entries.
+    pub service_ports_laid_out: usize,
     pub errors: Vec<ChangeError>,
     /// Flows removed because their backend was deleted.
     pub flows_removed: usize,
@@ -74,10 +78,14 @@ pub struct SyncReport {
     pub flow_cleanup_error: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
-/// Holds what is programmed and the ids, across syncs.
+/// Holds what is programmed, the layout and the ids, across syncs.
 pub struct Reconciler {
     programmed: MapEntries,
     ids: Ids,
+    layout: Layout,
+    /// The next sync diffs everything, not just the touched keys: after a restart (the maps
+    /// may hold entries of Services deleted meanwhile) and after a change failed (retried).
+    diff_all: bool,
 }
 
 /// Entries of `desired` that `actual` lacks or holds with another value.
@@ -224,7 +232,12 @@ impl Reconciler {
     pub fn resume<M: DataplaneMaps>(maps: &M) -> Result<Self, M::Error> {
         let programmed = maps.read_entries()?;
         let ids = Ids::recover(&programmed);
-        Ok(Self { programmed, ids })
+        Ok(Self {
+            programmed,
+            ids,
+            layout: Layout::default(),
+            diff_all: true,
+        })
     }
 
     pub fn programmed(&self) -> &MapEntries {
@@ -245,17 +258,28 @@ impl Reconciler {
             .collect()
     }
 
-    /// Programs `desired` and the node's entries. A change that fails is reported (naming its
-    /// service port) and left out of what is recorded as programmed, so the next sync retries
-    /// it; everything else is applied.
+    /// Programs `desired` and the node's entries: the service ports whose state changed (and
+    /// the node-wide sets) are diffed against what is programmed. A change that fails is
+    /// reported (naming its service port) and left out of what is recorded as programmed, so
+    /// the next sync (a whole diff then) retries it; everything else is applied.
     pub fn sync<M: DataplaneMaps>(
         &mut self,
         desired: &DesiredState,
         node: &NodeEntries,
         maps: &mut M,
     ) -> SyncReport {
-        let target = MapEntries::from_desired(desired, node, &mut self.ids, &self.programmed);
-        self.apply_diff(desired, &target, maps)
+        let touched = self
+            .layout
+            .update(desired, node, &mut self.ids, &self.programmed);
+        let changes = if self.diff_all {
+            diff(&self.programmed, self.layout.entries())
+        } else {
+            diff(
+                &touched.restrict(&self.programmed),
+                &touched.restrict(self.layout.entries()),
+            )
+        };
+        self.apply(desired, changes, touched.service_ports, maps)
     }
 
     /// A full resync (kube-proxy's periodic `syncPeriod` sync): reads back what the maps
@@ -267,26 +291,34 @@ impl Reconciler {
         node: &NodeEntries,
         maps: &mut M,
     ) -> Result<SyncReport, M::Error> {
-        let target = MapEntries::from_desired(desired, node, &mut self.ids, &self.programmed);
+        let touched = self
+            .layout
+            .update(desired, node, &mut self.ids, &self.programmed);
         self.programmed = maps.read_entries()?;
-        Ok(self.apply_diff(desired, &target, maps))
+        let changes = diff(&self.programmed, self.layout.entries());
+        Ok(self.apply(desired, changes, touched.service_ports, maps))
     }
 
-    fn apply_diff<M: DataplaneMaps>(
+    fn apply<M: DataplaneMaps>(
         &mut self,
         desired: &DesiredState,
-        target: &MapEntries,
+        changes: Vec<MapChange>,
+        laid_out: usize,
         maps: &mut M,
     ) -> SyncReport {
+        let target = self.layout.entries();
         // Names for error messages only: formatting every service port's on each sync would
         // cost more than the sync itself at 10,000 Services.
         let owners = std::cell::LazyCell::new(|| owners(desired, target));
-        let mut report = SyncReport::default();
+        let mut report = SyncReport {
+            service_ports_laid_out: laid_out,
+            ..SyncReport::default()
+        };
         // Frontends (slot 0 keys) with a slot that could not be written: their service entry
         // is left as it was, so no packet is balanced over a slot that does not exist.
         let mut incomplete: HashSet<ServiceKey> = HashSet::new();
         let mut deleted_backends: HashSet<u32> = HashSet::new();
-        for change in diff(&self.programmed, target) {
+        for change in changes {
             if let MapChange::UpsertService(k, _) = change
                 && k.slot == 0
                 && incomplete.contains(&k)
@@ -318,6 +350,7 @@ impl Reconciler {
                 }
             }
         }
+        self.diff_all = !report.errors.is_empty();
         // kube-proxy's conntrack cleanup: flows to a backend that is gone are deleted, so UDP
         // clients are not blackholed into a dead endpoint. Last, once no slot names them.
         if !deleted_backends.is_empty() {

@@ -573,3 +573,142 @@ fn affinity_backends_follow_the_eligible_endpoints_of_affinity_services_only() {
         assert!(ineligible < backend_gone);
     }
 }
+
+/// A changed service port is laid out again; the others keep their entries and are not
+/// looked at (the same `Arc`s).
+#[test]
+fn a_change_lays_out_only_the_service_ports_that_changed() {
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    let mut desired = state(
+        (0..50)
+            .map(|i| {
+                cluster_ip_service(
+                    &format!("svc{i}"),
+                    &format!("10.96.1.{i}"),
+                    &[("10.244.1.2", 8080)],
+                )
+            })
+            .collect(),
+    );
+    let first = reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
+    assert_eq!(first.service_ports_laid_out, 50);
+    desired.service_ports[7] = Arc::new(cluster_ip_service(
+        "svc7",
+        "10.96.1.7",
+        &[("10.244.1.2", 8080), ("10.244.9.9", 8080)],
+    ));
+    let report = reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
+    assert_eq!(report.service_ports_laid_out, 1);
+    // The new backend, its slot, the grown service entry.
+    assert_eq!(report.applied, 3, "{:?}", &maps.log[maps.log.len() - 3..]);
+    assert!(
+        maps.entries
+            .services
+            .contains_key(&key("10.96.1.7", 80, SCOPE_POLICY, 2))
+    );
+}
+
+/// A tiny deterministic generator (xorshift), so the sequence below is the same on every run.
+struct Xorshift(u64);
+
+impl Xorshift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// Service port `i` in its variant `v`: backends shared with other service ports, affinity,
+/// source ranges, a NodePort and a draining endpoint depending on both.
+fn varied_service(i: usize, v: usize) -> ServicePortState {
+    let addrs = [
+        "10.244.1.1",
+        "10.244.1.2",
+        "10.244.2.1",
+        "10.244.2.2",
+        "10.244.3.1",
+    ];
+    let endpoints: Vec<(&str, u16)> = (0..=(i + v) % 4)
+        .map(|k| (addrs[(i + v * 3 + k) % addrs.len()], 8080 + (v % 2) as u16))
+        .collect();
+    let mut sp = cluster_ip_service(&format!("svc{i}"), &format!("10.96.2.{i}"), &endpoints);
+    if v % 3 == 1 {
+        sp.affinity_timeout_seconds = Some(10_800);
+    }
+    if v % 4 == 2 {
+        sp.frontends.push(Frontend {
+            kind: FrontendKind::LoadBalancer,
+            addr: ip(&format!("192.0.2.{i}")),
+            port: 80,
+            actions: sp.frontends[0].actions,
+            source_ranges: vec![format!("198.51.100.{v}/32").parse().unwrap()],
+        });
+    }
+    if v % 5 == 3 {
+        sp.draining_endpoints = vec![endpoint("10.244.9.1", 8080)];
+    }
+    sp
+}
+
+/// Differential: over a long sequence of additions, changes and removals, a reconciler given
+/// the same `Arc`s for unchanged service ports (laying out only what changed, diffing only
+/// the keys that moved) leaves the maps holding exactly what laying the whole state out anew
+/// (with the same ids) gives.
+#[test]
+fn incremental_syncs_program_what_laying_out_everything_programs() {
+    let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+    let mut maps = MemoryMaps::default();
+    let mut reconciler = Reconciler::resume(&maps).unwrap();
+    // Service port i → its current variant and Arc (absent: not in the state).
+    let mut current: Vec<Option<(usize, Arc<ServicePortState>)>> = vec![None; 16];
+    for step in 0..300 {
+        let mut changed = 0;
+        for _ in 0..=rng.below(4) {
+            let i = rng.below(current.len());
+            current[i] = match (&current[i], rng.below(3)) {
+                (Some(_), 0) => None,
+                (slot, _) => {
+                    let v = slot.as_ref().map_or(0, |(v, _)| v + 1 + rng.below(3));
+                    Some((v, Arc::new(varied_service(i, v))))
+                }
+            };
+            changed += 1;
+        }
+        let mut desired = state(vec![]);
+        desired.service_ports = current.iter().flatten().map(|(_, sp)| sp.clone()).collect();
+        desired.address_rules.cluster_ips = desired
+            .service_ports
+            .iter()
+            .map(|sp| sp.frontends[0].addr)
+            .collect();
+        let report = reconciler.sync(&desired, &NodeEntries::default(), &mut maps);
+        assert!(report.errors.is_empty(), "step {step}: {:?}", report.errors);
+        assert!(report.service_ports_laid_out <= changed, "step {step}");
+        let mut anew = Layout::default();
+        anew.update(
+            &desired,
+            &NodeEntries::default(),
+            &mut reconciler.ids.clone(),
+            &MapEntries::default(),
+        );
+        assert_eq!(
+            reconciler.layout.entries(),
+            anew.entries(),
+            "step {step}: the incremental layout differs from laying everything out"
+        );
+        assert_eq!(
+            maps.entries,
+            *anew.entries(),
+            "step {step}: the maps differ"
+        );
+        assert_eq!(reconciler.programmed(), &maps.entries, "step {step}");
+    }
+    reconciler.sync(&state(vec![]), &NodeEntries::default(), &mut maps);
+    assert_eq!(maps.entries.services.len(), 0);
+    assert_eq!(maps.entries.backends.len(), 0);
+    assert_eq!(maps.entries.affinity_backends.len(), 0);
+    assert_eq!(maps.entries.source_ranges.len(), 0);
+}
