@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 
 use ipnet::IpNet;
-use proxy_common::{VIP_F_CLUSTER_IP, VipKey, VipValue, addr_from_ip, ip_from_addr};
+use proxy_common::{VIP_F_CLUSTER_IP, ip_from_addr};
 
 use super::maps::{Maps, MapsError};
-use crate::reconcile::{DataplaneMaps, MapChange, MapEntries, SourceRange};
+use crate::reconcile::{DataplaneMaps, MapChange, MapEntries, SourceRange, vip_entry};
 
 impl DataplaneMaps for Maps {
     type Error = MapsError;
@@ -33,20 +33,7 @@ impl DataplaneMaps for Maps {
         let vips = self
             .vip_entries()?
             .into_iter()
-            .map(|(ip, flags)| {
-                let (addr, family) = addr_from_ip(ip);
-                (
-                    VipKey {
-                        addr,
-                        family,
-                        _pad: [0; 3],
-                    },
-                    VipValue {
-                        flags,
-                        _pad: [0; 3],
-                    },
-                )
-            })
+            .map(|(ip, flags)| vip_entry(ip, flags))
             .collect();
         Ok(MapEntries {
             backends: self.backend_entries()?.into_iter().collect(),

@@ -250,20 +250,7 @@ impl Layout {
             .address_rules
             .cluster_ips
             .iter()
-            .map(|&ip| {
-                let (addr, family) = addr_from_ip(ip);
-                (
-                    VipKey {
-                        addr,
-                        family,
-                        _pad: [0; 3],
-                    },
-                    VipValue {
-                        flags: VIP_F_CLUSTER_IP,
-                        _pad: [0; 3],
-                    },
-                )
-            })
+            .map(|&ip| vip_entry(ip, VIP_F_CLUSTER_IP))
             .collect();
     }
 
@@ -460,6 +447,22 @@ impl PortOut<'_> {
             );
         }
     }
+}
+
+/// The `VIPS` entry of address `ip` with `flags`.
+pub fn vip_entry(ip: IpAddr, flags: u8) -> (VipKey, VipValue) {
+    let (addr, family) = addr_from_ip(ip);
+    (
+        VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        },
+        VipValue {
+            flags,
+            _pad: [0; 3],
+        },
+    )
 }
 
 pub fn frontend_key(addr: IpAddr, port: u16, proto: u8, scope: u8) -> ServiceKey {

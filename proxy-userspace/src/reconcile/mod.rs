@@ -10,7 +10,7 @@ mod memory;
 use std::collections::{HashMap, HashSet};
 
 pub use entries::{
-    Layout, MapEntries, NodeEntries, SourceRange, Touched, frontend_key, proto_number,
+    Layout, MapEntries, NodeEntries, SourceRange, Touched, frontend_key, proto_number, vip_entry,
 };
 pub use ids::Ids;
 use ipnet::IpNet;
