@@ -1419,6 +1419,24 @@ impl Fixture {
         (client, frontend, backend)
     }
 
+    /// A masqueraded connection from `client` through `frontend` to `backend`, opened and then
+    /// closed by the backend first (it keeps the tuple in TIME_WAIT for a minute); returns the
+    /// node address and SNAT port the backend saw.
+    fn flow_the_backend_closes_first(
+        &self,
+        client: SocketAddr,
+        frontend: SocketAddr,
+        backend: SocketAddr,
+    ) -> SocketAddr {
+        let (_, node, _) = self.tcp(client, frontend, TCP_SYN);
+        self.tcp(backend, node, TCP_SYN | TCP_ACK);
+        self.tcp(client, frontend, TCP_ACK);
+        self.tcp(backend, node, TCP_FIN | TCP_ACK);
+        self.tcp(client, frontend, TCP_FIN | TCP_ACK);
+        self.tcp(backend, node, TCP_ACK);
+        node
+    }
+
     /// Sends a TCP segment with `flags` and returns (verdict, source, destination) after NAT.
     fn tcp(&self, from: SocketAddr, to: SocketAddr, flags: u8) -> (u32, SocketAddr, SocketAddr) {
         let (code, out) = self.run(&packet::build_with_tcp_flags(
@@ -1680,13 +1698,7 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     let mut fx = Fixture::new();
     let (_, frontend, backend) = fx.masqueraded_service(30001);
     let first = sa("10.0.0.2:40000");
-    let (_, node, _) = fx.tcp(first, frontend, TCP_SYN);
-    fx.tcp(backend, node, TCP_SYN | TCP_ACK);
-    fx.tcp(first, frontend, TCP_ACK);
-    // The backend closes first: it keeps the tuple in TIME_WAIT for a minute.
-    fx.tcp(backend, node, TCP_FIN | TCP_ACK);
-    fx.tcp(first, frontend, TCP_FIN | TCP_ACK);
-    fx.tcp(backend, node, TCP_ACK);
+    let node = fx.flow_the_backend_closes_first(first, frontend, backend);
     assert_eq!(fx.forward_entry(first).unwrap().state, CT_STATE_TIME_WAIT);
     // The other port is free: taken, whatever the probe's random start.
     let (code, second_node, _) = fx.tcp(sa("10.0.0.2:40001"), frontend, TCP_SYN);
@@ -1704,13 +1716,7 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
 fn a_client_reopening_its_tuple_leaves_the_backend_time_wait_port_held() {
     let mut fx = Fixture::new();
     let (client, frontend, backend) = fx.masqueraded_service(30001);
-    let (_, old, _) = fx.tcp(client, frontend, TCP_SYN);
-    fx.tcp(backend, old, TCP_SYN | TCP_ACK);
-    fx.tcp(client, frontend, TCP_ACK);
-    // The backend closes first: it keeps (backend, old port) in TIME_WAIT for a minute.
-    fx.tcp(backend, old, TCP_FIN | TCP_ACK);
-    fx.tcp(client, frontend, TCP_FIN | TCP_ACK);
-    fx.tcp(backend, old, TCP_ACK);
+    let old = fx.flow_the_backend_closes_first(client, frontend, backend);
     // The client reuses its tuple at once: a new flow, on the other (free) port, whatever the
     // probe's random start; the old port stays held rather than forgotten.
     let (code, reopened, _) = fx.tcp(client, frontend, TCP_SYN);
