@@ -406,6 +406,15 @@ pub struct CtValue {
     pub created_ns: u64,
 }
 
+impl CtValue {
+    /// `true` for a reply entry kept only to hold its SNAT tuple (`CT_F_HELD`): it translates
+    /// nothing, and its forward entry is not its partner.
+    #[inline(always)]
+    pub fn is_held(&self) -> bool {
+        self.flags & CT_F_HELD != 0
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AffinityKey {

@@ -104,18 +104,26 @@ pub fn end_for_reopen(forward_key: &CtKey, forward: &CtValue) {
 /// Linux's `TCP_TIMEWAIT_LEN`: how long a backend that closed first keeps the tuple.
 const BACKEND_TIME_WAIT_NS: u64 = 60_000_000_000;
 
+/// How long after the last ACK of a flow the client closed first its SNAT port stays a last
+/// resort: a new flow's SYN overtaking that ACK (another CPU) would meet the backend still in
+/// LAST_ACK, which answers with a challenge ACK and costs the new client a 1 s retransmit; a
+/// lost last ACK has the backend retransmit its FIN within its first RTOs.
+const LAST_ACK_GRACE_NS: u64 = 2_000_000_000;
+
 /// How an existing reply entry's SNAT port may be taken by a new flow.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reuse {
     /// The flow is live.
     Never,
     /// The flow is over and nobody holds the tuple: the client closed first (the backend's
-    /// socket is gone after the last ACK), a RST ended it, or its forward entry was evicted.
+    /// socket is gone after the last ACK; a grace period after it), a RST ended it, or its
+    /// forward entry was evicted.
     Safe,
     /// The flow is over but the backend closed first and may still hold the tuple in TIME_WAIT:
     /// a SYN from another client on it is refused when its timestamp looks old (per-connection
     /// timestamp offsets make that one time in four), so such ports are the last resort, as
-    /// netfilter's NAT takes over TIME_WAIT tuples only when nothing else is free.
+    /// netfilter's NAT takes over TIME_WAIT tuples only when nothing else is free. Likewise
+    /// for [`LAST_ACK_GRACE_NS`] after the last ACK of a flow the client closed first.
     LastResort,
 }
 
@@ -124,7 +132,7 @@ const CREATING_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 fn reuse_of(reply_key: &CtKey, reply: &CtValue, now: u64) -> Reuse {
-    if reply.flags & CT_F_HELD != 0 {
+    if reply.is_held() {
         return if now.saturating_sub(reply.last_seen_ns) < BACKEND_TIME_WAIT_NS {
             Reuse::LastResort
         } else {
@@ -144,10 +152,15 @@ fn reuse_of(reply_key: &CtKey, reply: &CtValue, now: u64) -> Reuse {
     if !ct_state_closed(forward.state) {
         return Reuse::Never;
     }
-    let backend_time_wait = forward.state == CT_STATE_TIME_WAIT
-        && forward.flags & CT_F_REPLY_CLOSED_FIRST != 0
-        && now.saturating_sub(forward.last_seen_ns) < BACKEND_TIME_WAIT_NS;
-    if backend_time_wait {
+    let closed_for = now.saturating_sub(forward.last_seen_ns);
+    let held_by_backend = if forward.flags & CT_F_REPLY_CLOSED_FIRST != 0 {
+        closed_for < BACKEND_TIME_WAIT_NS
+    } else {
+        // The client closed first: the backend's socket goes when the last ACK reaches it,
+        // which may still be on its way (or lost, and the backend's FIN retransmitted).
+        closed_for < LAST_ACK_GRACE_NS
+    };
+    if forward.state == CT_STATE_TIME_WAIT && held_by_backend {
         Reuse::LastResort
     } else {
         Reuse::Safe
@@ -278,7 +291,7 @@ fn reserve_snat_port(
 #[inline(always)]
 fn take_over(reply_key: &CtKey, reply: &CtValue) {
     // A held entry's forward key is the reopened flow's, if any: not ours to remove.
-    if reply.flags & CT_F_HELD == 0 {
+    if !reply.is_held() {
         let _ = CONNTRACK.remove(&reply_key.forward_of_reply(reply));
     }
     let _ = CONNTRACK.remove(reply_key);
@@ -416,10 +429,4 @@ pub fn stamp(reply: &mut CtValue) {
 #[inline(always)]
 pub fn is_reply_entry(entry: &CtValue) -> bool {
     entry.flags & CT_F_REPLY != 0
-}
-
-/// `true` for a reply entry kept only to hold its SNAT tuple (see [`end_for_reopen`]).
-#[inline(always)]
-pub fn is_held(entry: &CtValue) -> bool {
-    entry.flags & CT_F_HELD != 0
 }

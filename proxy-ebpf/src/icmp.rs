@@ -32,7 +32,7 @@ pub fn translate_error(ctx: &TcContext) -> i32 {
     let Some(entry) = (unsafe { CONNTRACK.get(&key) }).copied() else {
         return TC_ACT_OK as i32;
     };
-    if crate::conntrack::is_held(&entry) {
+    if entry.is_held() {
         return TC_ACT_OK as i32;
     }
     let snat = entry.flags & CT_F_SNAT != 0;

@@ -106,7 +106,7 @@ fn known_flow(ctx: &TcContext) -> i32 {
     };
     // SAFETY: LRU entries are freed after an RCU grace period: valid for this run.
     let entry = unsafe { &mut *entry };
-    if conntrack::is_held(entry) {
+    if entry.is_held() {
         // No flow's reply: what the stack makes of it (a stray segment to the node's port).
         return NOT_KNOWN;
     }

@@ -320,6 +320,14 @@ struct Trace {
     masquerade: bool,
 }
 
+/// What `trace -o json` prints: the trace, and which program ran it.
+#[derive(serde::Deserialize)]
+struct TraceOutput {
+    #[serde(flatten)]
+    trace: Trace,
+    program: String,
+}
+
 /// `kube-ebpf-proxy trace` inside node1: over the cluster's manifests folder (private maps),
 /// or over the running proxy's pinned maps with `pinned`.
 fn trace(
@@ -358,7 +366,13 @@ fn trace(
         args.push(value);
     }
     let out = cluster.proxy_command(&args).expect("kube-ebpf-proxy trace");
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("trace output {out:?}: {e}"))
+    let output: TraceOutput =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("trace output {out:?}: {e}"));
+    // Over a running proxy's maps, its own attached program runs the packets (no verifier
+    // pass per trace: what keeps these suites in minutes under emulation).
+    let expected = if pinned { "pinned" } else { "loaded" };
+    assert_eq!(output.program, expected, "trace output {out:?}");
+    output.trace
 }
 
 /// Waits (bounded) until the running proxy's kernel maps answer `check` for this packet.

@@ -789,7 +789,8 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
         runs: 64,
         from: None,
     };
-    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    let result =
+        dataplane::trace(&fx.loaded.trace_target().unwrap(), &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Dnat);
     assert_eq!(result.endpoints, backends.into_iter().collect());
     assert!(!result.masquerade);
@@ -798,7 +799,8 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
     fx.service(1, frontend, IPPROTO_TCP, &backends, |v| {
         v.affinity_timeout = 60;
     });
-    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    let result =
+        dataplane::trace(&fx.loaded.trace_target().unwrap(), &mut fx.maps, &request).unwrap();
     assert_eq!(result.endpoints.len(), 1, "affinity: one backend");
     assert!(
         fx.maps.affinity_entries().unwrap().is_empty(),
@@ -806,7 +808,8 @@ fn trace_reports_every_backend_and_leaves_no_conntrack_entries() {
     );
 
     fx.service(1, frontend, IPPROTO_TCP, &[], |_| {});
-    let result = dataplane::trace(&fx.loaded, &mut fx.maps, &request).unwrap();
+    let result =
+        dataplane::trace(&fx.loaded.trace_target().unwrap(), &mut fx.maps, &request).unwrap();
     assert_eq!(result.verdict, Verdict::Reject);
 }
 
@@ -982,25 +985,35 @@ fn trace_command_prints_json() {
     fx.service(1, frontend, IPPROTO_TCP, &[backend], |v| {
         v.masquerade_classes = ALL_CLASSES;
     });
-    let out = proxy_lab::run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
-            .arg("trace")
-            .arg("--bpf-pin-path")
-            .arg(fx.pins.path())
-            .args(["--src", &client.ip().to_string()])
-            .args(["--dst", &frontend.ip().to_string()])
-            .args(["--dport", "80", "--proto", "tcp", "-o", "json"]),
-    )
-    .unwrap();
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        json,
+    let trace = |fx: &Fixture| {
+        let out = proxy_lab::run(
+            std::process::Command::new(env!("CARGO_BIN_EXE_kube-ebpf-proxy"))
+                .arg("trace")
+                .arg("--bpf-pin-path")
+                .arg(fx.pins.path())
+                .args(["--src", &client.ip().to_string()])
+                .args(["--dst", &frontend.ip().to_string()])
+                .args(["--dport", "80", "--proto", "tcp", "-o", "json"]),
+        )
+        .unwrap();
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let expected = |program: &str| {
         serde_json::json!({
             "verdict": "DNAT",
             "endpoints": [backend.to_string()],
             "masquerade": true,
+            "program": program,
         })
-    );
+    };
+    // No proxy pinned its program here yet: trace loads its own.
+    assert_eq!(trace(&fx), expected("loaded"));
+    // What `run` does once attached: trace then runs that very program.
+    fx.loaded.pin_tc_ingress().unwrap();
+    assert_eq!(trace(&fx), expected("pinned"));
+    // A later proxy's pin replaces it.
+    fx.loaded.pin_tc_ingress().unwrap();
+    assert_eq!(trace(&fx), expected("pinned"));
 }
 
 #[test]
@@ -1323,13 +1336,13 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     };
     let outsider: IpAddr = "172.16.0.2".parse().unwrap();
     let external = dataplane::trace(
-        &fx.loaded,
+        &fx.loaded.trace_target().unwrap(),
         &mut fx.maps,
         &request(outsider, TraceFrom::External),
     );
     assert_eq!(external.unwrap().verdict, Verdict::Drop);
     let pod = dataplane::trace(
-        &fx.loaded,
+        &fx.loaded.trace_target().unwrap(),
         &mut fx.maps,
         &request(client.ip(), TraceFrom::Pod),
     )
@@ -1337,7 +1350,7 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     assert_eq!((pod.verdict, pod.masquerade), (Verdict::Dnat, false));
     // --from node ignores --src: the packet comes from the node's address.
     let node = dataplane::trace(
-        &fx.loaded,
+        &fx.loaded.trace_target().unwrap(),
         &mut fx.maps,
         &request(outsider, TraceFrom::Node),
     )
@@ -1346,14 +1359,19 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
     // A pod address is not external, and an outsider is no pod.
     assert!(
         dataplane::trace(
-            &fx.loaded,
+            &fx.loaded.trace_target().unwrap(),
             &mut fx.maps,
             &request(client.ip(), TraceFrom::External)
         )
         .is_err()
     );
     assert!(
-        dataplane::trace(&fx.loaded, &mut fx.maps, &request(outsider, TraceFrom::Pod)).is_err()
+        dataplane::trace(
+            &fx.loaded.trace_target().unwrap(),
+            &mut fx.maps,
+            &request(outsider, TraceFrom::Pod)
+        )
+        .is_err()
     );
     // Without a detector no source is a pod: --from pod traces the source as the program
     // classifies it (external: dropped here) and says so.
@@ -1361,7 +1379,7 @@ fn trace_from_a_source_class_sends_what_the_program_classifies_by() {
         .update_config(|c| c.detect_local_mode = DETECT_LOCAL_NONE)
         .unwrap();
     let undetected = dataplane::trace(
-        &fx.loaded,
+        &fx.loaded.trace_target().unwrap(),
         &mut fx.maps,
         &request(client.ip(), TraceFrom::Pod),
     )
@@ -1434,6 +1452,23 @@ impl Fixture {
         self.tcp(backend, node, TCP_FIN | TCP_ACK);
         self.tcp(client, frontend, TCP_FIN | TCP_ACK);
         self.tcp(backend, node, TCP_ACK);
+        node
+    }
+
+    /// A masqueraded connection opened and closed by the client first, through the client's
+    /// last ACK; returns the node address and SNAT port the backend saw.
+    fn flow_the_client_closes_first(
+        &self,
+        client: SocketAddr,
+        frontend: SocketAddr,
+        backend: SocketAddr,
+    ) -> SocketAddr {
+        let (_, node, _) = self.tcp(client, frontend, TCP_SYN);
+        self.tcp(backend, node, TCP_SYN | TCP_ACK);
+        self.tcp(client, frontend, TCP_ACK);
+        self.tcp(client, frontend, TCP_FIN | TCP_ACK);
+        self.tcp(backend, node, TCP_FIN | TCP_ACK);
+        self.tcp(client, frontend, TCP_ACK);
         node
     }
 
@@ -1710,6 +1745,35 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     assert_eq!(code, TC_ACT_OK);
     assert_eq!(third_node.port(), node.port());
     assert_eq!(fx.counter("snat_ports_reused"), 1);
+}
+
+#[test]
+fn a_port_whose_last_ack_just_passed_is_taken_only_when_no_other_is_free() {
+    let mut fx = Fixture::new();
+    // Eight ports: seven whose client closed first a moment ago, one whose flow was reset.
+    let (_, frontend, backend) = fx.masqueraded_service(30007);
+    let client = |port: u16| sa(&format!("10.0.0.2:{port}"));
+    let mut just_closed = std::collections::BTreeSet::new();
+    for i in 0..7 {
+        let node = fx.flow_the_client_closes_first(client(40000 + i), frontend, backend);
+        assert_eq!(
+            fx.forward_entry(client(40000 + i)).unwrap().state,
+            CT_STATE_TIME_WAIT
+        );
+        just_closed.insert(node.port());
+    }
+    let (_, reset, _) = fx.tcp(client(40007), frontend, TCP_SYN);
+    assert!(!just_closed.contains(&reset.port()));
+    fx.tcp(backend, reset, TCP_RST | TCP_ACK);
+    // The reset flow's port, whatever the probe's random start: the backend may not have had
+    // the others' last ACK yet.
+    let (code, node, _) = fx.tcp(client(40008), frontend, TCP_SYN);
+    assert_eq!((code, node.port()), (TC_ACT_OK, reset.port()));
+    // Nothing else left: one of them rather than no port at all.
+    let (code, node, _) = fx.tcp(client(40009), frontend, TCP_SYN);
+    assert_eq!(code, TC_ACT_OK);
+    assert!(just_closed.contains(&node.port()));
+    assert_eq!(fx.counter("snat_ports_reused"), 2);
 }
 
 #[test]

@@ -545,7 +545,8 @@ impl Drop for Cgroup {
     }
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo (as procfs-core parses it).
+/// The cgroup2 mount point, from /proc/self/mountinfo (as procfs-core parses it). The lab does
+/// not link the product it tests, so this is its own copy of `dataplane::cgroup2_root`.
 pub fn cgroup2_mount() -> Result<PathBuf> {
     use procfs_core::FromRead as _;
     let path = PathBuf::from("/proc/self/mountinfo");

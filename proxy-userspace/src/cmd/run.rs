@@ -155,6 +155,10 @@ fn attach_dataplane(
     loaded
         .finish_migration()
         .context("finishing the map layout migration")?;
+    // Only `trace` uses the pin: without it, it verifies a program of its own.
+    if let Err(error) = loaded.pin_tc_ingress() {
+        tracing::warn!(%error, "`trace --bpf-pin-path` will load its own program");
+    }
     Ok(attachments)
 }
 

@@ -4,7 +4,8 @@
 //! programmed exactly as `run` programs them, but into a private set of maps pinned in a fresh
 //! directory that is removed afterwards; the real tc program then runs synthetic first packets
 //! against them (`BPF_PROG_TEST_RUN`). With `--bpf-pin-path` it traces against the maps a
-//! running proxy pinned there instead.
+//! running proxy pinned there instead, through the very tc program that proxy attached (pinned
+//! under `programs/`; no verifier pass), or the one it would load when none is pinned.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,9 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use proxy_userspace::config::ProxyFlags;
 use proxy_userspace::controller::{Controller, DataplaneSettings, Event, SyncKind};
-use proxy_userspace::dataplane::{self, Maps, TraceFrom, TraceRequest, TraceResult};
+use proxy_userspace::dataplane::{
+    self, Maps, ProgramOrigin, TraceFrom, TraceRequest, TraceResult, TraceTarget,
+};
 
 use super::run::DEFAULT_SNAT_PORTS;
 
@@ -99,10 +102,21 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         _ => proxy_common::IPPROTO_TCP,
     };
     let result = if let Some(pin_path) = &args.bpf_pin_path {
-        let loaded = dataplane::load(pin_path)
-            .with_context(|| format!("loading the dataplane pinned in {}", pin_path.display()))?;
         let mut maps = Maps::open(pin_path)?;
-        run_trace(&args, proto, &loaded, &mut maps)?
+        if let Some(program) = dataplane::pinned_tc_ingress(pin_path)? {
+            let target = TraceTarget {
+                program: &program,
+                origin: ProgramOrigin::Pinned,
+                pin_path,
+            };
+            run_trace(&args, proto, &target, &mut maps)?
+        } else {
+            // No proxy attached to these maps yet: the program it would load.
+            let loaded = dataplane::load(pin_path).with_context(|| {
+                format!("loading the dataplane pinned in {}", pin_path.display())
+            })?;
+            run_trace(&args, proto, &loaded.trace_target()?, &mut maps)?
+        }
     } else {
         let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
         // Declared before the loaded object, so it is dropped (and the pins removed) after it.
@@ -141,7 +155,7 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
                 .collect();
             anyhow::bail!("programming the private maps: {}", errors.join("; "));
         }
-        run_trace(&args, proto, &loaded, controller.maps_mut())?
+        run_trace(&args, proto, &loaded.trace_target()?, controller.maps_mut())?
     };
     if args.output == "json" {
         println!("{}", serde_json::to_string(&result)?);
@@ -161,11 +175,11 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
 fn run_trace(
     args: &TraceArgs,
     proto: u8,
-    loaded: &dataplane::Loaded,
+    target: &TraceTarget<'_>,
     maps: &mut Maps,
 ) -> anyhow::Result<TraceResult> {
     Ok(dataplane::trace(
-        loaded,
+        target,
         maps,
         &TraceRequest {
             src: args.src,

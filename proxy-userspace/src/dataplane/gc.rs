@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proxy_common::{
-    CT_F_HELD, CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT,
-    CT_STATE_ESTABLISHED, CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV,
-    CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT, CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    CT_F_REPLY, CT_F_SEEN_REPLY, CT_STATE_CLOSE, CT_STATE_CLOSE_WAIT, CT_STATE_ESTABLISHED,
+    CT_STATE_FIN_WAIT, CT_STATE_LAST_ACK, CT_STATE_SYN_RECV, CT_STATE_SYN_SENT, CT_STATE_TIME_WAIT,
+    CtKey, CtValue, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use super::maps::{Maps, MapsError};
@@ -139,18 +139,13 @@ fn partner_key(key: &CtKey, value: &CtValue) -> CtKey {
     }
 }
 
-/// `true` for a reply entry held after its flow was reopened (`CT_F_HELD`): it has no partner.
-fn is_held(value: &CtValue) -> bool {
-    value.flags & CT_F_HELD != 0
-}
-
 /// Entries of a conntrack snapshot whose other direction is missing: what the full LRU map
 /// evicted (an estimate: a flow being created has one entry for an instant too).
 pub fn orphan_entries(entries: &[(CtKey, CtValue)]) -> usize {
     let keys: std::collections::HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
     entries
         .iter()
-        .filter(|(k, v)| !is_held(v) && !keys.contains(&partner_key(k, v)))
+        .filter(|(k, v)| !v.is_held() && !keys.contains(&partner_key(k, v)))
         .count()
 }
 
@@ -171,7 +166,7 @@ pub fn expired_keys(
     for (key, value) in entries {
         let is_reply = value.flags & CT_F_REPLY != 0;
         // A held entry's forward key may be the reopened flow's: its own state decides.
-        let partner = if is_held(value) {
+        let partner = if value.is_held() {
             None
         } else {
             by_key.get(&partner_key(key, value))
@@ -187,7 +182,7 @@ pub fn expired_keys(
             // An orphaned reply entry (its forward entry was evicted): its own state decides.
             (true, None) => (*value, value.last_seen_ns),
         };
-        if partner.is_none() && !is_held(value) {
+        if partner.is_none() && !value.is_held() {
             stats.orphans += 1;
         }
         let connectionless = matches!(key.proto, IPPROTO_UDP | IPPROTO_SCTP);
@@ -228,7 +223,7 @@ pub fn collect_garbage(maps: &mut Maps, timeouts: &CtTimeouts) -> Result<GcStats
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::FAMILY_IPV4;
+    use proxy_common::{CT_F_HELD, FAMILY_IPV4};
 
     const SEC: u64 = 1_000_000_000;
 

@@ -34,6 +34,12 @@ pub enum LoadError {
          `kube-ebpf-proxy run` migrates them"
     )]
     OldLayout { path: PathBuf, version: u32 },
+    #[error("pinning program {program} at {path}: {source}")]
+    PinProgram {
+        program: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("migrating the maps pinned under {path}: {source}")]
     Migrate {
         path: PathBuf,
@@ -72,6 +78,42 @@ impl Loaded {
             "map layout migration finished; the old pins are removed"
         );
         Ok(copied)
+    }
+}
+
+/// Where the running proxy pins the tc ingress program it attached, so `trace --bpf-pin-path`
+/// runs that very program instead of loading (verifying) its own each time.
+pub fn tc_ingress_pin(pin_path: &Path) -> PathBuf {
+    pin_path.join("programs").join(TC_INGRESS)
+}
+
+impl Loaded {
+    /// Pins this object's tc ingress program at [`tc_ingress_pin`], replacing (atomically: a
+    /// rename on bpffs) the one an earlier proxy pinned there.
+    pub fn pin_tc_ingress(&mut self) -> Result<(), LoadError> {
+        let path = tc_ingress_pin(&self.pin_path);
+        // bpffs refuses names with dots.
+        let staged = path.with_file_name(format!("{TC_INGRESS}_staged"));
+        let failed = |path: &Path, source| LoadError::PinProgram {
+            program: TC_INGRESS,
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path.parent().expect("the pin has a directory");
+        std::fs::create_dir_all(dir).map_err(|e| failed(dir, e))?;
+        // Left by a proxy that stopped between pinning and renaming.
+        match std::fs::remove_file(&staged) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(&staged, e)),
+            _ => {}
+        }
+        let program = self
+            .ebpf
+            .program_mut(TC_INGRESS)
+            .ok_or(LoadError::NoProgram(TC_INGRESS))?;
+        program
+            .pin(&staged)
+            .map_err(|e| failed(&staged, std::io::Error::other(e)))?;
+        std::fs::rename(&staged, &path).map_err(|e| failed(&path, e))
     }
 }
 

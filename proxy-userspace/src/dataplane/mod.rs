@@ -35,6 +35,7 @@ pub use local_ports::{LocalPortsError, reserve_local_ports};
 pub use maps::{Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{
-    TraceError, TraceFrom, TraceRequest, TraceResult, Verdict, run_tc, run_tc_program, trace,
+    ProgramOrigin, TraceError, TraceFrom, TraceRequest, TraceResult, TraceTarget, Verdict,
+    pinned_tc_ingress, run_tc, run_tc_program, trace,
 };
 pub use watch::{LinkWatcher, WatchError, netns_cookie};

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 
 use aya::programs::SchedClassifier;
 use aya::{TestRun as _, TestRunOptions};
@@ -21,6 +22,11 @@ use super::packet;
 pub enum TraceError {
     #[error("the eBPF object has no loaded program {0}")]
     NoProgram(&'static str),
+    #[error("opening the program pinned at {path}: {source}")]
+    PinnedProgram {
+        path: std::path::PathBuf,
+        source: aya::programs::ProgramError,
+    },
     #[error("BPF_PROG_TEST_RUN of {program}: {source}")]
     TestRun {
         program: &'static str,
@@ -163,6 +169,59 @@ pub struct TraceResult {
     /// How the source was classified, when not as `--from` asked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Which program ran the packets.
+    pub program: ProgramOrigin,
+}
+
+/// Where the tc program a trace runs comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgramOrigin {
+    /// The one the running proxy attached and pinned (no verifier pass).
+    Pinned,
+    /// Loaded by the trace itself (private maps, or no proxy ever attached to these maps).
+    Loaded,
+}
+
+/// The tc ingress program a trace runs its packets through, and the pin path of its maps.
+pub struct TraceTarget<'a> {
+    pub program: &'a SchedClassifier,
+    pub origin: ProgramOrigin,
+    pub pin_path: &'a Path,
+}
+
+impl Loaded {
+    /// The loaded tc program `name` (`TC_INGRESS`, `TC_EGRESS` or their `_L3` variants).
+    pub fn tc_program(&self, name: &'static str) -> Result<&SchedClassifier, TraceError> {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(TraceError::NoProgram(name))
+    }
+
+    /// This object's tc ingress program as a trace's target.
+    pub fn trace_target(&self) -> Result<TraceTarget<'_>, TraceError> {
+        Ok(TraceTarget {
+            program: self.tc_program(TC_INGRESS)?,
+            origin: ProgramOrigin::Loaded,
+            pin_path: &self.pin_path,
+        })
+    }
+}
+
+/// The tc ingress program the proxy running on the maps pinned under `pin_path` attached
+/// ([`Loaded::pin_tc_ingress`]); `None` when none is pinned there.
+pub fn pinned_tc_ingress(pin_path: &Path) -> Result<Option<SchedClassifier>, TraceError> {
+    let path = super::loader::tc_ingress_pin(pin_path);
+    match SchedClassifier::from_pin(&path) {
+        Ok(program) => Ok(Some(program)),
+        Err(aya::programs::ProgramError::SyscallError(error))
+            if error.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(TraceError::PinnedProgram { path, source }),
+    }
 }
 
 /// TC return codes (linux/pkt_cls.h).
@@ -196,11 +255,16 @@ pub fn run_tc(
     data: &[u8],
     ifindex: u32,
 ) -> Result<(u32, Vec<u8>), TraceError> {
-    let program: &SchedClassifier = loaded
-        .ebpf
-        .program(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(TraceError::NoProgram(name))?;
+    run_classifier(loaded.tc_program(name)?, name, data, ifindex)
+}
+
+/// Runs `data` through `program` (called `name` in errors) as if it arrived on `ifindex`.
+fn run_classifier(
+    program: &SchedClassifier,
+    name: &'static str,
+    data: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>), TraceError> {
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_INGRESS_IFINDEX_OFF..SKB_INGRESS_IFINDEX_OFF + 4]
         .copy_from_slice(&ifindex.to_ne_bytes());
@@ -223,7 +287,7 @@ pub fn run_tc(
 /// Runs `request.runs` first packets through the program; deletes the conntrack (and affinity)
 /// entries the runs created, so tracing leaves the kernel state as it found it.
 pub fn trace(
-    loaded: &Loaded,
+    target: &TraceTarget<'_>,
     maps: &mut Maps,
     request: &TraceRequest,
 ) -> Result<TraceResult, TraceError> {
@@ -254,7 +318,7 @@ pub fn trace(
     // source-range drop could be taken for this run's: rare, and only for such a frontend.
     let from_node = request.from == Some(TraceFrom::Node);
     let mut range_drops = if from_node {
-        read_counter(&loaded.pin_path, Counter::SourceRangeDrops)?
+        read_counter(target.pin_path, Counter::SourceRangeDrops)?
     } else {
         0
     };
@@ -282,11 +346,11 @@ pub fn trace(
         };
         let src = SocketAddr::new(source, u16::from_be(forward_key.sport));
         let frame = packet::build(src, dst, request.proto, b"trace");
-        let (code, out) = run_tc_program(loaded, &frame, ingress_ifindex)?;
+        let (code, out) = run_classifier(target.program, TC_INGRESS, &frame, ingress_ifindex)?;
         let summary = packet::summarize(&out);
         let verdict = match (code, &summary) {
             (TC_ACT_SHOT, _) if from_node => {
-                let now = read_counter(&loaded.pin_path, Counter::SourceRangeDrops)?;
+                let now = read_counter(target.pin_path, Counter::SourceRangeDrops)?;
                 let refused = now > range_drops;
                 range_drops = now;
                 if refused {
@@ -341,5 +405,6 @@ pub fn trace(
         endpoints,
         masquerade,
         note,
+        program: target.origin,
     })
 }
