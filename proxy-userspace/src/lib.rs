@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod health;

@@ -130,23 +130,14 @@ async fn main() -> anyhow::Result<()> {
             for (name, value) in dataplane::read_counters(&args.bpf_pin_path)? {
                 println!("{name} {value}");
             }
-            // What is programmed: frontends (slot-0 entries), backends, live flows.
-            let maps = dataplane::Maps::open(&args.bpf_pin_path)?;
-            let services = maps.service_entries()?;
-            println!(
-                "programmed_frontends {}",
-                dataplane::count_frontends(&services)
-            );
-            let slots = services.iter().filter(|(k, _)| k.slot != 0).count();
-            println!("programmed_backend_slots {slots}");
-            println!("programmed_backends {}", maps.backend_entries()?.len());
-            let conntrack = maps.conntrack_entries()?;
-            println!("conntrack_entries {}", conntrack.len());
-            println!("conntrack_max_entries {}", maps.conntrack_max_entries()?);
-            println!(
-                "conntrack_orphan_entries {}",
-                dataplane::orphan_entries(&conntrack)
-            );
+            // What is programmed: frontends, backends, live flows.
+            let fill = dataplane::Maps::open(&args.bpf_pin_path)?.fill()?;
+            println!("programmed_frontends {}", fill.frontends);
+            println!("programmed_backend_slots {}", fill.backend_slots);
+            println!("programmed_backends {}", fill.backends);
+            println!("conntrack_entries {}", fill.conntrack_entries);
+            println!("conntrack_max_entries {}", fill.conntrack_max_entries);
+            println!("conntrack_orphan_entries {}", fill.conntrack_orphan_entries);
             Ok(())
         }
         Command::Trace(args) => cmd::trace::trace(args).await,

@@ -429,64 +429,42 @@ impl DataplaneCollector {
                 return Ok(());
             }
         };
-        let frontends = maps
-            .service_entries()
-            .map(|entries| dataplane::count_frontends(&entries));
-        let backends = maps.backend_entries().map(|entries| entries.len());
-        let conntrack_entries = maps.conntrack_entries();
-        let conntrack = conntrack_entries
-            .as_ref()
-            .map(Vec::len)
-            .map_err(ToString::to_string);
-        let orphans = conntrack_entries
-            .as_ref()
-            .map(|entries| dataplane::orphan_entries(entries))
-            .map_err(ToString::to_string);
-        let conntrack_max = maps
-            .conntrack_max_entries()
-            .map(|max| max as usize)
-            .map_err(|e| e.to_string());
-        let frontends = frontends.map_err(|e| e.to_string());
-        let backends = backends.map_err(|e| e.to_string());
+        let fill = match maps.fill() {
+            Ok(fill) => fill,
+            Err(error) => {
+                tracing::warn!(%error, "metrics: reading the pinned maps");
+                return Ok(());
+            }
+        };
         for (name, help, count) in [
             (
                 "kube_ebpf_proxy_frontends",
                 "Service frontends (address, port, protocol) programmed in the kernel",
-                frontends,
+                fill.frontends,
             ),
             (
                 "kube_ebpf_proxy_backends",
                 "Backends (endpoint address and port) programmed in the kernel",
-                backends,
+                fill.backends,
             ),
             (
                 "kube_ebpf_proxy_conntrack_entries",
                 "Entries in the dataplane's conntrack map",
-                conntrack,
+                fill.conntrack_entries,
             ),
             (
                 "kube_ebpf_proxy_conntrack_max_entries",
                 "Size of the dataplane's conntrack map (an LRU map: when full, the least recently used flows are evicted)",
-                conntrack_max,
+                fill.conntrack_max_entries as usize,
             ),
             (
                 "kube_ebpf_proxy_conntrack_orphan_entries",
                 "Conntrack entries whose other direction is missing: an estimate of the flows the full map evicted",
-                orphans,
+                fill.conntrack_orphan_entries,
             ),
         ] {
-            match count {
-                Ok(count) => {
-                    let gauge = ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX));
-                    gauge.encode(encoder.encode_descriptor(
-                        name,
-                        help,
-                        None,
-                        gauge.metric_type(),
-                    )?)?;
-                }
-                Err(error) => tracing::warn!(%error, metric = name, "metrics: reading a map"),
-            }
+            let gauge = ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! `kube-ebpf-proxy plan`: what the proxy will program for the cluster (or manifests) it sees.
 
 use proxy_userspace::config::ProxyFlags;
-use proxy_userspace::controller;
 use proxy_userspace::model;
+use proxy_userspace::{controller, daemon};
 
 /// `kube-ebpf-proxy plan -o <format>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,8 +23,9 @@ pub struct PlanArgs {
 }
 
 pub async fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
-    let (_, state) = controller::compute(&config, &snapshot, &super::local_addresses()?);
+    let config = super::resolve(&args.proxy)?;
+    let snapshot = daemon::snapshot_once(&config).await?;
+    let (_, state) = controller::compute(&config, &snapshot, &daemon::local_addresses()?);
     match args.output {
         OutputFormat::Text => {
             for a in &snapshot.allocations {

@@ -18,7 +18,7 @@ use proxy_userspace::dataplane::{
     self, Maps, ProgramOrigin, TraceFrom, TraceRequest, TraceResult, TraceTarget,
 };
 
-use super::run::DEFAULT_SNAT_PORTS;
+use proxy_userspace::daemon::{self, DEFAULT_SNAT_PORTS};
 
 #[derive(clap::Args)]
 pub struct TraceArgs {
@@ -118,7 +118,8 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
             run_trace(&args, proto, &loaded.trace_target()?, &mut maps)?
         }
     } else {
-        let (config, snapshot) = super::snapshot_once(&args.proxy).await?;
+        let config = super::resolve(&args.proxy)?;
+        let snapshot = daemon::snapshot_once(&config).await?;
         // Declared before the loaded object, so it is dropped (and the pins removed) after it.
         let pin_dir = PrivatePinDir::new()?;
         let sizes = dataplane::MapSizes {
@@ -138,8 +139,8 @@ pub async fn trace(args: TraceArgs) -> anyhow::Result<()> {
         let mut controller = Controller::new(config, settings, maps, SystemTime::now())
             .context("reading the fresh maps")?;
         controller.handle(Event::Snapshot(snapshot));
-        controller.handle(Event::LocalAddresses(super::local_addresses()?));
-        controller.handle(Event::Interfaces(super::local_interfaces()?));
+        controller.handle(Event::LocalAddresses(daemon::local_addresses()?));
+        controller.handle(Event::Interfaces(daemon::local_interfaces()?));
         let synced = controller
             .sync(SyncKind::Changes)
             .context("programming the private maps")?;

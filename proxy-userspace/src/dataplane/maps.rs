@@ -139,8 +139,7 @@ fn cidr_entries(
 }
 
 /// How many frontends (address, port, protocol) `services` program: their policy-scope
-/// service entries, so a frontend that also has a cluster-scope entry counts once. `stats` and
-/// `/metrics` both count this way.
+/// service entries, so a frontend that also has a cluster-scope entry counts once.
 pub fn count_frontends(services: &[(ServiceKey, ServiceValue)]) -> usize {
     services
         .iter()
@@ -148,7 +147,35 @@ pub fn count_frontends(services: &[(ServiceKey, ServiceValue)]) -> usize {
         .count()
 }
 
+/// How full the pinned maps are: what `stats` prints and `/metrics` exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// See [`count_frontends`].
+    pub frontends: usize,
+    /// Service entries naming a backend (slots 1..), every scope.
+    pub backend_slots: usize,
+    pub backends: usize,
+    pub conntrack_entries: usize,
+    pub conntrack_max_entries: u32,
+    /// See [`super::orphan_entries`].
+    pub conntrack_orphan_entries: usize,
+}
+
 impl Maps {
+    /// Reads how full the maps are (one pass over each).
+    pub fn fill(&self) -> Result<MapFill, MapsError> {
+        let services = self.service_entries()?;
+        let conntrack = self.conntrack_entries()?;
+        Ok(MapFill {
+            frontends: count_frontends(&services),
+            backend_slots: services.iter().filter(|(k, _)| k.slot != 0).count(),
+            backends: self.backend_entries()?.len(),
+            conntrack_entries: conntrack.len(),
+            conntrack_max_entries: self.conntrack_max_entries()?,
+            conntrack_orphan_entries: super::orphan_entries(&conntrack),
+        })
+    }
+
     /// Opens the maps pinned under `pin_path` by a loaded dataplane.
     pub fn open(pin_path: &Path) -> Result<Self, MapsError> {
         Ok(Self {

@@ -32,7 +32,7 @@ pub use loader::{
     load, load_migrating, load_with_sizes,
 };
 pub use local_ports::{LocalPortsError, reserve_local_ports};
-pub use maps::{Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};
+pub use maps::{MapFill, Maps, MapsError, addr_from_ip, count_frontends, ip_from_addr};
 pub use names::{NamesError, ServiceNames, read_service_names};
 pub use trace::{
     ProgramOrigin, TraceError, TraceFrom, TraceRequest, TraceResult, TraceTarget, Verdict,
