@@ -1538,3 +1538,70 @@ fn the_model_cache_recomputes_only_the_services_whose_objects_changed() {
     assert_eq!(fourth, compute(&current, &other));
     assert!(shared_ports(&third, &fourth).is_empty());
 }
+
+#[test]
+fn endpoint_slices_pair_with_their_service_whatever_their_names_and_orphans_are_named_in_order() {
+    let bad = || json!([{"addresses": ["10.244.9.500"]}]);
+    let objects = vec![
+        svc(
+            "b",
+            json!({"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}),
+        ),
+        svc(
+            "d",
+            json!({"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}),
+        ),
+        // Slice names sort apart from their Services' (a slice of b named after a, one of d
+        // before b's), and orphans sort before, between and after the Services.
+        slice(
+            "a-of-b",
+            "b",
+            "IPv4",
+            http_port(),
+            json!([ready("10.244.1.1", "node-b")]),
+        ),
+        slice(
+            "zz-b",
+            "b",
+            "IPv4",
+            http_port(),
+            json!([ready("10.244.1.2", "node-b")]),
+        ),
+        slice(
+            "aa-of-d",
+            "d",
+            "IPv4",
+            http_port(),
+            json!([ready("10.244.1.3", "node-b")]),
+        ),
+        slice("e-1", "e", "IPv4", http_port(), bad()),
+        slice("c-1", "c", "IPv4", http_port(), bad()),
+        slice("a-1", "a", "IPv4", http_port(), bad()),
+    ];
+    let snapshot = snapshot(&objects);
+    let state = compute(&snapshot, &base_config());
+    let lines = summary(&state);
+    for expected in [
+        "default/b TCP v4 internal=10.244.1.1:8080,10.244.1.2:8080 external=10.244.1.1:8080,10.244.1.2:8080 cluster=10.244.1.1:8080,10.244.1.2:8080",
+        "default/d TCP v4 internal=10.244.1.3:8080 external=10.244.1.3:8080 cluster=10.244.1.3:8080",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected}\n{lines:#?}"
+        );
+    }
+    let orphans: Vec<&str> = state
+        .diagnostics
+        .iter()
+        .filter(|d| d.message.contains("10.244.9.500"))
+        .map(|d| d.object.as_str())
+        .collect();
+    assert_eq!(
+        orphans,
+        [
+            "EndpointSlice default/a-1",
+            "EndpointSlice default/c-1",
+            "EndpointSlice default/e-1"
+        ]
+    );
+}
