@@ -30,6 +30,13 @@ const TCP_ACK: u8 = 0x10;
 const ALL_CLASSES: u8 = (1 << SOURCE_POD) | (1 << SOURCE_NODE) | (1 << SOURCE_OTHER);
 
 /// A loaded dataplane with small maps pinned in a directory of its own.
+/// Which side of a flow sends the first FIN.
+#[derive(Clone, Copy)]
+enum Closer {
+    Client,
+    Backend,
+}
+
 struct Fixture {
     loaded: Loaded,
     maps: Maps,
@@ -1438,10 +1445,12 @@ impl Fixture {
     }
 
     /// A masqueraded connection from `client` through `frontend` to `backend`, opened and then
-    /// closed by the backend first (it keeps the tuple in TIME_WAIT for a minute); returns the
-    /// node address and SNAT port the backend saw.
-    fn flow_the_backend_closes_first(
+    /// closed by `closer` first, through the other side's last ACK (a backend that closed first
+    /// keeps the tuple in TIME_WAIT for a minute); returns the node address and SNAT port the
+    /// backend saw.
+    fn closed_flow(
         &self,
+        closer: Closer,
         client: SocketAddr,
         frontend: SocketAddr,
         backend: SocketAddr,
@@ -1449,26 +1458,15 @@ impl Fixture {
         let (_, node, _) = self.tcp(client, frontend, TCP_SYN);
         self.tcp(backend, node, TCP_SYN | TCP_ACK);
         self.tcp(client, frontend, TCP_ACK);
-        self.tcp(backend, node, TCP_FIN | TCP_ACK);
-        self.tcp(client, frontend, TCP_FIN | TCP_ACK);
-        self.tcp(backend, node, TCP_ACK);
-        node
-    }
-
-    /// A masqueraded connection opened and closed by the client first, through the client's
-    /// last ACK; returns the node address and SNAT port the backend saw.
-    fn flow_the_client_closes_first(
-        &self,
-        client: SocketAddr,
-        frontend: SocketAddr,
-        backend: SocketAddr,
-    ) -> SocketAddr {
-        let (_, node, _) = self.tcp(client, frontend, TCP_SYN);
-        self.tcp(backend, node, TCP_SYN | TCP_ACK);
-        self.tcp(client, frontend, TCP_ACK);
-        self.tcp(client, frontend, TCP_FIN | TCP_ACK);
-        self.tcp(backend, node, TCP_FIN | TCP_ACK);
-        self.tcp(client, frontend, TCP_ACK);
+        let from_client = |flags| self.tcp(client, frontend, flags);
+        let from_backend = |flags| self.tcp(backend, node, flags);
+        let (first, second): (&dyn Fn(u8) -> _, &dyn Fn(u8) -> _) = match closer {
+            Closer::Client => (&from_client, &from_backend),
+            Closer::Backend => (&from_backend, &from_client),
+        };
+        first(TCP_FIN | TCP_ACK);
+        second(TCP_FIN | TCP_ACK);
+        first(TCP_ACK);
         node
     }
 
@@ -1733,7 +1731,7 @@ fn a_port_whose_backend_closed_first_is_taken_only_when_no_other_is_free() {
     let mut fx = Fixture::new();
     let (_, frontend, backend) = fx.masqueraded_service(30001);
     let first = sa("10.0.0.2:40000");
-    let node = fx.flow_the_backend_closes_first(first, frontend, backend);
+    let node = fx.closed_flow(Closer::Backend, first, frontend, backend);
     assert_eq!(fx.forward_entry(first).unwrap().state, CT_STATE_TIME_WAIT);
     // The other port is free: taken, whatever the probe's random start.
     let (code, second_node, _) = fx.tcp(sa("10.0.0.2:40001"), frontend, TCP_SYN);
@@ -1755,7 +1753,7 @@ fn a_port_whose_last_ack_just_passed_is_taken_only_when_no_other_is_free() {
     let client = |port: u16| sa(&format!("10.0.0.2:{port}"));
     let mut just_closed = std::collections::BTreeSet::new();
     for i in 0..7 {
-        let node = fx.flow_the_client_closes_first(client(40000 + i), frontend, backend);
+        let node = fx.closed_flow(Closer::Client, client(40000 + i), frontend, backend);
         assert_eq!(
             fx.forward_entry(client(40000 + i)).unwrap().state,
             CT_STATE_TIME_WAIT
@@ -1780,7 +1778,7 @@ fn a_port_whose_last_ack_just_passed_is_taken_only_when_no_other_is_free() {
 fn a_client_reopening_its_tuple_leaves_the_backend_time_wait_port_held() {
     let mut fx = Fixture::new();
     let (client, frontend, backend) = fx.masqueraded_service(30001);
-    let old = fx.flow_the_backend_closes_first(client, frontend, backend);
+    let old = fx.closed_flow(Closer::Backend, client, frontend, backend);
     // The client reuses its tuple at once: a new flow, on the other (free) port, whatever the
     // probe's random start; the old port stays held rather than forgotten.
     let (code, reopened, _) = fx.tcp(client, frontend, TCP_SYN);
