@@ -118,6 +118,16 @@ pub struct DataplaneFlags {
     pub tc_attach: dataplane::TcAttachMode,
 }
 
+/// A listener on `addr` for the `what` server (healthz, metrics).
+async fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind { what, addr, source })
+}
+
 fn attach_error(what: &'static str) -> impl Fn(dataplane::AttachError) -> DaemonError {
     move |source| DaemonError::Attach {
         what,
@@ -244,25 +254,13 @@ pub async fn run(config: ProxyConfig, flags: &DataplaneFlags) -> Result<(), Daem
     let (mut loaded, maps) = load_dataplane(flags)?;
     let health = ProxyHealth::new(config.health_timeout());
     if let Some(addr) = config.healthz_bind_address {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                what: "healthz",
-                addr,
-                source,
-            })?;
+        let listener = bind("healthz", addr).await?;
         tokio::spawn(health::serve_proxy_health(listener, health.clone()));
     }
     let metrics = ProxyMetrics::new(Some(flags.bpf_pin_path.clone()), Some(health.clone()));
     metrics.set_configz(config.configz());
     if let Some(addr) = config.metrics_bind_address {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                what: "metrics",
-                addr,
-                source,
-            })?;
+        let listener = bind("metrics", addr).await?;
         tokio::spawn(metrics::serve_metrics(listener, metrics.clone()));
     }
     // Watching before reading: an address or interface that comes while the proxy starts is
